@@ -1,0 +1,1 @@
+"""aisp labs: one folder per lab."""

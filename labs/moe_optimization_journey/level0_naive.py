@@ -1,0 +1,44 @@
+"""Level 0: naive. Loop over every (expert, slot) pair in Python and pick its tokens with a boolean mask.
+
+The idea
+    The most literal reading of the MoE formula: for expert e and slot k, the tokens whose k-th choice is e are
+    `expert_ids_TK[:, k] == e`; run the SwiGLU MLP of expert e on them and add the weighted result back.
+
+What it costs
+    E·K loop iterations, each with its own host↔device round trip: `tokens_TH[mask]` must know how many tokens
+    the mask selects before it can allocate the result, so the CPU waits for the GPU E·K times per forward, and
+    the GPU idles while Python prepares the next launch. Each iteration launches about ten small kernels (compare,
+    any, nonzero, gather, three matmuls, activation, scatter-add), and an expert's tokens are split across K
+    separate matmuls instead of one. The arithmetic is right, and the counted FLOPs are the minimum; everything
+    around them is overhead, which the later levels remove one by one.
+
+Run: python labs/moe_optimization_journey/level0_naive.py [--preset journey] [--tokens 8192] [--device cuda]
+"""
+
+import torch
+import torch.nn.functional as F
+from moe_benchmark import MoELevel, run_level_script
+
+
+class NaiveLevel(MoELevel):
+    level = 0
+    name = "naive"
+    summary = "Python loops over experts and top-k slots with boolean masks"
+
+    def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
+        w = self.weights
+        out_TH = torch.zeros_like(tokens_TH)
+        for expert in range(self.config.num_experts):
+            for slot in range(self.config.top_k):
+                mask_T = expert_ids_TK[:, slot] == expert
+                if not mask_T.any():  # a host sync, to skip an expert that got no token in this slot
+                    continue
+                x = tokens_TH[mask_T]  # [T_e, H]; a boolean index is another sync (its size is data)
+                hidden = F.silu(x @ w.w_gate_EHI[expert]) * (x @ w.w_up_EHI[expert])  # [T_e, I]
+                y = hidden @ w.w_down_EIH[expert]  # [T_e, H]
+                out_TH[mask_T] += routing_weights_TK[mask_T, slot, None] * y
+        return out_TH
+
+
+if __name__ == "__main__":
+    run_level_script(NaiveLevel)

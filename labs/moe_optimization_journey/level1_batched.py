@@ -1,0 +1,47 @@
+"""Level 1: batched. No Python loop: gather every token's own copy of its experts' weights and einsum.
+
+The idea
+    Level 0 spends its time in E·K Python iterations and host syncs. Index the weight tensors with the routing
+    itself, `w_gate_EHI[expert_ids_TK]` → [T, K, H, I], and the whole layer becomes four einsums over
+    fixed shapes: no loop, no sync, a handful of launches whatever E is.
+
+Why it should be faster than level 0
+    Launches drop from about 10·E·K to about 10, and the host never waits for the device. When a forward is
+    dominated by launch gaps and syncs (few tokens, many experts), that is most of the time.
+
+What it costs
+    Memory and bytes, O(T·K·H·I): every token gets a private copy of two experts' weights. At the `journey` size
+    (H=1024, I=2048) that is 8 MiB of bf16 per (token, slot) and projection; 8192 tokens with K=2 need 64 GiB for
+    one gathered projection. The einsums become T·K matrix-*vector* products that read those copies once each, so
+    the layer is bound by memory bandwidth, not by the tensor cores: each weight byte is used for one token
+    instead of being reused across all the tokens an expert gets. At large T it runs out of GPU memory, and the
+    benchmark records that as an `OOM` row. Python evaluates each statement's gather, uses it and frees it, so at
+    most one [T, K, H, I] copy is alive at a time.
+
+Run: python labs/moe_optimization_journey/level1_batched.py [--preset journey] [--tokens 2048] [--device cuda]
+"""
+
+import torch
+import torch.nn.functional as F
+from moe_benchmark import MoELevel, run_level_script
+
+
+class BatchedLevel(MoELevel):
+    level = 1
+    name = "batched"
+    summary = "gather each token's expert weights (w[expert_ids]) and einsum: no loop, O(T·K·H·I) memory"
+
+    def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
+        w = self.weights
+        T, K = expert_ids_TK.shape
+        x_TKH = tokens_TH[:, None, :].expand(T, K, self.config.hidden)  # a view: each token once per slot
+        # (t, k) is the batch of T·K matrix-vector products; the gathered weights are used in their layout.
+        gate_TKI = torch.einsum("tkh,tkhi->tki", x_TKH, w.w_gate_EHI[expert_ids_TK])
+        up_TKI = torch.einsum("tkh,tkhi->tki", x_TKH, w.w_up_EHI[expert_ids_TK])
+        hidden_TKI = F.silu(gate_TKI) * up_TKI
+        y_TKH = torch.einsum("tki,tkih->tkh", hidden_TKI, w.w_down_EIH[expert_ids_TK])
+        return torch.einsum("tkh,tk->th", y_TKH, routing_weights_TK)
+
+
+if __name__ == "__main__":
+    run_level_script(BatchedLevel)

@@ -1,0 +1,399 @@
+"""Mechanics shared by every level: inputs, the reference check, timing, memory, the result row.
+
+A level subclasses `MoELevel`, sets `level`, `name` and `summary`, and writes `forward(tokens_TH,
+routing_weights_TK, expert_ids_TK) -> out_TH` (and `prepare()` for a one-time weight re-layout). Everything else
+is here, once, so the level files hold nothing but their idea:
+
+- `benchmark()` builds inputs, checks the level against the fp32 reference on fresh random inputs, times it, reads
+  its peak memory and returns one result row; an out-of-memory becomes a row with status `oom`, never a crash.
+- `run_level_script()` is the entry point each level file calls under `if __name__ == "__main__"`.
+
+Timing: on CUDA, device events around each call, after warm-up, the L2 cache flushed between calls so that no
+repeat finds the previous one's weights in cache; the median of many repeats. On the CPU, a host clock, median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout, without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+from moe_model import (  # noqa: E402
+    ConfigError,
+    MoEConfig,
+    MoEWeights,
+    flop_count,
+    get_preset,
+    init_weights,
+    min_bytes,
+    reference_forward,
+    route,
+)
+
+TARGET = "moe_journey"
+
+
+class LevelUnavailable(RuntimeError):
+    """Raised by a level that cannot run here (no GPU, no Triton); its row becomes `skipped` with the reason."""
+
+
+class MoELevel:
+    level: ClassVar[int | str]
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `aisp bench list`
+    needs_cuda: ClassVar[bool] = False
+
+    def __init__(self, config: MoEConfig, weights: MoEWeights):
+        self.config = config
+        self.weights = weights
+        self.device = weights.device
+        self.notes: list[str] = []  # what the row's `note` should tell (fallbacks, compile time, ...)
+
+    def prepare(self) -> None:
+        """One-time work before the first forward (weight re-layout, compilation). Not timed."""
+
+    def forward(
+        self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Devices and inputs
+# ---------------------------------------------------------------------------------------------------------------
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cuda", "cpu"):
+        raise ConfigError(f"unknown device {name!r}; choose auto, cuda or cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but PyTorch sees no CUDA GPU here")
+    return torch.device(name)
+
+
+def device_label(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+@dataclass
+class Inputs:
+    tokens_TH: torch.Tensor
+    routing_weights_TK: torch.Tensor
+    expert_ids_TK: torch.Tensor
+
+    def as_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.tokens_TH, self.routing_weights_TK, self.expert_ids_TK
+
+
+def input_seed(config: MoEConfig, num_tokens: int, purpose: str) -> int:
+    """Fixed per (config seed, T, purpose) so runs repeat, yet the check and the timing draw different tokens."""
+    return config.seed * 1_000_003 + zlib.crc32(f"{purpose}:{num_tokens}".encode())
+
+
+def make_inputs(config: MoEConfig, weights: MoEWeights, num_tokens: int, seed: int) -> Inputs:
+    """Unit-variance random tokens and the softmax top-k router's choice for them."""
+    generator = torch.Generator(device=weights.device).manual_seed(seed)
+    tokens_TH = torch.randn(
+        (num_tokens, config.hidden), generator=generator, device=weights.device, dtype=torch.float32
+    ).to(config.torch_dtype)
+    routing_weights_TK, expert_ids_TK = route(tokens_TH, weights.router_HE, config.top_k)
+    return Inputs(tokens_TH, routing_weights_TK, expert_ids_TK)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference check
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class CheckResult:
+    rel_err: float
+    passed: bool
+    message: str
+
+
+def compare_to_reference(out_TH: torch.Tensor, ref_TH: torch.Tensor, tolerance: float) -> CheckResult:
+    """‖out − ref‖ / ‖ref‖ against the tolerance; on failure, say how many elements are off, where, and by how much."""
+    if out_TH.shape != ref_TH.shape:
+        return CheckResult(math.nan, False, f"output shape {tuple(out_TH.shape)}, expected {tuple(ref_TH.shape)}")
+    diff = out_TH.float() - ref_TH
+    rel_err = (diff.norm() / ref_TH.norm().clamp_min(1e-30)).item()
+    if math.isfinite(rel_err) and rel_err < tolerance:
+        return CheckResult(rel_err, True, "")
+    # An element is "off" when its error is large against the typical output magnitude.
+    ref_rms = ref_TH.norm().item() / math.sqrt(max(ref_TH.numel(), 1))
+    bad = ~torch.isfinite(diff) | (diff.abs() > 4 * tolerance * ref_rms)
+    positions = [tuple(p) for p in torch.nonzero(bad)[:3].tolist()]
+    finite = diff[torch.isfinite(diff)]
+    max_err = finite.abs().max().item() if finite.numel() else math.nan
+    message = (
+        f"rel. error {rel_err:.3g} ≥ {tolerance:g}: {int(bad.sum())} of {bad.numel()} elements off, "
+        f"first at {positions}, max abs error {max_err:.3g}"
+    )
+    return CheckResult(rel_err, False, message)
+
+
+def check_level(level: MoELevel, inputs: Inputs) -> CheckResult:
+    out_TH = level.forward(*inputs.as_args())
+    ref_TH = reference_forward(inputs.tokens_TH, level.weights, inputs.routing_weights_TK, inputs.expert_ids_TK)
+    return compare_to_reference(out_TH, ref_TH, level.config.tolerance)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing, memory and the roofline
+# ---------------------------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, budget_s: float = 3.0
+) -> list[float]:
+    """Milliseconds of each of up to `repeats` calls of fn, after `warmup` calls; fewer repeats (never under 5)
+    when the calls are slow enough that `repeats` of them would pass `budget_s`."""
+    start = time.perf_counter()
+    for _ in range(max(warmup, 1)):
+        fn()
+    synchronize(device)
+    estimate_s = (time.perf_counter() - start) / max(warmup, 1)
+    repeats = max(5, min(repeats, int(budget_s / max(estimate_s, 1e-6))))
+
+    if device.type != "cuda":
+        times_ms = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            fn()
+            times_ms.append((time.perf_counter() - begin) * 1e3)
+        return times_ms
+
+    # Writing a buffer larger than L2 between calls evicts whatever the previous call left in the cache.
+    l2_flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for begin_event, end_event in zip(starts, ends):
+        l2_flush.zero_()
+        begin_event.record()
+        fn()
+        end_event.record()
+    torch.cuda.synchronize(device)
+    return [b.elapsed_time(e) for b, e in zip(starts, ends)]
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> tuple[float | None, float | None]:
+    """(peak allocated during one call, the part of it above what was allocated before the call), in MiB."""
+    if device.type != "cuda":
+        return None, None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return peak / 2**20, (peak - before) / 2**20
+
+
+@dataclass
+class Ceilings:
+    """The two rates one GPU actually reaches, measured with the same timer as the levels."""
+
+    matmul_tflops: float  # a large bf16 matmul
+    copy_gbps: float  # a large device-to-device copy, bytes read plus bytes written
+
+    def floor_ms(self, flops: float, nbytes: float) -> float:
+        return max(flops / (self.matmul_tflops * 1e12), nbytes / (self.copy_gbps * 1e9)) * 1e3
+
+
+def measure_ceilings(device: torch.device) -> Ceilings | None:
+    if device.type != "cuda":
+        return None
+    size = 8192
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn((size, size), generator=generator, device=device, dtype=torch.bfloat16)
+    b = torch.randn((size, size), generator=generator, device=device, dtype=torch.bfloat16)
+    matmul_ms = statistics.median(time_calls(lambda: a @ b, device, warmup=5, repeats=30))
+    del a, b
+    src = torch.randn((2**28,), generator=generator, device=device, dtype=torch.float32)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = statistics.median(time_calls(lambda: dst.copy_(src), device, warmup=5, repeats=30))
+    del src, dst
+    return Ceilings(
+        matmul_tflops=2 * size**3 / (matmul_ms * 1e-3) / 1e12,
+        copy_gbps=2 * 2**30 / (copy_ms * 1e-3) / 1e9,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One measurement → one row
+# ---------------------------------------------------------------------------------------------------------------
+def base_row(level_cls: type[MoELevel], config: MoEConfig, num_tokens: int, device: torch.device) -> dict:
+    return {
+        "target": TARGET,
+        "level": level_cls.level,
+        "level_name": level_cls.name,
+        "preset": config.name,
+        "hidden": config.hidden,
+        "intermediate": config.intermediate,
+        "experts": config.num_experts,
+        "top_k": config.top_k,
+        "tokens": num_tokens,
+        "device": device_label(device),
+        "device_type": device.type,
+        "dtype": config.dtype,
+        "ms": None,
+        "ms_p20": None,
+        "ms_p80": None,
+        "repeats": None,
+        "tokens_per_s": None,
+        "tflops": None,
+        "gbps": None,
+        "pct_roofline": None,
+        "peak_mb": None,
+        "extra_mb": None,
+        "rel_err": None,
+        "status": "ok",
+        "note": "",
+    }
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def benchmark(
+    level_cls: type[MoELevel],
+    config: MoEConfig,
+    num_tokens: int,
+    device: torch.device,
+    *,
+    weights: MoEWeights | None = None,
+    ceilings: Ceilings | None = None,
+    warmup: int = 3,
+    repeats: int = 50,
+) -> dict:
+    """Check one level at one size, then time it. Always returns a row; never raises for a level's failure."""
+    row = base_row(level_cls, config, num_tokens, device)
+    if level_cls.needs_cuda and device.type != "cuda":
+        row.update(status="skipped", note="needs a CUDA GPU")
+        return row
+    level = None
+    try:
+        weights = weights if weights is not None else init_weights(config, device)
+        level = level_cls(config, weights)
+        level.prepare()
+
+        check = check_level(level, make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "check")))
+        row["rel_err"] = check.rel_err
+        if not check.passed:
+            row.update(status="error", note=f"wrong result: {check.message}")
+            return row
+
+        timing_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "timing"))
+        call = lambda: level.forward(*timing_inputs.as_args())  # noqa: E731
+        times_ms = time_calls(call, device, warmup, repeats)
+        row["peak_mb"], row["extra_mb"] = peak_memory_mb(call, device)
+
+        ms = statistics.median(times_ms)
+        flops = flop_count(config, num_tokens)
+        nbytes = min_bytes(config, num_tokens, int(timing_inputs.expert_ids_TK.unique().numel()))
+        row.update(
+            ms=ms,
+            ms_p20=quantile(times_ms, 0.2),
+            ms_p80=quantile(times_ms, 0.8),
+            repeats=len(times_ms),
+            tokens_per_s=num_tokens / (ms * 1e-3),
+            tflops=flops / (ms * 1e-3) / 1e12,
+            gbps=nbytes / (ms * 1e-3) / 1e9,
+            pct_roofline=100 * ceilings.floor_ms(flops, nbytes) / ms if ceilings else None,
+        )
+    except torch.cuda.OutOfMemoryError:
+        row.update(status="oom", note=f"CUDA out of memory at {num_tokens} tokens")
+    except LevelUnavailable as reason:
+        row.update(status="skipped", note=str(reason))
+    except Exception as error:  # a broken level is a row that says so, and the sweep goes on
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        row.update(status="error", note=f"{type(error).__name__}: {first_line}"[:300])
+    finally:
+        if level is not None:
+            row["note"] = "; ".join(filter(None, [row["note"], *level.notes]))
+        del level
+        release_memory(device)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Printing rows, and the entry point of every level script
+# ---------------------------------------------------------------------------------------------------------------
+def format_cell(row: dict, column: str) -> str:
+    value = row.get(column)
+    if column == "ms" and row["status"] != "ok":
+        return row["status"].upper()
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if column == "rel_err":
+            return f"{value:.2e}"
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+ROW_COLUMNS = ["level", "level_name", "preset", "tokens", "ms", "tokens_per_s", "tflops", "pct_roofline",
+               "peak_mb", "rel_err", "status", "note"]
+
+
+def rows_table(rows: list[dict], title: str = ""):
+    from rich.table import Table
+
+    table = Table(title=title or None)
+    for column in ROW_COLUMNS:
+        table.add_column(column, overflow="fold", justify="left" if column in ("level_name", "note") else "right")
+    for row in rows:
+        table.add_row(*(format_cell(row, column) for column in ROW_COLUMNS))
+    return table
+
+
+def run_level_script(level_cls: type[MoELevel]) -> None:
+    """`python levelN_*.py [--preset P] [--tokens T] [--device auto|cuda|cpu]`: check, time and print one row."""
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(description=f"Level {level_cls.level}: {level_cls.summary}")
+    parser.add_argument("--preset", default=None, help="journey on a GPU, small on the CPU")
+    parser.add_argument("--tokens", type=int, default=None, help="8192 on a GPU, 256 on the CPU")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+    console = Console()
+    try:
+        device = resolve_device(args.device)
+        on_gpu = device.type == "cuda"
+        config = get_preset(args.preset or ("journey" if on_gpu else "small"))
+        num_tokens = args.tokens if args.tokens is not None else (8192 if on_gpu else 256)
+        if num_tokens <= 0:
+            raise ConfigError(f"--tokens must be positive, got {num_tokens}")
+    except ConfigError as error:
+        console.print(f"[red]error:[/red] {error}")
+        sys.exit(2)
+    ceilings = measure_ceilings(device)
+    row = benchmark(level_cls, config, num_tokens, device, ceilings=ceilings, warmup=args.warmup,
+                    repeats=args.repeats)
+    console.print(rows_table([row], title=f"{config.name} ({config.shape_str()}) on {device_label(device)}"))
+    sys.exit(0 if row["status"] in ("ok", "oom", "skipped") else 1)

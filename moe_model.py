@@ -1,0 +1,173 @@
+"""The MoE feed-forward layer every level of the journey computes, and its fp32 reference.
+
+Shape legend, used in every file of the lab:
+    T  tokens            H  hidden size         I  intermediate size (per expert)
+    E  routed experts    K  experts per token (top-k)
+
+One layer: a router scores every token against every expert, each token goes to its K best experts, each expert
+is a SwiGLU MLP, and the K expert outputs are summed with the router's weights:
+
+    out[t] = sum_k  routing_weights[t, k] * down_e( silu(x_t @ w_gate[e]) * (x_t @ w_up[e]) ),  e = expert_ids[t, k]
+
+Expert weights live in one contiguous tensor per projection: w_gate_EHI, w_up_EHI [E, H, I] and w_down_EIH
+[E, I, H], the layout grouped GEMMs want (torchtitan and gpt-fast keep them the same way).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+
+# Relative error ‖out − ref‖ / ‖ref‖ a level may have against the fp32 reference, by the dtype it computes in.
+TOLERANCES: dict[str, float] = {"bf16": 2e-2, "fp16": 1e-2, "fp32": 1e-4}
+
+
+class ConfigError(ValueError):
+    """A bad MoE shape or name; its message is meant for the user as it stands."""
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    hidden: int
+    intermediate: int
+    num_experts: int
+    top_k: int
+    dtype: str = "bf16"
+    seed: int = 0
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for field in ("hidden", "intermediate", "num_experts", "top_k"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{field} must be a whole number, got {value!r}")
+            if value <= 0:
+                raise ConfigError(f"{field} must be positive, got {value}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(
+                f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts}): "
+                "a token picks k distinct experts"
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def tolerance(self) -> float:
+        return TOLERANCES[self.dtype]
+
+    def shape_str(self) -> str:
+        return f"H={self.hidden} I={self.intermediate} E={self.num_experts} K={self.top_k} {self.dtype}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, MoEConfig] = {
+    # tiny: for tests, so every level and the Triton interpreter finish in well under a second.
+    "tiny": MoEConfig(hidden=64, intermediate=96, num_experts=4, top_k=2, name="tiny"),
+    # small: the CPU benchmark's default, large enough that the levels differ, small enough for 2 cores.
+    "small": MoEConfig(hidden=256, intermediate=512, num_experts=8, top_k=2, name="small"),
+    "journey": MoEConfig(hidden=1024, intermediate=2048, num_experts=8, top_k=2, name="journey"),
+    "mixtral": MoEConfig(hidden=4096, intermediate=14336, num_experts=8, top_k=2, name="mixtral"),
+    "qwen3-moe": MoEConfig(hidden=2048, intermediate=768, num_experts=128, top_k=8, name="qwen3-moe"),
+    "deepseek-v3": MoEConfig(hidden=7168, intermediate=2048, num_experts=256, top_k=8, name="deepseek-v3"),
+}
+
+
+def get_preset(name: str) -> MoEConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass
+class MoEWeights:
+    router_HE: torch.Tensor
+    w_gate_EHI: torch.Tensor
+    w_up_EHI: torch.Tensor
+    w_down_EIH: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.w_gate_EHI.device
+
+
+def init_weights(config: MoEConfig, device: torch.device | str) -> MoEWeights:
+    """Deterministic weights from config.seed, drawn on `device` (the same seed gives the same weights on the same
+    kind of device). Scaled by 1/sqrt(fan_in) so that with unit-variance tokens every activation stays O(1)."""
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    H, I, E, dtype = config.hidden, config.intermediate, config.num_experts, config.torch_dtype
+
+    def draw_experts(rows: int, cols: int) -> torch.Tensor:
+        out = torch.empty((E, rows, cols), dtype=dtype, device=device)
+        # One expert at a time, so the fp32 draw never needs a second copy of a large preset's weights.
+        for expert in range(E):
+            sample = torch.randn((rows, cols), generator=generator, device=device, dtype=torch.float32)
+            out[expert] = sample.mul_(1.0 / math.sqrt(rows))
+        return out
+
+    router_HE = torch.randn((H, E), generator=generator, device=device, dtype=torch.float32) / math.sqrt(H)
+    return MoEWeights(
+        router_HE=router_HE.to(dtype),
+        w_gate_EHI=draw_experts(H, I),
+        w_up_EHI=draw_experts(H, I),
+        w_down_EIH=draw_experts(I, H),
+    )
+
+
+def route(tokens_TH: torch.Tensor, router_HE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k router. Returns (routing_weights_TK in the tokens' dtype, expert_ids_TK int64).
+
+    The softmax runs in fp32 over all E experts; the k chosen weights are renormalised to sum to one
+    (Mixtral's convention), so the layer's output scale does not depend on how peaked the router is."""
+    logits_TE = (tokens_TH @ router_HE).float()
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    weights_TK, expert_ids_TK = torch.topk(probs_TE, top_k, dim=-1)
+    weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return weights_TK.to(tokens_TH.dtype), expert_ids_TK
+
+
+def reference_forward(
+    tokens_TH: torch.Tensor,
+    weights: MoEWeights,
+    routing_weights_TK: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+) -> torch.Tensor:
+    """The layer in fp32, one expert at a time: the function every level must compute. Returns [T, H] fp32."""
+    out_TH = torch.zeros(tokens_TH.shape, dtype=torch.float32, device=tokens_TH.device)
+    for expert in range(weights.w_gate_EHI.shape[0]):
+        token_idx, slot = torch.nonzero(expert_ids_TK == expert, as_tuple=True)
+        if token_idx.numel() == 0:
+            continue
+        x = tokens_TH[token_idx].float()
+        hidden = F.silu(x @ weights.w_gate_EHI[expert].float()) * (x @ weights.w_up_EHI[expert].float())
+        y = hidden @ weights.w_down_EIH[expert].float()
+        out_TH.index_add_(0, token_idx, y * routing_weights_TK[token_idx, slot, None].float())
+    return out_TH
+
+
+def flop_count(config: MoEConfig, num_tokens: int) -> int:
+    """Matmul FLOPs of one forward: T·K token-expert pairs, three H×I matmuls each, 2 FLOPs per multiply-add."""
+    return 2 * num_tokens * config.top_k * 3 * config.hidden * config.intermediate
+
+
+def min_bytes(config: MoEConfig, num_tokens: int, experts_touched: int) -> int:
+    """Fewest bytes one forward must move through device memory: the weights of every expert that got a token,
+    read once, plus the tokens read once and the output written once."""
+    element = torch.finfo(config.torch_dtype).bits // 8
+    weights = experts_touched * 3 * config.hidden * config.intermediate * element
+    return weights + 2 * num_tokens * config.hidden * element

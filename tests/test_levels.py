@@ -1,0 +1,158 @@
+"""Every level against the fp32 reference on the CPU, on the awkward cases."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_config
+
+import moe_benchmark
+from moe_benchmark import compare_to_reference, make_inputs
+from moe_model import init_weights, reference_forward
+
+REPO = Path(__file__).resolve().parents[1]
+LEVELS = ["0", "1", "2", "3", "4", "5", "6"]
+
+
+def run_level(level_cls, config, weights, tokens_TH, routing_weights_TK, expert_ids_TK):
+    level = level_cls(config, weights)
+    level.prepare()
+    out = level.forward(tokens_TH, routing_weights_TK, expert_ids_TK)
+    ref = reference_forward(tokens_TH, weights, routing_weights_TK, expert_ids_TK)
+    check = compare_to_reference(out, ref, config.tolerance)
+    assert check.passed, check.message
+    return out
+
+
+def random_routing(num_tokens, num_experts, top_k, allowed, seed):
+    """Distinct experts per token drawn from `allowed`, with random positive weights summing to one."""
+    generator = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor(allowed)
+    ids = torch.stack([allowed[torch.randperm(len(allowed), generator=generator)[:top_k]]
+                       for _ in range(num_tokens)])
+    weights = torch.rand((num_tokens, top_k), generator=generator) + 0.1
+    return (weights / weights.sum(-1, keepdim=True)).bfloat16(), ids
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("num_tokens", [1, 37, 100])
+def test_router_inputs(levels, tiny, tiny_weights, level, num_tokens):
+    """T = 1, and T that is not a multiple of 8 or 16."""
+    inputs = make_inputs(tiny, tiny_weights, num_tokens, seed=num_tokens)
+    run_level(levels[level], tiny, tiny_weights, *inputs.as_args())
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_uneven_routing_with_idle_experts(levels, tiny, tiny_weights, level):
+    """Experts 0 and 2 get nothing; expert 3 gets every token."""
+    tokens = torch.randn(29, tiny.hidden).bfloat16()
+    routing_weights, _ = random_routing(29, 4, 2, [1, 3], seed=1)
+    expert_ids = torch.tensor([[3, 1]] * 29)
+    run_level(levels[level], tiny, tiny_weights, tokens, routing_weights, expert_ids)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("top_k", [1, 4])
+def test_top_k_one_and_all(levels, level, top_k):
+    config = make_config(top_k=top_k)
+    weights = init_weights(config, "cpu")
+    routing_weights, expert_ids = random_routing(23, 4, top_k, [0, 1, 2, 3], seed=top_k)
+    tokens = torch.randn(23, config.hidden).bfloat16()
+    run_level(levels[level], config, weights, tokens, routing_weights, expert_ids)
+
+
+@pytest.mark.parametrize("level", ["0", "4"])
+def test_fp32_meets_the_tight_tolerance(levels, level):
+    config = make_config(dtype="fp32")
+    weights = init_weights(config, "cpu")
+    inputs = make_inputs(config, weights, 33, seed=3)
+    out = run_level(levels[level], config, weights, *inputs.as_args())
+    assert out.dtype == torch.float32
+
+
+def test_levels_are_the_journey(levels):
+    assert list(levels)[:7] == LEVELS
+    for key, cls in levels.items():
+        module = sys.modules[cls.__module__]
+        assert module.__doc__ and "The idea" in module.__doc__ and "What it costs" in module.__doc__, key
+
+
+# --- the base class's rows ------------------------------------------------------------------------------------
+class FailingLevel(moe_benchmark.MoELevel):
+    level, name, summary = 90, "fails", "raises"
+    error: Exception = RuntimeError("boom")
+
+    def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
+        raise self.error
+
+
+def test_out_of_memory_becomes_a_row(tiny):
+    class OutOfMemory(FailingLevel):
+        error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    row = moe_benchmark.benchmark(OutOfMemory, tiny, 16, torch.device("cpu"))
+    assert row["status"] == "oom" and row["ms"] is None and "out of memory" in row["note"]
+
+
+def test_error_becomes_a_row(tiny):
+    row = moe_benchmark.benchmark(FailingLevel, tiny, 16, torch.device("cpu"))
+    assert row["status"] == "error" and row["note"] == "RuntimeError: boom"
+
+
+def test_wrong_result_is_reported_with_where(tiny):
+    class OffByOne(FailingLevel):
+        def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
+            out = reference_forward(tokens_TH, self.weights, routing_weights_TK, expert_ids_TK).to(tokens_TH.dtype)
+            out[3, 5] += 100
+            return out
+
+    row = moe_benchmark.benchmark(OffByOne, tiny, 16, torch.device("cpu"))
+    assert row["status"] == "error"
+    assert "1 of 1024 elements off, first at [(3, 5)]" in row["note"]
+
+
+def test_nan_never_passes():
+    ref = torch.randn(4, 8)
+    out = ref.clone()
+    out[1, 1] = float("nan")
+    assert not compare_to_reference(out, ref, 2e-2).passed
+
+
+def test_cuda_only_level_is_skipped_on_cpu(tiny):
+    class NeedsCuda(FailingLevel):
+        needs_cuda = True
+
+    row = moe_benchmark.benchmark(NeedsCuda, tiny, 16, torch.device("cpu"))
+    assert row["status"] == "skipped" and "CUDA" in row["note"]
+
+
+def test_ok_row_has_every_field(levels, tiny):
+    row = moe_benchmark.benchmark(levels["4"], tiny, 40, torch.device("cpu"), warmup=1, repeats=5)
+    assert row["status"] == "ok", row["note"]
+    assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["tflops"] > 0 and row["rel_err"] < 2e-2
+    assert row["pct_roofline"] is None and row["peak_mb"] is None  # no ceilings, no peak memory on the CPU
+    assert row["ms_p20"] <= row["ms"] <= row["ms_p80"]
+
+
+# --- each level file runs alone --------------------------------------------------------------------------------
+@pytest.mark.parametrize("level_file", sorted(p.name for p in (REPO / "labs/moe_optimization_journey").glob("level[0-9]*.py")))
+def test_level_script_runs_alone(level_file):
+    result = subprocess.run(
+        [sys.executable, f"labs/moe_optimization_journey/{level_file}", "--preset", "tiny", "--tokens", "13",
+         "--device", "cpu", "--repeats", "3", "--warmup", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ | {"COLUMNS": "200", "TRITON_INTERPRET": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "│ ok" in result.stdout or " ok " in result.stdout
+
+
+def test_level_script_bad_preset_is_one_line():
+    result = subprocess.run(
+        [sys.executable, "labs/moe_optimization_journey/level0_naive.py", "--preset", "nope"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "unknown preset 'nope'" in result.stdout and "Traceback" not in result.stdout + result.stderr
