@@ -78,8 +78,9 @@ class MoEConfig:
 PRESETS: dict[str, MoEConfig] = {
     # tiny: for tests, so every level and the Triton interpreter finish in well under a second.
     "tiny": MoEConfig(hidden=64, intermediate=96, num_experts=4, top_k=2, name="tiny"),
-    # small: the CPU benchmark's default, large enough that the levels differ, small enough for 2 cores.
-    "small": MoEConfig(hidden=256, intermediate=512, num_experts=8, top_k=2, name="small"),
+    # small: the CPU benchmark's default, large enough that the levels differ, small enough for 2 cores; fp32,
+    # because CPUs run fp32 matmuls many times faster than bf16 ones.
+    "small": MoEConfig(hidden=256, intermediate=512, num_experts=8, top_k=2, dtype="fp32", name="small"),
     "journey": MoEConfig(hidden=1024, intermediate=2048, num_experts=8, top_k=2, name="journey"),
     "mixtral": MoEConfig(hidden=4096, intermediate=14336, num_experts=8, top_k=2, name="mixtral"),
     "qwen3-moe": MoEConfig(hidden=2048, intermediate=768, num_experts=128, top_k=8, name="qwen3-moe"),

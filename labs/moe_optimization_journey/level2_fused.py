@@ -29,6 +29,7 @@ class FusedLevel(MoELevel):
     level = 2
     name = "fused"
     summary = "level 1 with the Triton fused SiLU·up kernel"
+    uses_triton = True
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         w = self.weights

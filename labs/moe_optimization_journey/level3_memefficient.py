@@ -33,6 +33,7 @@ class MemEfficientLevel(MoELevel):
     level = 3
     name = "memefficient"
     summary = "per-expert index_select / index_add_, no weight copies, in-place fused activation"
+    uses_triton = True
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         w = self.weights

@@ -33,6 +33,7 @@ class GroupedLevel(MoELevel):
     level = 4
     name = "grouped"
     summary = "sort pairs by expert (argsort + bincount), one GEMM per expert slice, index_add_ combine"
+    uses_triton = True
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         w = self.weights

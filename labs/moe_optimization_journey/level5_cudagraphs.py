@@ -42,6 +42,7 @@ class CudaGraphLevel(MoELevel):
     level = 5
     name = "cudagraphs"
     summary = "sync-free fixed-capacity formulation, the whole layer captured in one CUDA graph"
+    uses_triton = True
 
     def prepare(self):
         self.graph = None

@@ -58,6 +58,7 @@ class CompiledLevel(MoELevel):
     level = 6
     name = "compiled"
     summary = "level 4 with its permutation and combine compiled by torch.compile (default mode, dynamic shapes)"
+    uses_triton = True
 
     def prepare(self):
         self.permute = torch.compile(permute, dynamic=True)

@@ -55,6 +55,7 @@ class MoELevel:
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for `aisp bench list`
     needs_cuda: ClassVar[bool] = False
+    uses_triton: ClassVar[bool] = False  # on the CPU its kernels run in Triton's (slow) interpreter
 
     def __init__(self, config: MoEConfig, weights: MoEWeights):
         self.config = config
@@ -288,6 +289,7 @@ def benchmark(
     ceilings: Ceilings | None = None,
     warmup: int = 3,
     repeats: int = 50,
+    time_budget_s: float = 3.0,
 ) -> dict:
     """Check one level at one size, then time it. Always returns a row; never raises for a level's failure."""
     row = base_row(level_cls, config, num_tokens, device)
@@ -308,7 +310,7 @@ def benchmark(
 
         timing_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "timing"))
         call = lambda: level.forward(*timing_inputs.as_args())  # noqa: E731
-        times_ms = time_calls(call, device, warmup, repeats)
+        times_ms = time_calls(call, device, warmup, repeats, time_budget_s)
         row["peak_mb"], row["extra_mb"] = peak_memory_mb(call, device)
 
         ms = statistics.median(times_ms)
@@ -333,7 +335,9 @@ def benchmark(
         row.update(status="error", note=f"{type(error).__name__}: {first_line}"[:300])
     finally:
         if level is not None:
-            row["note"] = "; ".join(filter(None, [row["note"], *level.notes]))
+            interpreted = level_cls.uses_triton and device.type == "cpu"
+            row["note"] = "; ".join(filter(None, [row["note"], *level.notes,
+                                                  "Triton kernel in the interpreter" if interpreted else ""]))
         del level
         release_memory(device)
     return row
@@ -342,29 +346,32 @@ def benchmark(
 # ---------------------------------------------------------------------------------------------------------------
 # Printing rows, and the entry point of every level script
 # ---------------------------------------------------------------------------------------------------------------
+ROW_COLUMNS = {"level": "level", "preset": "preset", "tokens": "T", "ms": "ms", "tokens_per_s": "tokens/s",
+               "tflops": "TFLOP/s", "pct_roofline": "% roofline", "peak_mb": "peak MiB", "rel_err": "rel. err",
+               "status": "status", "note": "note"}
+
+
 def format_cell(row: dict, column: str) -> str:
     value = row.get(column)
+    if column == "level":
+        return f"{row['level']} {row['level_name']}"
     if column == "ms" and row["status"] != "ok":
         return row["status"].upper()
     if value is None:
         return "-"
     if isinstance(value, float):
         if column == "rel_err":
-            return f"{value:.2e}"
-        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+            return f"{value:.1e}"
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
     return str(value)
-
-
-ROW_COLUMNS = ["level", "level_name", "preset", "tokens", "ms", "tokens_per_s", "tflops", "pct_roofline",
-               "peak_mb", "rel_err", "status", "note"]
 
 
 def rows_table(rows: list[dict], title: str = ""):
     from rich.table import Table
 
     table = Table(title=title or None)
-    for column in ROW_COLUMNS:
-        table.add_column(column, overflow="fold", justify="left" if column in ("level_name", "note") else "right")
+    for column, header in ROW_COLUMNS.items():
+        table.add_column(header, overflow="fold", justify="left" if column in ("level", "note") else "right")
     for row in rows:
         table.add_row(*(format_cell(row, column) for column in ROW_COLUMNS))
     return table

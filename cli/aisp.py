@@ -1,0 +1,419 @@
+"""`aisp`: run the lab's benchmarks and read their results.
+
+    aisp bench list
+    aisp bench run -t moe_journey [--levels 0-6] [--tokens 2048,8192] [--preset journey] [--device auto]
+    aisp bench report RUN_DIR
+    aisp bench compare RUN_DIR RUN_DIR
+    aisp bench publish RUN_DIR      (LATEST.md and the README's results block, from a GPU run)
+
+Bad input is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import tomllib
+from datetime import datetime, timezone
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+console = Console()
+app = typer.Typer(help="aisp: an open benchmark lab for AI-systems performance.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+bench = typer.Typer(help="Run benchmarks and read their results.", no_args_is_help=True)
+app.add_typer(bench, name="bench")
+
+TARGETS = {"moe_journey": "one MoE feed-forward layer, from naive Python loops to a fast GPU implementation"}
+# Per device: what a bare `aisp bench run -t moe_journey` measures, and how long it may time one row.
+GPU_DEFAULTS = {"preset": "journey", "tokens": "2048,8192,16384,32768", "time_budget_s": 3.0, "warmup": 3}
+CPU_DEFAULTS = {"preset": "small", "tokens": "64,256,512", "time_budget_s": 1.0, "warmup": 1}
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+class UsageError(ValueError):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def fail(message: str) -> None:
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def journey():
+    """The lab's modules, imported on first use so that `aisp --help` stays fast."""
+    import labs.moe_optimization_journey as lab
+
+    return lab
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing the options
+# ---------------------------------------------------------------------------------------------------------------
+def parse_levels(spec: str | None, available: list[str]) -> list[str]:
+    if spec is None or spec == "all":
+        return [key for key in available if key.isdigit()]
+    chosen = []
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part and all(p.strip().isdigit() for p in part.split("-", 1)):
+            low, high = (int(p) for p in part.split("-", 1))
+            if low > high:
+                raise UsageError(f"level range {part!r} runs backwards")
+            chosen += [str(n) for n in range(low, high + 1)]
+        else:
+            chosen.append(part)
+    unknown = [level for level in chosen if level not in available]
+    if unknown:
+        raise UsageError(f"unknown level {unknown[0]!r}; available: {', '.join(available)}")
+    return list(dict.fromkeys(chosen))
+
+
+def parse_tokens(spec: str) -> list[int]:
+    try:
+        counts = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise UsageError(f"--tokens takes whole numbers separated by commas, got {spec!r}") from None
+    if any(count <= 0 for count in counts):
+        raise UsageError(f"token counts must be positive, got {spec!r}")
+    return list(dict.fromkeys(counts))
+
+
+SHAPE_KEYS = {"hidden": "hidden", "intermediate": "intermediate", "experts": "num_experts",
+              "num_experts": "num_experts", "top_k": "top_k", "dtype": "dtype", "seed": "seed", "name": "name"}
+
+
+def config_from_mapping(values: dict, source: str):
+    from moe_model import MoEConfig
+
+    fields = {}
+    for key, value in values.items():
+        if key not in SHAPE_KEYS:
+            raise UsageError(f"{source}: unknown key {key!r}; use {', '.join(sorted(set(SHAPE_KEYS)))}")
+        fields[SHAPE_KEYS[key]] = value
+    missing = [k for k in ("hidden", "intermediate", "num_experts", "top_k") if k not in fields]
+    if missing:
+        raise UsageError(f"{source}: missing {', '.join(missing)}")
+    fields.setdefault("name", "custom-H{hidden}-I{intermediate}-E{num_experts}-K{top_k}".format(**fields))
+    return MoEConfig(**fields)
+
+
+def parse_presets(spec: str) -> list:
+    """Preset names (comma-separated), an inline shape `hidden=768,intermediate=1536,experts=16,top_k=4`, or a
+    TOML file with those keys."""
+    from moe_model import get_preset
+
+    if spec.endswith(".toml") or Path(spec).is_file():
+        try:
+            values = tomllib.loads(Path(spec).read_text())
+        except OSError as error:
+            raise UsageError(f"cannot read preset file {spec!r}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise UsageError(f"preset file {spec!r} is not valid TOML: {error}") from None
+        return [config_from_mapping(values, spec)]
+    if "=" in spec:
+        values = {}
+        for part in spec.split(","):
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise UsageError(f"inline shape {spec!r}: expected key=value, got {part!r}")
+            value = value.strip()
+            values[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
+        return [config_from_mapping(values, "inline shape")]
+    return [get_preset(name.strip()) for name in spec.split(",")]
+
+
+def prepare_out_dir(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".aisp-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"cannot write to --out {str(out)!r}: {error.strerror}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run folders
+# ---------------------------------------------------------------------------------------------------------------
+def device_slug(label: str) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in label.lower())
+    return "-".join(part for part in slug.split("-") if part)[:40] or "device"
+
+
+def new_run_dir(target_dir: Path, device_label: str) -> Path:
+    """results/<target>/<UTC date-time>-<device>/, never an existing folder."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = f"{stamp}-{device_slug(device_label)}"
+    for attempt in range(1, 1000):
+        run_dir = target_dir / (base if attempt == 1 else f"{base}-{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise UsageError(f"could not make a new run folder under {target_dir}")
+
+
+def nvidia_driver() -> str | None:
+    try:
+        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20)
+        return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device, ceilings, configs, args: dict) -> dict:
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    lab = journey()
+    return {
+        "target": "moe_journey",
+        "device": lab.moe_benchmark.device_label(device),
+        "device_type": device.type,
+        "driver": nvidia_driver() if device.type == "cuda" else None,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "ceilings": vars(ceilings) if ceilings else None,
+        "presets": [config.to_dict() for config in configs],
+        "args": args,
+        "command": args.pop("command"),
+        "argv": shlex.join(sys.argv),
+        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------------------
+@bench.command("list")
+def list_command() -> None:
+    """The targets, their levels and the presets."""
+    from moe_model import PRESETS
+
+    for target, description in TARGETS.items():
+        console.print(f"[bold]{target}[/bold]: {description}")
+    table = Table(title="moe_journey levels")
+    table.add_column("level", justify="right")
+    table.add_column("name")
+    table.add_column("idea")
+    for key, cls in journey().load_levels().items():
+        table.add_row(key, cls.name, cls.summary)
+    console.print(table)
+    presets = Table(title="presets (or an inline shape, or a TOML file: see --help of run)")
+    for column in ("preset", "H", "I", "E", "K", "dtype"):
+        presets.add_column(column)
+    for name, config in PRESETS.items():
+        presets.add_row(name, str(config.hidden), str(config.intermediate), str(config.num_experts),
+                        str(config.top_k), config.dtype)
+    console.print(presets)
+
+
+@bench.command("run")
+def run_command(
+    target: str = typer.Option(..., "-t", "--target", help="what to run: moe_journey"),
+    levels: str = typer.Option(None, help="e.g. 0-6, 0,4,6 (default: every level)"),
+    tokens: str = typer.Option(None, help="token counts, e.g. 2048,8192 (default: 2048,8192,16384,32768 on a GPU, "
+                                          "64,256,512 on the CPU)"),
+    preset: str = typer.Option(None, help="preset name(s) comma-separated, an inline shape "
+                                          "hidden=768,intermediate=1536,experts=16,top_k=4, or a TOML file "
+                                          "(default: journey on a GPU, small on the CPU)"),
+    device: str = typer.Option("auto", help="auto, cuda or cpu"),
+    warmup: int = typer.Option(None, help="untimed calls before timing (default: 3 on a GPU, 1 on the CPU)"),
+    repeats: int = typer.Option(50, help="timed calls (fewer when a call is slow; never under 5)"),
+    out: Path = typer.Option(Path("results"), help="results folder; each run makes a new sub-folder"),
+) -> None:
+    """Check and time levels across token scales; write rows, tables and plots to a new run folder."""
+    from moe_model import ConfigError
+
+    try:
+        if target not in TARGETS:
+            raise UsageError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
+        if (warmup is not None and warmup < 0) or repeats < 1:
+            raise UsageError("--warmup must be ≥ 0 and --repeats ≥ 1")
+        lab = journey()
+        bench_mod = lab.moe_benchmark
+        torch_device = bench_mod.resolve_device(device)
+        defaults = GPU_DEFAULTS if torch_device.type == "cuda" else CPU_DEFAULTS
+        warmup = warmup if warmup is not None else defaults["warmup"]
+        available = lab.load_levels()
+        level_keys = parse_levels(levels, list(available))
+        token_counts = parse_tokens(tokens or defaults["tokens"])
+        configs = parse_presets(preset or defaults["preset"])
+        out_dir = prepare_out_dir(out)
+    except (UsageError, ConfigError) as error:
+        fail(str(error))
+
+    ceilings = bench_mod.measure_ceilings(torch_device)
+    run_dir = new_run_dir(out_dir / target, bench_mod.device_label(torch_device))
+    args = {"levels": level_keys, "tokens": token_counts, "warmup": warmup, "repeats": repeats}
+    # The run, every default resolved, as a command that repeats it.
+    args["command"] = shlex.join(["aisp", "bench", "run", "-t", target, "--levels", ",".join(level_keys),
+                                  "--tokens", ",".join(map(str, token_counts)),
+                                  "--preset", preset or defaults["preset"], "--device", device,
+                                  "--warmup", str(warmup), "--repeats", str(repeats), "--out", str(out)])
+    env = environment(torch_device, ceilings, configs, args)
+    (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+    console.print(f"run folder: {run_dir}")
+    if ceilings:
+        console.print(f"ceilings on {env['device']}: bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s, "
+                      f"copy {ceilings.copy_gbps:.0f} GB/s")
+
+    rows = []
+    interrupted = False
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console)
+    with progress, open(run_dir / "rows.jsonl", "a") as rows_file:
+        task = progress.add_task("starting", total=len(configs) * len(token_counts) * len(level_keys))
+        try:
+            for config in configs:
+                progress.update(task, description=f"{config.name}: drawing weights")
+                weights = bench_mod.init_weights(config, torch_device)
+                for num_tokens in token_counts:
+                    for key in level_keys:
+                        level_cls = available[key]
+                        progress.update(task, description=f"{config.name} · {num_tokens} tokens · level {key} "
+                                                          f"{level_cls.name}")
+                        row = bench_mod.benchmark(level_cls, config, num_tokens, torch_device, weights=weights,
+                                                  ceilings=ceilings, warmup=warmup, repeats=repeats,
+                                                  time_budget_s=defaults["time_budget_s"])
+                        rows.append(row)
+                        rows_file.write(json.dumps(row) + "\n")
+                        rows_file.flush()  # an interrupted run keeps every finished row
+                        progress.advance(task)
+                del weights
+                bench_mod.release_memory(torch_device)
+        except KeyboardInterrupt:
+            interrupted = True
+
+    env["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    env["interrupted"] = interrupted
+    (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+    from cli import report
+
+    report.write_report(run_dir)
+    if torch_device.type == "cuda" and not interrupted:
+        write_latest(run_dir)
+    console.print(bench_mod.rows_table(rows, title=f"{target} on {env['device']}"))
+    console.print(f"rows, summary.md and plots: {run_dir}")
+    if interrupted:
+        console.print(f"[yellow]interrupted:[/yellow] {len(rows)} finished rows kept in {run_dir / 'rows.jsonl'}")
+        raise typer.Exit(130)
+
+
+def existing_run_dir(path: Path) -> Path:
+    if not (path / "rows.jsonl").is_file():
+        fail(f"{str(path)!r} is not a run folder (no rows.jsonl in it)")
+    return path
+
+
+@bench.command("report")
+def report_command(run_dir: Path = typer.Argument(None, help="a run folder (default: the newest one)"),
+                   results: Path = typer.Option(Path("results"), help="where to look for the newest run")) -> None:
+    """Rebuild summary.md and the plots of a run folder from its rows, running nothing."""
+    from cli import report
+
+    if run_dir is None:
+        runs = sorted((results / "moe_journey").glob("*/rows.jsonl"), key=lambda p: p.parent.name)
+        if not runs:
+            fail(f"no run folders under {results / 'moe_journey'}")
+        run_dir = runs[-1].parent
+    summary = report.write_report(existing_run_dir(run_dir))
+    console.print(f"wrote {summary} and its plots")
+
+
+@bench.command("compare")
+def compare_command(run_a: Path = typer.Argument(..., help="the baseline run folder"),
+                    run_b: Path = typer.Argument(..., help="the run compared with it")) -> None:
+    """Per (level, preset, tokens): both times and B's speedup over A."""
+    from cli import report
+
+    rows_a = {(str(r["level"]), r["preset"], r["tokens"]): r for r in report.load_rows(existing_run_dir(run_a))}
+    rows_b = {(str(r["level"]), r["preset"], r["tokens"]): r for r in report.load_rows(existing_run_dir(run_b))}
+    env_a, env_b = report.load_environment(run_a), report.load_environment(run_b)
+    table = Table(title=f"A = {run_a.name} ({env_a.get('device', '?')})\nB = {run_b.name} ({env_b.get('device', '?')})")
+    for column in ("level", "name", "preset", "tokens", "A ms", "B ms", "A/B (B's speedup)"):
+        table.add_column(column, justify="left" if column in ("name", "preset") else "right")
+
+    def cell(row):
+        if row is None:
+            return "-"
+        return report.fmt(row["ms"]) if row["status"] == "ok" else report.STATUS_CELL.get(row["status"], "?")
+
+    keys = sorted(set(rows_a) | set(rows_b), key=lambda k: (k[1], report.level_sort_key(k[0]), k[2]))
+    for key in keys:
+        a, b = rows_a.get(key), rows_b.get(key)
+        both_ok = a and b and a["status"] == "ok" and b["status"] == "ok"
+        ratio = f"{a['ms'] / b['ms']:.2f}x" if both_ok else "-"
+        name = (a or b)["level_name"]
+        table.add_row(key[0], name, key[1], str(key[2]), cell(a), cell(b), ratio)
+    console.print(table)
+
+
+def write_latest(run_dir: Path) -> Path:
+    """results/moe_journey/LATEST.md: the newest GPU run's summary, its links pointing into the run folder."""
+    from cli import report
+
+    latest = run_dir.parent / "LATEST.md"
+    summary = (run_dir / "summary.md").read_text()
+    latest.write_text(f"<!-- copied from {run_dir.name}/summary.md by aisp; do not edit -->\n"
+                      + report.relink(summary, run_dir.name))
+    return latest
+
+
+@bench.command("publish")
+def publish_command(run_dir: Path = typer.Argument(..., help="a GPU run folder"),
+                    readme: Path = typer.Option(REPO_ROOT / "README.md", help="the README to update")) -> None:
+    """Make a GPU run the one LATEST.md and the README's results block show (tables and plots, copied)."""
+    from cli import report
+
+    run_dir = existing_run_dir(run_dir)
+    env = report.load_environment(run_dir)
+    if env.get("device_type") != "cuda":
+        fail(f"{run_dir.name} is not a GPU run; the README shows GPU results only")
+    report.write_report(run_dir)
+    write_latest(run_dir)
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        fail(f"{readme} has no {README_START} … {README_END} block to fill")
+    relative = os.path.relpath(run_dir, readme.parent)
+    summary = report.relink((run_dir / "summary.md").read_text(), relative)
+    summary = summary.replace("\n# ", "\n### ").replace("\n## ", "\n### ")
+    body = summary.split("\n", 1)[1]  # drop the summary's own title
+    block = (f"{README_START}\n<!-- generated by `aisp bench publish {relative}`; do not edit -->\n"
+             f"Newest GPU run: [`{relative}`]({relative}/summary.md)\n{body}\n{README_END}")
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    readme.write_text(text[:start] + block + text[end:])
+    console.print(f"README and LATEST.md now show {relative}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

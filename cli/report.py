@@ -1,0 +1,228 @@
+"""Tables and plots, generated from a run folder's rows.jsonl and nothing else.
+
+Raw rows first: `aisp bench run` appends one JSON row per measurement; everything here (summary.md, the PNG plots,
+LATEST.md, the README's results block) is rebuilt from those rows, so `aisp bench report RUN_DIR` can redo it at
+any time without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+STATUS_CELL = {"oom": "OOM", "skipped": "skipped", "error": "error"}
+
+
+def load_rows(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "rows.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_environment(run_dir: Path) -> dict:
+    path = Path(run_dir) / "environment.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def level_sort_key(level) -> tuple:
+    return (0, int(level), "") if str(level).isdigit() else (1, 0, str(level))
+
+
+def level_label(row: dict) -> str:
+    return f"{row['level']} {row['level_name']}" if str(row["level"]).isdigit() else f"peer: {row['level_name']}"
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    df["label"] = [level_label(r) for r in rows]
+    df["order"] = [level_sort_key(r["level"]) for r in rows]
+    return df.sort_values(["order", "tokens"]).reset_index(drop=True)
+
+
+def markdown_table(df: pd.DataFrame, corner: str) -> str:
+    header = [corner, *(str(c) for c in df.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(df.columns)) + "|"]
+    for index, values in df.iterrows():
+        lines.append("| " + " | ".join([str(index), *(str(v) for v in values)]) + " |")
+    return "\n".join(lines)
+
+
+def fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+
+
+def pivot(df: pd.DataFrame, render) -> pd.DataFrame:
+    """Levels down, token counts across; each cell rendered from its row."""
+    labels = list(dict.fromkeys(df["label"]))
+    tokens = sorted(df["tokens"].unique())
+    table = pd.DataFrame(index=labels, columns=tokens, dtype=object)
+    for _, row in df.iterrows():
+        table.loc[row["label"], row["tokens"]] = render(row)
+    return table.fillna("-")
+
+
+def ms_of(df: pd.DataFrame, label: str, tokens: int) -> float | None:
+    match = df[(df["label"] == label) & (df["tokens"] == tokens) & (df["status"] == "ok")]
+    return float(match["ms"].iloc[0]) if len(match) else None
+
+
+def previous_level_label(df: pd.DataFrame, row) -> str | None:
+    if not str(row["level"]).isdigit():
+        return None
+    earlier = [lbl for lbl, lvl in zip(df["label"], df["level"])
+               if str(lvl).isdigit() and int(lvl) == int(row["level"]) - 1]
+    return earlier[0] if earlier else None
+
+
+def preset_section(df: pd.DataFrame) -> str:
+    first = df.iloc[0]
+    shape = f"H={first['hidden']} I={first['intermediate']} E={first['experts']} K={first['top_k']} {first['dtype']}"
+    baseline = next((lbl for lbl in df["label"] if lbl.startswith("0 ")), None)
+
+    def status_or(render):
+        return lambda row: render(row) if row["status"] == "ok" else STATUS_CELL.get(row["status"], row["status"])
+
+    def speedup_vs(reference_label_of):
+        def render(row):
+            reference = reference_label_of(row)
+            reference_ms = ms_of(df, reference, row["tokens"]) if reference else None
+            return f"{reference_ms / row['ms']:.2f}x" if reference_ms else "-"
+        return status_or(render)
+
+    parts = [
+        f"## {first['preset']} ({shape})",
+        "Time per forward, ms (median; `OOM` = ran out of GPU memory):",
+        markdown_table(pivot(df, status_or(lambda r: fmt(r["ms"]))), "level \\ tokens"),
+    ]
+    if baseline:
+        parts += ["Speedup over level 0:",
+                  markdown_table(pivot(df, speedup_vs(lambda r: baseline)), "level \\ tokens")]
+    parts += [
+        "Speedup over the previous level:",
+        markdown_table(pivot(df, speedup_vs(lambda r: previous_level_label(df, r))), "level \\ tokens"),
+        "TFLOP/s (useful FLOPs: 2·T·K·3·H·I):",
+        markdown_table(pivot(df, status_or(lambda r: fmt(r["tflops"]))), "level \\ tokens"),
+        "% of the roofline (the larger of FLOPs / measured matmul rate and minimum bytes / measured copy "
+        "bandwidth, over the measured time):",
+        markdown_table(pivot(df, status_or(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens"),
+        "Peak GPU memory during one forward, MiB (weights and inputs included):",
+        markdown_table(pivot(df, status_or(lambda r: fmt(r["peak_mb"]))), "level \\ tokens"),
+    ]
+    notes = [f"- level {r['level']} ({r['level_name']}), {r['tokens']} tokens: {r['status']}: {r['note']}"
+             for _, r in df.iterrows() if r["note"]]
+    if notes:
+        parts += ["Notes from the rows:", "\n".join(notes)]
+    return "\n\n".join(parts)
+
+
+def environment_section(env: dict) -> str:
+    if not env:
+        return ""
+    ceilings = env.get("ceilings") or {}
+    lines = [
+        f"- device: **{env.get('device', '?')}**, driver {env.get('driver') or '-'}, CUDA {env.get('cuda') or '-'}",
+        f"- torch {env.get('torch')}, triton {env.get('triton') or '-'}, python {env.get('python')}",
+        f"- started {env.get('started_utc')} (UTC), host {env.get('host')}",
+        f"- command: `{env.get('command')}`",
+    ]
+    if ceilings:
+        lines.append(f"- measured ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, "
+                     f"device copy {ceilings['copy_gbps']:.0f} GB/s (read + write)")
+    else:
+        lines.append("- no ceilings measured (CPU run): `pct_roofline` is empty")
+    return "\n".join(lines)
+
+
+def plot_preset(df: pd.DataFrame, out_dir: Path, preset: str) -> list[str]:
+    """Three PNGs for one preset; returns their file names."""
+    ok = df[df["status"] == "ok"]
+    labels = list(dict.fromkeys(df["label"]))
+    tokens = sorted(df["tokens"].unique())
+    device = df["device"].iloc[0]
+    names = []
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label in labels:
+        part = ok[ok["label"] == label]
+        if len(part):
+            ax.plot(part["tokens"], part["ms"], marker="o", label=label,
+                    linestyle="--" if label.startswith("peer") else "-")
+    ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per forward (median)",
+           title=f"{preset}: time per level ({device})")
+    ax.set_xticks(tokens, [str(t) for t in tokens])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    names.append(save(fig, out_dir / f"time_{preset}.png"))
+
+    baseline = next((lbl for lbl in labels if lbl.startswith("0 ")), None)
+    width = 0.8 / max(len(labels), 1)
+    if baseline:
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for i, label in enumerate(labels):
+            speedups = []
+            for t in tokens:
+                base_ms, ms = ms_of(df, baseline, t), ms_of(df, label, t)
+                speedups.append(base_ms / ms if base_ms and ms else float("nan"))
+            ax.bar([x + i * width for x in range(len(tokens))], speedups, width, label=label,
+                   hatch="//" if label.startswith("peer") else None)
+        ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(tokens))], [str(t) for t in tokens])
+        ax.set(yscale="log", xlabel="tokens", ylabel="speedup over level 0 (missing bar: OOM/skipped)",
+               title=f"{preset}: speedup over level 0 ({device})")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.legend(fontsize=8)
+        names.append(save(fig, out_dir / f"speedup_{preset}.png"))
+
+    if ok["pct_roofline"].notna().any():
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for j, t in enumerate(tokens):
+            values = [ok[(ok["label"] == lbl) & (ok["tokens"] == t)]["pct_roofline"].sum() for lbl in labels]
+            ax.bar([x + j * 0.8 / len(tokens) for x in range(len(labels))], values, 0.8 / len(tokens),
+                   label=f"{t} tokens")
+        ax.set_xticks([x + 0.4 - 0.4 / len(tokens) for x in range(len(labels))], labels, rotation=30,
+                      ha="right", fontsize=8)
+        ax.set(ylabel="% of roofline", title=f"{preset}: % of the measured roofline ({device})")
+        ax.legend(fontsize=8)
+        names.append(save(fig, out_dir / f"roofline_{preset}.png"))
+    return names
+
+
+def save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def write_report(run_dir: Path) -> Path:
+    """summary.md and the plots of one run folder, from its rows. Returns the summary's path."""
+    run_dir = Path(run_dir)
+    rows = load_rows(run_dir)
+    env = load_environment(run_dir)
+    sections = [f"# moe_journey run `{run_dir.name}`", environment_section(env)]
+    if not rows:
+        sections.append("No rows were recorded.")
+    else:
+        df = frame(rows)
+        for preset in dict.fromkeys(df["preset"]):
+            part = df[df["preset"] == preset].reset_index(drop=True)
+            sections.append(preset_section(part))
+            sections.append("\n".join(f"![{name}]({name})" for name in plot_preset(part, run_dir, preset)))
+    summary = run_dir / "summary.md"
+    summary.write_text("\n\n".join(s for s in sections if s) + "\n")
+    return summary
+
+
+def relink(markdown: str, prefix: str) -> str:
+    """Point a summary's relative image links at its run folder, for copies that live elsewhere."""
+    return re.sub(r"\]\((?!https?:|/)([^)]+)\)", lambda m: f"]({prefix}/{m.group(1)})", markdown)

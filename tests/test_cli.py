@@ -1,0 +1,177 @@
+"""The `aisp` command end to end on the CPU, into temporary folders."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import moe_benchmark
+from cli.aisp import app
+
+runner = CliRunner()
+FAST = ["--device", "cpu", "--preset", "tiny", "--repeats", "3", "--warmup", "1"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def bench(*args):
+    return runner.invoke(app, ["bench", *args], catch_exceptions=False)
+
+
+def run_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "moe_journey").iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    result = bench("run", "-t", "moe_journey", "--levels", "0-2,4,5", "--tokens", "5,17", "--out", str(out), *FAST)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = run_dirs(out)
+    return run_dir
+
+
+def test_run_writes_a_complete_folder(finished_run):
+    names = {p.name for p in finished_run.iterdir()}
+    assert {"rows.jsonl", "environment.json", "summary.md", "time_tiny.png", "speedup_tiny.png"} <= names
+    for png in finished_run.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG_MAGIC
+    rows = [json.loads(line) for line in (finished_run / "rows.jsonl").read_text().splitlines()]
+    assert [(r["level"], r["tokens"]) for r in rows] == [(lvl, t) for t in (5, 17) for lvl in (0, 1, 2, 4, 5)]
+    assert all(r["status"] == "ok" and r["rel_err"] < 2e-2 and r["ms"] > 0 for r in rows)
+    env = json.loads((finished_run / "environment.json").read_text())
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__ and "aisp bench run" in env["command"]
+    assert env["interrupted"] is False and env["finished_utc"]
+    summary = (finished_run / "summary.md").read_text()
+    assert "| 4 grouped |" in summary and "Speedup over level 0" in summary and "![time_tiny.png]" in summary
+
+
+def test_report_regenerates_from_rows(finished_run):
+    summary = finished_run / "summary.md"
+    before = summary.read_text()
+    summary.unlink()
+    for png in finished_run.glob("*.png"):
+        png.unlink()
+    result = bench("report", str(finished_run))
+    assert result.exit_code == 0, result.output
+    assert summary.read_text() == before and (finished_run / "time_tiny.png").exists()
+
+
+def test_oom_cells_read_oom(finished_run, tmp_path):
+    rows = [json.loads(line) for line in (finished_run / "rows.jsonl").read_text().splitlines()]
+    rows[1].update(status="oom", ms=None, note="CUDA out of memory at 5 tokens")
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench("report", str(tmp_path)).exit_code == 0
+    assert "| 1 batched | OOM |" in (tmp_path / "summary.md").read_text()
+
+
+def test_compare(finished_run, tmp_path):
+    result = bench("run", "-t", "moe_journey", "--levels", "4", "--tokens", "5", "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 0, result.output
+    (other,) = run_dirs(tmp_path)
+    result = runner.invoke(app, ["bench", "compare", str(finished_run), str(other)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "grouped" in result.output and "x" in result.output.split("grouped")[1].splitlines()[0]
+
+
+def test_runs_never_overwrite(tmp_path):
+    for _ in range(2):
+        assert bench("run", "-t", "moe_journey", "--levels", "0", "--tokens", "3", "--out", str(tmp_path),
+                     *FAST).exit_code == 0
+    assert len(run_dirs(tmp_path)) == 2
+
+
+def test_interrupted_run_keeps_its_rows(tmp_path, monkeypatch):
+    real_benchmark = moe_benchmark.benchmark
+    calls = []
+
+    def interrupt_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_benchmark(*args, **kwargs)
+
+    monkeypatch.setattr(moe_benchmark, "benchmark", interrupt_on_third)
+    result = bench("run", "-t", "moe_journey", "--levels", "0,4", "--tokens", "3,9", "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 130
+    (run_dir,) = run_dirs(tmp_path)
+    assert len((run_dir / "rows.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run_dir / "environment.json").read_text())["interrupted"] is True
+    assert (run_dir / "summary.md").exists()
+
+
+def test_inline_shape_and_toml_presets(tmp_path):
+    inline = "hidden=32,intermediate=48,experts=6,top_k=3"
+    result = bench("run", "-t", "moe_journey", "--levels", "4", "--tokens", "7", "--out", str(tmp_path),
+                   "--device", "cpu", "--repeats", "3", "--preset", inline)
+    assert result.exit_code == 0, result.output
+    toml = tmp_path / "mine.toml"
+    toml.write_text('name = "mine"\nhidden = 32\nintermediate = 40\nexperts = 5\ntop_k = 2\ndtype = "fp32"\n')
+    result = bench("run", "-t", "moe_journey", "--levels", "4", "--tokens", "7", "--out", str(tmp_path),
+                   "--device", "cpu", "--repeats", "3", "--preset", str(toml))
+    assert result.exit_code == 0, result.output
+    presets = [json.loads((d / "rows.jsonl").read_text().splitlines()[0])["preset"] for d in run_dirs(tmp_path)]
+    assert sorted(presets) == ["custom-H32-I48-E6-K3", "mine"]
+
+
+def test_list():
+    result = bench("list")
+    assert result.exit_code == 0 and "moe_journey" in result.output and "grouped" in result.output
+    assert "deepseek-v3" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-t", "nope"], "unknown target 'nope'"),
+        (["-t", "moe_journey", "--levels", "9"], "unknown level '9'"),
+        (["-t", "moe_journey", "--levels", "4-2"], "runs backwards"),
+        (["-t", "moe_journey", "--preset", "nope"], "unknown preset 'nope'"),
+        (["-t", "moe_journey", "--preset", "hidden=8,intermediate=8,experts=2,top_k=3"], "cannot exceed"),
+        (["-t", "moe_journey", "--preset", "hidden=0,intermediate=8,experts=2,top_k=1"], "must be positive"),
+        (["-t", "moe_journey", "--preset", "hidden=8,experts=2,top_k=1"], "missing intermediate"),
+        (["-t", "moe_journey", "--preset", "missing.toml"], "cannot read preset file"),
+        (["-t", "moe_journey", "--device", "tpu"], "unknown device 'tpu'"),
+        (["-t", "moe_journey", "--tokens", "12,abc"], "whole numbers"),
+        (["-t", "moe_journey", "--tokens", "0"], "must be positive"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    result = bench("run", *args, "--out", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_cuda_without_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = bench("run", "-t", "moe_journey", "--device", "cuda", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "no CUDA GPU" in result.output
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = bench("run", "-t", "moe_journey", "--out", str(blocker / "results"), *FAST)
+    assert result.exit_code == 2 and "cannot write to --out" in result.output
+
+
+def test_report_of_a_non_run_folder(tmp_path):
+    result = bench("report", str(tmp_path))
+    assert result.exit_code == 2 and "not a run folder" in result.output
+
+
+def test_publish_fills_the_readme_block(finished_run, tmp_path):
+    run_dir = tmp_path / "moe_journey" / "20260101T000000Z-nvidia-test"
+    run_dir.mkdir(parents=True)
+    (run_dir / "rows.jsonl").write_text((finished_run / "rows.jsonl").read_text())
+    env = json.loads((finished_run / "environment.json").read_text()) | {"device_type": "cuda"}
+    (run_dir / "environment.json").write_text(json.dumps(env))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
+    result = bench("publish", str(run_dir), "--readme", str(readme))
+    assert result.exit_code == 0, result.output
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("tail\n")
+    assert "moe_journey/20260101T000000Z-nvidia-test/time_tiny.png" in text
+    assert (run_dir.parent / "LATEST.md").exists()
