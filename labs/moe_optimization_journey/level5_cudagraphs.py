@@ -22,7 +22,7 @@ Why it should be faster than level 4
 What it costs
     Padding. Buffers sized for the worst case make every expert compute T rows, so the GEMMs do E/K times the
     useful FLOPs (4× on `journey`, 16× on `qwen3-moe`, 32× on `deepseek-v3`) and hold E·T·(2H + I) activations.
-    At large T that loses to level 4 by about E/K; the table keeps it. The lesson is the pair: syncs and launches
+    At large T that loses to level 4 (by up to E/K, once level 4's own GEMMs run near peak); the table keeps it. The lesson is the pair: syncs and launches
     dominate small batches, padding dominates large ones; level 7's token alignment pads each expert only to a
     GEMM block instead of to T. The output is a static buffer the next replay overwrites; read it (or copy it)
     before calling again. On the CPU there are no graphs: the same sync-free code runs eagerly, and the row says so.

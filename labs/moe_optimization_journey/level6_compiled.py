@@ -18,9 +18,14 @@ The idea
     Compiling the whole layer as one graph needs the per-expert sizes as symbolic values that Dynamo reads off
     the device (`capture_scalar_outputs`), which did not trace through the data-dependent split here.
 
-Why it should be faster than level 4
+Why it should be faster than level 4, and what was measured
     Fewer kernels and fewer passes over the sorted activations in the two compiled stages. The GEMMs, which are
-    most of the time at large T, do not change, so expect a few percent, not a multiple.
+    most of the time at large T, do not change, so the prediction was a few percent, not a multiple. The H100 run
+    in results/moe_journey/20261125T084707Z-nvidia-h100-80gb-hbm3 says otherwise: level 6 is slower than level 4
+    at every scale (2.11 ms against 1.47 at 2048 tokens, 3.27 against 2.97 at 32768). The layer at these sizes
+    is bound by host work (level 4's time barely grows from 2048 to 16384 tokens), and each compiled call adds
+    its own host cost (guards, the symbolic-shape wrapper) that the fused passes do not win back. Compilation
+    pays where device work dominates; here the lesson is to measure it rather than assume it.
 
 What it costs
     Compilation: seconds on the first call (reported in the row's note and excluded from the timing), a C++
