@@ -66,3 +66,226 @@ def silu_mul(
     grid = (triton.cdiv(num_elements, BLOCK_SIZE),)
     _silu_mul_kernel[grid](gate, up, out, num_elements, BLOCK_SIZE=BLOCK_SIZE, num_warps=8)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MoE grouped GEMM (level 7): the whole expert computation in two launches, no host sync.
+#
+# Token alignment. The (token, slot) pairs are sorted by expert on the device, and each expert's run of pairs is
+# padded up to a multiple of BLOCK_M with a sentinel id (num_pairs). Then every BLOCK_M rows of the sorted list
+# belong to exactly one expert, so one program of a GEMM kernel can compute a BLOCK_M × BLOCK_N tile of one
+# expert's product: it looks up which expert its rows belong to and which tokens they are, and reads the
+# tokens from where they lie. The padded length is at most T·K + E·(BLOCK_M − 1), known from T alone, so the grid
+# has a fixed size and programs past the real padded length return at once: nothing needs the host.
+#
+#   gate_up kernel:  hidden[p, :] = silu(x[token(p)] @ w_gate[e]) * (x[token(p)] @ w_up[e])   for sorted row p
+#                    (A rows gathered by token id inside the kernel; both halves of [E, H, 2I] in one pass;
+#                    SiLU·up in the epilogue, so the un-activated projections never reach memory)
+#   down kernel:     y[pair(p), :] = routing_weight[pair(p)] * (hidden[p] @ w_down[e])
+#                    (the routing weight in the epilogue; rows scattered back to pair order, then a sum over K,
+#                    or added straight into the output with fp32 atomics)
+# ---------------------------------------------------------------------------------------------------------------
+def align_tokens(
+    expert_ids_TK: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort (token, slot) pairs by expert and pad each expert's run to a multiple of block_m, on the device.
+
+    Returns
+        sorted_pair_ids [P_max]: pair index t·K + k for each sorted row, num_pairs (= T·K) on padding rows;
+        block_expert_ids [P_max / block_m]: the expert of each block of rows, −1 past the padded length;
+        num_padded [1]: the padded length actually used.
+    P_max = T·K + E·(block_m − 1), rounded up to block_m: the most the padding can need, so shapes depend on T only.
+    """
+    device = expert_ids_TK.device
+    expert_of_pair = expert_ids_TK.flatten()
+    num_pairs = expert_of_pair.numel()
+    max_padded = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device)
+    counts.scatter_add_(0, expert_of_pair, torch.ones_like(expert_of_pair))
+    padded_counts = (counts + block_m - 1) // block_m * block_m
+    padded_ends = torch.cumsum(padded_counts, 0)
+    padded_starts, sorted_starts = padded_ends - padded_counts, torch.cumsum(counts, 0) - counts
+
+    order = torch.argsort(expert_of_pair, stable=True)  # pair ids, grouped by expert
+    expert_sorted = expert_of_pair[order]
+    rank = torch.arange(num_pairs, device=device) - sorted_starts[expert_sorted]
+    sorted_pair_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
+    sorted_pair_ids[padded_starts[expert_sorted] + rank] = order.to(torch.int32)
+
+    block_starts = torch.arange(0, max_padded, block_m, device=device)
+    block_expert_ids = torch.searchsorted(padded_ends, block_starts, right=True)
+    block_expert_ids = torch.where(block_expert_ids < num_experts, block_expert_ids, -1).to(torch.int32)
+    return sorted_pair_ids, block_expert_ids, padded_ends[-1:].to(torch.int32)
+
+
+def _gemm_configs(interpret: bool) -> list:
+    if interpret:  # one small config: the interpreter only checks the indexing
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for n, k, w, s in [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3),
+                           (128, 128, 8, 3), (256, 64, 8, 3)]
+    ]
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST is for Triton's CPU interpreter, whose bf16 dot returns garbage (seen with Triton 3.9
+    and NumPy 2.4): there the operands go to fp32 first. On the GPU it is off and the dot runs on tensor cores."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile_position(max_padded, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id → (row block, column block), walking GROUP_M row blocks per column sweep so that the weight
+    tiles a group of programs reads stay in L2 (the Triton matmul tutorial's grouped ordering)."""
+    pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(max_padded, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    programs_per_group = GROUP_M * num_pid_n
+    first_m = (pid // programs_per_group) * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % programs_per_group) % group_size)
+    pid_n = (pid % programs_per_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=_gemm_configs(interpreting()), key=["N", "K", "BLOCK_M", "pairs_bucket"])
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr, w13_ptr, hidden_ptr,  # x [T, H], w13 [E, H, 2I] (gate | up), hidden [P_max, I]
+    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    N, K, num_pairs, max_padded, top_k, pairs_bucket,  # N = I, K = H
+    stride_xt, stride_we, stride_wk, stride_wn, stride_hp,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m, pid_n = _tile_position(max_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return  # past the padded length: this T's routing needed fewer blocks than the worst case
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair_ids = tl.load(sorted_pair_ids_ptr + offs_m)
+    row_valid = pair_ids < num_pairs
+    token_rows = (pair_ids // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_ptrs = x_ptr + token_rows[:, None] * stride_xt + offs_k[None, :]  # gathered rows: the permutation
+    gate_ptrs = w13_ptr + expert * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    up_ptrs = gate_ptrs + N * stride_wn
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        k_valid = offs_k < K - k_start
+        x = tl.load(x_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+        w_mask = k_valid[:, None] & col_valid[None, :]
+        acc_gate = _dot(x, tl.load(gate_ptrs, mask=w_mask, other=0.0), acc_gate, UPCAST)
+        acc_up = _dot(x, tl.load(up_ptrs, mask=w_mask, other=0.0), acc_up, UPCAST)
+        x_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K * stride_wk
+        up_ptrs += BLOCK_K * stride_wk
+
+    hidden = acc_gate * tl.sigmoid(acc_gate) * acc_up  # SiLU·up on the fp32 accumulators
+    hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_n[None, :]
+    tl.store(hidden_ptrs, hidden.to(hidden_ptr.dtype.element_ty), mask=col_valid[None, :])
+
+
+@triton.autotune(configs=_gemm_configs(interpreting()), key=["N", "K", "BLOCK_M", "pairs_bucket"],
+                 reset_to_zero=["out_ptr"])
+@triton.jit
+def _moe_down_kernel(
+    hidden_ptr, w2_ptr, out_ptr, routing_weights_ptr,  # hidden [P_max, I], w2 [E, I, H], out: see ATOMIC_COMBINE
+    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    N, K, num_pairs, max_padded, top_k, pairs_bucket,  # N = H, K = I
+    stride_hp, stride_we, stride_wk, stride_wn, stride_om,
+    ATOMIC_COMBINE: tl.constexpr,  # True: out [T, H] fp32, added into; False: out [T·K, H], one row per pair
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m, pid_n = _tile_position(max_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair_ids = tl.load(sorted_pair_ids_ptr + offs_m)
+    row_valid = pair_ids < num_pairs
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_k[None, :]  # already sorted
+    w_ptrs = w2_ptr + expert * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        k_valid = offs_k < K - k_start
+        hidden = tl.load(hidden_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+        acc = _dot(hidden, tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0), acc, UPCAST)
+        hidden_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+
+    weight = tl.load(routing_weights_ptr + pair_ids, mask=row_valid, other=0.0).to(tl.float32)
+    acc = acc * weight[:, None]
+    out_mask = row_valid[:, None] & col_valid[None, :]
+    if ATOMIC_COMBINE:
+        token_rows = (pair_ids // top_k).to(tl.int64)
+        tl.atomic_add(out_ptr + token_rows[:, None] * stride_om + offs_n[None, :], acc, mask=out_mask)
+    else:
+        out_ptrs = out_ptr + pair_ids[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def choose_block_m(num_pairs: int, num_experts: int) -> int:
+    """Rows per tile: the pairs an average expert gets, as a power of two in [16, 128]. Small batches (decode)
+    waste less on padding with short tiles; large ones want tall tiles to reuse each weight tile more."""
+    return min(128, max(16, triton.next_power_of_2(triton.cdiv(num_pairs, num_experts))))
+
+
+def moe_grouped_forward(
+    tokens_TH: torch.Tensor,
+    routing_weights_TK: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    w13_EH2I: torch.Tensor,
+    w_down_EIH: torch.Tensor,
+    atomic_combine: bool = False,
+) -> torch.Tensor:
+    """The MoE layer's experts in two Triton launches plus the alignment step: no host sync, graph-capturable."""
+    _check_device(tokens_TH, w13_EH2I)
+    T, K = expert_ids_TK.shape
+    E, H, two_I = w13_EH2I.shape
+    I = two_I // 2
+    num_pairs = T * K
+    block_m = choose_block_m(num_pairs, E)
+    sorted_pair_ids, block_expert_ids, num_padded = align_tokens(expert_ids_TK, E, block_m)
+    max_padded = sorted_pair_ids.numel()
+    pairs_bucket = triton.next_power_of_2(num_pairs)  # autotune once per size class, not once per T
+    tokens_TH = tokens_TH.contiguous()
+
+    hidden_PI = torch.empty((max_padded, I), dtype=tokens_TH.dtype, device=tokens_TH.device)
+    grid_up = lambda meta: (triton.cdiv(max_padded, block_m) * triton.cdiv(I, meta["BLOCK_N"]),)  # noqa: E731
+    _moe_gate_up_kernel[grid_up](
+        tokens_TH, w13_EH2I, hidden_PI, sorted_pair_ids, block_expert_ids, num_padded,
+        I, H, num_pairs, max_padded, K, pairs_bucket,
+        tokens_TH.stride(0), w13_EH2I.stride(0), w13_EH2I.stride(1), w13_EH2I.stride(2), hidden_PI.stride(0),
+        BLOCK_M=block_m, UPCAST=interpreting(),
+    )
+
+    if atomic_combine:
+        out = torch.zeros((T, H), dtype=torch.float32, device=tokens_TH.device)
+    else:
+        out = torch.empty((num_pairs, H), dtype=tokens_TH.dtype, device=tokens_TH.device)
+    grid_down = lambda meta: (triton.cdiv(max_padded, block_m) * triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
+    _moe_down_kernel[grid_down](
+        hidden_PI, w_down_EIH, out, routing_weights_TK.contiguous().view(-1),
+        sorted_pair_ids, block_expert_ids, num_padded,
+        H, I, num_pairs, max_padded, K, pairs_bucket,
+        hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1), w_down_EIH.stride(2), out.stride(0),
+        ATOMIC_COMBINE=atomic_combine, BLOCK_M=block_m, UPCAST=interpreting(),
+    )
+    if atomic_combine:
+        return out.to(tokens_TH.dtype)
+    return out.view(T, K, H).sum(dim=1)

@@ -36,3 +36,69 @@ def test_silu_mul_rejects_bad_arguments():
         silu_mul(torch.randn(3), torch.randn(4))
     with pytest.raises(ValueError, match="contiguous"):
         silu_mul(torch.randn(4, 4).t(), torch.randn(4, 4))
+
+
+# --- the MoE grouped GEMM (level 7's kernels) -------------------------------------------------------------------
+from moe_model import MoEConfig, init_weights, reference_forward  # noqa: E402
+from moe_benchmark import compare_to_reference  # noqa: E402
+from triton_kernels import align_tokens, moe_grouped_forward  # noqa: E402
+
+
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_alignment_pads_each_expert_to_whole_blocks(block_m):
+    generator = torch.Generator().manual_seed(block_m)
+    T, K, E = 45, 2, 6
+    expert_ids = torch.stack([torch.randperm(E - 1, generator=generator)[:K] for _ in range(T)])  # expert 5 idle
+    expert_ids[:20, 0] = 2  # and expert 2 crowded
+    sorted_pair_ids, block_expert_ids, num_padded = align_tokens(expert_ids, E, block_m)
+    num_pairs = T * K
+    assert sorted_pair_ids.numel() % block_m == 0
+    assert sorted_pair_ids.numel() >= num_pairs + E * (block_m - 1)
+    real = sorted_pair_ids[sorted_pair_ids < num_pairs]
+    assert sorted(real.tolist()) == list(range(num_pairs))  # every pair exactly once
+    used = int(num_padded)
+    assert used % block_m == 0 and (sorted_pair_ids[used:] == num_pairs).all()
+    flat = expert_ids.flatten()
+    for block, expert in enumerate(block_expert_ids.tolist()):
+        rows = sorted_pair_ids[block * block_m:(block + 1) * block_m]
+        if block * block_m >= used:
+            assert expert == -1
+            continue
+        pairs = rows[rows < num_pairs]
+        assert len(pairs) > 0 and (flat[pairs.long()] == expert).all()  # a block holds one expert's pairs
+    counts = torch.bincount(flat, minlength=E)
+    assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
+    assert 5 not in block_expert_ids.tolist()
+
+
+def grouped_case(num_tokens, top_k, expert_ids=None, seed=0):
+    config = MoEConfig(hidden=48, intermediate=80, num_experts=4, top_k=top_k, name="kernel-test")
+    weights = init_weights(config, "cpu")
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randn((num_tokens, 48), generator=generator).bfloat16()
+    if expert_ids is None:
+        expert_ids = torch.stack([torch.randperm(4, generator=generator)[:top_k] for _ in range(num_tokens)])
+    routing = torch.rand(expert_ids.shape, generator=generator) + 0.1
+    routing = (routing / routing.sum(-1, keepdim=True)).bfloat16()
+    w13 = torch.cat([weights.w_gate_EHI, weights.w_up_EHI], dim=2).contiguous()
+    return weights, tokens, routing, expert_ids, w13
+
+
+@pytest.mark.parametrize("atomic_combine", [False, True])
+@pytest.mark.parametrize(
+    "case",
+    ["one_token", "odd_count", "all_on_one_expert", "idle_experts", "top_k_equals_experts"],
+)
+def test_grouped_kernel_matches_reference(case, atomic_combine):
+    num_tokens, top_k, expert_ids = {
+        "one_token": (1, 2, None),
+        "odd_count": (53, 2, None),
+        "all_on_one_expert": (21, 1, torch.full((21, 1), 3)),
+        "idle_experts": (19, 2, torch.tensor([[1, 3]] * 19)),
+        "top_k_equals_experts": (11, 4, None),
+    }[case]
+    weights, tokens, routing, expert_ids, w13 = grouped_case(num_tokens, top_k, expert_ids)
+    out = moe_grouped_forward(tokens, routing, expert_ids, w13, weights.w_down_EIH, atomic_combine=atomic_combine)
+    ref = reference_forward(tokens, weights, routing, expert_ids)
+    check = compare_to_reference(out, ref, 2e-2)
+    assert check.passed, check.message

@@ -18,9 +18,11 @@ import moe_benchmark  # noqa: E402
 
 
 def load_levels() -> dict[str, type[moe_benchmark.MoELevel]]:
-    """{"0": Level0Class, ...} for every levelN_*.py in this folder, in journey order."""
+    """{"0": Level0Class, ..., "peer": PeerClass} for every levelN_*.py in this folder, in journey order, then the
+    peer (peer_*.py: what PyTorch ships, measured beside the levels but not one of them)."""
     levels = {}
-    for path in sorted(LAB_DIR.glob("level[0-9]*_*.py"), key=lambda p: int(p.stem[5:].split("_")[0])):
+    level_files = sorted(LAB_DIR.glob("level[0-9]*_*.py"), key=lambda p: int(p.stem[5:].split("_")[0]))
+    for path in [*level_files, *sorted(LAB_DIR.glob("peer_*.py"))]:
         module = importlib.import_module(path.stem)
         for obj in vars(module).values():
             if (isinstance(obj, type) and issubclass(obj, moe_benchmark.MoELevel)

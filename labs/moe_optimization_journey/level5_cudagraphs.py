@@ -12,7 +12,9 @@ The idea
         y_ECH [E, T, H]  → read back at the same (expert, rank), weighted, `index_add_` into the tokens' rows
     The ranks come from the same stable sort as level 4, with the counts made on the device by `scatter_add_`
     (`bincount` on CUDA reads its maximum back to the host). With no sync left, the layer is captured into one
-    graph the first time a T is seen (outside the timing; the capture time is in the row's note) and replayed.
+    graph the first time a T is seen (outside the timing; the capture time is in the row's note) and replayed
+    (`moe_benchmark.CapturedGraph`: warm up on a side stream, record under `torch.cuda.graph`, then for each
+    call copy the new inputs into the recorded input buffers and `replay()`).
 
 Why it should be faster than level 4
     No host sync and no launch gaps: level 4 issues about 3·E GEMMs and a dozen other kernels from Python, and
@@ -30,10 +32,8 @@ What it costs
 Run: python labs/moe_optimization_journey/level5_cudagraphs.py [--preset journey] [--tokens 8192] [--device cuda]
 """
 
-import time
-
 import torch
-from moe_benchmark import MoELevel, run_level_script
+from moe_benchmark import CapturedGraph, MoELevel, run_level_script
 
 from triton_kernels import silu_mul
 
@@ -45,9 +45,7 @@ class CudaGraphLevel(MoELevel):
     uses_triton = True
 
     def prepare(self):
-        self.graph = None
-        self.static_inputs: tuple[torch.Tensor, ...] = ()
-        self.static_out_TH = None
+        self.graphed_forward = CapturedGraph(self.static_forward)
         if self.device.type != "cuda":
             self.notes.append("CPU: no CUDA graphs, the sync-free path runs eagerly")
 
@@ -75,33 +73,15 @@ class CudaGraphLevel(MoELevel):
         out_TH.index_add_(0, order // K, y_sorted)
         return out_TH
 
-    def capture(self, tokens_TH, routing_weights_TK, expert_ids_TK):
-        begin = time.perf_counter()
-        self.graph = None  # let the previous graph's memory pool go first
-        self.static_inputs = tuple(t.clone() for t in (tokens_TH, routing_weights_TK, expert_ids_TK))
-        # Warm up on a side stream: one-time work (cuBLAS handles, Triton compilation) must not be recorded.
-        side_stream = torch.cuda.Stream(self.device)
-        side_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side_stream):
-            for _ in range(2):
-                self.static_forward(*self.static_inputs)
-        torch.cuda.current_stream(self.device).wait_stream(side_stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_out_TH = self.static_forward(*self.static_inputs)
-        torch.cuda.synchronize(self.device)
-        self.notes.append(f"graph for T={tokens_TH.shape[0]} captured in "
-                          f"{(time.perf_counter() - begin) * 1e3:.0f} ms, outside the timing")
-
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         if self.device.type != "cuda":
             return self.static_forward(tokens_TH, routing_weights_TK, expert_ids_TK)
-        if self.graph is None or self.static_inputs[0].shape != tokens_TH.shape:
-            self.capture(tokens_TH, routing_weights_TK, expert_ids_TK)
-        for static, new in zip(self.static_inputs, (tokens_TH, routing_weights_TK, expert_ids_TK)):
-            static.copy_(new)
-        self.graph.replay()
-        return self.static_out_TH
+        previous_graph = self.graphed_forward.graph
+        out_TH = self.graphed_forward(tokens_TH, routing_weights_TK, expert_ids_TK)
+        if self.graphed_forward.graph is not previous_graph:  # a new T: captured just now, outside the timing
+            self.notes.append(f"graph for T={tokens_TH.shape[0]} captured in "
+                              f"{self.graphed_forward.capture_ms:.0f} ms, outside the timing")
+        return out_TH
 
 
 if __name__ == "__main__":

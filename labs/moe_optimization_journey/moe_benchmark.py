@@ -72,6 +72,45 @@ class MoELevel:
         raise NotImplementedError
 
 
+class CapturedGraph:
+    """Record `fn(*inputs)` into a CUDA graph on the first call for a set of input shapes; later calls copy their
+    inputs into the graph's static input buffers and replay it with one launch. `fn` must never wait for the host.
+    The result is the graph's static output buffer, which the next replay overwrites."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]):
+        self.fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_inputs: tuple[torch.Tensor, ...] = ()
+        self.static_output: torch.Tensor | None = None
+        self.capture_ms = 0.0
+
+    def capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        begin = time.perf_counter()
+        self.graph = None  # let the previous graph's memory pool go first
+        self.static_inputs = tuple(t.clone() for t in inputs)
+        # Warm up on a side stream: one-time work (cuBLAS handles, Triton compilation and autotuning) must run
+        # before capture, not be recorded.
+        side_stream = torch.cuda.Stream()
+        side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side_stream):
+            for _ in range(2):
+                self.fn(*self.static_inputs)
+        torch.cuda.current_stream().wait_stream(side_stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_output = self.fn(*self.static_inputs)
+        torch.cuda.synchronize()
+        self.capture_ms = (time.perf_counter() - begin) * 1e3
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.graph is None or any(s.shape != t.shape for s, t in zip(self.static_inputs, inputs)):
+            self.capture(inputs)
+        for static, new in zip(self.static_inputs, inputs):
+            static.copy_(new)
+        self.graph.replay()
+        return self.static_output
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Devices and inputs
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""Level 7: one Triton grouped GEMM for all experts. Token alignment on the device, two launches, no host sync.
+
+The idea
+    Levels 4 to 6 run one cuBLAS GEMM per expert, cut by host-side counts (a sync), with the permutation and the
+    combine as separate passes over memory. `triton_kernels.moe_grouped_forward` does the expert work in two
+    kernel launches whatever E is:
+    1. Token alignment (`align_tokens`, plain torch ops on the device): sort the T·K (token, slot) pairs by expert
+       and pad each expert's run to a multiple of the tile height BLOCK_M with a sentinel. Every BLOCK_M rows of
+       the sorted list now belong to one expert, and the padded list is at most T·K + E·(BLOCK_M − 1) long: a
+       size the host knows from T alone, so the grid is fixed and nothing waits for the device's counts.
+    2. Gate/up kernel: each program computes one BLOCK_M × BLOCK_N tile of one expert's product. It reads its
+       expert id and its rows' token ids from the alignment, loads those token rows straight from tokens_TH (the
+       permutation happens inside the GEMM's loads, not as a separate gather), multiplies by both halves of the
+       expert's [H, 2I] gate|up weights, and applies SiLU·up to the fp32 accumulators before it writes: the
+       un-activated projections never reach memory.
+    3. Down kernel: the same tiling over the activations [padded rows, I] and w_down; the epilogue multiplies
+       each row by its routing weight and writes it back in (token, slot) order, so the combine is one sum over
+       K (or, with `atomic_combine`, fp32 atomic adds straight into the output: both are measured, see NOTES.md).
+    Tile shapes are autotuned (`triton.autotune`) per (N, K, BLOCK_M, pair-count class).
+
+Why it should be faster than levels 4-6
+    Launches: 2 GEMM kernels plus about 15 small torch ops for the alignment, against 3·E GEMMs and a dozen more
+    kernels; with E = 128 or 256 that is the difference between a few dozen and several hundred launches.
+    Syncs: none (level 4 has one per forward, and the CPU then waits for the GPU before it can issue the GEMMs).
+    Bytes: the [T·K, H] gathered copy of the tokens and the [T·K, I] gate and up projections are never written.
+    FLOPs: the padding adds at most E·(BLOCK_M − 1) rows, a few percent when experts get many tokens.
+    With no sync, the whole layer can also be recorded in a CUDA graph: that is level 8.
+
+What it costs
+    Our own GEMM kernels to keep correct and tuned (autotuning takes seconds per shape class on first use, outside
+    the timing); a concatenated [E, H, 2I] copy of the gate and up weights made once in `prepare()`; and the
+    padding. Triton runs on NVIDIA and AMD GPUs, and on the CPU only in its interpreter.
+
+Run: python labs/moe_optimization_journey/level7_triton_grouped.py [--preset journey] [--tokens 8192] [--device cuda]
+"""
+
+import torch
+from moe_benchmark import MoELevel, run_level_script
+
+from triton_kernels import moe_grouped_forward
+
+
+class TritonGroupedLevel(MoELevel):
+    level = 7
+    name = "triton_grouped"
+    summary = "device-side token alignment + two Triton grouped-GEMM kernels (fused SiLU·up, weighted combine)"
+    uses_triton = True
+    atomic_combine = False  # the [T·K, H] write-then-sum combine measured faster on an H100 (NOTES.md)
+
+    def prepare(self):
+        # Gate and up side by side, [E, H, 2I]: one weight tensor, read by one kernel.
+        self.w13_EH2I = torch.cat([self.weights.w_gate_EHI, self.weights.w_up_EHI], dim=2).contiguous()
+
+    def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
+        return moe_grouped_forward(tokens_TH, routing_weights_TK, expert_ids_TK, self.w13_EH2I,
+                                   self.weights.w_down_EIH, atomic_combine=self.atomic_combine)
+
+
+if __name__ == "__main__":
+    run_level_script(TritonGroupedLevel)

@@ -1,0 +1,50 @@
+"""Level 8: level 7 recorded in one CUDA graph.
+
+The idea
+    Level 7 never waits for the host, so level 5's trick applies without level 5's price: the whole layer (the
+    alignment's torch ops, the two Triton kernels, the sum over K) is recorded once per T into a CUDA graph and
+    replayed with a single launch (`moe_benchmark.CapturedGraph`). Level 5 had to pad every expert to T rows to
+    become sync-free; level 7's alignment pads each expert only to a multiple of the tile height.
+
+Why it should be faster than level 7
+    Level 7 still issues about 20 launches from Python per forward, a few microseconds of host time each. When a
+    forward's device work is shorter than that (decode: a handful of tokens, where the layer only has to read
+    the touched experts' weights), the GPU waits for the host between launches and the graph removes the wait.
+    At large T the device work dominates and the two levels should time the same.
+
+What it costs
+    A graph per distinct T, captured on first use (outside the timing, its time in the row's note), holding its
+    own memory pool for the intermediates; the output is a static buffer that the next replay overwrites. On the
+    CPU there are no graphs: the level runs level 7's path eagerly and says so.
+
+Run: python labs/moe_optimization_journey/level8_triton_graphed.py [--preset journey] [--tokens 1] [--device cuda]
+"""
+
+from level7_triton_grouped import TritonGroupedLevel
+from moe_benchmark import CapturedGraph, run_level_script
+
+
+class TritonGraphedLevel(TritonGroupedLevel):
+    level = 8
+    name = "triton_graphed"
+    summary = "level 7 recorded in one CUDA graph and replayed"
+
+    def prepare(self):
+        super().prepare()
+        self.graphed_forward = CapturedGraph(super().forward)
+        if self.device.type != "cuda":
+            self.notes.append("CPU: no CUDA graphs, level 7's path runs eagerly")
+
+    def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
+        if self.device.type != "cuda":
+            return super().forward(tokens_TH, routing_weights_TK, expert_ids_TK)
+        previous_graph = self.graphed_forward.graph
+        out_TH = self.graphed_forward(tokens_TH, routing_weights_TK, expert_ids_TK)
+        if self.graphed_forward.graph is not previous_graph:
+            self.notes.append(f"graph for T={tokens_TH.shape[0]} captured in "
+                              f"{self.graphed_forward.capture_ms:.0f} ms, outside the timing")
+        return out_TH
+
+
+if __name__ == "__main__":
+    run_level_script(TritonGraphedLevel)
