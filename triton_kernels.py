@@ -119,14 +119,17 @@ def align_tokens(
     return sorted_pair_ids, block_expert_ids, padded_ends[-1:].to(torch.int32)
 
 
-def _gemm_configs(interpret: bool) -> list:
+def _gemm_configs(interpret: bool, two_accumulators: bool) -> list:
+    """Tile shapes to autotune over, for Hopper. Wide, deep-pipelined tiles for large GEMMs; narrow ones so that
+    decode (a few rows per expert, bound by reading weights) still spreads each expert over many programs. The
+    gate/up kernel keeps two accumulators, so its tiles are half as wide to stay within the registers."""
     if interpret:  # one small config: the interpreter only checks the indexing
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for n, k, w, s in [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3),
-                           (128, 128, 8, 3), (256, 64, 8, 3)]
-    ]
+    wide = 128 if two_accumulators else 256
+    shapes = [(wide, 64, 8, 3), (wide, 64, 8, 4), (wide // 2, 64, 8, 4), (wide // 2, 128, 8, 3),
+              (wide // 2, 64, 4, 5), (64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for n, k, w, s in dict.fromkeys(shapes)]
 
 
 @triton.jit
@@ -153,7 +156,14 @@ def _tile_position(max_padded, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_gemm_configs(interpreting()), key=["N", "K", "BLOCK_M", "pairs_bucket"])
+# When the tiles divide K and N exactly (every real preset), the bounds masks drop out of the inner loop.
+_EVEN_TILES = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+               "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0}
+
+
+@triton.autotune(configs=_gemm_configs(interpreting(), two_accumulators=True),
+                 key=["N", "K", "BLOCK_M", "pairs_bucket"])
+@triton.heuristics(_EVEN_TILES)
 @triton.jit
 def _moe_gate_up_kernel(
     x_ptr, w13_ptr, hidden_ptr,  # x [T, H], w13 [E, H, 2I] (gate | up), hidden [P_max, I]
@@ -161,7 +171,7 @@ def _moe_gate_up_kernel(
     N, K, num_pairs, max_padded, top_k, pairs_bucket,  # N = I, K = H
     stride_xt, stride_we, stride_wk, stride_wn, stride_hp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_m, pid_n = _tile_position(max_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -181,11 +191,15 @@ def _moe_gate_up_kernel(
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
-        k_valid = offs_k < K - k_start
+        k_valid = (offs_k < K - k_start) | EVEN_K
         x = tl.load(x_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-        w_mask = k_valid[:, None] & col_valid[None, :]
-        acc_gate = _dot(x, tl.load(gate_ptrs, mask=w_mask, other=0.0), acc_gate, UPCAST)
-        acc_up = _dot(x, tl.load(up_ptrs, mask=w_mask, other=0.0), acc_up, UPCAST)
+        if EVEN_K and EVEN_N:
+            gate, up = tl.load(gate_ptrs), tl.load(up_ptrs)
+        else:
+            w_mask = k_valid[:, None] & col_valid[None, :]
+            gate, up = tl.load(gate_ptrs, mask=w_mask, other=0.0), tl.load(up_ptrs, mask=w_mask, other=0.0)
+        acc_gate = _dot(x, gate, acc_gate, UPCAST)
+        acc_up = _dot(x, up, acc_up, UPCAST)
         x_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K * stride_wk
         up_ptrs += BLOCK_K * stride_wk
@@ -195,8 +209,9 @@ def _moe_gate_up_kernel(
     tl.store(hidden_ptrs, hidden.to(hidden_ptr.dtype.element_ty), mask=col_valid[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(interpreting()), key=["N", "K", "BLOCK_M", "pairs_bucket"],
-                 reset_to_zero=["out_ptr"])
+@triton.autotune(configs=_gemm_configs(interpreting(), two_accumulators=False),
+                 key=["N", "K", "BLOCK_M", "pairs_bucket"], reset_to_zero=["out_ptr"])
+@triton.heuristics(_EVEN_TILES)
 @triton.jit
 def _moe_down_kernel(
     hidden_ptr, w2_ptr, out_ptr, routing_weights_ptr,  # hidden [P_max, I], w2 [E, I, H], out: see ATOMIC_COMBINE
@@ -205,7 +220,7 @@ def _moe_down_kernel(
     stride_hp, stride_we, stride_wk, stride_wn, stride_om,
     ATOMIC_COMBINE: tl.constexpr,  # True: out [T, H] fp32, added into; False: out [T·K, H], one row per pair
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_m, pid_n = _tile_position(max_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -222,9 +237,13 @@ def _moe_down_kernel(
     w_ptrs = w2_ptr + expert * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
-        k_valid = offs_k < K - k_start
+        k_valid = (offs_k < K - k_start) | EVEN_K
         hidden = tl.load(hidden_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-        acc = _dot(hidden, tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0), acc, UPCAST)
+        if EVEN_K and EVEN_N:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+        acc = _dot(hidden, w, acc, UPCAST)
         hidden_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
 
@@ -289,3 +308,14 @@ def moe_grouped_forward(
     if atomic_combine:
         return out.to(tokens_TH.dtype)
     return out.view(T, K, H).sum(dim=1)
+
+
+def describe_tuned_configs() -> str:
+    """The tile shapes the autotuner picked last for the two MoE GEMM kernels, for a result row's note."""
+    parts = []
+    for label, kernel in (("gate_up", _moe_gate_up_kernel), ("down", _moe_down_kernel)):
+        config = getattr(kernel, "best_config", None)
+        if config is not None:
+            tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_N", "BLOCK_K"))
+            parts.append(f"{label} N×K tile {tile}, {config.num_warps} warps, {config.num_stages} stages")
+    return "autotuned: " + "; ".join(parts) if parts else ""

@@ -62,7 +62,7 @@ def journey():
 # ---------------------------------------------------------------------------------------------------------------
 def parse_levels(spec: str | None, available: list[str]) -> list[str]:
     if spec is None or spec == "all":
-        return [key for key in available if key.isdigit()]
+        return list(available)
     chosen = []
     for part in spec.split(","):
         part = part.strip()
@@ -236,7 +236,7 @@ def list_command() -> None:
 @bench.command("run")
 def run_command(
     target: str = typer.Option(..., "-t", "--target", help="what to run: moe_journey"),
-    levels: str = typer.Option(None, help="e.g. 0-6, 0,4,6 (default: every level)"),
+    levels: str = typer.Option(None, help="e.g. 0-8, 0,4,7,peer (default: every level and the peer)"),
     tokens: str = typer.Option(None, help="token counts, e.g. 2048,8192 (default: 2048,8192,16384,32768 on a GPU, "
                                           "64,256,512 on the CPU)"),
     preset: str = typer.Option(None, help="preset name(s) comma-separated, an inline shape "

@@ -86,7 +86,10 @@ def previous_level_label(df: pd.DataFrame, row) -> str | None:
     return earlier[0] if earlier else None
 
 
-def preset_section(df: pd.DataFrame) -> str:
+DECODE_MAX_TOKENS = 512  # at or below this many tokens the layer is bound by reading the experts' weights
+
+
+def preset_section(df: pd.DataFrame, env: dict) -> str:
     first = df.iloc[0]
     shape = f"H={first['hidden']} I={first['intermediate']} E={first['experts']} K={first['top_k']} {first['dtype']}"
     baseline = next((lbl for lbl in df["label"] if lbl.startswith("0 ")), None)
@@ -120,6 +123,15 @@ def preset_section(df: pd.DataFrame) -> str:
         "Peak GPU memory during one forward, MiB (weights and inputs included):",
         markdown_table(pivot(df, status_or(lambda r: fmt(r["peak_mb"]))), "level \\ tokens"),
     ]
+    copy_gbps = (env.get("ceilings") or {}).get("copy_gbps")
+    decode = df[df["tokens"] <= DECODE_MAX_TOKENS]
+    if len(decode) and copy_gbps:
+        parts += [
+            f"Decode regime (T ≤ {DECODE_MAX_TOKENS}): GB/s of minimum bytes (the touched experts' weights, tokens "
+            f"in and out) and, in brackets, % of the measured copy bandwidth ({copy_gbps:.0f} GB/s):",
+            markdown_table(pivot(decode, status_or(lambda r: f"{r['gbps']:.0f} ({100 * r['gbps'] / copy_gbps:.1f}%)")),
+                           "level \\ tokens"),
+        ]
     notes = [f"- level {r['level']} ({r['level_name']}), {r['tokens']} tokens: {r['status']}: {r['note']}"
              for _, r in df.iterrows() if r["note"]]
     if notes:
@@ -199,6 +211,39 @@ def plot_preset(df: pd.DataFrame, out_dir: Path, preset: str) -> list[str]:
     return names
 
 
+def plot_across_presets(df: pd.DataFrame, out_dir: Path) -> str | None:
+    """Per preset, at 16384 tokens (or its largest measured count): the best level's % of the roofline next to
+    the peer's."""
+    ok = df[(df["status"] == "ok") & df["pct_roofline"].notna()]
+    if not len(ok):
+        return None
+    presets, best, best_labels, peer = [], [], [], []
+    for preset in dict.fromkeys(df["preset"]):
+        part = ok[ok["preset"] == preset]
+        if not len(part):
+            continue
+        tokens = 16384 if (part["tokens"] == 16384).any() else part["tokens"].max()
+        at = part[part["tokens"] == tokens]
+        levels = at[at["level"].astype(str).str.isdigit()]
+        peers = at[~at["level"].astype(str).str.isdigit()]
+        top = levels.loc[levels["pct_roofline"].idxmax()] if len(levels) else None
+        presets.append(f"{preset}\nT={tokens}")
+        best.append(top["pct_roofline"] if top is not None else float("nan"))
+        best_labels.append(top["label"] if top is not None else "")
+        peer.append(peers["pct_roofline"].iloc[0] if len(peers) else float("nan"))
+    fig, ax = plt.subplots(figsize=(9, 5))
+    x = range(len(presets))
+    bars = ax.bar([i - 0.2 for i in x], best, 0.4, label="best level")
+    ax.bar([i + 0.2 for i in x], peer, 0.4, label="peer: torch_grouped_mm", hatch="//")
+    for bar, label in zip(bars, best_labels):
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=7)
+    ax.set_xticks(list(x), presets, fontsize=8)
+    ax.set(ylabel="% of roofline", title=f"Best level vs the peer, per preset ({df['device'].iloc[0]})")
+    ax.legend(fontsize=8)
+    return save(fig, out_dir / "across_presets.png")
+
+
 def save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -218,8 +263,12 @@ def write_report(run_dir: Path) -> Path:
         df = frame(rows)
         for preset in dict.fromkeys(df["preset"]):
             part = df[df["preset"] == preset].reset_index(drop=True)
-            sections.append(preset_section(part))
+            sections.append(preset_section(part, env))
             sections.append("\n".join(f"![{name}]({name})" for name in plot_preset(part, run_dir, preset)))
+        if df["preset"].nunique() > 1:
+            figure = plot_across_presets(df, run_dir)
+            if figure:
+                sections.append(f"## Across presets\n\n![{figure}]({figure})")
     summary = run_dir / "summary.md"
     summary.write_text("\n\n".join(s for s in sections if s) + "\n")
     return summary

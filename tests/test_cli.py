@@ -175,3 +175,19 @@ def test_publish_fills_the_readme_block(finished_run, tmp_path):
     assert "old" not in text and text.endswith("tail\n")
     assert "moe_journey/20260101T000000Z-nvidia-test/time_tiny.png" in text
     assert (run_dir.parent / "LATEST.md").exists()
+
+
+def test_decode_table_and_cross_preset_figure(finished_run, tmp_path):
+    rows = [json.loads(line) for line in (finished_run / "rows.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.update(pct_roofline=12.5, gbps=300.0)
+    other = [dict(r, preset="other") for r in rows]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + other))
+    env = json.loads((finished_run / "environment.json").read_text())
+    env["ceilings"] = {"matmul_tflops": 700.0, "copy_gbps": 3000.0}
+    (tmp_path / "environment.json").write_text(json.dumps(env))
+    assert bench("report", str(tmp_path)).exit_code == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Decode regime" in summary and "300 (10.0%)" in summary
+    assert "![across_presets.png](across_presets.png)" in summary
+    assert (tmp_path / "across_presets.png").read_bytes()[:8] == PNG_MAGIC

@@ -37,6 +37,7 @@ Run: python labs/moe_optimization_journey/level7_triton_grouped.py [--preset jou
 import torch
 from moe_benchmark import MoELevel, run_level_script
 
+import triton_kernels
 from triton_kernels import moe_grouped_forward
 
 
@@ -50,10 +51,15 @@ class TritonGroupedLevel(MoELevel):
     def prepare(self):
         # Gate and up side by side, [E, H, 2I]: one weight tensor, read by one kernel.
         self.w13_EH2I = torch.cat([self.weights.w_gate_EHI, self.weights.w_up_EHI], dim=2).contiguous()
+        self.tuned_configs_noted = False
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
-        return moe_grouped_forward(tokens_TH, routing_weights_TK, expert_ids_TK, self.w13_EH2I,
-                                   self.weights.w_down_EIH, atomic_combine=self.atomic_combine)
+        out_TH = moe_grouped_forward(tokens_TH, routing_weights_TK, expert_ids_TK, self.w13_EH2I,
+                                     self.weights.w_down_EIH, atomic_combine=self.atomic_combine)
+        if not self.tuned_configs_noted:  # the autotuner has chosen by the end of the first call
+            self.tuned_configs_noted = True
+            self.notes.append(triton_kernels.describe_tuned_configs())
+        return out_TH
 
 
 if __name__ == "__main__":

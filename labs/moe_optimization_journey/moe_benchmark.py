@@ -63,6 +63,11 @@ class MoELevel:
         self.device = weights.device
         self.notes: list[str] = []  # what the row's `note` should tell (fallbacks, compile time, ...)
 
+    @classmethod
+    def skip_reason(cls, config: MoEConfig, num_tokens: int) -> str | None:
+        """Why this level should not be run at this size (too slow to be worth the sweep's time), or None."""
+        return None
+
     def prepare(self) -> None:
         """One-time work before the first forward (weight re-layout, compilation). Not timed."""
 
@@ -334,6 +339,9 @@ def benchmark(
     row = base_row(level_cls, config, num_tokens, device)
     if level_cls.needs_cuda and device.type != "cuda":
         row.update(status="skipped", note="needs a CUDA GPU")
+        return row
+    if reason := level_cls.skip_reason(config, num_tokens):
+        row.update(status="skipped", note=reason)
         return row
     level = None
     try:
