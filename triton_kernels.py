@@ -36,7 +36,7 @@ def _check_device(*tensors: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, num_elements, BLOCK_SIZE: tl.constexpr):
-    pid = tl.program_id(axis=0)
+    pid = tl.program_id(axis=0).to(tl.int64)  # int64: level 5's [E, T, I] buffers pass 2**31 elements
     offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     in_bounds = offsets < num_elements  # the last block may hang past the end
     gate = tl.load(gate_ptr + offsets, mask=in_bounds).to(tl.float32)
