@@ -82,41 +82,88 @@ def silu_mul(
 #                    (A rows gathered by token id inside the kernel; both halves of [E, H, 2I] in one pass;
 #                    SiLU·up in the epilogue, so the un-activated projections never reach memory)
 #   down kernel:     y[pair(p), :] = routing_weight[pair(p)] * (hidden[p] @ w_down[e])
-#                    (the routing weight in the epilogue; rows scattered back to pair order, then a sum over K,
-#                    or added straight into the output with fp32 atomics)
+#                    (the routing weight in the epilogue; rows scattered back to pair order, then a sum over K.
+#                    Adding into the output with fp32 atomics instead was slower on an H100 at every size measured: NOTES.md)
 # ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _count_pairs_kernel(expert_ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
+    """counts[e] = how many (token, slot) pairs chose expert e: a histogram with atomic adds."""
+    offsets = tl.program_id(axis=0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offsets < num_pairs
+    expert = tl.load(expert_ids_ptr + offsets, mask=valid, other=0)
+    tl.atomic_add(counts_ptr + expert, 1, mask=valid)
+
+
+@triton.jit
+def _pad_offsets_kernel(
+    counts_ptr, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_experts, num_blocks, block_m,
+    EXPERTS: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+):
+    """One program: each expert's count rounded up to whole blocks, their running sum, and each block's expert."""
+    expert = tl.arange(0, EXPERTS)
+    is_expert = expert < num_experts
+    counts = tl.load(counts_ptr + expert, mask=is_expert, other=0)
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_ends = tl.cumsum(padded, axis=0)
+    tl.store(padded_starts_ptr + expert, padded_ends - padded, mask=is_expert)
+    num_padded = tl.sum(padded, axis=0)
+    tl.store(num_padded_ptr, num_padded)
+    for first_block in range(0, num_blocks, BLOCKS_PER_STEP):
+        block = first_block + tl.arange(0, BLOCKS_PER_STEP)
+        block_start = block * block_m
+        # A block's expert is how many experts' padded runs end at or before the block's first row.
+        ended = (padded_ends[None, :] <= block_start[:, None]) & is_expert[None, :]
+        block_expert = tl.sum(ended.to(tl.int32), axis=1)
+        block_expert = tl.where(block_start < num_padded, block_expert, -1)
+        tl.store(block_expert_ids_ptr + block, block_expert, mask=block < num_blocks)
+
+
+@triton.jit
+def _place_pairs_kernel(expert_ids_ptr, padded_starts_ptr, cursors_ptr, sorted_pair_ids_ptr, num_pairs,
+                        BLOCK: tl.constexpr):
+    """Each pair takes the next free row of its expert's padded run (an atomic counter per expert)."""
+    pair = tl.program_id(axis=0) * BLOCK + tl.arange(0, BLOCK)
+    valid = pair < num_pairs
+    expert = tl.load(expert_ids_ptr + pair, mask=valid, other=0)
+    rank = tl.atomic_add(cursors_ptr + expert, 1, mask=valid)
+    row = tl.load(padded_starts_ptr + expert, mask=valid, other=0) + rank
+    tl.store(sorted_pair_ids_ptr + row, pair, mask=valid)
+
+
 def align_tokens(
     expert_ids_TK: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sort (token, slot) pairs by expert and pad each expert's run to a multiple of block_m, on the device.
+    """Group (token, slot) pairs by expert and pad each expert's run to a multiple of block_m, on the device.
 
     Returns
         sorted_pair_ids [P_max]: pair index t·K + k for each sorted row, num_pairs (= T·K) on padding rows;
         block_expert_ids [P_max / block_m]: the expert of each block of rows, −1 past the padded length;
         num_padded [1]: the padded length actually used.
     P_max = T·K + E·(block_m − 1), rounded up to block_m: the most the padding can need, so shapes depend on T only.
+    Three small kernels (count, offsets, place) and two fills: a torch-ops version of the same steps took about
+    20 launches and ~0.45 ms of host time per call on an H100 box (NOTES.md). Within an expert the pairs land in
+    the order the atomics grant; each row's result does not depend on it.
     """
     device = expert_ids_TK.device
-    expert_of_pair = expert_ids_TK.flatten()
+    expert_of_pair = expert_ids_TK.flatten().contiguous()
     num_pairs = expert_of_pair.numel()
     max_padded = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    num_blocks = max_padded // block_m
 
-    counts = torch.zeros(num_experts, dtype=torch.long, device=device)
-    counts.scatter_add_(0, expert_of_pair, torch.ones_like(expert_of_pair))
-    padded_counts = (counts + block_m - 1) // block_m * block_m
-    padded_ends = torch.cumsum(padded_counts, 0)
-    padded_starts, sorted_starts = padded_ends - padded_counts, torch.cumsum(counts, 0) - counts
-
-    order = torch.argsort(expert_of_pair, stable=True)  # pair ids, grouped by expert
-    expert_sorted = expert_of_pair[order]
-    rank = torch.arange(num_pairs, device=device) - sorted_starts[expert_sorted]
+    counters = torch.zeros((2, num_experts), dtype=torch.int32, device=device)  # counts, then cursors
+    padded_starts = torch.empty(num_experts, dtype=torch.int32, device=device)
+    block_expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
     sorted_pair_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
-    sorted_pair_ids[padded_starts[expert_sorted] + rank] = order.to(torch.int32)
 
-    block_starts = torch.arange(0, max_padded, block_m, device=device)
-    block_expert_ids = torch.searchsorted(padded_ends, block_starts, right=True)
-    block_expert_ids = torch.where(block_expert_ids < num_experts, block_expert_ids, -1).to(torch.int32)
-    return sorted_pair_ids, block_expert_ids, padded_ends[-1:].to(torch.int32)
+    BLOCK = 1024
+    pair_grid = (triton.cdiv(num_pairs, BLOCK),)
+    _count_pairs_kernel[pair_grid](expert_of_pair, counters[0], num_pairs, BLOCK=BLOCK)
+    _pad_offsets_kernel[(1,)](counters[0], padded_starts, block_expert_ids, num_padded, num_experts, num_blocks,
+                              block_m, EXPERTS=triton.next_power_of_2(num_experts), BLOCKS_PER_STEP=64)
+    _place_pairs_kernel[pair_grid](expert_of_pair, padded_starts, counters[1], sorted_pair_ids, num_pairs,
+                                   BLOCK=BLOCK)
+    return sorted_pair_ids, block_expert_ids, num_padded
 
 
 def _gemm_configs(interpret: bool, two_accumulators: bool) -> list:
@@ -210,15 +257,14 @@ def _moe_gate_up_kernel(
 
 
 @triton.autotune(configs=_gemm_configs(interpreting(), two_accumulators=False),
-                 key=["N", "K", "BLOCK_M", "pairs_bucket"], reset_to_zero=["out_ptr"])
+                 key=["N", "K", "BLOCK_M", "pairs_bucket"])
 @triton.heuristics(_EVEN_TILES)
 @triton.jit
 def _moe_down_kernel(
-    hidden_ptr, w2_ptr, out_ptr, routing_weights_ptr,  # hidden [P_max, I], w2 [E, I, H], out: see ATOMIC_COMBINE
+    hidden_ptr, w2_ptr, out_ptr, routing_weights_ptr,  # hidden [P_max, I], w2 [E, I, H], out [T·K, H]
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
     N, K, num_pairs, max_padded, top_k, pairs_bucket,  # N = H, K = I
     stride_hp, stride_we, stride_wk, stride_wn, stride_om,
-    ATOMIC_COMBINE: tl.constexpr,  # True: out [T, H] fp32, added into; False: out [T·K, H], one row per pair
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
@@ -249,13 +295,8 @@ def _moe_down_kernel(
 
     weight = tl.load(routing_weights_ptr + pair_ids, mask=row_valid, other=0.0).to(tl.float32)
     acc = acc * weight[:, None]
-    out_mask = row_valid[:, None] & col_valid[None, :]
-    if ATOMIC_COMBINE:
-        token_rows = (pair_ids // top_k).to(tl.int64)
-        tl.atomic_add(out_ptr + token_rows[:, None] * stride_om + offs_n[None, :], acc, mask=out_mask)
-    else:
-        out_ptrs = out_ptr + pair_ids[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    out_ptrs = out_ptr + pair_ids[:, None].to(tl.int64) * stride_om + offs_n[None, :]  # back to pair order
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
 
 
 def choose_block_m(num_pairs: int, num_experts: int) -> int:
@@ -270,7 +311,6 @@ def moe_grouped_forward(
     expert_ids_TK: torch.Tensor,
     w13_EH2I: torch.Tensor,
     w_down_EIH: torch.Tensor,
-    atomic_combine: bool = False,
 ) -> torch.Tensor:
     """The MoE layer's experts in two Triton launches plus the alignment step: no host sync, graph-capturable."""
     _check_device(tokens_TH, w13_EH2I)
@@ -293,21 +333,16 @@ def moe_grouped_forward(
         BLOCK_M=block_m, UPCAST=interpreting(),
     )
 
-    if atomic_combine:
-        out = torch.zeros((T, H), dtype=torch.float32, device=tokens_TH.device)
-    else:
-        out = torch.empty((num_pairs, H), dtype=tokens_TH.dtype, device=tokens_TH.device)
+    out = torch.empty((num_pairs, H), dtype=tokens_TH.dtype, device=tokens_TH.device)
     grid_down = lambda meta: (triton.cdiv(max_padded, block_m) * triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
     _moe_down_kernel[grid_down](
         hidden_PI, w_down_EIH, out, routing_weights_TK.contiguous().view(-1),
         sorted_pair_ids, block_expert_ids, num_padded,
         H, I, num_pairs, max_padded, K, pairs_bucket,
         hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1), w_down_EIH.stride(2), out.stride(0),
-        ATOMIC_COMBINE=atomic_combine, BLOCK_M=block_m, UPCAST=interpreting(),
+        BLOCK_M=block_m, UPCAST=interpreting(),
     )
-    if atomic_combine:
-        return out.to(tokens_TH.dtype)
-    return out.view(T, K, H).sum(dim=1)
+    return out.view(T, K, H).sum(dim=1)  # the combine: K weighted rows per token
 
 
 def describe_tuned_configs() -> str:

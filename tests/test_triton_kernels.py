@@ -44,10 +44,10 @@ from moe_benchmark import compare_to_reference  # noqa: E402
 from triton_kernels import align_tokens, moe_grouped_forward  # noqa: E402
 
 
-@pytest.mark.parametrize("block_m", [16, 32])
-def test_alignment_pads_each_expert_to_whole_blocks(block_m):
+@pytest.mark.parametrize("block_m, T", [(16, 45), (32, 45), (16, 700)])  # 700·2 pairs: several programs
+def test_alignment_pads_each_expert_to_whole_blocks(block_m, T):
     generator = torch.Generator().manual_seed(block_m)
-    T, K, E = 45, 2, 6
+    K, E = 2, 6
     expert_ids = torch.stack([torch.randperm(E - 1, generator=generator)[:K] for _ in range(T)])  # expert 5 idle
     expert_ids[:20, 0] = 2  # and expert 2 crowded
     sorted_pair_ids, block_expert_ids, num_padded = align_tokens(expert_ids, E, block_m)
@@ -71,11 +71,12 @@ def test_alignment_pads_each_expert_to_whole_blocks(block_m):
     assert 5 not in block_expert_ids.tolist()
 
 
-def grouped_case(num_tokens, top_k, expert_ids=None, seed=0):
-    config = MoEConfig(hidden=48, intermediate=80, num_experts=4, top_k=top_k, name="kernel-test")
+def grouped_case(num_tokens, top_k, expert_ids=None, seed=0, sizes=(48, 80)):
+    hidden, intermediate = sizes
+    config = MoEConfig(hidden=hidden, intermediate=intermediate, num_experts=4, top_k=top_k, name="kernel-test")
     weights = init_weights(config, "cpu")
     generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randn((num_tokens, 48), generator=generator).bfloat16()
+    tokens = torch.randn((num_tokens, hidden), generator=generator).bfloat16()
     if expert_ids is None:
         expert_ids = torch.stack([torch.randperm(4, generator=generator)[:top_k] for _ in range(num_tokens)])
     routing = torch.rand(expert_ids.shape, generator=generator) + 0.1
@@ -84,21 +85,22 @@ def grouped_case(num_tokens, top_k, expert_ids=None, seed=0):
     return weights, tokens, routing, expert_ids, w13
 
 
-@pytest.mark.parametrize("atomic_combine", [False, True])
 @pytest.mark.parametrize(
     "case",
-    ["one_token", "odd_count", "all_on_one_expert", "idle_experts", "top_k_equals_experts"],
+    ["one_token", "odd_count", "all_on_one_expert", "idle_experts", "top_k_equals_experts", "even_tiles"],
 )
-def test_grouped_kernel_matches_reference(case, atomic_combine):
+def test_grouped_kernel_matches_reference(case):
     num_tokens, top_k, expert_ids = {
         "one_token": (1, 2, None),
         "odd_count": (53, 2, None),
         "all_on_one_expert": (21, 1, torch.full((21, 1), 3)),
         "idle_experts": (19, 2, torch.tensor([[1, 3]] * 19)),
         "top_k_equals_experts": (11, 4, None),
+        "even_tiles": (40, 2, None),
     }[case]
-    weights, tokens, routing, expert_ids, w13 = grouped_case(num_tokens, top_k, expert_ids)
-    out = moe_grouped_forward(tokens, routing, expert_ids, w13, weights.w_down_EIH, atomic_combine=atomic_combine)
+    sizes = (64, 128) if case == "even_tiles" else (48, 80)  # tiles divide H and I exactly, or they do not
+    weights, tokens, routing, expert_ids, w13 = grouped_case(num_tokens, top_k, expert_ids, sizes=sizes)
+    out = moe_grouped_forward(tokens, routing, expert_ids, w13, weights.w_down_EIH)
     ref = reference_forward(tokens, weights, routing, expert_ids)
     check = compare_to_reference(out, ref, 2e-2)
     assert check.passed, check.message

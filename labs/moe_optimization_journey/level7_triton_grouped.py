@@ -4,8 +4,9 @@ The idea
     Levels 4 to 6 run one cuBLAS GEMM per expert, cut by host-side counts (a sync), with the permutation and the
     combine as separate passes over memory. `triton_kernels.moe_grouped_forward` does the expert work in two
     kernel launches whatever E is:
-    1. Token alignment (`align_tokens`, plain torch ops on the device): sort the T·K (token, slot) pairs by expert
-       and pad each expert's run to a multiple of the tile height BLOCK_M with a sentinel. Every BLOCK_M rows of
+    1. Token alignment (`align_tokens`, three small Triton kernels): group the T·K (token, slot) pairs by expert
+       (a histogram, a padded running sum, an atomic cursor per expert) and pad each expert's run to a multiple
+       of the tile height BLOCK_M with a sentinel. Every BLOCK_M rows of
        the sorted list now belong to one expert, and the padded list is at most T·K + E·(BLOCK_M − 1) long: a
        size the host knows from T alone, so the grid is fixed and nothing waits for the device's counts.
     2. Gate/up kernel: each program computes one BLOCK_M × BLOCK_N tile of one expert's product. It reads its
@@ -15,11 +16,11 @@ The idea
        un-activated projections never reach memory.
     3. Down kernel: the same tiling over the activations [padded rows, I] and w_down; the epilogue multiplies
        each row by its routing weight and writes it back in (token, slot) order, so the combine is one sum over
-       K (or, with `atomic_combine`, fp32 atomic adds straight into the output: both are measured, see NOTES.md).
+       K. (fp32 atomic adds straight into the output were measured too, and were slower: NOTES.md.)
     Tile shapes are autotuned (`triton.autotune`) per (N, K, BLOCK_M, pair-count class).
 
 Why it should be faster than levels 4-6
-    Launches: 2 GEMM kernels plus about 15 small torch ops for the alignment, against 3·E GEMMs and a dozen more
+    Launches: 2 GEMM kernels, 3 alignment kernels, 2 fills and the sum, against 3·E GEMMs and a dozen more
     kernels; with E = 128 or 256 that is the difference between a few dozen and several hundred launches.
     Syncs: none (level 4 has one per forward, and the CPU then waits for the GPU before it can issue the GEMMs).
     Bytes: the [T·K, H] gathered copy of the tokens and the [T·K, I] gate and up projections are never written.
@@ -46,7 +47,6 @@ class TritonGroupedLevel(MoELevel):
     name = "triton_grouped"
     summary = "device-side token alignment + two Triton grouped-GEMM kernels (fused SiLU·up, weighted combine)"
     uses_triton = True
-    atomic_combine = False  # the [T·K, H] write-then-sum combine measured faster on an H100 (NOTES.md)
 
     def prepare(self):
         # Gate and up side by side, [E, H, 2I]: one weight tensor, read by one kernel.
@@ -55,7 +55,7 @@ class TritonGroupedLevel(MoELevel):
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         out_TH = moe_grouped_forward(tokens_TH, routing_weights_TK, expert_ids_TK, self.w13_EH2I,
-                                     self.weights.w_down_EIH, atomic_combine=self.atomic_combine)
+                                     self.weights.w_down_EIH)
         if not self.tuned_configs_noted:  # the autotuner has chosen by the end of the first call
             self.tuned_configs_noted = True
             self.notes.append(triton_kernels.describe_tuned_configs())
