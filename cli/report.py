@@ -274,6 +274,32 @@ def write_report(run_dir: Path) -> Path:
     return summary
 
 
+def readme_summary(run_dir: Path, link_prefix: str) -> str:
+    """The short form for a README: the environment, then per preset the time and % of roofline tables and the
+    plots; every other table stays in the run's summary.md."""
+    rows, env = load_rows(run_dir), load_environment(run_dir)
+    df = frame(rows)
+    sections = [environment_section(env)]
+    for preset in dict.fromkeys(df["preset"]):
+        part = df[df["preset"] == preset].reset_index(drop=True)
+        first = part.iloc[0]
+        shape = f"H={first['hidden']} I={first['intermediate']} E={first['experts']} K={first['top_k']}"
+
+        def cell(render):
+            return lambda r: render(r) if r["status"] == "ok" else STATUS_CELL.get(r["status"], r["status"])
+
+        images = [f"{kind}_{preset}.png" for kind in ("time", "speedup", "roofline")]
+        sections += [
+            f"#### {preset} ({shape} {first['dtype']}): ms per forward, then % of the roofline",
+            markdown_table(pivot(part, cell(lambda r: fmt(r["ms"]))), "level \\ tokens"),
+            markdown_table(pivot(part, cell(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens"),
+            " ".join(f"![{name}]({link_prefix}/{name})" for name in images if (Path(run_dir) / name).exists()),
+        ]
+    if (Path(run_dir) / "across_presets.png").exists():
+        sections.append(f"![across_presets.png]({link_prefix}/across_presets.png)")
+    return "\n\n".join(sections)
+
+
 def relink(markdown: str, prefix: str) -> str:
     """Point a summary's relative image links at its run folder, for copies that live elsewhere."""
     return re.sub(r"\]\((?!https?:|/)([^)]+)\)", lambda m: f"]({prefix}/{m.group(1)})", markdown)
