@@ -172,3 +172,83 @@ def min_bytes(config: MoEConfig, num_tokens: int, experts_touched: int) -> int:
     element = torch.finfo(config.torch_dtype).bits // 8
     weights = experts_touched * 3 * config.hidden * config.intermediate * element
     return weights + 2 * num_tokens * config.hidden * element
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Traffic shapes and load metrics
+#
+# Real MoE traffic is not uniform: some experts are popular, some are nearly idle. A traffic shape decides which
+# experts the tokens pick (the router's own scores still give the routing weights), so a benchmark can ask how a
+# level behaves when the load is skewed. The load metrics describe whatever routing a forward got.
+# ---------------------------------------------------------------------------------------------------------------
+TRAFFIC_SHAPES = ("uniform", "zipf", "hot")
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """uniform: the router on random tokens. zipf: expert e (0-based) is chosen with probability ∝ (e + 1)^-s.
+    hot: expert 0 receives `hot_share` of all (token, slot) pairs (at most 1/K: a token picks it once), the rest
+    spread uniformly."""
+
+    shape: str = "uniform"
+    zipf_s: float = 1.2
+    hot_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.shape not in TRAFFIC_SHAPES:
+            raise ConfigError(f"unknown traffic {self.shape!r}; choose one of {', '.join(TRAFFIC_SHAPES)}")
+        if not self.zipf_s > 0:
+            raise ConfigError(f"the zipf exponent s must be positive, got {self.zipf_s}")
+        if not 0 < self.hot_share <= 1:
+            raise ConfigError(f"the hot expert's share must be in (0, 1], got {self.hot_share}")
+
+    @property
+    def label(self) -> str:
+        if self.shape == "zipf":
+            return f"zipf(s={self.zipf_s:g})"
+        if self.shape == "hot":
+            return f"hot({100 * self.hot_share:g}%)"
+        return "uniform"
+
+
+def route_with_traffic(
+    tokens_TH: torch.Tensor, router_HE: torch.Tensor, top_k: int, traffic: Traffic, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(routing_weights_TK, expert_ids_TK) with the experts chosen by the traffic shape and the weights taken from
+    the router's softmax at those experts, renormalised over the k chosen."""
+    if traffic.shape == "uniform":
+        return route(tokens_TH, router_HE, top_k)
+    T, E = tokens_TH.shape[0], router_HE.shape[1]
+    device = tokens_TH.device
+    if traffic.shape == "zipf":
+        popularity_E = torch.arange(1, E + 1, device=device, dtype=torch.float32) ** -traffic.zipf_s
+        expert_ids_TK = torch.multinomial(popularity_E.expand(T, E), top_k, replacement=False, generator=generator)
+    else:  # hot: expert 0 in a share·K fraction of the tokens, the other slots uniform over the other experts
+        takes_hot_T = torch.rand(T, device=device, generator=generator) < traffic.hot_share * top_k
+        others_TE = torch.rand((T, E), device=device, generator=generator)
+        others_TE[:, 0] = torch.where(takes_hot_T, 2.0, -1.0)  # sorts first when hot, last when not
+        expert_ids_TK = others_TE.argsort(dim=1, descending=True)[:, :top_k]
+    probs_TE = torch.softmax((tokens_TH @ router_HE).float(), dim=-1)
+    weights_TK = probs_TE.gather(1, expert_ids_TK)
+    weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return weights_TK.to(tokens_TH.dtype), expert_ids_TK
+
+
+def load_metrics(expert_ids_TK: torch.Tensor, num_experts: int) -> dict:
+    """How evenly the (token, slot) pairs spread over the experts.
+
+    load_cv: standard deviation over mean of the per-expert counts (0 when perfectly even); load_gini: 0 even,
+    (E − 1)/E when one expert takes everything; load_max_over_mean: the busiest expert against the average (what
+    a per-expert loop waits for); dead_experts: experts with under 1% of the mean load."""
+    counts_E = torch.bincount(expert_ids_TK.flatten().cpu(), minlength=num_experts).double()
+    mean = counts_E.mean()
+    ascending = counts_E.sort().values
+    ranks = torch.arange(1, num_experts + 1, dtype=torch.float64)
+    gini = (2 * (ranks * ascending).sum() / (num_experts * ascending.sum()) - (num_experts + 1) / num_experts)
+    return {
+        "tokens_per_expert": counts_E.long().tolist(),
+        "load_cv": (counts_E.std(unbiased=False) / mean).item(),
+        "load_gini": gini.item(),
+        "load_max_over_mean": (counts_E.max() / mean).item(),
+        "dead_experts": int((counts_E < 0.01 * mean).sum()),
+    }

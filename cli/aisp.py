@@ -243,12 +243,15 @@ def run_command(
                                           "hidden=768,intermediate=1536,experts=16,top_k=4, or a TOML file "
                                           "(default: journey on a GPU, small on the CPU)"),
     device: str = typer.Option("auto", help="auto, cuda or cpu"),
+    traffic: str = typer.Option("uniform", help="traffic shape(s), comma-separated: uniform, zipf, hot"),
+    zipf_s: float = typer.Option(1.2, help="zipf traffic: expert popularity ∝ rank^-s"),
+    hot_share: float = typer.Option(0.5, help="hot traffic: the share of (token, slot) pairs expert 0 gets"),
     warmup: int = typer.Option(None, help="untimed calls before timing (default: 3 on a GPU, 1 on the CPU)"),
     repeats: int = typer.Option(50, help="timed calls (fewer when a call is slow; never under 5)"),
     out: Path = typer.Option(Path("results"), help="results folder; each run makes a new sub-folder"),
 ) -> None:
     """Check and time levels across token scales; write rows, tables and plots to a new run folder."""
-    from moe_model import ConfigError
+    from moe_model import ConfigError, Traffic
 
     try:
         if target not in TARGETS:
@@ -264,17 +267,20 @@ def run_command(
         level_keys = parse_levels(levels, list(available))
         token_counts = parse_tokens(tokens or defaults["tokens"])
         configs = parse_presets(preset or defaults["preset"])
+        traffics = [Traffic(shape.strip(), zipf_s=zipf_s, hot_share=hot_share) for shape in traffic.split(",")]
         out_dir = prepare_out_dir(out)
     except (UsageError, ConfigError) as error:
         fail(str(error))
 
     ceilings = bench_mod.measure_ceilings(torch_device)
     run_dir = new_run_dir(out_dir / target, bench_mod.device_label(torch_device))
-    args = {"levels": level_keys, "tokens": token_counts, "warmup": warmup, "repeats": repeats}
+    args = {"levels": level_keys, "tokens": token_counts, "traffic": [t.label for t in traffics], "warmup": warmup,
+            "repeats": repeats}
     # The run, every default resolved, as a command that repeats it.
     args["command"] = shlex.join(["aisp", "bench", "run", "-t", target, "--levels", ",".join(level_keys),
                                   "--tokens", ",".join(map(str, token_counts)),
-                                  "--preset", preset or defaults["preset"], "--device", device,
+                                  "--preset", preset or defaults["preset"], "--traffic", traffic,
+                                  "--zipf-s", f"{zipf_s:g}", "--hot-share", f"{hot_share:g}", "--device", device,
                                   "--warmup", str(warmup), "--repeats", str(repeats), "--out", str(out)])
     env = environment(torch_device, ceilings, configs, args)
     (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
@@ -288,23 +294,24 @@ def run_command(
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
     with progress, open(run_dir / "rows.jsonl", "a") as rows_file:
-        task = progress.add_task("starting", total=len(configs) * len(token_counts) * len(level_keys))
+        task = progress.add_task("starting", total=len(configs) * len(traffics) * len(token_counts) * len(level_keys))
         try:
             for config in configs:
                 progress.update(task, description=f"{config.name}: drawing weights")
                 weights = bench_mod.init_weights(config, torch_device)
-                for num_tokens in token_counts:
-                    for key in level_keys:
-                        level_cls = available[key]
-                        progress.update(task, description=f"{config.name} · {num_tokens} tokens · level {key} "
-                                                          f"{level_cls.name}")
-                        row = bench_mod.benchmark(level_cls, config, num_tokens, torch_device, weights=weights,
-                                                  ceilings=ceilings, warmup=warmup, repeats=repeats,
-                                                  time_budget_s=defaults["time_budget_s"])
-                        rows.append(row)
-                        rows_file.write(json.dumps(row) + "\n")
-                        rows_file.flush()  # an interrupted run keeps every finished row
-                        progress.advance(task)
+                for shape in traffics:
+                    for num_tokens in token_counts:
+                        for key in level_keys:
+                            level_cls = available[key]
+                            progress.update(task, description=f"{config.name} · {shape.label} · {num_tokens} tokens "
+                                                              f"· level {key} {level_cls.name}")
+                            row = bench_mod.benchmark(level_cls, config, num_tokens, torch_device, weights=weights,
+                                                      ceilings=ceilings, warmup=warmup, repeats=repeats,
+                                                      time_budget_s=defaults["time_budget_s"], traffic=shape)
+                            rows.append(row)
+                            rows_file.write(json.dumps(row) + "\n")
+                            rows_file.flush()  # an interrupted run keeps every finished row
+                            progress.advance(task)
                 del weights
                 bench_mod.release_memory(torch_device)
         except KeyboardInterrupt:

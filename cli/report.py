@@ -41,10 +41,22 @@ def level_label(row: dict) -> str:
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
+    """The rows as a table, with a `case` per (preset, traffic) that the report gives a section each; the traffic
+    is named only when some run was not uniform. Rows from before traffic shapes existed count as uniform."""
     df = pd.DataFrame(rows)
     df["label"] = [level_label(r) for r in rows]
     df["order"] = [level_sort_key(r["level"]) for r in rows]
+    for column in ("tokens_per_expert", "load_cv", "load_gini", "load_max_over_mean", "dead_experts"):
+        if column not in df:
+            df[column] = None
+    df["traffic"] = df["traffic"].fillna("uniform") if "traffic" in df else "uniform"
+    named = (df["traffic"] != "uniform").any()
+    df["case"] = df["preset"] + (", " + df["traffic"] if named else "")
     return df.sort_values(["order", "tokens"]).reset_index(drop=True)
+
+
+def slug(case: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", case).strip("_")
 
 
 def markdown_table(df: pd.DataFrame, corner: str) -> str:
@@ -105,7 +117,7 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
         return status_or(render)
 
     parts = [
-        f"## {first['preset']} ({shape})",
+        f"## {first['case']} ({shape})",
         "Time per forward, ms (median; `OOM` = ran out of GPU memory):",
         markdown_table(pivot(df, status_or(lambda r: fmt(r["ms"]))), "level \\ tokens"),
     ]
@@ -132,6 +144,16 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
             markdown_table(pivot(decode, status_or(lambda r: f"{r['gbps']:.0f} ({100 * r['gbps'] / copy_gbps:.1f}%)")),
                            "level \\ tokens"),
         ]
+    if "load_cv" in df and df["load_cv"].notna().any():
+        timed = df[df["load_cv"].notna()].drop_duplicates("tokens").set_index("tokens").sort_index()
+        metrics = pd.DataFrame({
+            "CV": timed["load_cv"].map(lambda v: f"{v:.3f}"),
+            "Gini": timed["load_gini"].map(lambda v: f"{v:.3f}"),
+            "max / mean": timed["load_max_over_mean"].map(lambda v: f"{v:.2f}"),
+            "dead experts": timed["dead_experts"].map(lambda v: str(int(v))),
+        })
+        parts += ["Load over the experts in the timed forward (the same routing for every level at a given T):",
+                  markdown_table(metrics, "tokens")]
     notes = [f"- level {r['level']} ({r['level_name']}), {r['tokens']} tokens: {r['status']}: {r['note']}"
              for _, r in df.iterrows() if r["note"]]
     if notes:
@@ -158,7 +180,7 @@ def environment_section(env: dict) -> str:
 
 
 def plot_preset(df: pd.DataFrame, out_dir: Path, preset: str) -> list[str]:
-    """Three PNGs for one preset; returns their file names."""
+    """The PNGs of one case (a preset, or a preset under one traffic shape); returns their file names."""
     ok = df[df["status"] == "ok"]
     labels = list(dict.fromkeys(df["label"]))
     tokens = sorted(df["tokens"].unique())
@@ -208,7 +230,40 @@ def plot_preset(df: pd.DataFrame, out_dir: Path, preset: str) -> list[str]:
         ax.set(ylabel="% of roofline", title=f"{preset}: % of the measured roofline ({device})")
         ax.legend(fontsize=8)
         names.append(save(fig, out_dir / f"roofline_{preset}.png"))
+
+    if "tokens_per_expert" in df and df["tokens_per_expert"].notna().any():
+        largest = df[df["tokens_per_expert"].notna()].sort_values("tokens").iloc[-1]
+        counts = largest["tokens_per_expert"]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        ax.bar(range(len(counts)), counts, width=1.0 if len(counts) > 32 else 0.8)
+        ax.axhline(sum(counts) / len(counts), color="black", linewidth=0.8, label="mean")
+        ax.set(xlabel="expert", ylabel="(token, slot) pairs",
+               title=f"{df['case'].iloc[0]}: load per expert at {largest['tokens']} tokens")
+        ax.legend(fontsize=8)
+        names.append(save(fig, out_dir / f"load_{preset}.png"))
     return names
+
+
+def plot_imbalance(df: pd.DataFrame, out_dir: Path, preset: str) -> str | None:
+    """For a preset run under several traffic shapes: each level's time against the load's max/mean, at the
+    largest token count."""
+    ok = df[(df["status"] == "ok") & df["load_max_over_mean"].notna()]
+    if ok["traffic"].nunique() < 2:
+        return None
+    tokens = ok["tokens"].max()
+    at = ok[ok["tokens"] == tokens]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label in dict.fromkeys(at["label"]):
+        part = at[at["label"] == label].sort_values("load_max_over_mean")
+        ax.plot(part["load_max_over_mean"], part["ms"], marker="o", label=label,
+                linestyle="--" if label.startswith("peer") else "-")
+    shapes = at.drop_duplicates("traffic")
+    ax.set_xticks(list(shapes["load_max_over_mean"]),
+                  [f"{t}\n{v:.2f}" for t, v in zip(shapes["traffic"], shapes["load_max_over_mean"])], fontsize=8)
+    ax.set(yscale="log", xlabel="busiest expert's load / mean load", ylabel="ms per forward",
+           title=f"{preset}: time against imbalance at {tokens} tokens ({df['device'].iloc[0]})")
+    ax.legend(fontsize=8)
+    return save(fig, out_dir / f"imbalance_{slug(preset)}.png")
 
 
 def plot_across_presets(df: pd.DataFrame, out_dir: Path) -> str | None:
@@ -261,12 +316,16 @@ def write_report(run_dir: Path) -> Path:
         sections.append("No rows were recorded.")
     else:
         df = frame(rows)
-        for preset in dict.fromkeys(df["preset"]):
-            part = df[df["preset"] == preset].reset_index(drop=True)
+        for case in dict.fromkeys(df["case"]):
+            part = df[df["case"] == case].reset_index(drop=True)
             sections.append(preset_section(part, env))
-            sections.append("\n".join(f"![{name}]({name})" for name in plot_preset(part, run_dir, preset)))
+            sections.append("\n".join(f"![{name}]({name})" for name in plot_preset(part, run_dir, slug(case))))
+        for preset in dict.fromkeys(df["preset"]):
+            figure = plot_imbalance(df[df["preset"] == preset], run_dir, preset)
+            if figure:
+                sections.append(f"## {preset}: time against imbalance\n\n![{figure}]({figure})")
         if df["preset"].nunique() > 1:
-            figure = plot_across_presets(df, run_dir)
+            figure = plot_across_presets(df[df["traffic"] == df["traffic"].iloc[0]], run_dir)
             if figure:
                 sections.append(f"## Across presets\n\n![{figure}]({figure})")
     summary = run_dir / "summary.md"
@@ -280,17 +339,17 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
     rows, env = load_rows(run_dir), load_environment(run_dir)
     df = frame(rows)
     sections = [environment_section(env)]
-    for preset in dict.fromkeys(df["preset"]):
-        part = df[df["preset"] == preset].reset_index(drop=True)
+    for case in dict.fromkeys(df["case"]):
+        part = df[df["case"] == case].reset_index(drop=True)
         first = part.iloc[0]
         shape = f"H={first['hidden']} I={first['intermediate']} E={first['experts']} K={first['top_k']}"
 
         def cell(render):
             return lambda r: render(r) if r["status"] == "ok" else STATUS_CELL.get(r["status"], r["status"])
 
-        images = [f"{kind}_{preset}.png" for kind in ("time", "speedup", "roofline")]
+        images = [f"{kind}_{slug(case)}.png" for kind in ("time", "speedup", "roofline")]
         sections += [
-            f"#### {preset} ({shape} {first['dtype']}): ms per forward, then % of the roofline",
+            f"#### {case} ({shape} {first['dtype']}): ms per forward, then % of the roofline",
             markdown_table(pivot(part, cell(lambda r: fmt(r["ms"]))), "level \\ tokens"),
             markdown_table(pivot(part, cell(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens"),
             " ".join(f"![{name}]({link_prefix}/{name})" for name in images if (Path(run_dir) / name).exists()),

@@ -135,6 +135,8 @@ def test_list():
         (["-t", "moe_journey", "--device", "tpu"], "unknown device 'tpu'"),
         (["-t", "moe_journey", "--tokens", "12,abc"], "whole numbers"),
         (["-t", "moe_journey", "--tokens", "0"], "must be positive"),
+        (["-t", "moe_journey", "--traffic", "bursty"], "unknown traffic 'bursty'"),
+        (["-t", "moe_journey", "--traffic", "hot", "--hot-share", "2"], "share"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
@@ -191,3 +193,18 @@ def test_decode_table_and_cross_preset_figure(finished_run, tmp_path):
     assert "Decode regime" in summary and "300 (10.0%)" in summary
     assert "![across_presets.png](across_presets.png)" in summary
     assert (tmp_path / "across_presets.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_traffic_shapes_and_load_metrics_in_a_run(tmp_path):
+    result = bench("run", "-t", "moe_journey", "--levels", "4", "--tokens", "16,40", "--traffic", "uniform,hot",
+                   "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = run_dirs(tmp_path)
+    rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()]
+    assert [r["traffic"] for r in rows] == ["uniform", "uniform", "hot(50%)", "hot(50%)"]
+    hot = rows[-1]
+    assert sum(hot["tokens_per_expert"]) == 40 * 2 and hot["tokens_per_expert"][0] == 40
+    assert hot["load_max_over_mean"] == 2.0 and hot["load_gini"] > 0
+    summary = (run_dir / "summary.md").read_text()
+    assert "## tiny, hot(50%)" in summary and "Load over the experts" in summary
+    assert (run_dir / "load_tiny_hot_50.png").exists() and (run_dir / "imbalance_tiny.png").exists()

@@ -11,7 +11,7 @@ from conftest import make_config
 
 import moe_benchmark
 from moe_benchmark import compare_to_reference, make_inputs
-from moe_model import init_weights, reference_forward
+from moe_model import Traffic, init_weights, reference_forward
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "peer"]
@@ -42,6 +42,13 @@ def random_routing(num_tokens, num_experts, top_k, allowed, seed):
 def test_router_inputs(levels, tiny, tiny_weights, level, num_tokens):
     """T = 1, and T that is not a multiple of 8 or 16."""
     inputs = make_inputs(tiny, tiny_weights, num_tokens, seed=num_tokens)
+    run_level(levels[level], tiny, tiny_weights, *inputs.as_args())
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("shape", ["zipf", "hot"])
+def test_skewed_traffic(levels, tiny, tiny_weights, level, shape):
+    inputs = make_inputs(tiny, tiny_weights, 41, seed=5, traffic=Traffic(shape, hot_share=0.5))
     run_level(levels[level], tiny, tiny_weights, *inputs.as_args())
 
 

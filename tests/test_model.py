@@ -81,3 +81,40 @@ def test_counts():
     config = get_preset("journey")
     assert flop_count(config, 8192) == 2 * 8192 * 2 * 3 * 1024 * 2048
     assert min_bytes(config, 10, experts_touched=2) == 2 * 3 * 1024 * 2048 * 2 + 2 * 10 * 1024 * 2
+
+
+# --- traffic shapes and load metrics -----------------------------------------------------------------------------
+from moe_model import Traffic, load_metrics, route_with_traffic  # noqa: E402
+
+
+def test_load_metrics_on_known_distributions():
+    even = load_metrics(torch.arange(8).repeat(5).view(-1, 2), num_experts=8)
+    assert even["load_cv"] == 0 and abs(even["load_gini"]) < 1e-12 and even["load_max_over_mean"] == 1
+    assert even["tokens_per_expert"] == [5] * 8 and even["dead_experts"] == 0
+    one_hot = load_metrics(torch.zeros((30, 1), dtype=torch.long), num_experts=4)
+    assert abs(one_hot["load_gini"] - 3 / 4) < 1e-12  # (E − 1) / E
+    assert one_hot["load_max_over_mean"] == 4 and one_hot["dead_experts"] == 3
+    assert abs(one_hot["load_cv"] - 3**0.5) < 1e-12
+
+
+@pytest.mark.parametrize("traffic", [Traffic("zipf", zipf_s=1.5), Traffic("hot", hot_share=0.3)])
+def test_traffic_shapes_skew_the_load(tiny_weights, traffic):
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3000, 64).bfloat16()
+    weights_TK, ids_TK = route_with_traffic(tokens, tiny_weights.router_HE, 2, traffic, generator)
+    assert (ids_TK[:, 0] != ids_TK[:, 1]).all()  # k distinct experts per token
+    assert torch.allclose(weights_TK.float().sum(-1), torch.ones(3000), atol=1e-2)
+    counts = torch.bincount(ids_TK.flatten(), minlength=4).float()
+    assert counts.argmax() == 0  # expert 0 is the popular one
+    if traffic.shape == "hot":
+        assert abs(counts[0] / counts.sum() - 0.3) < 0.03
+    uniform = load_metrics(route_with_traffic(tokens, tiny_weights.router_HE, 2, Traffic(), generator)[1], 4)
+    assert load_metrics(ids_TK, 4)["load_cv"] > uniform["load_cv"]
+
+
+@pytest.mark.parametrize("fields, message", [(dict(shape="bursty"), "unknown traffic"),
+                                             (dict(shape="zipf", zipf_s=0), "exponent"),
+                                             (dict(shape="hot", hot_share=1.5), "share")])
+def test_traffic_validation(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        Traffic(**fields)

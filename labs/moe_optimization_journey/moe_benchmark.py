@@ -35,12 +35,14 @@ from moe_model import (  # noqa: E402
     ConfigError,
     MoEConfig,
     MoEWeights,
+    Traffic,
     flop_count,
     get_preset,
     init_weights,
+    load_metrics,
     min_bytes,
     reference_forward,
-    route,
+    route_with_traffic,
 )
 
 TARGET = "moe_journey"
@@ -148,13 +150,17 @@ def input_seed(config: MoEConfig, num_tokens: int, purpose: str) -> int:
     return config.seed * 1_000_003 + zlib.crc32(f"{purpose}:{num_tokens}".encode())
 
 
-def make_inputs(config: MoEConfig, weights: MoEWeights, num_tokens: int, seed: int) -> Inputs:
-    """Unit-variance random tokens and the softmax top-k router's choice for them."""
+def make_inputs(
+    config: MoEConfig, weights: MoEWeights, num_tokens: int, seed: int, traffic: Traffic = Traffic()
+) -> Inputs:
+    """Unit-variance random tokens, routed by the softmax top-k router or, for a skewed traffic shape, to the
+    experts that shape picks (moe_model.route_with_traffic)."""
     generator = torch.Generator(device=weights.device).manual_seed(seed)
     tokens_TH = torch.randn(
         (num_tokens, config.hidden), generator=generator, device=weights.device, dtype=torch.float32
     ).to(config.torch_dtype)
-    routing_weights_TK, expert_ids_TK = route(tokens_TH, weights.router_HE, config.top_k)
+    routing_weights_TK, expert_ids_TK = route_with_traffic(tokens_TH, weights.router_HE, config.top_k, traffic,
+                                                           generator)
     return Inputs(tokens_TH, routing_weights_TK, expert_ids_TK)
 
 
@@ -287,7 +293,9 @@ def measure_ceilings(device: torch.device) -> Ceilings | None:
 # ---------------------------------------------------------------------------------------------------------------
 # One measurement → one row
 # ---------------------------------------------------------------------------------------------------------------
-def base_row(level_cls: type[MoELevel], config: MoEConfig, num_tokens: int, device: torch.device) -> dict:
+def base_row(
+    level_cls: type[MoELevel], config: MoEConfig, num_tokens: int, device: torch.device, traffic: Traffic
+) -> dict:
     return {
         "target": TARGET,
         "level": level_cls.level,
@@ -298,6 +306,7 @@ def base_row(level_cls: type[MoELevel], config: MoEConfig, num_tokens: int, devi
         "experts": config.num_experts,
         "top_k": config.top_k,
         "tokens": num_tokens,
+        "traffic": traffic.label,
         "device": device_label(device),
         "device_type": device.type,
         "dtype": config.dtype,
@@ -314,6 +323,12 @@ def base_row(level_cls: type[MoELevel], config: MoEConfig, num_tokens: int, devi
         "rel_err": None,
         "status": "ok",
         "note": "",
+        # How the timed forward's pairs spread over the experts (moe_model.load_metrics); filled once timed.
+        "tokens_per_expert": None,
+        "load_cv": None,
+        "load_gini": None,
+        "load_max_over_mean": None,
+        "dead_experts": None,
     }
 
 
@@ -334,9 +349,10 @@ def benchmark(
     warmup: int = 3,
     repeats: int = 50,
     time_budget_s: float = 3.0,
+    traffic: Traffic = Traffic(),
 ) -> dict:
     """Check one level at one size, then time it. Always returns a row; never raises for a level's failure."""
-    row = base_row(level_cls, config, num_tokens, device)
+    row = base_row(level_cls, config, num_tokens, device, traffic)
     if level_cls.needs_cuda and device.type != "cuda":
         row.update(status="skipped", note="needs a CUDA GPU")
         return row
@@ -349,13 +365,15 @@ def benchmark(
         level = level_cls(config, weights)
         level.prepare()
 
-        check = check_level(level, make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "check")))
+        check_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "check"), traffic)
+        check = check_level(level, check_inputs)
         row["rel_err"] = check.rel_err
         if not check.passed:
             row.update(status="error", note=f"wrong result: {check.message}")
             return row
 
-        timing_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "timing"))
+        timing_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "timing"), traffic)
+        row.update(load_metrics(timing_inputs.expert_ids_TK, config.num_experts))
         call = lambda: level.forward(*timing_inputs.as_args())  # noqa: E731
         times_ms = time_calls(call, device, warmup, repeats, time_budget_s)
         row["peak_mb"], row["extra_mb"] = peak_memory_mb(call, device)
