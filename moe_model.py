@@ -27,6 +27,8 @@ DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
 }
 
+ROUTERS = ("softmax-topk", "sigmoid-bias", "switch")  # the classes below, by name
+
 # Relative error ‖out − ref‖ / ‖ref‖ a level may have against the fp32 reference, by the dtype it computes in.
 TOLERANCES: dict[str, float] = {"bf16": 2e-2, "fp16": 1e-2, "fp32": 1e-4}
 
@@ -44,6 +46,8 @@ class MoEConfig:
     dtype: str = "bf16"
     seed: int = 0
     name: str = "custom"
+    router: str = "softmax-topk"
+    capacity_factor: float = 1.25  # the switch router's per-expert capacity, in units of the mean load
 
     def __post_init__(self) -> None:
         for field in ("hidden", "intermediate", "num_experts", "top_k"):
@@ -59,6 +63,12 @@ class MoEConfig:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.router == "switch" and self.top_k != 1:
+            raise ConfigError(f"the switch router sends each token to one expert: top_k must be 1, got {self.top_k}")
+        if not self.capacity_factor > 0:
+            raise ConfigError(f"capacity_factor must be positive, got {self.capacity_factor}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -130,16 +140,74 @@ def init_weights(config: MoEConfig, device: torch.device | str) -> MoEWeights:
     )
 
 
-def route(tokens_TH: torch.Tensor, router_HE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax top-k router. Returns (routing_weights_TK in the tokens' dtype, expert_ids_TK int64).
+@dataclass
+class Routing:
+    routing_weights_TK: torch.Tensor  # fp32; a dropped pair has weight 0 (the levels still compute it)
+    expert_ids_TK: torch.Tensor  # int64, k distinct experts per token
+    dropped_pairs: int = 0
 
-    The softmax runs in fp32 over all E experts; the k chosen weights are renormalised to sum to one
-    (Mixtral's convention), so the layer's output scale does not depend on how peaked the router is."""
-    logits_TE = (tokens_TH @ router_HE).float()
-    probs_TE = torch.softmax(logits_TE, dim=-1)
-    weights_TK, expert_ids_TK = torch.topk(probs_TE, top_k, dim=-1)
-    weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-    return weights_TK.to(tokens_TH.dtype), expert_ids_TK
+
+class SoftmaxTopK:
+    """Softmax over all E experts in fp32, the k largest kept and renormalised to sum to one (Mixtral).
+    Guarantees: exactly k distinct experts per token, nothing dropped; says nothing about balance."""
+
+    def __call__(self, logits_TE: torch.Tensor, top_k: int) -> Routing:
+        weights_TK, expert_ids_TK = torch.topk(torch.softmax(logits_TE.float(), dim=-1), top_k, dim=-1)
+        return Routing(weights_TK / weights_TK.sum(dim=-1, keepdim=True), expert_ids_TK)
+
+
+class SigmoidBias:
+    """DeepSeek-V3: sigmoid scores; a per-expert bias, used only to *select* experts, nudges traffic away from
+    busy experts; the weights are the unbiased scores of the chosen, renormalised. After each batch the bias moves
+    by `update_rate` toward balance: up for experts below the mean load, down for those above (the aux-loss-free
+    rule). Guarantees: exactly k distinct experts per token, nothing dropped; balance improves over batches."""
+
+    def __init__(self, num_experts: int, update_rate: float = 1e-3):
+        self.bias_E = torch.zeros(num_experts)
+        self.update_rate = update_rate
+
+    def __call__(self, logits_TE: torch.Tensor, top_k: int) -> Routing:
+        scores_TE = torch.sigmoid(logits_TE.float())
+        bias_E = self.bias_E.to(scores_TE.device)
+        expert_ids_TK = torch.topk(scores_TE + bias_E, top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, expert_ids_TK)
+        load_E = torch.bincount(expert_ids_TK.flatten(), minlength=bias_E.numel()).float()
+        self.bias_E = (bias_E + self.update_rate * torch.sign(load_E.mean() - load_E)).cpu()
+        return Routing(weights_TK / weights_TK.sum(dim=-1, keepdim=True), expert_ids_TK)
+
+
+class Switch:
+    """Switch Transformer: top-1 by softmax, each expert takes at most C = ceil(capacity_factor · T / E) tokens,
+    first come first served in token order; the rest are dropped (weight 0: the token passes through the layer
+    unchanged in a real model) and counted. The kept weight is the softmax probability, not renormalised.
+    Guarantees: one expert per token, no expert over capacity; drops possible."""
+
+    def __init__(self, capacity_factor: float):
+        self.capacity_factor = capacity_factor
+
+    def __call__(self, logits_TE: torch.Tensor, top_k: int) -> Routing:
+        T, E = logits_TE.shape
+        weights_T1, expert_ids_T1 = torch.softmax(logits_TE.float(), dim=-1).max(dim=-1, keepdim=True)
+        capacity = math.ceil(self.capacity_factor * T / E)
+        one_hot_TE = torch.nn.functional.one_hot(expert_ids_T1[:, 0], E)
+        arrival_T = (one_hot_TE.cumsum(dim=0) * one_hot_TE).sum(dim=1)  # 1 for an expert's first token
+        kept_T1 = (arrival_T <= capacity)[:, None]
+        return Routing(weights_T1 * kept_T1, expert_ids_T1, int((~kept_T1).sum()))
+
+
+def make_router(config: MoEConfig) -> SoftmaxTopK | SigmoidBias | Switch:
+    if config.router == "sigmoid-bias":
+        return SigmoidBias(config.num_experts)
+    if config.router == "switch":
+        return Switch(config.capacity_factor)
+    return SoftmaxTopK()
+
+
+def route(tokens_TH: torch.Tensor, router_HE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default router (softmax top-k) on a batch of tokens: (routing_weights_TK in the tokens' dtype,
+    expert_ids_TK)."""
+    routing = SoftmaxTopK()(tokens_TH @ router_HE, top_k)
+    return routing.routing_weights_TK.to(tokens_TH.dtype), routing.expert_ids_TK
 
 
 def reference_forward(
@@ -177,9 +245,9 @@ def min_bytes(config: MoEConfig, num_tokens: int, experts_touched: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Traffic shapes and load metrics
 #
-# Real MoE traffic is not uniform: some experts are popular, some are nearly idle. A traffic shape decides which
-# experts the tokens pick (the router's own scores still give the routing weights), so a benchmark can ask how a
-# level behaves when the load is skewed. The load metrics describe whatever routing a forward got.
+# Real MoE traffic is not uniform: some experts are popular, some are nearly idle. A traffic shape makes the logits
+# the router sees, so a benchmark can ask how a level behaves when the load is skewed, under any router. The load
+# metrics describe whatever routing a forward got.
 # ---------------------------------------------------------------------------------------------------------------
 TRAFFIC_SHAPES = ("uniform", "zipf", "hot")
 
@@ -188,7 +256,7 @@ TRAFFIC_SHAPES = ("uniform", "zipf", "hot")
 class Traffic:
     """uniform: the router on random tokens. zipf: expert e (0-based) is chosen with probability ∝ (e + 1)^-s.
     hot: expert 0 receives `hot_share` of all (token, slot) pairs (at most 1/K: a token picks it once), the rest
-    spread uniformly."""
+    spread uniformly. A traffic shape makes the router's logits (router_logits); the router still decides."""
 
     shape: str = "uniform"
     zipf_s: float = 1.2
@@ -211,27 +279,27 @@ class Traffic:
         return "uniform"
 
 
-def route_with_traffic(
+def router_logits(
     tokens_TH: torch.Tensor, router_HE: torch.Tensor, top_k: int, traffic: Traffic, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(routing_weights_TK, expert_ids_TK) with the experts chosen by the traffic shape and the weights taken from
-    the router's softmax at those experts, renormalised over the k chosen."""
+) -> torch.Tensor:
+    """The scores [T, E] a router sees. Uniform traffic: the router's own logits. Skewed traffic: the log of each
+    expert's popularity plus Gumbel noise, so that taking the top k samples k distinct experts with
+    probability ∝ popularity (the Gumbel-top-k trick), whichever router then reads them."""
     if traffic.shape == "uniform":
-        return route(tokens_TH, router_HE, top_k)
+        return (tokens_TH @ router_HE).float()
     T, E = tokens_TH.shape[0], router_HE.shape[1]
-    device = tokens_TH.device
+    uniform_TE = torch.rand((T, E), device=tokens_TH.device, generator=generator).clamp_min(1e-12)
+    gumbel_TE = -torch.log(-torch.log(uniform_TE))
     if traffic.shape == "zipf":
-        popularity_E = torch.arange(1, E + 1, device=device, dtype=torch.float32) ** -traffic.zipf_s
-        expert_ids_TK = torch.multinomial(popularity_E.expand(T, E), top_k, replacement=False, generator=generator)
-    else:  # hot: expert 0 in a share·K fraction of the tokens, the other slots uniform over the other experts
-        takes_hot_T = torch.rand(T, device=device, generator=generator) < traffic.hot_share * top_k
-        others_TE = torch.rand((T, E), device=device, generator=generator)
-        others_TE[:, 0] = torch.where(takes_hot_T, 2.0, -1.0)  # sorts first when hot, last when not
-        expert_ids_TK = others_TE.argsort(dim=1, descending=True)[:, :top_k]
-    probs_TE = torch.softmax((tokens_TH @ router_HE).float(), dim=-1)
-    weights_TK = probs_TE.gather(1, expert_ids_TK)
-    weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-    return weights_TK.to(tokens_TH.dtype), expert_ids_TK
+        log_popularity_E = -traffic.zipf_s * torch.log(torch.arange(1, E + 1, device=tokens_TH.device).float())
+        return log_popularity_E + gumbel_TE
+    # hot: expert 0 on top for a share·K fraction of the tokens (so it gets `share` of the T·K pairs), at the
+    # bottom for the rest; the other experts equally likely.
+    takes_hot_T = torch.rand(T, device=tokens_TH.device, generator=generator) < traffic.hot_share * top_k
+    others_TE = gumbel_TE[:, 1:]
+    # One above the row's best, or one below its worst: a clear order that keeps the softmax weights O(1).
+    gumbel_TE[:, 0] = torch.where(takes_hot_T, others_TE.max(dim=1).values + 1, others_TE.min(dim=1).values - 1)
+    return gumbel_TE
 
 
 def load_metrics(expert_ids_TK: torch.Tensor, num_experts: int) -> dict:

@@ -11,6 +11,7 @@ Bad input is one line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -243,6 +244,9 @@ def run_command(
                                           "hidden=768,intermediate=1536,experts=16,top_k=4, or a TOML file "
                                           "(default: journey on a GPU, small on the CPU)"),
     device: str = typer.Option("auto", help="auto, cuda or cpu"),
+    router: str = typer.Option("softmax-topk", help="softmax-topk, sigmoid-bias or switch (switch is top-1: "
+                                                    "presets then run with top_k=1)"),
+    capacity_factor: float = typer.Option(1.25, help="switch router: each expert's capacity, in mean loads"),
     traffic: str = typer.Option("uniform", help="traffic shape(s), comma-separated: uniform, zipf, hot"),
     zipf_s: float = typer.Option(1.2, help="zipf traffic: expert popularity ∝ rank^-s"),
     hot_share: float = typer.Option(0.5, help="hot traffic: the share of (token, slot) pairs expert 0 gets"),
@@ -266,7 +270,9 @@ def run_command(
         available = lab.load_levels()
         level_keys = parse_levels(levels, list(available))
         token_counts = parse_tokens(tokens or defaults["tokens"])
-        configs = parse_presets(preset or defaults["preset"])
+        configs = [dataclasses.replace(config, router=router, capacity_factor=capacity_factor,
+                                       top_k=1 if router == "switch" else config.top_k)
+                   for config in parse_presets(preset or defaults["preset"])]
         traffics = [Traffic(shape.strip(), zipf_s=zipf_s, hot_share=hot_share) for shape in traffic.split(",")]
         out_dir = prepare_out_dir(out)
     except (UsageError, ConfigError) as error:
@@ -279,7 +285,8 @@ def run_command(
     # The run, every default resolved, as a command that repeats it.
     args["command"] = shlex.join(["aisp", "bench", "run", "-t", target, "--levels", ",".join(level_keys),
                                   "--tokens", ",".join(map(str, token_counts)),
-                                  "--preset", preset or defaults["preset"], "--traffic", traffic,
+                                  "--preset", preset or defaults["preset"], "--router", router,
+                                  "--capacity-factor", f"{capacity_factor:g}", "--traffic", traffic,
                                   "--zipf-s", f"{zipf_s:g}", "--hot-share", f"{hot_share:g}", "--device", device,
                                   "--warmup", str(warmup), "--repeats", str(repeats), "--out", str(out)])
     env = environment(torch_device, ceilings, configs, args)

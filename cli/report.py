@@ -46,12 +46,17 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df["label"] = [level_label(r) for r in rows]
     df["order"] = [level_sort_key(r["level"]) for r in rows]
-    for column in ("tokens_per_expert", "load_cv", "load_gini", "load_max_over_mean", "dead_experts"):
+    for column in ("tokens_per_expert", "load_cv", "load_gini", "load_max_over_mean", "dead_experts",
+                   "dropped_pairs"):
         if column not in df:
             df[column] = None
     df["traffic"] = df["traffic"].fillna("uniform") if "traffic" in df else "uniform"
-    named = (df["traffic"] != "uniform").any()
-    df["case"] = df["preset"] + (", " + df["traffic"] if named else "")
+    df["router"] = df["router"].fillna("softmax-topk") if "router" in df else "softmax-topk"
+    df["case"] = df["preset"]
+    if (df["traffic"] != "uniform").any():
+        df["case"] += ", " + df["traffic"]
+    if (df["router"] != "softmax-topk").any():
+        df["case"] += ", " + df["router"] + " router"
     return df.sort_values(["order", "tokens"]).reset_index(drop=True)
 
 
@@ -151,6 +156,7 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
             "Gini": timed["load_gini"].map(lambda v: f"{v:.3f}"),
             "max / mean": timed["load_max_over_mean"].map(lambda v: f"{v:.2f}"),
             "dead experts": timed["dead_experts"].map(lambda v: str(int(v))),
+            "dropped pairs": timed["dropped_pairs"].map(lambda v: "-" if pd.isna(v) else str(int(v))),
         })
         parts += ["Load over the experts in the timed forward (the same routing for every level at a given T):",
                   markdown_table(metrics, "tokens")]

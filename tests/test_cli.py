@@ -136,6 +136,7 @@ def test_list():
         (["-t", "moe_journey", "--tokens", "12,abc"], "whole numbers"),
         (["-t", "moe_journey", "--tokens", "0"], "must be positive"),
         (["-t", "moe_journey", "--traffic", "bursty"], "unknown traffic 'bursty'"),
+        (["-t", "moe_journey", "--router", "hash"], "unknown router 'hash'"),
         (["-t", "moe_journey", "--traffic", "hot", "--hot-share", "2"], "share"),
     ],
 )
@@ -208,3 +209,14 @@ def test_traffic_shapes_and_load_metrics_in_a_run(tmp_path):
     summary = (run_dir / "summary.md").read_text()
     assert "## tiny, hot(50%)" in summary and "Load over the experts" in summary
     assert (run_dir / "load_tiny_hot_50.png").exists() and (run_dir / "imbalance_tiny.png").exists()
+
+
+def test_switch_router_with_zipf_traffic(tmp_path):
+    result = bench("run", "-t", "moe_journey", "--levels", "0,7", "--tokens", "24", "--router", "switch",
+                   "--traffic", "zipf", "--capacity-factor", "1.0", "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = run_dirs(tmp_path)
+    rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()]
+    assert all(r["status"] == "ok" and r["router"] == "switch" and r["top_k"] == 1 for r in rows)
+    assert rows[0]["dropped_pairs"] > 0
+    assert "## tiny, zipf(s=1.2), switch router" in (run_dir / "summary.md").read_text()

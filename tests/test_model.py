@@ -84,7 +84,7 @@ def test_counts():
 
 
 # --- traffic shapes and load metrics -----------------------------------------------------------------------------
-from moe_model import Traffic, load_metrics, route_with_traffic  # noqa: E402
+from moe_model import SigmoidBias, Switch, Traffic, load_metrics, make_router, router_logits  # noqa: E402
 
 
 def test_load_metrics_on_known_distributions():
@@ -101,14 +101,16 @@ def test_load_metrics_on_known_distributions():
 def test_traffic_shapes_skew_the_load(tiny_weights, traffic):
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(3000, 64).bfloat16()
-    weights_TK, ids_TK = route_with_traffic(tokens, tiny_weights.router_HE, 2, traffic, generator)
+    logits = router_logits(tokens, tiny_weights.router_HE, 2, traffic, generator)
+    routing = make_router(get_preset("tiny"))(logits, 2)
+    weights_TK, ids_TK = routing.routing_weights_TK, routing.expert_ids_TK
     assert (ids_TK[:, 0] != ids_TK[:, 1]).all()  # k distinct experts per token
     assert torch.allclose(weights_TK.float().sum(-1), torch.ones(3000), atol=1e-2)
     counts = torch.bincount(ids_TK.flatten(), minlength=4).float()
     assert counts.argmax() == 0  # expert 0 is the popular one
     if traffic.shape == "hot":
         assert abs(counts[0] / counts.sum() - 0.3) < 0.03
-    uniform = load_metrics(route_with_traffic(tokens, tiny_weights.router_HE, 2, Traffic(), generator)[1], 4)
+    uniform = load_metrics(route(tokens, tiny_weights.router_HE, 2)[1], 4)
     assert load_metrics(ids_TK, 4)["load_cv"] > uniform["load_cv"]
 
 
@@ -118,3 +120,51 @@ def test_traffic_shapes_skew_the_load(tiny_weights, traffic):
 def test_traffic_validation(fields, message):
     with pytest.raises(ConfigError, match=message):
         Traffic(**fields)
+
+
+# --- routers ------------------------------------------------------------------------------------------------------
+def test_softmax_top_k_by_hand():
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]]))
+    routing = make_router(get_preset("tiny"))(logits, 2)
+    assert routing.expert_ids_TK.tolist() == [[1, 2], [0, 2]]
+    assert torch.allclose(routing.routing_weights_TK, torch.tensor([[2 / 3, 1 / 3], [0.625, 0.375]]))
+    assert routing.dropped_pairs == 0
+
+
+def test_sigmoid_bias_selects_with_bias_weights_without():
+    router = SigmoidBias(num_experts=3)
+    router.bias_E = torch.tensor([0.0, 0.0, 1.0])  # pushes expert 2 into every selection
+    logits = torch.tensor([[2.0, 1.0, -3.0]])
+    routing = router(logits, 2)
+    assert routing.expert_ids_TK.tolist() == [[2, 0]]
+    scores = torch.sigmoid(logits[0, [2, 0]])
+    assert torch.allclose(routing.routing_weights_TK[0], scores / scores.sum())
+
+
+def test_sigmoid_bias_update_moves_load_toward_balance():
+    generator = torch.Generator().manual_seed(0)
+    router = SigmoidBias(num_experts=8, update_rate=0.02)
+    skew_E = torch.linspace(1.0, -1.0, 8)  # expert 0 favoured, expert 7 shunned
+    imbalance = []
+    for _ in range(60):
+        logits = torch.randn((512, 8), generator=generator) + skew_E
+        imbalance.append(load_metrics(router(logits, 2).expert_ids_TK, 8)["load_max_over_mean"])
+    assert imbalance[-1] < imbalance[0] - 0.5 and imbalance[-1] < 1.3
+    assert router.bias_E[0] < 0 < router.bias_E[7]
+
+
+def test_switch_drops_over_capacity_and_counts():
+    logits = torch.tensor([[5.0, 0.0]] * 5 + [[0.0, 5.0]])  # five tokens want expert 0, one wants expert 1
+    routing = Switch(capacity_factor=1.0)(logits, 1)  # capacity ceil(1.0 · 6 / 2) = 3
+    assert routing.expert_ids_TK[:, 0].tolist() == [0, 0, 0, 0, 0, 1]
+    kept = (routing.routing_weights_TK[:, 0] > 0).tolist()
+    assert kept == [True, True, True, False, False, True] and routing.dropped_pairs == 2
+    p = torch.softmax(torch.tensor([5.0, 0.0]), 0)[0]
+    assert torch.allclose(routing.routing_weights_TK[0, 0], p)  # the gate probability, not renormalised
+
+
+def test_router_validation():
+    with pytest.raises(ConfigError, match="unknown router"):
+        MoEConfig(hidden=8, intermediate=8, num_experts=4, top_k=1, router="hash")
+    with pytest.raises(ConfigError, match="top_k must be 1"):
+        MoEConfig(hidden=8, intermediate=8, num_experts=4, top_k=2, router="switch")

@@ -40,9 +40,10 @@ from moe_model import (  # noqa: E402
     get_preset,
     init_weights,
     load_metrics,
+    make_router,
     min_bytes,
     reference_forward,
-    route_with_traffic,
+    router_logits,
 )
 
 TARGET = "moe_journey"
@@ -140,6 +141,7 @@ class Inputs:
     tokens_TH: torch.Tensor
     routing_weights_TK: torch.Tensor
     expert_ids_TK: torch.Tensor
+    dropped_pairs: int = 0  # pairs the router dropped (weight 0), e.g. over the switch router's capacity
 
     def as_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.tokens_TH, self.routing_weights_TK, self.expert_ids_TK
@@ -153,15 +155,16 @@ def input_seed(config: MoEConfig, num_tokens: int, purpose: str) -> int:
 def make_inputs(
     config: MoEConfig, weights: MoEWeights, num_tokens: int, seed: int, traffic: Traffic = Traffic()
 ) -> Inputs:
-    """Unit-variance random tokens, routed by the softmax top-k router or, for a skewed traffic shape, to the
-    experts that shape picks (moe_model.route_with_traffic)."""
+    """Unit-variance random tokens, routed by the config's router from the logits the traffic shape makes
+    (moe_model.router_logits: the router's own for uniform traffic)."""
     generator = torch.Generator(device=weights.device).manual_seed(seed)
     tokens_TH = torch.randn(
         (num_tokens, config.hidden), generator=generator, device=weights.device, dtype=torch.float32
     ).to(config.torch_dtype)
-    routing_weights_TK, expert_ids_TK = route_with_traffic(tokens_TH, weights.router_HE, config.top_k, traffic,
-                                                           generator)
-    return Inputs(tokens_TH, routing_weights_TK, expert_ids_TK)
+    logits_TE = router_logits(tokens_TH, weights.router_HE, config.top_k, traffic, generator)
+    routing = make_router(config)(logits_TE, config.top_k)
+    return Inputs(tokens_TH, routing.routing_weights_TK.to(config.torch_dtype), routing.expert_ids_TK,
+                  routing.dropped_pairs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,6 +310,7 @@ def base_row(
         "top_k": config.top_k,
         "tokens": num_tokens,
         "traffic": traffic.label,
+        "router": config.router,
         "device": device_label(device),
         "device_type": device.type,
         "dtype": config.dtype,
@@ -329,6 +333,7 @@ def base_row(
         "load_gini": None,
         "load_max_over_mean": None,
         "dead_experts": None,
+        "dropped_pairs": None,
     }
 
 
@@ -373,7 +378,8 @@ def benchmark(
             return row
 
         timing_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "timing"), traffic)
-        row.update(load_metrics(timing_inputs.expert_ids_TK, config.num_experts))
+        row.update(load_metrics(timing_inputs.expert_ids_TK, config.num_experts),
+                   dropped_pairs=timing_inputs.dropped_pairs)
         call = lambda: level.forward(*timing_inputs.as_args())  # noqa: E731
         times_ms = time_calls(call, device, warmup, repeats, time_budget_s)
         row["peak_mb"], row["extra_mb"] = peak_memory_mb(call, device)
