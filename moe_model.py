@@ -48,6 +48,7 @@ class MoEConfig:
     name: str = "custom"
     router: str = "softmax-topk"
     capacity_factor: float = 1.25  # the switch router's per-expert capacity, in units of the mean load
+    num_shared_experts: int = 0  # always-active SwiGLU experts of intermediate size I (DeepSeek, GLM)
 
     def __post_init__(self) -> None:
         for field in ("hidden", "intermediate", "num_experts", "top_k"):
@@ -56,6 +57,9 @@ class MoEConfig:
                 raise ConfigError(f"{field} must be a whole number, got {value!r}")
             if value <= 0:
                 raise ConfigError(f"{field} must be positive, got {value}")
+        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) \
+                or self.num_shared_experts < 0:
+            raise ConfigError(f"num_shared_experts must be a whole number ≥ 0, got {self.num_shared_experts!r}")
         if self.top_k > self.num_experts:
             raise ConfigError(
                 f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts}): "
@@ -79,7 +83,8 @@ class MoEConfig:
         return TOLERANCES[self.dtype]
 
     def shape_str(self) -> str:
-        return f"H={self.hidden} I={self.intermediate} E={self.num_experts} K={self.top_k} {self.dtype}"
+        shared = f" S={self.num_shared_experts}" if self.num_shared_experts else ""
+        return f"H={self.hidden} I={self.intermediate} E={self.num_experts} K={self.top_k}{shared} {self.dtype}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +115,10 @@ class MoEWeights:
     w_gate_EHI: torch.Tensor
     w_up_EHI: torch.Tensor
     w_down_EIH: torch.Tensor
+    # The shared experts, S of them (S may be 0): every token goes through each, with weight 1.
+    w_shared_gate_SHI: torch.Tensor
+    w_shared_up_SHI: torch.Tensor
+    w_shared_down_SIH: torch.Tensor
 
     @property
     def device(self) -> torch.device:
@@ -123,21 +132,35 @@ def init_weights(config: MoEConfig, device: torch.device | str) -> MoEWeights:
     generator = torch.Generator(device=device).manual_seed(config.seed)
     H, I, E, dtype = config.hidden, config.intermediate, config.num_experts, config.torch_dtype
 
-    def draw_experts(rows: int, cols: int) -> torch.Tensor:
-        out = torch.empty((E, rows, cols), dtype=dtype, device=device)
+    def draw_experts(rows: int, cols: int, count: int = E) -> torch.Tensor:
+        out = torch.empty((count, rows, cols), dtype=dtype, device=device)
         # One expert at a time, so the fp32 draw never needs a second copy of a large preset's weights.
-        for expert in range(E):
+        for expert in range(count):
             sample = torch.randn((rows, cols), generator=generator, device=device, dtype=torch.float32)
             out[expert] = sample.mul_(1.0 / math.sqrt(rows))
         return out
 
+    S = config.num_shared_experts
     router_HE = torch.randn((H, E), generator=generator, device=device, dtype=torch.float32) / math.sqrt(H)
-    return MoEWeights(
+    return MoEWeights(  # drawn in this order, so adding shared experts leaves the routed weights as they were
         router_HE=router_HE.to(dtype),
         w_gate_EHI=draw_experts(H, I),
         w_up_EHI=draw_experts(H, I),
         w_down_EIH=draw_experts(I, H),
+        w_shared_gate_SHI=draw_experts(H, I, S),
+        w_shared_up_SHI=draw_experts(H, I, S),
+        w_shared_down_SIH=draw_experts(I, H, S),
     )
+
+
+def shared_experts_forward(tokens_TH: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
+    """The always-active experts: dense SwiGLU MLPs that every token goes through, summed. [T, H], tokens' dtype."""
+    out_TH = torch.zeros_like(tokens_TH)
+    for shared in range(weights.w_shared_gate_SHI.shape[0]):
+        gate = tokens_TH @ weights.w_shared_gate_SHI[shared]
+        up = tokens_TH @ weights.w_shared_up_SHI[shared]
+        out_TH += (F.silu(gate) * up) @ weights.w_shared_down_SIH[shared]
+    return out_TH
 
 
 @dataclass
@@ -226,19 +249,26 @@ def reference_forward(
         hidden = F.silu(x @ weights.w_gate_EHI[expert].float()) * (x @ weights.w_up_EHI[expert].float())
         y = hidden @ weights.w_down_EIH[expert].float()
         out_TH.index_add_(0, token_idx, y * routing_weights_TK[token_idx, slot, None].float())
+    x = tokens_TH.float()
+    for shared in range(weights.w_shared_gate_SHI.shape[0]):
+        hidden = F.silu(x @ weights.w_shared_gate_SHI[shared].float()) * (x @ weights.w_shared_up_SHI[shared].float())
+        out_TH += hidden @ weights.w_shared_down_SIH[shared].float()
     return out_TH
 
 
 def flop_count(config: MoEConfig, num_tokens: int) -> int:
-    """Matmul FLOPs of one forward: T·K token-expert pairs, three H×I matmuls each, 2 FLOPs per multiply-add."""
-    return 2 * num_tokens * config.top_k * 3 * config.hidden * config.intermediate
+    """Matmul FLOPs of one forward: T·(K + S) token-expert pairs (S shared experts), three H×I matmuls each,
+    2 FLOPs per multiply-add."""
+    pairs = num_tokens * (config.top_k + config.num_shared_experts)
+    return 2 * pairs * 3 * config.hidden * config.intermediate
 
 
 def min_bytes(config: MoEConfig, num_tokens: int, experts_touched: int) -> int:
-    """Fewest bytes one forward must move through device memory: the weights of every expert that got a token,
-    read once, plus the tokens read once and the output written once."""
+    """Fewest bytes one forward must move through device memory: the weights of every expert that got a token
+    and of the shared experts, read once, plus the tokens read once and the output written once."""
     element = torch.finfo(config.torch_dtype).bits // 8
-    weights = experts_touched * 3 * config.hidden * config.intermediate * element
+    experts = experts_touched + config.num_shared_experts
+    weights = experts * 3 * config.hidden * config.intermediate * element
     return weights + 2 * num_tokens * config.hidden * element
 
 

@@ -91,7 +91,8 @@ def parse_tokens(spec: str) -> list[int]:
 
 
 SHAPE_KEYS = {"hidden": "hidden", "intermediate": "intermediate", "experts": "num_experts",
-              "num_experts": "num_experts", "top_k": "top_k", "dtype": "dtype", "seed": "seed", "name": "name"}
+              "num_experts": "num_experts", "top_k": "top_k", "dtype": "dtype", "seed": "seed", "name": "name",
+              "shared_experts": "num_shared_experts"}
 
 
 def config_from_mapping(values: dict, source: str):

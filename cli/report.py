@@ -60,6 +60,12 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     return df.sort_values(["order", "tokens"]).reset_index(drop=True)
 
 
+def shared_of(row) -> str:
+    """ S=n for rows of a layer with shared experts; nothing for those without (or from before they existed)."""
+    shared = row.get("shared_experts")
+    return f" S={int(shared)}" if shared and not pd.isna(shared) else ""
+
+
 def slug(case: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", case).strip("_")
 
@@ -108,7 +114,8 @@ DECODE_MAX_TOKENS = 512  # at or below this many tokens the layer is bound by re
 
 def preset_section(df: pd.DataFrame, env: dict) -> str:
     first = df.iloc[0]
-    shape = f"H={first['hidden']} I={first['intermediate']} E={first['experts']} K={first['top_k']} {first['dtype']}"
+    shape = f"H={first['hidden']} I={first['intermediate']} E={first['experts']} K={first['top_k']}{shared_of(first)} " \
+            f"{first['dtype']}"
     baseline = next((lbl for lbl in df["label"] if lbl.startswith("0 ")), None)
 
     def status_or(render):
@@ -348,7 +355,8 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
     for case in dict.fromkeys(df["case"]):
         part = df[df["case"] == case].reset_index(drop=True)
         first = part.iloc[0]
-        shape = f"H={first['hidden']} I={first['intermediate']} E={first['experts']} K={first['top_k']}"
+        shape = f"H={first['hidden']} I={first['intermediate']} E={first['experts']} K={first['top_k']}" \
+                f"{shared_of(first)}"
 
         def cell(render):
             return lambda r: render(r) if r["status"] == "ok" else STATUS_CELL.get(r["status"], r["status"])

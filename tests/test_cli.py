@@ -102,7 +102,7 @@ def test_interrupted_run_keeps_its_rows(tmp_path, monkeypatch):
 
 
 def test_inline_shape_and_toml_presets(tmp_path):
-    inline = "hidden=32,intermediate=48,experts=6,top_k=3"
+    inline = "hidden=32,intermediate=48,experts=6,top_k=3,shared_experts=1"
     result = bench("run", "-t", "moe_journey", "--levels", "4", "--tokens", "7", "--out", str(tmp_path),
                    "--device", "cpu", "--repeats", "3", "--preset", inline)
     assert result.exit_code == 0, result.output
@@ -113,6 +113,8 @@ def test_inline_shape_and_toml_presets(tmp_path):
     assert result.exit_code == 0, result.output
     presets = [json.loads((d / "rows.jsonl").read_text().splitlines()[0])["preset"] for d in run_dirs(tmp_path)]
     assert sorted(presets) == ["custom-H32-I48-E6-K3", "mine"]
+    summaries = "".join((d / "summary.md").read_text() for d in run_dirs(tmp_path))
+    assert "K=3 S=1 bf16" in summaries
 
 
 def test_list():

@@ -64,6 +64,15 @@ def test_every_router(levels, level, router):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("num_shared", [1, 2])
+def test_shared_experts(levels, level, num_shared):
+    config = make_config(num_shared_experts=num_shared)
+    weights = init_weights(config, "cpu")
+    inputs = make_inputs(config, weights, 19, seed=num_shared)
+    run_level(levels[level], config, weights, *inputs.as_args())
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_uneven_routing_with_idle_experts(levels, tiny, tiny_weights, level):
     """Experts 0 and 2 get nothing; expert 3 gets every token."""
     tokens = torch.randn(29, tiny.hidden).bfloat16()

@@ -24,6 +24,7 @@ from moe_model import (
         (dict(top_k=0), "top_k must be positive"),
         (dict(hidden=64.5), "whole number"),
         (dict(dtype="int7"), "unknown dtype"),
+        (dict(num_shared_experts=-1), "num_shared_experts"),
     ],
 )
 def test_config_validation(fields, message):
@@ -168,3 +169,20 @@ def test_router_validation():
         MoEConfig(hidden=8, intermediate=8, num_experts=4, top_k=1, router="hash")
     with pytest.raises(ConfigError, match="top_k must be 1"):
         MoEConfig(hidden=8, intermediate=8, num_experts=4, top_k=2, router="switch")
+
+
+def test_shared_experts_add_a_dense_mlp_and_keep_routed_weights(tiny):
+    from moe_model import shared_experts_forward
+
+    with_shared = MoEConfig(**(tiny.to_dict() | {"num_shared_experts": 1}))
+    plain, shared = init_weights(tiny, "cpu"), init_weights(with_shared, "cpu")
+    assert torch.equal(plain.w_down_EIH, shared.w_down_EIH)  # drawn after the routed experts
+    assert shared.w_shared_gate_SHI.shape == (1, 64, 96) and plain.w_shared_gate_SHI.shape == (0, 64, 96)
+    tokens = torch.randn(7, 64).bfloat16()
+    weights_TK, ids_TK = route(tokens, shared.router_HE, 2)
+    difference = reference_forward(tokens, shared, weights_TK, ids_TK) - reference_forward(tokens, plain,
+                                                                                            weights_TK, ids_TK)
+    dense = shared_experts_forward(tokens, shared).float()
+    assert ((difference - dense).norm() / dense.norm()).item() < 2e-2
+    assert flop_count(with_shared, 10) == 2 * 10 * 3 * 3 * 64 * 96
+    assert "S=1" in with_shared.shape_str()

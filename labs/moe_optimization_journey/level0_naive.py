@@ -45,7 +45,7 @@ class NaiveLevel(MoELevel):
                 hidden = F.silu(x @ w.w_gate_EHI[expert]) * (x @ w.w_up_EHI[expert])  # [T_e, I]
                 y = hidden @ w.w_down_EIH[expert]  # [T_e, H]
                 out_TH[mask_T] += routing_weights_TK[mask_T, slot, None] * y
-        return out_TH
+        return self.add_shared_experts(out_TH, tokens_TH)
 
 
 if __name__ == "__main__":

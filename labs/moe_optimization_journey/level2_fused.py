@@ -40,7 +40,8 @@ class FusedLevel(MoELevel):
         up_TKI = torch.einsum("tkh,tkhi->tki", x_TKH, w.w_up_EHI[expert_ids_TK])
         hidden_TKI = silu_mul(gate_TKI, up_TKI)  # one pass instead of silu, then multiply
         y_TKH = torch.einsum("tki,tkih->tkh", hidden_TKI, w.w_down_EIH[expert_ids_TK])
-        return torch.einsum("tkh,tk->th", y_TKH, routing_weights_TK)
+        out_TH = torch.einsum("tkh,tk->th", y_TKH, routing_weights_TK)
+        return self.add_shared_experts(out_TH, tokens_TH)
 
 
 if __name__ == "__main__":

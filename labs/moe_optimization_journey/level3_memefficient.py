@@ -48,7 +48,7 @@ class MemEfficientLevel(MoELevel):
             y = hidden @ w.w_down_EIH[expert]  # [T_e, H]
             y.mul_(routing_weights_TK[token_idx, slot, None])
             out_TH.index_add_(0, token_idx, y)
-        return out_TH
+        return self.add_shared_experts(out_TH, tokens_TH)
 
 
 if __name__ == "__main__":

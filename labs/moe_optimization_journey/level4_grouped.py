@@ -62,7 +62,7 @@ class GroupedLevel(MoELevel):
         y_sorted.mul_(routing_weights_TK.flatten()[order, None])
         out_TH = torch.zeros_like(tokens_TH)
         out_TH.index_add_(0, token_of_sorted, y_sorted)
-        return out_TH
+        return self.add_shared_experts(out_TH, tokens_TH)
 
 
 if __name__ == "__main__":

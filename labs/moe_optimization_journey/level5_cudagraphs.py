@@ -71,7 +71,7 @@ class CudaGraphLevel(MoELevel):
         y_sorted = y_ECH[expert_sorted, rank] * routing_weights_TK.flatten()[order, None]  # [T·K, H]
         out_TH = torch.zeros_like(tokens_TH)
         out_TH.index_add_(0, order // K, y_sorted)
-        return out_TH
+        return self.add_shared_experts(out_TH, tokens_TH)
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         if self.device.type != "cuda":

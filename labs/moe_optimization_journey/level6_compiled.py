@@ -84,7 +84,8 @@ class CompiledLevel(MoELevel):
             hidden = silu_mul(gate, x @ w.w_up_EHI[expert], out=gate)
             torch.matmul(hidden, w.w_down_EIH[expert], out=y_sorted[rows])
             start += count
-        return self.combine(y_sorted, routing_weights_TK, order, token_of_sorted, torch.zeros_like(tokens_TH))
+        out_TH = self.combine(y_sorted, routing_weights_TK, order, token_of_sorted, torch.zeros_like(tokens_TH))
+        return self.add_shared_experts(out_TH, tokens_TH)
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         if not self.first_call:

@@ -27,6 +27,10 @@ Why it should be faster than levels 4-6
     FLOPs: the padding adds at most E·(BLOCK_M − 1) rows, a few percent when experts get many tokens.
     With no sync, the whole layer can also be recorded in a CUDA graph: that is level 8.
 
+Shared experts
+    Fused: each becomes one more expert of the grouped GEMM that every token picks with weight 1, so the dense
+    MLP runs in the same two launches as the routed experts (the other levels add it as a separate dense MLP).
+
 What it costs
     Our own GEMM kernels to keep correct and tuned (autotuning takes seconds per shape class on first use, outside
     the timing); a concatenated [E, H, 2I] copy of the gate and up weights made once in `prepare()`; and the
@@ -49,13 +53,23 @@ class TritonGroupedLevel(MoELevel):
     uses_triton = True
 
     def prepare(self):
-        # Gate and up side by side, [E, H, 2I]: one weight tensor, read by one kernel.
-        self.w13_EH2I = torch.cat([self.weights.w_gate_EHI, self.weights.w_up_EHI], dim=2).contiguous()
+        w = self.weights
+        # Gate and up side by side, [E, H, 2I]: one weight tensor, read by one kernel. Shared experts, if any,
+        # become experts E … E+S−1 of the same tensors, so the grouped GEMM runs them with the routed ones.
+        gate = torch.cat([w.w_gate_EHI, w.w_shared_gate_SHI])
+        up = torch.cat([w.w_up_EHI, w.w_shared_up_SHI])
+        self.w13_EH2I = torch.cat([gate, up], dim=2).contiguous()
+        self.w_down_EIH = torch.cat([w.w_down_EIH, w.w_shared_down_SIH]) if self.config.num_shared_experts \
+            else w.w_down_EIH
         self.tuned_configs_noted = False
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
-        out_TH = moe_grouped_forward(tokens_TH, routing_weights_TK, expert_ids_TK, self.w13_EH2I,
-                                     self.weights.w_down_EIH)
+        if self.config.num_shared_experts:  # every token also picks each shared expert, with weight 1
+            T, E, S = tokens_TH.shape[0], self.config.num_experts, self.config.num_shared_experts
+            shared_ids_TS = torch.arange(E, E + S, device=self.device).expand(T, S)
+            expert_ids_TK = torch.cat([expert_ids_TK, shared_ids_TS], dim=1)
+            routing_weights_TK = torch.cat([routing_weights_TK, routing_weights_TK.new_ones(T, S)], dim=1)
+        out_TH = moe_grouped_forward(tokens_TH, routing_weights_TK, expert_ids_TK, self.w13_EH2I, self.w_down_EIH)
         if not self.tuned_configs_noted:  # the autotuner has chosen by the end of the first call
             self.tuned_configs_noted = True
             self.notes.append(triton_kernels.describe_tuned_configs())

@@ -44,6 +44,7 @@ from moe_model import (  # noqa: E402
     min_bytes,
     reference_forward,
     router_logits,
+    shared_experts_forward,
 )
 
 TARGET = "moe_journey"
@@ -78,6 +79,13 @@ class MoELevel:
         self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def add_shared_experts(self, out_TH: torch.Tensor, tokens_TH: torch.Tensor) -> torch.Tensor:
+        """out_TH plus the config's shared experts, run as a separate dense MLP (not fused with the routed
+        experts; level 7 fuses them instead). Without shared experts it returns out_TH untouched, at no cost."""
+        if self.config.num_shared_experts:
+            out_TH += shared_experts_forward(tokens_TH, self.weights)
+        return out_TH
 
 
 class CapturedGraph:
@@ -308,6 +316,7 @@ def base_row(
         "intermediate": config.intermediate,
         "experts": config.num_experts,
         "top_k": config.top_k,
+        "shared_experts": config.num_shared_experts,
         "tokens": num_tokens,
         "traffic": traffic.label,
         "router": config.router,

@@ -46,7 +46,8 @@ class TorchGroupedMMPeer(MoELevel):
         y_sorted = torch._grouped_mm(hidden, w.w_down_EIH, offs=expert_ends)  # [T·K, H]
 
         y_sorted.mul_(routing_weights_TK.flatten()[order, None])
-        return torch.zeros_like(tokens_TH).index_add_(0, token_of_sorted, y_sorted)
+        out_TH = torch.zeros_like(tokens_TH).index_add_(0, token_of_sorted, y_sorted)
+        return self.add_shared_experts(out_TH, tokens_TH)
 
 
 if __name__ == "__main__":
