@@ -170,8 +170,8 @@ def _gemm_configs(interpret: bool, two_accumulators: bool) -> list:
     """Tile shapes to autotune over, for Hopper. Wide, deep-pipelined tiles for large GEMMs; narrow ones so that
     decode (a few rows per expert, bound by reading weights) still spreads each expert over many programs. The
     gate/up kernel keeps two accumulators, so its tiles are half as wide to stay within the registers."""
-    if interpret:  # one small config: the interpreter only checks the indexing
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+    if interpret:  # one config: the interpreter only checks the indexing, and pays per program and per step
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}, num_warps=4, num_stages=1)]
     wide = 128 if two_accumulators else 256
     shapes = [(wide, 64, 8, 3), (wide, 64, 8, 4), (wide // 2, 64, 8, 4), (wide // 2, 128, 8, 3),
               (wide // 2, 64, 4, 5), (64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3)]

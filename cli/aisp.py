@@ -38,7 +38,7 @@ app.add_typer(bench, name="bench")
 TARGETS = {"moe_journey": "one MoE feed-forward layer, from naive Python loops to a fast GPU implementation"}
 # Per device: what a bare `aisp bench run -t moe_journey` measures, and how long it may time one row.
 GPU_DEFAULTS = {"preset": "journey", "tokens": "2048,8192,16384,32768", "time_budget_s": 3.0, "warmup": 3}
-CPU_DEFAULTS = {"preset": "small", "tokens": "64,256,512", "time_budget_s": 1.0, "warmup": 1}
+CPU_DEFAULTS = {"preset": "small", "tokens": "16,64,512", "time_budget_s": 1.0, "warmup": 1}
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -240,7 +240,7 @@ def run_command(
     target: str = typer.Option(..., "-t", "--target", help="what to run: moe_journey"),
     levels: str = typer.Option(None, help="e.g. 0-8, 0,4,7,peer (default: every level and the peer)"),
     tokens: str = typer.Option(None, help="token counts, e.g. 2048,8192 (default: 2048,8192,16384,32768 on a GPU, "
-                                          "64,256,512 on the CPU)"),
+                                          "16,64,512 on the CPU)"),
     preset: str = typer.Option(None, help="preset name(s) comma-separated, an inline shape "
                                           "hidden=768,intermediate=1536,experts=16,top_k=4, or a TOML file "
                                           "(default: journey on a GPU, small on the CPU)"),

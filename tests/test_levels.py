@@ -179,7 +179,8 @@ def test_level_script_runs_alone(level_file):
         cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ | {"COLUMNS": "200", "TRITON_INTERPRET": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "│ ok" in result.stdout or " ok " in result.stdout
+    expected = "skipped" if level_file.startswith("level8") else "ok"  # level 8 needs CUDA graphs
+    assert f"│ {expected}" in result.stdout or f" {expected} " in result.stdout
 
 
 def test_level_script_bad_preset_is_one_line():

@@ -52,6 +52,14 @@ class TritonGroupedLevel(MoELevel):
     summary = "device-side token alignment + two Triton grouped-GEMM kernels (fused SiLU·up, weighted combine)"
     uses_triton = True
 
+    @classmethod
+    def skip_reason(cls, config, num_tokens):
+        pair_work = num_tokens * (config.top_k + config.num_shared_experts) * config.hidden * config.intermediate
+        if triton_kernels.interpreting() and pair_work > 2**23:
+            return ("the Triton interpreter would take seconds per call at this size (the tests check this level "
+                    "on the CPU at small sizes); run it on a GPU")
+        return None
+
     def prepare(self):
         w = self.weights
         # Gate and up side by side, [E, H, 2I]: one weight tensor, read by one kernel. Shared experts, if any,
