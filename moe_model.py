@@ -27,7 +27,7 @@ DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
 }
 
-ROUTERS = ("softmax-topk", "sigmoid-bias", "switch")  # the classes below, by name
+ROUTERS = ("softmax-topk", "sigmoid-bias", "switch", "expert-choice")  # the classes below, by name
 
 # Relative error ‖out − ref‖ / ‖ref‖ a level may have against the fp32 reference, by the dtype it computes in.
 TOLERANCES: dict[str, float] = {"bf16": 2e-2, "fp16": 1e-2, "fp32": 1e-4}
@@ -165,9 +165,13 @@ def shared_experts_forward(tokens_TH: torch.Tensor, weights: MoEWeights) -> torc
 
 @dataclass
 class Routing:
-    routing_weights_TK: torch.Tensor  # fp32; a dropped pair has weight 0 (the levels still compute it)
-    expert_ids_TK: torch.Tensor  # int64, k distinct experts per token
-    dropped_pairs: int = 0
+    """K slots per token, K distinct experts in them. A slot with weight 0 contributes nothing: a pair the router
+    dropped, or (expert choice) a filler where a token got fewer experts than the widest token. The levels still
+    compute such pairs; a production kernel would skip them."""
+
+    routing_weights_TK: torch.Tensor  # fp32
+    expert_ids_TK: torch.Tensor  # int64
+    dropped_tokens: int = 0  # tokens that no expert processes
 
 
 class SoftmaxTopK:
@@ -218,7 +222,32 @@ class Switch:
         return Routing(weights_T1 * kept_T1, expert_ids_T1, int((~kept_T1).sum()))
 
 
-def make_router(config: MoEConfig) -> SoftmaxTopK | SigmoidBias | Switch:
+class ExpertChoice:
+    """Expert choice (Zhou et al., 2022): the experts pick the tokens. Each expert takes the C tokens with the
+    highest softmax score for it, C = ceil(capacity_factor · T · K / E) (at most T); the weight is that score. So
+    every expert gets exactly C tokens (perfect balance), and a token may get several experts or none (counted as
+    dropped). The routing is as wide as the most-chosen token; narrower tokens fill with weight-0 slots."""
+
+    def __init__(self, capacity_factor: float):
+        self.capacity_factor = capacity_factor
+
+    def __call__(self, logits_TE: torch.Tensor, top_k: int) -> Routing:
+        T, E = logits_TE.shape
+        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+        capacity = min(T, math.ceil(self.capacity_factor * T * top_k / E))
+        chosen_CE = torch.topk(probs_TE, capacity, dim=0).indices  # each expert's tokens
+        chosen_TE = torch.zeros((T, E), dtype=torch.bool, device=logits_TE.device)
+        chosen_TE.scatter_(0, chosen_CE, True)
+        width = max(1, int(chosen_TE.sum(dim=1).max()))
+        # Chosen experts first (by score), then unchosen ones as weight-0 fillers: distinct experts per token.
+        expert_ids_TK = torch.argsort(chosen_TE.float() * 2 + probs_TE, dim=1, descending=True)[:, :width]
+        weights_TK = torch.where(chosen_TE.gather(1, expert_ids_TK), probs_TE.gather(1, expert_ids_TK), 0.0)
+        return Routing(weights_TK, expert_ids_TK, int((~chosen_TE.any(dim=1)).sum()))
+
+
+def make_router(config: MoEConfig) -> SoftmaxTopK | SigmoidBias | Switch | ExpertChoice:
+    if config.router == "expert-choice":
+        return ExpertChoice(config.capacity_factor)
     if config.router == "sigmoid-bias":
         return SigmoidBias(config.num_experts)
     if config.router == "switch":

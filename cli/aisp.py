@@ -245,9 +245,10 @@ def run_command(
                                           "hidden=768,intermediate=1536,experts=16,top_k=4, or a TOML file "
                                           "(default: journey on a GPU, small on the CPU)"),
     device: str = typer.Option("auto", help="auto, cuda or cpu"),
-    router: str = typer.Option("softmax-topk", help="softmax-topk, sigmoid-bias or switch (switch is top-1: "
-                                                    "presets then run with top_k=1)"),
-    capacity_factor: float = typer.Option(1.25, help="switch router: each expert's capacity, in mean loads"),
+    router: str = typer.Option("softmax-topk", help="softmax-topk, sigmoid-bias, switch (top-1: presets then run "
+                                                    "with top_k=1) or expert-choice"),
+    capacity_factor: float = typer.Option(1.25, help="switch and expert-choice: each expert's capacity, in mean "
+                                                     "loads"),
     traffic: str = typer.Option("uniform", help="traffic shape(s), comma-separated: uniform, zipf, hot"),
     zipf_s: float = typer.Option(1.2, help="zipf traffic: expert popularity ∝ rank^-s"),
     hot_share: float = typer.Option(0.5, help="hot traffic: the share of (token, slot) pairs expert 0 gets"),

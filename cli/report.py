@@ -47,7 +47,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     df["label"] = [level_label(r) for r in rows]
     df["order"] = [level_sort_key(r["level"]) for r in rows]
     for column in ("tokens_per_expert", "load_cv", "load_gini", "load_max_over_mean", "dead_experts",
-                   "dropped_pairs"):
+                   "dropped_tokens"):
         if column not in df:
             df[column] = None
     df["traffic"] = df["traffic"].fillna("uniform") if "traffic" in df else "uniform"
@@ -163,7 +163,7 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
             "Gini": timed["load_gini"].map(lambda v: f"{v:.3f}"),
             "max / mean": timed["load_max_over_mean"].map(lambda v: f"{v:.2f}"),
             "dead experts": timed["dead_experts"].map(lambda v: str(int(v))),
-            "dropped pairs": timed["dropped_pairs"].map(lambda v: "-" if pd.isna(v) else str(int(v))),
+            "dropped tokens": timed["dropped_tokens"].map(lambda v: "-" if pd.isna(v) else str(int(v))),
         })
         parts += ["Load over the experts in the timed forward (the same routing for every level at a given T):",
                   markdown_table(metrics, "tokens")]

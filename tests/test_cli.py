@@ -220,5 +220,15 @@ def test_switch_router_with_zipf_traffic(tmp_path):
     (run_dir,) = run_dirs(tmp_path)
     rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()]
     assert all(r["status"] == "ok" and r["router"] == "switch" and r["top_k"] == 1 for r in rows)
-    assert rows[0]["dropped_pairs"] > 0
+    assert rows[0]["dropped_tokens"] > 0
     assert "## tiny, zipf(s=1.2), switch router" in (run_dir / "summary.md").read_text()
+
+
+def test_expert_choice_router_run(tmp_path):
+    result = bench("run", "-t", "moe_journey", "--levels", "4,peer", "--tokens", "30", "--router", "expert-choice",
+                   "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = run_dirs(tmp_path)
+    rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()]
+    assert all(r["status"] == "ok" and r["router"] == "expert-choice" for r in rows)
+    assert "dropped tokens" in (run_dir / "summary.md").read_text()

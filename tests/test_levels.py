@@ -53,13 +53,13 @@ def test_skewed_traffic(levels, tiny, tiny_weights, level, shape):
 
 
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("router", ["sigmoid-bias", "switch"])
+@pytest.mark.parametrize("router", ["sigmoid-bias", "switch", "expert-choice"])
 def test_every_router(levels, level, router):
     config = make_config(router=router, top_k=1 if router == "switch" else 2, capacity_factor=0.8)
     weights = init_weights(config, "cpu")
     inputs = make_inputs(config, weights, 31, seed=7, traffic=Traffic("zipf"))
     if router == "switch":
-        assert inputs.dropped_pairs > 0  # a capacity under the mean load must drop something
+        assert inputs.dropped_tokens > 0  # a capacity under the mean load must drop something
     run_level(levels[level], config, weights, *inputs.as_args())
 
 

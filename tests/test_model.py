@@ -85,7 +85,7 @@ def test_counts():
 
 
 # --- traffic shapes and load metrics -----------------------------------------------------------------------------
-from moe_model import SigmoidBias, Switch, Traffic, load_metrics, make_router, router_logits  # noqa: E402
+from moe_model import ExpertChoice, SigmoidBias, Switch, Traffic, load_metrics, make_router, router_logits  # noqa: E402,E501
 
 
 def test_load_metrics_on_known_distributions():
@@ -129,7 +129,7 @@ def test_softmax_top_k_by_hand():
     routing = make_router(get_preset("tiny"))(logits, 2)
     assert routing.expert_ids_TK.tolist() == [[1, 2], [0, 2]]
     assert torch.allclose(routing.routing_weights_TK, torch.tensor([[2 / 3, 1 / 3], [0.625, 0.375]]))
-    assert routing.dropped_pairs == 0
+    assert routing.dropped_tokens == 0
 
 
 def test_sigmoid_bias_selects_with_bias_weights_without():
@@ -159,7 +159,7 @@ def test_switch_drops_over_capacity_and_counts():
     routing = Switch(capacity_factor=1.0)(logits, 1)  # capacity ceil(1.0 · 6 / 2) = 3
     assert routing.expert_ids_TK[:, 0].tolist() == [0, 0, 0, 0, 0, 1]
     kept = (routing.routing_weights_TK[:, 0] > 0).tolist()
-    assert kept == [True, True, True, False, False, True] and routing.dropped_pairs == 2
+    assert kept == [True, True, True, False, False, True] and routing.dropped_tokens == 2
     p = torch.softmax(torch.tensor([5.0, 0.0]), 0)[0]
     assert torch.allclose(routing.routing_weights_TK[0, 0], p)  # the gate probability, not renormalised
 
@@ -186,3 +186,20 @@ def test_shared_experts_add_a_dense_mlp_and_keep_routed_weights(tiny):
     assert ((difference - dense).norm() / dense.norm()).item() < 2e-2
     assert flop_count(with_shared, 10) == 2 * 10 * 3 * 3 * 64 * 96
     assert "S=1" in with_shared.shape_str()
+
+
+def test_expert_choice_gives_each_expert_its_capacity():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn((20, 4), generator=generator) * 2
+    routing = ExpertChoice(capacity_factor=1.0)(logits, 2)  # C = ceil(20 · 2 / 4) = 10 tokens per expert
+    chosen = routing.routing_weights_TK > 0
+    per_expert = torch.bincount(routing.expert_ids_TK[chosen], minlength=4)
+    assert per_expert.tolist() == [10, 10, 10, 10]
+    for t in range(20):
+        ids = routing.expert_ids_TK[t]
+        assert len(set(ids.tolist())) == ids.numel()  # distinct experts, fillers included
+    assert routing.dropped_tokens == int((~chosen.any(dim=1)).sum())
+    probs = torch.softmax(logits, -1)
+    expert, token = 2, int(torch.topk(probs[:, 2], 10).indices[0])
+    slot = (routing.expert_ids_TK[token] == expert).nonzero().item()
+    assert torch.isclose(routing.routing_weights_TK[token, slot], probs[token, expert])

@@ -37,7 +37,7 @@ class NaiveLevel(MoELevel):
         w = self.weights
         out_TH = torch.zeros_like(tokens_TH)
         for expert in range(self.config.num_experts):
-            for slot in range(self.config.top_k):
+            for slot in range(expert_ids_TK.shape[1]):  # K, as wide as this routing
                 mask_T = expert_ids_TK[:, slot] == expert
                 if not mask_T.any():  # a host sync, to skip an expert that got no token in this slot
                     continue

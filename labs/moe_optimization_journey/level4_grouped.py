@@ -37,7 +37,7 @@ class GroupedLevel(MoELevel):
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         w = self.weights
-        K = self.config.top_k
+        K = expert_ids_TK.shape[1]
         # Permute: pair p = t·K + k; sorting by expert makes every expert's pairs contiguous.
         expert_of_pair = expert_ids_TK.flatten()  # [T·K]
         order = torch.argsort(expert_of_pair, stable=True)  # [T·K] pair index, sorted by expert

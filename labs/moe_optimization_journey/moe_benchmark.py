@@ -149,7 +149,7 @@ class Inputs:
     tokens_TH: torch.Tensor
     routing_weights_TK: torch.Tensor
     expert_ids_TK: torch.Tensor
-    dropped_pairs: int = 0  # pairs the router dropped (weight 0), e.g. over the switch router's capacity
+    dropped_tokens: int = 0  # pairs the router dropped (weight 0), e.g. over the switch router's capacity
 
     def as_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.tokens_TH, self.routing_weights_TK, self.expert_ids_TK
@@ -172,7 +172,7 @@ def make_inputs(
     logits_TE = router_logits(tokens_TH, weights.router_HE, config.top_k, traffic, generator)
     routing = make_router(config)(logits_TE, config.top_k)
     return Inputs(tokens_TH, routing.routing_weights_TK.to(config.torch_dtype), routing.expert_ids_TK,
-                  routing.dropped_pairs)
+                  routing.dropped_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def base_row(
         "load_gini": None,
         "load_max_over_mean": None,
         "dead_experts": None,
-        "dropped_pairs": None,
+        "dropped_tokens": None,
     }
 
 
@@ -388,7 +388,7 @@ def benchmark(
 
         timing_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "timing"), traffic)
         row.update(load_metrics(timing_inputs.expert_ids_TK, config.num_experts),
-                   dropped_pairs=timing_inputs.dropped_pairs)
+                   dropped_tokens=timing_inputs.dropped_tokens)
         call = lambda: level.forward(*timing_inputs.as_args())  # noqa: E731
         times_ms = time_calls(call, device, warmup, repeats, time_budget_s)
         row["peak_mb"], row["extra_mb"] = peak_memory_mb(call, device)

@@ -32,7 +32,7 @@ class TorchGroupedMMPeer(MoELevel):
             raise LevelUnavailable(f"torch {torch.__version__} has no torch._grouped_mm")
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
-        w, K = self.weights, self.config.top_k
+        w, K = self.weights, expert_ids_TK.shape[1]
         expert_of_pair = expert_ids_TK.flatten()
         order = torch.argsort(expert_of_pair, stable=True)
         token_of_sorted = order // K
