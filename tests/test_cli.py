@@ -213,22 +213,18 @@ def test_traffic_shapes_and_load_metrics_in_a_run(tmp_path):
     assert (run_dir / "load_tiny_hot_50.png").exists() and (run_dir / "imbalance_tiny.png").exists()
 
 
-def test_switch_router_with_zipf_traffic(tmp_path):
-    result = bench("run", "-t", "moe_journey", "--levels", "0,7", "--tokens", "24", "--router", "switch",
-                   "--traffic", "zipf", "--capacity-factor", "1.0", "--out", str(tmp_path), *FAST)
-    assert result.exit_code == 0, result.output
-    (run_dir,) = run_dirs(tmp_path)
-    rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()]
-    assert all(r["status"] == "ok" and r["router"] == "switch" and r["top_k"] == 1 for r in rows)
-    assert rows[0]["dropped_tokens"] > 0
-    assert "## tiny, zipf(s=1.2), switch router" in (run_dir / "summary.md").read_text()
-
-
-def test_expert_choice_router_run(tmp_path):
-    result = bench("run", "-t", "moe_journey", "--levels", "4,peer", "--tokens", "30", "--router", "expert-choice",
+@pytest.mark.parametrize("router, extra, heading", [
+    ("switch", ["--traffic", "zipf", "--capacity-factor", "1.0"], "## tiny, zipf(s=1.2), switch router"),
+    ("expert-choice", [], "## tiny, expert-choice router"),
+])
+def test_routers_in_a_run(tmp_path, router, extra, heading):
+    result = bench("run", "-t", "moe_journey", "--levels", "0,7", "--tokens", "24", "--router", router, *extra,
                    "--out", str(tmp_path), *FAST)
     assert result.exit_code == 0, result.output
     (run_dir,) = run_dirs(tmp_path)
     rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()]
-    assert all(r["status"] == "ok" and r["router"] == "expert-choice" for r in rows)
-    assert "dropped tokens" in (run_dir / "summary.md").read_text()
+    assert all(r["status"] == "ok" and r["router"] == router for r in rows)
+    if router == "switch":
+        assert all(r["top_k"] == 1 for r in rows) and rows[0]["dropped_tokens"] > 0
+    summary = (run_dir / "summary.md").read_text()
+    assert heading in summary and "dropped tokens" in summary
