@@ -12,6 +12,8 @@ What it costs
     separate matmuls instead of one. The arithmetic is right, and the counted FLOPs are the minimum; everything
     around them is overhead, which the later levels remove one by one.
 
+Shared experts (if the config has any) run after the loops as a separate dense MLP: not fused.
+
 Run: python labs/moe_optimization_journey/level0_naive.py [--preset journey] [--tokens 8192] [--device cuda]
 """
 

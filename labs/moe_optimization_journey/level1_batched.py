@@ -18,6 +18,8 @@ What it costs
     benchmark records that as an `OOM` row. Python evaluates each statement's gather, uses it and frees it, so at
     most one [T, K, H, I] copy is alive at a time.
 
+Shared experts (if the config has any) run after the einsums as a separate dense MLP: not fused.
+
 Run: python labs/moe_optimization_journey/level1_batched.py [--preset journey] [--tokens 2048] [--device cuda]
 """
 

@@ -16,6 +16,8 @@ Why it should be faster than level 1
 What it costs
     A Triton dependency, and a kernel to keep correct. Without a GPU it runs in Triton's interpreter (slowly).
 
+Shared experts (if the config has any) run after the einsums as a separate dense MLP: not fused.
+
 Run: python labs/moe_optimization_journey/level2_fused.py [--preset journey] [--tokens 2048] [--device cuda]
 """
 

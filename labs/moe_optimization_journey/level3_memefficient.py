@@ -20,6 +20,8 @@ What it costs
     `nonzero` must tell the CPU how many pairs an expert got before the next kernels can be sized: E round trips
     per forward. With 8 experts that is cheap; with 128 or 256 it is most of the time at small T.
 
+Shared experts (if the config has any) run after the expert loop as a separate dense MLP: not fused.
+
 Run: python labs/moe_optimization_journey/level3_memefficient.py [--preset journey] [--tokens 8192] [--device cuda]
 """
 

@@ -20,6 +20,9 @@ What it costs
     O(T·K·(H + I)), about 3× the tokens' size at K=2. Still one host sync per forward, so the layer cannot be
     captured in a CUDA graph (level 5 removes it), and still E launches of each GEMM.
 
+Shared experts (if the config has any) run after the combine as a separate dense MLP: not fused
+(they could be: one more slice of every token, as level 7 does).
+
 Run: python labs/moe_optimization_journey/level4_grouped.py [--preset journey] [--tokens 8192] [--device cuda]
 """
 

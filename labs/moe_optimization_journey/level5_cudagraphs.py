@@ -29,6 +29,9 @@ What it costs
     GEMM block instead of to T. The output is a static buffer the next replay overwrites; read it (or copy it)
     before calling again. On the CPU there are no graphs: the same sync-free code runs eagerly, and the row says so.
 
+Shared experts (if the config has any) run as a separate dense MLP inside the same graph: captured, not
+fused.
+
 Run: python labs/moe_optimization_journey/level5_cudagraphs.py [--preset journey] [--tokens 8192] [--device cuda]
 """
 

@@ -32,6 +32,8 @@ What it costs
     compiler on the CPU, and a less transparent program (TORCH_LOGS=output_code shows what Inductor generated).
     If compilation fails here the level runs eagerly and its row says so.
 
+Shared experts (if the config has any) run after the compiled combine as a separate, uncompiled dense MLP.
+
 Run: python labs/moe_optimization_journey/level6_compiled.py [--preset journey] [--tokens 8192] [--device cuda]
 """
 

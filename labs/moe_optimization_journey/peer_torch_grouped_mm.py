@@ -12,6 +12,8 @@ Why it is here
     it, the way SGEMM write-ups put cuBLAS next to their kernels. It is a private API (the leading underscore):
     present in torch ≥ 2.8, tuned for bf16 on Hopper and newer; where it is missing the row is `skipped`.
 
+Shared experts (if the config has any) run after the combine as a separate dense MLP: not fused.
+
 Run: python labs/moe_optimization_journey/peer_torch_grouped_mm.py [--preset journey] [--tokens 8192] [--device cuda]
 """
 
