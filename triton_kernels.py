@@ -203,6 +203,18 @@ def _tile_position(max_padded, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
     return pid_m, pid_n
 
 
+@triton.jit
+def _tile_rows(sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, N,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a tile of the aligned rows holds: its expert, row offsets, pair ids (num_pairs on padding rows) and
+    which rows and columns are real."""
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair_ids = tl.load(sorted_pair_ids_ptr + offs_m)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, offs_m, pair_ids, pair_ids < num_pairs, offs_n, offs_n < N
+
+
 # When the tiles divide K and N exactly (every real preset), the bounds masks drop out of the inner loop.
 _EVEN_TILES = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0}
@@ -223,13 +235,9 @@ def _moe_gate_up_kernel(
     pid_m, pid_n = _tile_position(max_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return  # past the padded length: this T's routing needed fewer blocks than the worst case
-    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair_ids = tl.load(sorted_pair_ids_ptr + offs_m)
-    row_valid = pair_ids < num_pairs
+    expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
+        sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, N, BLOCK_M, BLOCK_N)
     token_rows = (pair_ids // top_k).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_valid = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
     x_ptrs = x_ptr + token_rows[:, None] * stride_xt + offs_k[None, :]  # gathered rows: the permutation
@@ -271,12 +279,8 @@ def _moe_down_kernel(
     pid_m, pid_n = _tile_position(max_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair_ids = tl.load(sorted_pair_ids_ptr + offs_m)
-    row_valid = pair_ids < num_pairs
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_valid = offs_n < N
+    expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
+        sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
 
     hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_k[None, :]  # already sorted

@@ -375,10 +375,10 @@ def compare_command(run_a: Path = typer.Argument(..., help="the baseline run fol
     for column in ("level", "name", "preset", "tokens", "A ms", "B ms", "A/B (B's speedup)"):
         table.add_column(column, justify="left" if column in ("name", "preset") else "right")
 
+    ms_cell = report.status_or(lambda row: report.fmt(row["ms"]))
+
     def cell(row):
-        if row is None:
-            return "-"
-        return report.fmt(row["ms"]) if row["status"] == "ok" else report.STATUS_CELL.get(row["status"], "?")
+        return "-" if row is None else ms_cell(row)
 
     keys = sorted(set(rows_a) | set(rows_b), key=lambda k: (k[1], report.level_sort_key(k[0]), k[2]))
     for key in keys:

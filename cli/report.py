@@ -112,14 +112,20 @@ def previous_level_label(df: pd.DataFrame, row) -> str | None:
 DECODE_MAX_TOKENS = 512  # at or below this many tokens the layer is bound by reading the experts' weights
 
 
+def status_or(render):
+    """A table cell renderer: `render(row)` for a timed row, `OOM`/`skipped`/`error` for the others."""
+    return lambda row: render(row) if row["status"] == "ok" else STATUS_CELL.get(row["status"], row["status"])
+
+
+def shape_of(row) -> str:
+    return (f"H={row['hidden']} I={row['intermediate']} E={row['experts']} K={row['top_k']}{shared_of(row)} "
+            f"{row['dtype']}")
+
+
 def preset_section(df: pd.DataFrame, env: dict) -> str:
     first = df.iloc[0]
-    shape = f"H={first['hidden']} I={first['intermediate']} E={first['experts']} K={first['top_k']}{shared_of(first)} " \
-            f"{first['dtype']}"
+    shape = shape_of(first)
     baseline = next((lbl for lbl in df["label"] if lbl.startswith("0 ")), None)
-
-    def status_or(render):
-        return lambda row: render(row) if row["status"] == "ok" else STATUS_CELL.get(row["status"], row["status"])
 
     def speedup_vs(reference_label_of):
         def render(row):
@@ -354,18 +360,11 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
     sections = [environment_section(env)]
     for case in dict.fromkeys(df["case"]):
         part = df[df["case"] == case].reset_index(drop=True)
-        first = part.iloc[0]
-        shape = f"H={first['hidden']} I={first['intermediate']} E={first['experts']} K={first['top_k']}" \
-                f"{shared_of(first)}"
-
-        def cell(render):
-            return lambda r: render(r) if r["status"] == "ok" else STATUS_CELL.get(r["status"], r["status"])
-
         images = [f"{kind}_{slug(case)}.png" for kind in ("time", "speedup", "roofline")]
         sections += [
-            f"#### {case} ({shape} {first['dtype']}): ms per forward, then % of the roofline",
-            markdown_table(pivot(part, cell(lambda r: fmt(r["ms"]))), "level \\ tokens"),
-            markdown_table(pivot(part, cell(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens"),
+            f"#### {case} ({shape_of(part.iloc[0])}): ms per forward, then % of the roofline",
+            markdown_table(pivot(part, status_or(lambda r: fmt(r["ms"]))), "level \\ tokens"),
+            markdown_table(pivot(part, status_or(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens"),
             " ".join(f"![{name}]({link_prefix}/{name})" for name in images if (Path(run_dir) / name).exists()),
         ]
     if (Path(run_dir) / "across_presets.png").exists():

@@ -48,7 +48,7 @@ class CudaGraphLevel(MoELevel):
     uses_triton = True
 
     def prepare(self):
-        self.graphed_forward = CapturedGraph(self.static_forward)
+        self.graphed_forward = CapturedGraph(self.static_forward, self.notes)
         if self.device.type != "cuda":
             self.notes.append("CPU: no CUDA graphs, the sync-free path runs eagerly")
 
@@ -79,12 +79,7 @@ class CudaGraphLevel(MoELevel):
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         if self.device.type != "cuda":
             return self.static_forward(tokens_TH, routing_weights_TK, expert_ids_TK)
-        previous_graph = self.graphed_forward.graph
-        out_TH = self.graphed_forward(tokens_TH, routing_weights_TK, expert_ids_TK)
-        if self.graphed_forward.graph is not previous_graph:  # a new T: captured just now, outside the timing
-            self.notes.append(f"graph for T={tokens_TH.shape[0]} captured in "
-                              f"{self.graphed_forward.capture_ms:.0f} ms, outside the timing")
-        return out_TH
+        return self.graphed_forward(tokens_TH, routing_weights_TK, expert_ids_TK)
 
 
 if __name__ == "__main__":
