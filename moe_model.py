@@ -99,7 +99,10 @@ PRESETS: dict[str, MoEConfig] = {
     "journey": MoEConfig(hidden=1024, intermediate=2048, num_experts=8, top_k=2, name="journey"),
     "mixtral": MoEConfig(hidden=4096, intermediate=14336, num_experts=8, top_k=2, name="mixtral"),
     "qwen3-moe": MoEConfig(hidden=2048, intermediate=768, num_experts=128, top_k=8, name="qwen3-moe"),
-    "deepseek-v3": MoEConfig(hidden=7168, intermediate=2048, num_experts=256, top_k=8, name="deepseek-v3"),
+    # deepseek-v3: 256 routed experts and one shared expert that every token passes through (its runs before
+    # 2026-11-25T11Z had no shared expert; their rows record shared_experts=0).
+    "deepseek-v3": MoEConfig(hidden=7168, intermediate=2048, num_experts=256, top_k=8, num_shared_experts=1,
+                             name="deepseek-v3"),
 }
 
 

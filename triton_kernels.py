@@ -8,6 +8,7 @@ exactly as the GPU would run them.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -130,15 +131,18 @@ def _place_pairs_kernel(expert_ids_ptr, padded_starts_ptr, cursors_ptr, sorted_p
     tl.store(sorted_pair_ids_ptr + row, pair, mask=valid)
 
 
-def align_tokens(
-    expert_ids_TK: torch.Tensor, num_experts: int, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class TokenAlignment(NamedTuple):
+    """The (token, slot) pairs grouped by expert, each expert's run padded to whole blocks of block_m rows."""
+
+    sorted_pair_ids: torch.Tensor  # [P_max] pair index t·K + k of each sorted row; T·K on padding rows
+    block_expert_ids: torch.Tensor  # [P_max / block_m] the expert of each block of rows, −1 past the padded length
+    num_padded: torch.Tensor  # [1] the padded length actually used
+    block_m: int
+
+
+def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> TokenAlignment:
     """Group (token, slot) pairs by expert and pad each expert's run to a multiple of block_m, on the device.
 
-    Returns
-        sorted_pair_ids [P_max]: pair index t·K + k for each sorted row, num_pairs (= T·K) on padding rows;
-        block_expert_ids [P_max / block_m]: the expert of each block of rows, −1 past the padded length;
-        num_padded [1]: the padded length actually used.
     P_max = T·K + E·(block_m − 1), rounded up to block_m: the most the padding can need, so shapes depend on T only.
     Three small kernels (count, offsets, place) and two fills: a torch-ops version of the same steps took about
     20 launches and ~0.45 ms of host time per call on an H100 box (NOTES.md). Within an expert the pairs land in
@@ -163,7 +167,7 @@ def align_tokens(
                               block_m, EXPERTS=triton.next_power_of_2(num_experts), BLOCKS_PER_STEP=64)
     _place_pairs_kernel[pair_grid](expert_of_pair, padded_starts, counters[1], sorted_pair_ids, num_pairs,
                                    BLOCK=BLOCK)
-    return sorted_pair_ids, block_expert_ids, num_padded
+    return TokenAlignment(sorted_pair_ids, block_expert_ids, num_padded, block_m)
 
 
 def _gemm_configs(interpret: bool, two_accumulators: bool) -> list:
@@ -309,44 +313,47 @@ def choose_block_m(num_pairs: int, num_experts: int) -> int:
     return min(128, max(16, triton.next_power_of_2(triton.cdiv(num_pairs, num_experts))))
 
 
-def moe_grouped_forward(
-    tokens_TH: torch.Tensor,
-    routing_weights_TK: torch.Tensor,
-    expert_ids_TK: torch.Tensor,
-    w13_EH2I: torch.Tensor,
-    w_down_EIH: torch.Tensor,
-) -> torch.Tensor:
-    """The MoE layer's experts in two Triton launches plus the alignment step: no host sync, graph-capturable."""
+def moe_gate_up(tokens_TH: torch.Tensor, w13_EH2I: torch.Tensor, alignment: TokenAlignment,
+                top_k: int) -> torch.Tensor:
+    """hidden [P_max, I]: SiLU·up of every sorted row's token against its expert's gate|up weights [E, H, 2I]."""
     _check_device(tokens_TH, w13_EH2I)
-    T, K = expert_ids_TK.shape
     E, H, two_I = w13_EH2I.shape
     I = two_I // 2
-    num_pairs = T * K
-    block_m = choose_block_m(num_pairs, E)
-    sorted_pair_ids, block_expert_ids, num_padded = align_tokens(expert_ids_TK, E, block_m)
-    max_padded = sorted_pair_ids.numel()
-    pairs_bucket = triton.next_power_of_2(num_pairs)  # autotune once per size class, not once per T
+    num_pairs = tokens_TH.shape[0] * top_k
+    max_padded = alignment.sorted_pair_ids.numel()
+    block_m = alignment.block_m
     tokens_TH = tokens_TH.contiguous()
-
     hidden_PI = torch.empty((max_padded, I), dtype=tokens_TH.dtype, device=tokens_TH.device)
-    grid_up = lambda meta: (triton.cdiv(max_padded, block_m) * triton.cdiv(I, meta["BLOCK_N"]),)  # noqa: E731
-    _moe_gate_up_kernel[grid_up](
-        tokens_TH, w13_EH2I, hidden_PI, sorted_pair_ids, block_expert_ids, num_padded,
-        I, H, num_pairs, max_padded, K, pairs_bucket,
+    grid = lambda meta: (triton.cdiv(max_padded, block_m) * triton.cdiv(I, meta["BLOCK_N"]),)  # noqa: E731
+    _moe_gate_up_kernel[grid](
+        tokens_TH, w13_EH2I, hidden_PI, alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded,
+        I, H, num_pairs, max_padded, top_k, triton.next_power_of_2(num_pairs),  # autotune per size class, not per T
         tokens_TH.stride(0), w13_EH2I.stride(0), w13_EH2I.stride(1), w13_EH2I.stride(2), hidden_PI.stride(0),
         BLOCK_M=block_m, UPCAST=interpreting(),
     )
+    return hidden_PI
 
-    out = torch.empty((num_pairs, H), dtype=tokens_TH.dtype, device=tokens_TH.device)
-    grid_down = lambda meta: (triton.cdiv(max_padded, block_m) * triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
-    _moe_down_kernel[grid_down](
-        hidden_PI, w_down_EIH, out, routing_weights_TK.contiguous().view(-1),
-        sorted_pair_ids, block_expert_ids, num_padded,
-        H, I, num_pairs, max_padded, K, pairs_bucket,
-        hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1), w_down_EIH.stride(2), out.stride(0),
+
+def moe_down(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routing_weights_TK: torch.Tensor,
+             alignment: TokenAlignment) -> torch.Tensor:
+    """y [T, K, H]: each sorted row's hidden times its expert's down weights, times the pair's routing weight,
+    written back in (token, slot) order."""
+    _check_device(hidden_PI, w_down_EIH)
+    T, K = routing_weights_TK.shape
+    E, I, H = w_down_EIH.shape
+    num_pairs = T * K
+    max_padded = alignment.sorted_pair_ids.numel()
+    block_m = alignment.block_m
+    y_PH = torch.empty((num_pairs, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
+    grid = lambda meta: (triton.cdiv(max_padded, block_m) * triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
+    _moe_down_kernel[grid](
+        hidden_PI, w_down_EIH, y_PH, routing_weights_TK.contiguous().view(-1),
+        alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded,
+        H, I, num_pairs, max_padded, K, triton.next_power_of_2(num_pairs),
+        hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1), w_down_EIH.stride(2), y_PH.stride(0),
         BLOCK_M=block_m, UPCAST=interpreting(),
     )
-    return out.view(T, K, H).sum(dim=1)  # the combine: K weighted rows per token
+    return y_PH.view(T, K, H)
 
 
 def describe_tuned_configs() -> str:

@@ -227,11 +227,11 @@ def list_command() -> None:
         table.add_row(key, cls.name, cls.summary)
     console.print(table)
     presets = Table(title="presets (or an inline shape, or a TOML file: see --help of run)")
-    for column in ("preset", "H", "I", "E", "K", "dtype"):
+    for column in ("preset", "H", "I", "E", "K", "shared", "dtype"):
         presets.add_column(column)
     for name, config in PRESETS.items():
         presets.add_row(name, str(config.hidden), str(config.intermediate), str(config.num_experts),
-                        str(config.top_k), config.dtype)
+                        str(config.top_k), str(config.num_shared_experts), config.dtype)
     console.print(presets)
 
 
@@ -254,6 +254,8 @@ def run_command(
     hot_share: float = typer.Option(0.5, help="hot traffic: the share of (token, slot) pairs expert 0 gets"),
     warmup: int = typer.Option(None, help="untimed calls before timing (default: 3 on a GPU, 1 on the CPU)"),
     repeats: int = typer.Option(50, help="timed calls (fewer when a call is slow; never under 5)"),
+    profile: bool = typer.Option(False, "--profile", help="also time each level's stages (routing, permute, "
+                                                         "expert GEMMs, activation, combine, shared experts)"),
     out: Path = typer.Option(Path("results"), help="results folder; each run makes a new sub-folder"),
 ) -> None:
     """Check and time levels across token scales; write rows, tables and plots to a new run folder."""
@@ -283,14 +285,15 @@ def run_command(
     ceilings = bench_mod.measure_ceilings(torch_device)
     run_dir = new_run_dir(out_dir / target, bench_mod.device_label(torch_device))
     args = {"levels": level_keys, "tokens": token_counts, "traffic": [t.label for t in traffics], "warmup": warmup,
-            "repeats": repeats}
+            "repeats": repeats, "profile": profile}
     # The run, every default resolved, as a command that repeats it.
     args["command"] = shlex.join(["aisp", "bench", "run", "-t", target, "--levels", ",".join(level_keys),
                                   "--tokens", ",".join(map(str, token_counts)),
                                   "--preset", preset or defaults["preset"], "--router", router,
                                   "--capacity-factor", f"{capacity_factor:g}", "--traffic", traffic,
                                   "--zipf-s", f"{zipf_s:g}", "--hot-share", f"{hot_share:g}", "--device", device,
-                                  "--warmup", str(warmup), "--repeats", str(repeats), "--out", str(out)])
+                                  "--warmup", str(warmup), "--repeats", str(repeats), "--out", str(out)]
+                                 + (["--profile"] if profile else []))
     env = environment(torch_device, ceilings, configs, args)
     (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
     console.print(f"run folder: {run_dir}")
@@ -316,7 +319,8 @@ def run_command(
                                                               f"· level {key} {level_cls.name}")
                             row = bench_mod.benchmark(level_cls, config, num_tokens, torch_device, weights=weights,
                                                       ceilings=ceilings, warmup=warmup, repeats=repeats,
-                                                      time_budget_s=defaults["time_budget_s"], traffic=shape)
+                                                      time_budget_s=defaults["time_budget_s"], traffic=shape,
+                                                      profile=profile)
                             rows.append(row)
                             rows_file.write(json.dumps(row) + "\n")
                             rows_file.flush()  # an interrupted run keeps every finished row

@@ -47,7 +47,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     df["label"] = [level_label(r) for r in rows]
     df["order"] = [level_sort_key(r["level"]) for r in rows]
     for column in ("tokens_per_expert", "load_cv", "load_gini", "load_max_over_mean", "dead_experts",
-                   "dropped_tokens"):
+                   "dropped_tokens", "stage_ms"):
         if column not in df:
             df[column] = None
     df["traffic"] = df["traffic"].fillna("uniform") if "traffic" in df else "uniform"
@@ -122,6 +122,40 @@ def shape_of(row) -> str:
             f"{row['dtype']}")
 
 
+OUTSIDE_STAGES = "outside stages"  # as moe_benchmark names the forward time no stage marker covers
+
+
+def profiled(df: pd.DataFrame) -> pd.DataFrame:
+    return df[(df["status"] == "ok") & df["stage_ms"].map(lambda v: isinstance(v, dict))]
+
+
+def stage_names(df: pd.DataFrame) -> list[str]:
+    """Every stage some row timed, in the order the rows list them, the unmarked remainder last."""
+    names = list(dict.fromkeys(name for stages in df["stage_ms"] for name in stages if name != OUTSIDE_STAGES))
+    return names + [OUTSIDE_STAGES]
+
+
+def profile_token_counts(df: pd.DataFrame) -> list[int]:
+    """The smallest and the largest profiled token count: where launches dominate, and where GEMMs should."""
+    tokens = sorted(profiled(df)["tokens"].unique())
+    return list(dict.fromkeys([tokens[0], tokens[-1]])) if tokens else []
+
+
+def stage_table(df: pd.DataFrame, tokens: int) -> str:
+    at = profiled(df)
+    at = at[at["tokens"] == tokens]
+    names = stage_names(at)
+    table = pd.DataFrame(index=list(at["label"]), columns=[*names, "forward", "timed"], dtype=object)
+    for _, row in at.iterrows():
+        total = sum(row["stage_ms"].values())
+        for name in names:
+            ms = row["stage_ms"].get(name)
+            table.loc[row["label"], name] = "-" if ms is None else f"{fmt(ms)} ({100 * ms / total:.0f}%)"
+        table.loc[row["label"], "forward"] = fmt(total - row["stage_ms"].get("routing", 0.0))
+        table.loc[row["label"], "timed"] = fmt(row["ms"])
+    return markdown_table(table, "level \\ stage")
+
+
 def preset_section(df: pd.DataFrame, env: dict) -> str:
     first = df.iloc[0]
     shape = shape_of(first)
@@ -173,6 +207,16 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
         })
         parts += ["Load over the experts in the timed forward (the same routing for every level at a given T):",
                   markdown_table(metrics, "tokens")]
+    for tokens in profile_token_counts(df):
+        calls = int(profiled(df)["profile_calls"].max())
+        parts += [f"Where the time goes at {tokens} tokens (`--profile`): ms per call in each stage, the mean of "
+                  f"up to {calls} calls timed on the device's clock, and its share of routing plus forward. "
+                  "*routing* is the router (the same for every level, run before the forward); "
+                  f"*{OUTSIDE_STAGES}* is forward time no stage covers (Python between stages, allocation; for the "
+                  "CUDA-graph levels the whole replay, which has no stage boundaries). *forward* is the profiled "
+                  "forward without routing; the markers cost time of their own, so it can exceed *timed*, the "
+                  "median of the unprofiled timing:",
+                  stage_table(df, tokens)]
     notes = [f"- level {r['level']} ({r['level_name']}), {r['tokens']} tokens: {r['status']}: {r['note']}"
              for _, r in df.iterrows() if r["note"]]
     if notes:
@@ -250,6 +294,9 @@ def plot_preset(df: pd.DataFrame, out_dir: Path, preset: str) -> list[str]:
         ax.legend(fontsize=8)
         names.append(save(fig, out_dir / f"roofline_{preset}.png"))
 
+    if len(profiled(df)):
+        names.append(plot_stages(df, out_dir, preset))
+
     if "tokens_per_expert" in df and df["tokens_per_expert"].notna().any():
         largest = df[df["tokens_per_expert"].notna()].sort_values("tokens").iloc[-1]
         counts = largest["tokens_per_expert"]
@@ -261,6 +308,36 @@ def plot_preset(df: pd.DataFrame, out_dir: Path, preset: str) -> list[str]:
         ax.legend(fontsize=8)
         names.append(save(fig, out_dir / f"load_{preset}.png"))
     return names
+
+
+def plot_stages(df: pd.DataFrame, out_dir: Path, preset: str) -> str:
+    """One stacked bar per level: the share of its profiled forward each stage took, total ms at the bar's end;
+    a panel each for the smallest and the largest profiled token count."""
+    counts = profile_token_counts(df)
+    fig, axes = plt.subplots(1, len(counts), figsize=(7 * len(counts), 5), squeeze=False)
+    names = stage_names(profiled(df))
+    colors = dict(zip(names, plt.get_cmap("tab10").colors))
+    for ax, tokens in zip(axes[0], counts):
+        at = profiled(df)
+        at = at[at["tokens"] == tokens]
+        labels = list(at["label"])
+        left = [0.0] * len(at)
+        for name in names:
+            shares = [100 * row["stage_ms"].get(name, 0.0) / sum(row["stage_ms"].values())
+                      for _, row in at.iterrows()]
+            ax.barh(labels, shares, left=left, color=colors[name], label=name,
+                    hatch="//" if name == OUTSIDE_STAGES else None)
+            left = [a + b for a, b in zip(left, shares)]
+        for y, (_, row) in enumerate(at.iterrows()):
+            ax.annotate(f"{fmt(sum(row['stage_ms'].values()))} ms", (100, y), xytext=(3, 0),
+                        textcoords="offset points", va="center", fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlim=(0, 118), xlabel="% of routing + forward (profiled)", title=f"{tokens} tokens")
+        ax.tick_params(axis="y", labelsize=8)
+    handles, legend_labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, legend_labels, loc="lower center", ncol=len(names), fontsize=8)
+    fig.suptitle(f"{df['case'].iloc[0]}: where the time goes ({df['device'].iloc[0]})")
+    return save(fig, out_dir / f"stages_{preset}.png", rect=(0, 0.07, 1, 1))  # the legend below
 
 
 def plot_imbalance(df: pd.DataFrame, out_dir: Path, preset: str) -> str | None:
@@ -318,8 +395,8 @@ def plot_across_presets(df: pd.DataFrame, out_dir: Path) -> str | None:
     return save(fig, out_dir / "across_presets.png")
 
 
-def save(fig, path: Path) -> str:
-    fig.tight_layout()
+def save(fig, path: Path, rect: tuple = (0, 0, 1, 1)) -> str:
+    fig.tight_layout(rect=rect)  # rect: the part of the figure the axes may fill
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name

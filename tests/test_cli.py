@@ -228,3 +228,17 @@ def test_routers_in_a_run(tmp_path, router, extra, heading):
         assert all(r["top_k"] == 1 for r in rows) and rows[0]["dropped_tokens"] > 0
     summary = (run_dir / "summary.md").read_text()
     assert heading in summary and "dropped tokens" in summary
+
+
+def test_profile_adds_the_breakdown(tmp_path):
+    result = bench("run", "-t", "moe_journey", "--levels", "0,4", "--tokens", "8,24", "--router", "switch",
+                   "--traffic", "zipf", "--profile", "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = run_dirs(tmp_path)
+    rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()]
+    assert all(r["stage_ms"]["expert GEMMs"] > 0 for r in rows)
+    summary = (run_dir / "summary.md").read_text()
+    assert "Where the time goes at 8 tokens" in summary and "Where the time goes at 24 tokens" in summary
+    assert "| level \\ stage | routing | permute | expert GEMMs |" in summary
+    assert (run_dir / "stages_tiny_zipf_s_1.2_switch_router.png").read_bytes()[:8] == PNG_MAGIC
+    assert "--profile" in json.loads((run_dir / "environment.json").read_text())["command"]

@@ -166,6 +166,38 @@ def test_ok_row_has_every_field(levels, tiny):
     assert row["ms_p20"] <= row["ms"] <= row["ms_p80"]
 
 
+# --- --profile: where each level's time goes ------------------------------------------------------------------
+EXPECTED_STAGES = {
+    "0": {"permute", "expert GEMMs", "activation", "combine"}, "1": {"expert GEMMs", "activation", "combine"},
+    "2": {"expert GEMMs", "activation", "combine"}, "3": {"permute", "expert GEMMs", "activation", "combine"},
+    "4": {"permute", "expert GEMMs", "activation", "combine"}, "5": {"permute", "expert GEMMs", "activation", "combine"},
+    "6": {"permute", "expert GEMMs", "activation", "combine"}, "7": {"permute", "expert GEMMs", "combine"},
+    "peer": {"permute", "expert GEMMs", "activation", "combine"},
+}
+
+
+@pytest.mark.parametrize("level", sorted(EXPECTED_STAGES))
+def test_profile_times_each_marked_stage(levels, level):
+    config = make_config(num_shared_experts=1)
+    row = moe_benchmark.benchmark(levels[level], config, 21, torch.device("cpu"), warmup=1, repeats=5,
+                                  profile=True)
+    assert row["status"] == "ok", row["note"]
+    stages = row["stage_ms"]
+    shared = set() if level == "7" else {"shared experts"}  # level 7 runs it inside its grouped GEMM
+    assert set(stages) == {"routing", *EXPECTED_STAGES[level], *shared, moe_benchmark.OUTSIDE_STAGES}
+    assert all(ms >= 0 for ms in stages.values()) and stages["expert GEMMs"] > 0
+    assert list(stages)[0] == "routing" and list(stages)[-1] == moe_benchmark.OUTSIDE_STAGES
+    assert row["profile_calls"] >= 3
+
+
+def test_stage_markers_are_off_outside_a_profile():
+    with moe_benchmark.stage("permute"):
+        pass
+    assert moe_benchmark.stage.recorder is None
+    spans = moe_benchmark.profile_stages(lambda: None, lambda: None, torch.device("cpu"), calls=2)
+    assert set(spans) == {"routing", moe_benchmark.OUTSIDE_STAGES} and moe_benchmark.stage.recorder is None
+
+
 # --- each level file runs alone --------------------------------------------------------------------------------
 LAB_FILES = sorted(p.name for p in (REPO / "labs/moe_optimization_journey").glob("*.py")
                    if p.name.startswith(("level", "peer")))

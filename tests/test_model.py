@@ -35,7 +35,8 @@ def test_config_validation(fields, message):
 
 def test_presets():
     assert get_preset("journey").shape_str() == "H=1024 I=2048 E=8 K=2 bf16"
-    assert (get_preset("deepseek-v3").num_experts, get_preset("deepseek-v3").top_k) == (256, 8)
+    deepseek = get_preset("deepseek-v3")
+    assert (deepseek.num_experts, deepseek.top_k, deepseek.num_shared_experts) == (256, 8, 1)
     assert {"tiny", "journey", "mixtral", "qwen3-moe", "deepseek-v3"} <= set(PRESETS)
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         get_preset("nope")

@@ -41,7 +41,7 @@ def test_silu_mul_rejects_bad_arguments():
 # --- the MoE grouped GEMM (level 7's kernels) -------------------------------------------------------------------
 from moe_model import MoEConfig, init_weights, reference_forward  # noqa: E402
 from moe_benchmark import compare_to_reference  # noqa: E402
-from triton_kernels import align_tokens, moe_grouped_forward  # noqa: E402
+from triton_kernels import align_tokens, moe_down, moe_gate_up  # noqa: E402
 
 
 @pytest.mark.parametrize("block_m, T", [(16, 45), (32, 45), (16, 700)])  # 700·2 pairs: several programs
@@ -50,7 +50,7 @@ def test_alignment_pads_each_expert_to_whole_blocks(block_m, T):
     K, E = 2, 6
     expert_ids = torch.stack([torch.randperm(E - 1, generator=generator)[:K] for _ in range(T)])  # expert 5 idle
     expert_ids[:20, 0] = 2  # and expert 2 crowded
-    sorted_pair_ids, block_expert_ids, num_padded = align_tokens(expert_ids, E, block_m)
+    sorted_pair_ids, block_expert_ids, num_padded, _ = align_tokens(expert_ids, E, block_m)
     num_pairs = T * K
     assert sorted_pair_ids.numel() % block_m == 0
     assert sorted_pair_ids.numel() >= num_pairs + E * (block_m - 1)
@@ -100,7 +100,8 @@ def test_grouped_kernel_matches_reference(case):
     }[case]
     sizes = (64, 128) if case == "even_tiles" else (48, 80)  # tiles divide H and I exactly, or they do not
     weights, tokens, routing, expert_ids, w13 = grouped_case(num_tokens, top_k, expert_ids, sizes=sizes)
-    out = moe_grouped_forward(tokens, routing, expert_ids, w13, weights.w_down_EIH)
+    alignment = align_tokens(expert_ids, 4, block_m=16)
+    out = moe_down(moe_gate_up(tokens, w13, alignment, top_k), weights.w_down_EIH, routing, alignment).sum(dim=1)
     ref = reference_forward(tokens, weights, routing, expert_ids)
     check = compare_to_reference(out, ref, 2e-2)
     assert check.passed, check.message

@@ -19,7 +19,7 @@ Run: python labs/moe_optimization_journey/level0_naive.py [--preset journey] [--
 
 import torch
 import torch.nn.functional as F
-from moe_benchmark import MoELevel, run_level_script
+from moe_benchmark import MoELevel, run_level_script, stage
 
 
 class NaiveLevel(MoELevel):
@@ -40,13 +40,19 @@ class NaiveLevel(MoELevel):
         out_TH = torch.zeros_like(tokens_TH)
         for expert in range(self.config.num_experts):
             for slot in range(expert_ids_TK.shape[1]):  # K, as wide as this routing
-                mask_T = expert_ids_TK[:, slot] == expert
-                if not mask_T.any():  # a host sync, to skip an expert that got no token in this slot
-                    continue
-                x = tokens_TH[mask_T]  # [T_e, H]; a boolean index is another sync (its size is data)
-                hidden = F.silu(x @ w.w_gate_EHI[expert]) * (x @ w.w_up_EHI[expert])  # [T_e, I]
-                y = hidden @ w.w_down_EIH[expert]  # [T_e, H]
-                out_TH[mask_T] += routing_weights_TK[mask_T, slot, None] * y
+                with stage("permute"):
+                    mask_T = expert_ids_TK[:, slot] == expert
+                    if not mask_T.any():  # a host sync, to skip an expert that got no token in this slot
+                        continue
+                    x = tokens_TH[mask_T]  # [T_e, H]; a boolean index is another sync (its size is data)
+                with stage("expert GEMMs"):
+                    gate, up = x @ w.w_gate_EHI[expert], x @ w.w_up_EHI[expert]  # [T_e, I] each
+                with stage("activation"):
+                    hidden = F.silu(gate) * up
+                with stage("expert GEMMs"):
+                    y = hidden @ w.w_down_EIH[expert]  # [T_e, H]
+                with stage("combine"):
+                    out_TH[mask_T] += routing_weights_TK[mask_T, slot, None] * y
         return self.add_shared_experts(out_TH, tokens_TH)
 
 

@@ -22,7 +22,7 @@ Run: python labs/moe_optimization_journey/level2_fused.py [--preset journey] [--
 """
 
 import torch
-from moe_benchmark import MoELevel, run_level_script
+from moe_benchmark import MoELevel, run_level_script, stage
 
 from triton_kernels import silu_mul
 
@@ -37,12 +37,17 @@ class FusedLevel(MoELevel):
         w = self.weights
         T, K = expert_ids_TK.shape
         x_TKH = tokens_TH[:, None, :].expand(T, K, self.config.hidden)  # a view: each token once per slot
-        # (t, k) is the batch of T·K matrix-vector products; the gathered weights are used in their layout.
-        gate_TKI = torch.einsum("tkh,tkhi->tki", x_TKH, w.w_gate_EHI[expert_ids_TK])
-        up_TKI = torch.einsum("tkh,tkhi->tki", x_TKH, w.w_up_EHI[expert_ids_TK])
-        hidden_TKI = silu_mul(gate_TKI, up_TKI)  # one pass instead of silu, then multiply
-        y_TKH = torch.einsum("tki,tkih->tkh", hidden_TKI, w.w_down_EIH[expert_ids_TK])
-        out_TH = torch.einsum("tkh,tk->th", y_TKH, routing_weights_TK)
+        # (t, k) is the batch of T·K matrix-vector products; the gathered weights are used in their layout. The
+        # gathers (this level's permutation: weights to tokens) count in the GEMM stage, inside each einsum's line.
+        with stage("expert GEMMs"):
+            gate_TKI = torch.einsum("tkh,tkhi->tki", x_TKH, w.w_gate_EHI[expert_ids_TK])
+            up_TKI = torch.einsum("tkh,tkhi->tki", x_TKH, w.w_up_EHI[expert_ids_TK])
+        with stage("activation"):
+            hidden_TKI = silu_mul(gate_TKI, up_TKI)  # one pass instead of silu, then multiply
+        with stage("expert GEMMs"):
+            y_TKH = torch.einsum("tki,tkih->tkh", hidden_TKI, w.w_down_EIH[expert_ids_TK])
+        with stage("combine"):
+            out_TH = torch.einsum("tkh,tk->th", y_TKH, routing_weights_TK)
         return self.add_shared_experts(out_TH, tokens_TH)
 
 

@@ -26,7 +26,7 @@ Run: python labs/moe_optimization_journey/level3_memefficient.py [--preset journ
 """
 
 import torch
-from moe_benchmark import MoELevel, run_level_script
+from moe_benchmark import MoELevel, run_level_script, stage
 
 from triton_kernels import silu_mul
 
@@ -41,15 +41,20 @@ class MemEfficientLevel(MoELevel):
         w = self.weights
         out_TH = torch.zeros_like(tokens_TH)
         for expert in range(self.config.num_experts):
-            token_idx, slot = torch.nonzero(expert_ids_TK == expert, as_tuple=True)  # host sync: size is data
-            if token_idx.numel() == 0:
-                continue
-            x = tokens_TH.index_select(0, token_idx)  # [T_e, H]
-            gate = x @ w.w_gate_EHI[expert]  # [T_e, I]
-            hidden = silu_mul(gate, x @ w.w_up_EHI[expert], out=gate)  # in place over gate
-            y = hidden @ w.w_down_EIH[expert]  # [T_e, H]
-            y.mul_(routing_weights_TK[token_idx, slot, None])
-            out_TH.index_add_(0, token_idx, y)
+            with stage("permute"):
+                token_idx, slot = torch.nonzero(expert_ids_TK == expert, as_tuple=True)  # host sync: size is data
+                if token_idx.numel() == 0:
+                    continue
+                x = tokens_TH.index_select(0, token_idx)  # [T_e, H]
+            with stage("expert GEMMs"):
+                gate, up = x @ w.w_gate_EHI[expert], x @ w.w_up_EHI[expert]  # [T_e, I] each
+            with stage("activation"):
+                hidden = silu_mul(gate, up, out=gate)  # in place over gate
+            with stage("expert GEMMs"):
+                y = hidden @ w.w_down_EIH[expert]  # [T_e, H]
+            with stage("combine"):
+                y.mul_(routing_weights_TK[token_idx, slot, None])
+                out_TH.index_add_(0, token_idx, y)
         return self.add_shared_experts(out_TH, tokens_TH)
 
 

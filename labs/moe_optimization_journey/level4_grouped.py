@@ -27,7 +27,7 @@ Run: python labs/moe_optimization_journey/level4_grouped.py [--preset journey] [
 """
 
 import torch
-from moe_benchmark import MoELevel, run_level_script
+from moe_benchmark import MoELevel, run_level_script, stage
 
 from triton_kernels import silu_mul
 
@@ -41,30 +41,33 @@ class GroupedLevel(MoELevel):
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         w = self.weights
         K = expert_ids_TK.shape[1]
-        # Permute: pair p = t·K + k; sorting by expert makes every expert's pairs contiguous.
-        expert_of_pair = expert_ids_TK.flatten()  # [T·K]
-        order = torch.argsort(expert_of_pair, stable=True)  # [T·K] pair index, sorted by expert
-        token_of_sorted = order // K
-        counts = torch.bincount(expert_of_pair, minlength=self.config.num_experts)
-        x_sorted = tokens_TH.index_select(0, token_of_sorted)  # [T·K, H]
+        with stage("permute"):  # pair p = t·K + k; sorting by expert makes every expert's pairs contiguous
+            expert_of_pair = expert_ids_TK.flatten()  # [T·K]
+            order = torch.argsort(expert_of_pair, stable=True)  # [T·K] pair index, sorted by expert
+            token_of_sorted = order // K
+            x_sorted = tokens_TH.index_select(0, token_of_sorted)  # [T·K, H]
+            counts_E = torch.bincount(expert_of_pair, minlength=self.config.num_experts).tolist()  # the one sync
 
         # Grouped GEMM, one expert slice at a time.
         y_sorted = torch.empty_like(x_sorted)  # [T·K, H]
         start = 0
-        for expert, count in enumerate(counts.tolist()):  # the forward's one host sync
+        for expert, count in enumerate(counts_E):
             if count == 0:
                 continue
             rows = slice(start, start + count)
             x = x_sorted[rows]
-            gate = x @ w.w_gate_EHI[expert]  # [count, I]
-            hidden = silu_mul(gate, x @ w.w_up_EHI[expert], out=gate)
-            torch.matmul(hidden, w.w_down_EIH[expert], out=y_sorted[rows])
+            with stage("expert GEMMs"):
+                gate, up = x @ w.w_gate_EHI[expert], x @ w.w_up_EHI[expert]  # [count, I] each
+            with stage("activation"):
+                hidden = silu_mul(gate, up, out=gate)
+            with stage("expert GEMMs"):
+                torch.matmul(hidden, w.w_down_EIH[expert], out=y_sorted[rows])
             start += count
 
-        # Un-permute: weight each result, then sum the K results of every token into its row.
-        y_sorted.mul_(routing_weights_TK.flatten()[order, None])
-        out_TH = torch.zeros_like(tokens_TH)
-        out_TH.index_add_(0, token_of_sorted, y_sorted)
+        with stage("combine"):  # un-permute: weight each result, then sum every token's K results into its row
+            y_sorted.mul_(routing_weights_TK.flatten()[order, None])
+            out_TH = torch.zeros_like(tokens_TH)
+            out_TH.index_add_(0, token_of_sorted, y_sorted)
         return self.add_shared_experts(out_TH, tokens_TH)
 
 

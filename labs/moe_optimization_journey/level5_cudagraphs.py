@@ -36,7 +36,7 @@ Run: python labs/moe_optimization_journey/level5_cudagraphs.py [--preset journey
 """
 
 import torch
-from moe_benchmark import CapturedGraph, MoELevel, run_level_script
+from moe_benchmark import CapturedGraph, MoELevel, run_level_script, stage
 
 from triton_kernels import silu_mul
 
@@ -57,23 +57,26 @@ class CudaGraphLevel(MoELevel):
         w = self.weights
         T, K = expert_ids_TK.shape
         E = self.config.num_experts
-        expert_of_pair = expert_ids_TK.flatten()  # [T·K]
-        order = torch.argsort(expert_of_pair, stable=True)
-        expert_sorted = expert_of_pair[order]
-        counts = torch.zeros(E, dtype=torch.long, device=self.device)
-        counts.scatter_add_(0, expert_of_pair, torch.ones_like(expert_of_pair))
-        first_sorted_position = torch.cumsum(counts, 0) - counts  # [E]
-        rank = torch.arange(T * K, device=self.device) - first_sorted_position[expert_sorted]  # < T always
-
-        x_ECH = tokens_TH.new_zeros((E, T, self.config.hidden))  # capacity T per expert: no token dropped
-        x_ECH[expert_sorted, rank] = tokens_TH[order // K]
-        gate_ECI = torch.bmm(x_ECH, w.w_gate_EHI)
-        hidden_ECI = silu_mul(gate_ECI, torch.bmm(x_ECH, w.w_up_EHI), out=gate_ECI)
-        y_ECH = torch.bmm(hidden_ECI, w.w_down_EIH)
-
-        y_sorted = y_ECH[expert_sorted, rank] * routing_weights_TK.flatten()[order, None]  # [T·K, H]
-        out_TH = torch.zeros_like(tokens_TH)
-        out_TH.index_add_(0, order // K, y_sorted)
+        with stage("permute"):
+            expert_of_pair = expert_ids_TK.flatten()  # [T·K]
+            order = torch.argsort(expert_of_pair, stable=True)
+            expert_sorted = expert_of_pair[order]
+            counts = torch.zeros(E, dtype=torch.long, device=self.device)
+            counts.scatter_add_(0, expert_of_pair, torch.ones_like(expert_of_pair))
+            first_sorted_position = torch.cumsum(counts, 0) - counts  # [E]
+            rank = torch.arange(T * K, device=self.device) - first_sorted_position[expert_sorted]  # < T always
+            x_ECH = tokens_TH.new_zeros((E, T, self.config.hidden))  # capacity T per expert: no token dropped
+            x_ECH[expert_sorted, rank] = tokens_TH[order // K]
+        with stage("expert GEMMs"):
+            gate_ECI, up_ECI = torch.bmm(x_ECH, w.w_gate_EHI), torch.bmm(x_ECH, w.w_up_EHI)
+        with stage("activation"):
+            hidden_ECI = silu_mul(gate_ECI, up_ECI, out=gate_ECI)
+        with stage("expert GEMMs"):
+            y_ECH = torch.bmm(hidden_ECI, w.w_down_EIH)
+        with stage("combine"):
+            y_sorted = y_ECH[expert_sorted, rank] * routing_weights_TK.flatten()[order, None]  # [T·K, H]
+            out_TH = torch.zeros_like(tokens_TH)
+            out_TH.index_add_(0, order // K, y_sorted)
         return self.add_shared_experts(out_TH, tokens_TH)
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):

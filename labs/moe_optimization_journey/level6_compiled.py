@@ -40,7 +40,7 @@ Run: python labs/moe_optimization_journey/level6_compiled.py [--preset journey] 
 import time
 
 import torch
-from moe_benchmark import MoELevel, run_level_script
+from moe_benchmark import MoELevel, run_level_script, stage
 
 from triton_kernels import silu_mul
 
@@ -74,19 +74,26 @@ class CompiledLevel(MoELevel):
 
     def grouped_forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         w = self.weights
-        order, token_of_sorted, counts, x_sorted = self.permute(tokens_TH, expert_ids_TK, self.config.num_experts)
-        y_sorted = torch.empty_like(x_sorted)
+        with stage("permute"):
+            order, token_of_sorted, counts, x_sorted = self.permute(tokens_TH, expert_ids_TK,
+                                                                    self.config.num_experts)
+            counts_E = counts.tolist()  # the one host sync, as in level 4
+        y_sorted = torch.empty_like(x_sorted)  # [T·K, H]
         start = 0
-        for expert, count in enumerate(counts.tolist()):  # the one host sync, as in level 4
+        for expert, count in enumerate(counts_E):
             if count == 0:
                 continue
             rows = slice(start, start + count)
             x = x_sorted[rows]
-            gate = x @ w.w_gate_EHI[expert]
-            hidden = silu_mul(gate, x @ w.w_up_EHI[expert], out=gate)
-            torch.matmul(hidden, w.w_down_EIH[expert], out=y_sorted[rows])
+            with stage("expert GEMMs"):
+                gate, up = x @ w.w_gate_EHI[expert], x @ w.w_up_EHI[expert]  # [count, I] each
+            with stage("activation"):
+                hidden = silu_mul(gate, up, out=gate)
+            with stage("expert GEMMs"):
+                torch.matmul(hidden, w.w_down_EIH[expert], out=y_sorted[rows])
             start += count
-        out_TH = self.combine(y_sorted, routing_weights_TK, order, token_of_sorted, torch.zeros_like(tokens_TH))
+        with stage("combine"):
+            out_TH = self.combine(y_sorted, routing_weights_TK, order, token_of_sorted, torch.zeros_like(tokens_TH))
         return self.add_shared_experts(out_TH, tokens_TH)
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):

@@ -2,8 +2,7 @@
 
 The idea
     Levels 4 to 6 run one cuBLAS GEMM per expert, cut by host-side counts (a sync), with the permutation and the
-    combine as separate passes over memory. `triton_kernels.moe_grouped_forward` does the expert work in two
-    kernel launches whatever E is:
+    combine as separate passes over memory. Here the expert work is two Triton kernel launches whatever E is:
     1. Token alignment (`align_tokens`, three small Triton kernels): group the T·K (token, slot) pairs by expert
        (a histogram, a padded running sum, an atomic cursor per expert) and pad each expert's run to a multiple
        of the tile height BLOCK_M with a sentinel. Every BLOCK_M rows of the sorted list now belong to one
@@ -41,10 +40,10 @@ Run: python labs/moe_optimization_journey/level7_triton_grouped.py [--preset jou
 """
 
 import torch
-from moe_benchmark import MoELevel, run_level_script
+from moe_benchmark import MoELevel, run_level_script, stage
 
 import triton_kernels
-from triton_kernels import moe_grouped_forward
+from triton_kernels import align_tokens, choose_block_m, moe_down, moe_gate_up
 
 
 class TritonGroupedLevel(MoELevel):
@@ -73,12 +72,23 @@ class TritonGroupedLevel(MoELevel):
         self.tuned_configs_noted = False
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
-        if self.config.num_shared_experts:  # every token also picks each shared expert, with weight 1
-            T, E, S = tokens_TH.shape[0], self.config.num_experts, self.config.num_shared_experts
-            shared_ids_TS = torch.arange(E, E + S, device=self.device).expand(T, S)
-            expert_ids_TK = torch.cat([expert_ids_TK, shared_ids_TS], dim=1)
-            routing_weights_TK = torch.cat([routing_weights_TK, routing_weights_TK.new_ones(T, S)], dim=1)
-        out_TH = moe_grouped_forward(tokens_TH, routing_weights_TK, expert_ids_TK, self.w13_EH2I, self.w_down_EIH)
+        T = tokens_TH.shape[0]
+        E = self.config.num_experts + self.config.num_shared_experts
+        with stage("permute"):
+            if self.config.num_shared_experts:  # every token also picks each shared expert, with weight 1
+                shared_ids_TS = torch.arange(self.config.num_experts, E, device=self.device).expand(T, -1)
+                expert_ids_TK = torch.cat([expert_ids_TK, shared_ids_TS], dim=1)
+                shared_weights_TS = routing_weights_TK.new_ones(shared_ids_TS.shape)
+                routing_weights_TK = torch.cat([routing_weights_TK, shared_weights_TS], dim=1)
+            K = expert_ids_TK.shape[1]
+            alignment = align_tokens(expert_ids_TK, E, choose_block_m(T * K, E))
+        # SiLU·up runs in the gate|up kernel's epilogue and the routing weight in the down kernel's: no stage of
+        # their own.
+        with stage("expert GEMMs"):
+            hidden_PI = moe_gate_up(tokens_TH, self.w13_EH2I, alignment, K)
+            y_TKH = moe_down(hidden_PI, self.w_down_EIH, routing_weights_TK, alignment)
+        with stage("combine"):
+            out_TH = y_TKH.sum(dim=1)
         if not self.tuned_configs_noted:  # the autotuner has chosen by the end of the first call
             self.tuned_configs_noted = True
             self.notes.append(triton_kernels.describe_tuned_configs())

@@ -6,6 +6,8 @@ is here, once, so the level files hold nothing but their idea:
 
 - `benchmark()` builds inputs, checks the level against the fp32 reference on fresh random inputs, times it, reads
   its peak memory and returns one result row; an out-of-memory becomes a row with status `oom`, never a crash.
+- `stage(name)` marks a stage of a level's forward (permute, expert GEMMs, ...); `benchmark(..., profile=True)`
+  adds to the row the time each stage took (`stage_ms`). Off, a marker costs a few hundred nanoseconds.
 - `run_level_script()` is the entry point each level file calls under `if __name__ == "__main__"`.
 
 Timing: on CUDA, device events around each call, after warm-up, the L2 cache flushed between calls so that no
@@ -21,6 +23,7 @@ import statistics
 import sys
 import time
 import zlib
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -48,6 +51,56 @@ from moe_model import (  # noqa: E402
 )
 
 TARGET = "moe_journey"
+
+
+# The stages a forward is split into for `--profile`, in the order they run. "routing" is the router itself (the
+# same for every level, timed before the forward); "outside stages" is forward time no marker covers: Python
+# between the stages, allocation and, for the CUDA-graph levels, the whole replay (one launch has no boundaries).
+STAGES = ("routing", "permute", "expert GEMMs", "activation", "combine", "shared experts")
+OUTSIDE_STAGES = "outside stages"
+
+
+class StageRecorder:
+    """The clock `stage` reads while a profile runs: CUDA events on the GPU (the device's own timeline, so a
+    stage's time includes the device idling while the host prepares its launches), the host clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.on_cuda = device.type == "cuda"
+        self.spans: list[tuple[str, object, object]] = []
+
+    def clock(self) -> object:
+        if not self.on_cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_ms(self, begin: object, end: object) -> float:
+        return begin.elapsed_time(end) if self.on_cuda else (end - begin) * 1e3
+
+    def recording(self) -> bool:
+        return not (self.on_cuda and torch.cuda.is_current_stream_capturing())
+
+
+class stage:  # noqa: N801 (used like a function: `with stage("permute"):`)
+    """`with stage("permute"): ...` marks one stage of a forward. Nothing happens unless `profile_stages` is
+    running; stages do not nest. Inside a CUDA graph capture it stays off."""
+
+    recorder: ClassVar[StageRecorder | None] = None
+    __slots__ = ("name", "begin")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.begin = None
+
+    def __enter__(self) -> None:
+        recorder = stage.recorder
+        if recorder is not None and recorder.recording():
+            self.begin = recorder.clock()
+
+    def __exit__(self, *exc_info) -> None:
+        if self.begin is not None:
+            stage.recorder.spans.append((self.name, self.begin, stage.recorder.clock()))
 
 
 class LevelUnavailable(RuntimeError):
@@ -84,7 +137,8 @@ class MoELevel:
         """out_TH plus the config's shared experts, run as a separate dense MLP (not fused with the routed
         experts; level 7 fuses them instead). Without shared experts it returns out_TH untouched, at no cost."""
         if self.config.num_shared_experts:
-            out_TH += shared_experts_forward(tokens_TH, self.weights)
+            with stage("shared experts"):
+                out_TH += shared_experts_forward(tokens_TH, self.weights)
         return out_TH
 
 
@@ -150,6 +204,7 @@ class Inputs:
     tokens_TH: torch.Tensor
     routing_weights_TK: torch.Tensor
     expert_ids_TK: torch.Tensor
+    router_logits_TE: torch.Tensor  # what the router read (moe_model.router_logits), kept to time the router
     dropped_tokens: int = 0  # pairs the router dropped (weight 0), e.g. over the switch router's capacity
 
     def as_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,7 +228,7 @@ def make_inputs(
     logits_TE = router_logits(tokens_TH, weights.router_HE, config.top_k, traffic, generator)
     routing = make_router(config)(logits_TE, config.top_k)
     return Inputs(tokens_TH, routing.routing_weights_TK.to(config.torch_dtype), routing.expert_ids_TK,
-                  routing.dropped_tokens)
+                  logits_TE, routing.dropped_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,6 +327,38 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> tuple[floa
     return peak / 2**20, (peak - before) / 2**20
 
 
+def profile_stages(
+    forward: Callable[[], object], routing: Callable[[], object], device: torch.device, calls: int
+) -> dict[str, float]:
+    """Mean ms per call of each stage the level marks, of `routing` (run before each forward) and of the forward
+    time outside the marked stages. The markers' own cost (an event record each) is included, so the stages can
+    sum to a little more than the timed forward."""
+    recorder = StageRecorder(device)
+    forward_spans = []
+    l2_flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if recorder.on_cuda else None
+    stage.recorder = recorder
+    try:
+        for _ in range(calls):
+            if l2_flush is not None:
+                l2_flush.zero_()
+            with stage("routing"):
+                routing()
+            begin = recorder.clock()
+            forward()
+            forward_spans.append((begin, recorder.clock()))
+        synchronize(device)
+    finally:
+        stage.recorder = None
+    total_ms = defaultdict(float)
+    for name, begin, end in recorder.spans:
+        total_ms[name] += recorder.elapsed_ms(begin, end)
+    forward_ms = sum(recorder.elapsed_ms(begin, end) for begin, end in forward_spans)
+    inside_ms = sum(ms for name, ms in total_ms.items() if name != "routing")
+    per_call = {name: total_ms[name] / calls for name in STAGES if name in total_ms}
+    per_call[OUTSIDE_STAGES] = max(0.0, forward_ms - inside_ms) / calls
+    return per_call
+
+
 @dataclass
 class Ceilings:
     """The two rates one GPU actually reaches, measured with the same timer as the levels."""
@@ -344,6 +431,9 @@ def base_row(
         "load_max_over_mean": None,
         "dead_experts": None,
         "dropped_tokens": None,
+        # --profile: mean ms per call of each stage (STAGES, then OUTSIDE_STAGES), and how many calls.
+        "stage_ms": None,
+        "profile_calls": None,
     }
 
 
@@ -365,8 +455,10 @@ def benchmark(
     repeats: int = 50,
     time_budget_s: float = 3.0,
     traffic: Traffic = Traffic(),
+    profile: bool = False,
 ) -> dict:
-    """Check one level at one size, then time it. Always returns a row; never raises for a level's failure."""
+    """Check one level at one size, then time it (and with `profile`, time its stages too). Always returns a
+    row; never raises for a level's failure."""
     row = base_row(level_cls, config, num_tokens, device, traffic)
     if level_cls.needs_cuda and device.type != "cuda":
         row.update(status="skipped", note="needs a CUDA GPU")
@@ -407,6 +499,15 @@ def benchmark(
             gbps=nbytes / (ms * 1e-3) / 1e9,
             pct_roofline=100 * ceilings.floor_ms(flops, nbytes) / ms if ceilings else None,
         )
+        if profile:
+            router = make_router(config)
+
+            def routing() -> None:  # the router's projection and its choice (skewed traffic replaces the logits)
+                timing_inputs.tokens_TH @ weights.router_HE
+                router(timing_inputs.router_logits_TE, config.top_k)
+
+            row["profile_calls"] = max(3, min(20, len(times_ms)))
+            row["stage_ms"] = profile_stages(call, routing, device, row["profile_calls"])
     except torch.cuda.OutOfMemoryError:
         row.update(status="oom", note=f"CUDA out of memory at {num_tokens} tokens")
     except LevelUnavailable as reason:

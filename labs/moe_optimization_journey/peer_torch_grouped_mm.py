@@ -18,7 +18,7 @@ Run: python labs/moe_optimization_journey/peer_torch_grouped_mm.py [--preset jou
 """
 
 import torch
-from moe_benchmark import LevelUnavailable, MoELevel, run_level_script
+from moe_benchmark import LevelUnavailable, MoELevel, run_level_script, stage
 
 from triton_kernels import silu_mul
 
@@ -35,20 +35,24 @@ class TorchGroupedMMPeer(MoELevel):
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         w, K = self.weights, expert_ids_TK.shape[1]
-        expert_of_pair = expert_ids_TK.flatten()
-        order = torch.argsort(expert_of_pair, stable=True)
-        token_of_sorted = order // K
-        counts = torch.zeros(self.config.num_experts, dtype=torch.int32, device=self.device)
-        counts.scatter_add_(0, expert_of_pair, torch.ones_like(expert_of_pair, dtype=torch.int32))
-        expert_ends = torch.cumsum(counts, 0, dtype=torch.int32)  # stays on the device: no sync
-        x_sorted = tokens_TH.index_select(0, token_of_sorted)  # [T·K, H]
-
-        gate = torch._grouped_mm(x_sorted, w.w_gate_EHI, offs=expert_ends)  # [T·K, I]
-        hidden = silu_mul(gate, torch._grouped_mm(x_sorted, w.w_up_EHI, offs=expert_ends), out=gate)
-        y_sorted = torch._grouped_mm(hidden, w.w_down_EIH, offs=expert_ends)  # [T·K, H]
-
-        y_sorted.mul_(routing_weights_TK.flatten()[order, None])
-        out_TH = torch.zeros_like(tokens_TH).index_add_(0, token_of_sorted, y_sorted)
+        with stage("permute"):
+            expert_of_pair = expert_ids_TK.flatten()
+            order = torch.argsort(expert_of_pair, stable=True)
+            token_of_sorted = order // K
+            counts = torch.zeros(self.config.num_experts, dtype=torch.int32, device=self.device)
+            counts.scatter_add_(0, expert_of_pair, torch.ones_like(expert_of_pair, dtype=torch.int32))
+            expert_ends = torch.cumsum(counts, 0, dtype=torch.int32)  # stays on the device: no sync
+            x_sorted = tokens_TH.index_select(0, token_of_sorted)  # [T·K, H]
+        with stage("expert GEMMs"):
+            gate = torch._grouped_mm(x_sorted, w.w_gate_EHI, offs=expert_ends)  # [T·K, I]
+            up = torch._grouped_mm(x_sorted, w.w_up_EHI, offs=expert_ends)
+        with stage("activation"):
+            hidden = silu_mul(gate, up, out=gate)
+        with stage("expert GEMMs"):
+            y_sorted = torch._grouped_mm(hidden, w.w_down_EIH, offs=expert_ends)  # [T·K, H]
+        with stage("combine"):
+            y_sorted.mul_(routing_weights_TK.flatten()[order, None])
+            out_TH = torch.zeros_like(tokens_TH).index_add_(0, token_of_sorted, y_sorted)
         return self.add_shared_experts(out_TH, tokens_TH)
 
 
