@@ -317,8 +317,8 @@ TRAFFIC_SHAPES = ("uniform", "zipf", "hot")
 @dataclass(frozen=True)
 class Traffic:
     """uniform: the router on random tokens. zipf: expert e (0-based) is chosen with probability ∝ (e + 1)^-s.
-    hot: expert 0 receives `hot_share` of all (token, slot) pairs (at most 1/K: a token picks it once), the rest
-    spread uniformly. A traffic shape makes the router's logits (router_logits); the router still decides."""
+    hot: `hot_share` of the tokens pick expert 0 (so it gets hot_share/K of the (token, slot) pairs, hot_share·E/K
+    times the mean load), the rest spread uniformly. A traffic shape makes the router's logits (router_logits); the router still decides."""
 
     shape: str = "uniform"
     zipf_s: float = 1.2
@@ -337,12 +337,12 @@ class Traffic:
         if self.shape == "zipf":
             return f"zipf(s={self.zipf_s:g})"
         if self.shape == "hot":
-            return f"hot({100 * self.hot_share:g}%)"
+            return f"hot({100 * self.hot_share:g}% of tokens)"
         return "uniform"
 
 
 def router_logits(
-    tokens_TH: torch.Tensor, router_HE: torch.Tensor, top_k: int, traffic: Traffic, generator: torch.Generator
+    tokens_TH: torch.Tensor, router_HE: torch.Tensor, traffic: Traffic, generator: torch.Generator
 ) -> torch.Tensor:
     """The scores [T, E] a router sees. Uniform traffic: the router's own logits. Skewed traffic: the log of each
     expert's popularity plus Gumbel noise, so that taking the top k samples k distinct experts with
@@ -355,9 +355,9 @@ def router_logits(
     if traffic.shape == "zipf":
         log_popularity_E = -traffic.zipf_s * torch.log(torch.arange(1, E + 1, device=tokens_TH.device).float())
         return log_popularity_E + gumbel_TE
-    # hot: expert 0 on top for a share·K fraction of the tokens (so it gets `share` of the T·K pairs), at the
-    # bottom for the rest; the other experts equally likely.
-    takes_hot_T = torch.rand(T, device=tokens_TH.device, generator=generator) < traffic.hot_share * top_k
+    # hot: expert 0 on top for a `hot_share` fraction of the tokens, at the bottom for the rest; the other experts
+    # equally likely.
+    takes_hot_T = torch.rand(T, device=tokens_TH.device, generator=generator) < traffic.hot_share
     others_TE = gumbel_TE[:, 1:]
     # One above the row's best, or one below its worst: a clear order that keeps the softmax weights O(1).
     gumbel_TE[:, 0] = torch.where(takes_hot_T, others_TE.max(dim=1).values + 1, others_TE.min(dim=1).values - 1)

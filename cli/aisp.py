@@ -251,7 +251,7 @@ def run_command(
                                                      "loads"),
     traffic: str = typer.Option("uniform", help="traffic shape(s), comma-separated: uniform, zipf, hot"),
     zipf_s: float = typer.Option(1.2, help="zipf traffic: expert popularity ∝ rank^-s"),
-    hot_share: float = typer.Option(0.5, help="hot traffic: the share of (token, slot) pairs expert 0 gets"),
+    hot_share: float = typer.Option(0.5, help="hot traffic: the share of tokens that pick expert 0"),
     warmup: int = typer.Option(None, help="untimed calls before timing (default: 3 on a GPU, 1 on the CPU)"),
     repeats: int = typer.Option(50, help="timed calls (fewer when a call is slow; never under 5)"),
     profile: bool = typer.Option(False, "--profile", help="also time each level's stages (routing, permute, "

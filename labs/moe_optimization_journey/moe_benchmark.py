@@ -225,7 +225,7 @@ def make_inputs(
     tokens_TH = torch.randn(
         (num_tokens, config.hidden), generator=generator, device=weights.device, dtype=torch.float32
     ).to(config.torch_dtype)
-    logits_TE = router_logits(tokens_TH, weights.router_HE, config.top_k, traffic, generator)
+    logits_TE = router_logits(tokens_TH, weights.router_HE, traffic, generator)
     routing = make_router(config)(logits_TE, config.top_k)
     return Inputs(tokens_TH, routing.routing_weights_TK.to(config.torch_dtype), routing.expert_ids_TK,
                   logits_TE, routing.dropped_tokens)
