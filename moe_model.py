@@ -16,6 +16,7 @@ Expert weights live in one contiguous tensor per projection: w_gate_EHI, w_up_EH
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -128,31 +129,42 @@ class MoEWeights:
         return self.w_gate_EHI.device
 
 
-def init_weights(config: MoEConfig, device: torch.device | str) -> MoEWeights:
+def init_weights(config: MoEConfig, device: torch.device | str, experts: range | None = None) -> MoEWeights:
     """Deterministic weights from config.seed, drawn on `device` (the same seed gives the same weights on the same
-    kind of device). Scaled by 1/sqrt(fan_in) so that with unit-variance tokens every activation stays O(1)."""
-    device = torch.device(device)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    H, I, E, dtype = config.hidden, config.intermediate, config.num_experts, config.torch_dtype
+    kind of device). Scaled by 1/sqrt(fan_in) so that with unit-variance tokens every activation stays O(1).
 
-    def draw_experts(rows: int, cols: int, count: int = E) -> torch.Tensor:
-        out = torch.empty((count, rows, cols), dtype=dtype, device=device)
-        # One expert at a time, so the fp32 draw never needs a second copy of a large preset's weights.
-        for expert in range(count):
-            sample = torch.randn((rows, cols), generator=generator, device=device, dtype=torch.float32)
-            out[expert] = sample.mul_(1.0 / math.sqrt(rows))
+    `experts`: draw only these routed experts (an expert-parallel rank's slice; default all). Each expert's
+    weights come from a generator of its own, seeded by (config.seed, expert), so a slice equals the same experts
+    of the full draw. The router and the shared experts are always drawn whole."""
+    device = torch.device(device)
+    H, I, E, S, dtype = (config.hidden, config.intermediate, config.num_experts, config.num_shared_experts,
+                         config.torch_dtype)
+    experts = range(E) if experts is None else experts
+
+    def draw(stream: int, index: int, rows: int) -> torch.Tensor:
+        """One [rows, cols] matrix: stream 0-2 are the routed gate/up/down, 3-5 the shared ones; drawn in fp32."""
+        cols = H if rows == I else I
+        seed = zlib.crc32(f"{config.seed}:{stream}:{index}".encode())  # 32 bits: what a CPU generator keeps
+        generator = torch.Generator(device=device).manual_seed(seed)
+        sample = torch.randn((rows, cols), generator=generator, device=device, dtype=torch.float32)
+        return sample.mul_(1.0 / math.sqrt(rows)).to(dtype)
+
+    def stack(stream: int, indices: range, rows: int) -> torch.Tensor:
+        out = torch.empty((len(indices), rows, H if rows == I else I), dtype=dtype, device=device)
+        for position, index in enumerate(indices):  # one at a time: no second fp32 copy of a large preset
+            out[position] = draw(stream, index, rows)
         return out
 
-    S = config.num_shared_experts
-    router_HE = torch.randn((H, E), generator=generator, device=device, dtype=torch.float32) / math.sqrt(H)
-    return MoEWeights(  # drawn in this order, so adding shared experts leaves the routed weights as they were
+    router_generator = torch.Generator(device=device).manual_seed(config.seed)
+    router_HE = torch.randn((H, E), generator=router_generator, device=device, dtype=torch.float32) / math.sqrt(H)
+    return MoEWeights(
         router_HE=router_HE.to(dtype),
-        w_gate_EHI=draw_experts(H, I),
-        w_up_EHI=draw_experts(H, I),
-        w_down_EIH=draw_experts(I, H),
-        w_shared_gate_SHI=draw_experts(H, I, S),
-        w_shared_up_SHI=draw_experts(H, I, S),
-        w_shared_down_SIH=draw_experts(I, H, S),
+        w_gate_EHI=stack(0, experts, H),
+        w_up_EHI=stack(1, experts, H),
+        w_down_EIH=stack(2, experts, I),
+        w_shared_gate_SHI=stack(3, range(S), H),
+        w_shared_up_SHI=stack(4, range(S), H),
+        w_shared_down_SIH=stack(5, range(S), I),
     )
 
 
@@ -270,16 +282,20 @@ def reference_forward(
     weights: MoEWeights,
     routing_weights_TK: torch.Tensor,
     expert_ids_TK: torch.Tensor,
+    first_expert: int = 0,
 ) -> torch.Tensor:
-    """The layer in fp32, one expert at a time: the function every level must compute. Returns [T, H] fp32."""
+    """The layer in fp32, one expert at a time: the function every level must compute. Returns [T, H] fp32.
+
+    `weights` may hold a slice of the routed experts, first_expert onwards (as an expert-parallel rank does): then
+    only the pairs routed to that slice contribute, plus the shared experts `weights` holds."""
     out_TH = torch.zeros(tokens_TH.shape, dtype=torch.float32, device=tokens_TH.device)
-    for expert in range(weights.w_gate_EHI.shape[0]):
-        token_idx, slot = torch.nonzero(expert_ids_TK == expert, as_tuple=True)
+    for local in range(weights.w_gate_EHI.shape[0]):
+        token_idx, slot = torch.nonzero(expert_ids_TK == first_expert + local, as_tuple=True)
         if token_idx.numel() == 0:
             continue
         x = tokens_TH[token_idx].float()
-        hidden = F.silu(x @ weights.w_gate_EHI[expert].float()) * (x @ weights.w_up_EHI[expert].float())
-        y = hidden @ weights.w_down_EIH[expert].float()
+        hidden = F.silu(x @ weights.w_gate_EHI[local].float()) * (x @ weights.w_up_EHI[local].float())
+        y = hidden @ weights.w_down_EIH[local].float()
         out_TH.index_add_(0, token_idx, y * routing_weights_TK[token_idx, slot, None].float())
     x = tokens_TH.float()
     for shared in range(weights.w_shared_gate_SHI.shape[0]):

@@ -61,9 +61,12 @@ def journey():
 # ---------------------------------------------------------------------------------------------------------------
 # Parsing the options
 # ---------------------------------------------------------------------------------------------------------------
-def parse_levels(spec: str | None, available: list[str]) -> list[str]:
+def parse_levels(spec: str | None, available: list[str], on_request: tuple[str, ...] = ("ep",)) -> list[str]:
+    """Level keys from `0-8`, `0,4,7,peer`, ...; the default (or `all`) is every single-GPU level and the peer.
+    Levels in `on_request` (ep: several processes) run only when named."""
     if spec is None or spec == "all":
         return list(available)
+    available = [*available, *on_request]
     chosen = []
     for part in spec.split(","):
         part = part.strip()
@@ -93,6 +96,21 @@ def parse_tokens(spec: str) -> list[int]:
 SHAPE_KEYS = {"hidden": "hidden", "intermediate": "intermediate", "experts": "num_experts",
               "num_experts": "num_experts", "top_k": "top_k", "dtype": "dtype", "seed": "seed", "name": "name",
               "shared_experts": "num_shared_experts"}
+
+
+def parse_world_sizes(spec: str, device) -> list[int]:
+    import torch
+
+    try:
+        sizes = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise UsageError(f"--world-size takes whole numbers separated by commas, got {spec!r}") from None
+    if any(size <= 0 for size in sizes):
+        raise UsageError(f"world sizes must be positive, got {spec!r}")
+    if device.type == "cuda" and max(sizes) > torch.cuda.device_count():
+        raise UsageError(f"world size {max(sizes)} needs {max(sizes)} GPUs (one process per GPU); this machine has "
+                         f"{torch.cuda.device_count()}")
+    return list(dict.fromkeys(sizes))
 
 
 def config_from_mapping(values: dict, source: str):
@@ -256,6 +274,9 @@ def run_command(
     repeats: int = typer.Option(50, help="timed calls (fewer when a call is slow; never under 5)"),
     profile: bool = typer.Option(False, "--profile", help="also time each level's stages (routing, permute, "
                                                          "expert GEMMs, activation, combine, shared experts)"),
+    world_size: str = typer.Option("1", help="level ep: world sizes to launch with torchrun, comma-separated (one "
+                                             "process per GPU, NCCL; gloo processes on the CPU); tokens and experts "
+                                             "are per rank"),
     out: Path = typer.Option(Path("results"), help="results folder; each run makes a new sub-folder"),
 ) -> None:
     """Check and time levels across token scales; write rows, tables and plots to a new run folder."""
@@ -274,6 +295,7 @@ def run_command(
         available = lab.load_levels()
         level_keys = parse_levels(levels, list(available))
         token_counts = parse_tokens(tokens or defaults["tokens"])
+        world_sizes = parse_world_sizes(world_size, torch_device) if "ep" in level_keys else []
         configs = [dataclasses.replace(config, router=router, capacity_factor=capacity_factor,
                                        top_k=1 if router == "switch" else config.top_k)
                    for config in parse_presets(preset or defaults["preset"])]
@@ -285,7 +307,7 @@ def run_command(
     ceilings = bench_mod.measure_ceilings(torch_device)
     run_dir = new_run_dir(out_dir / target, bench_mod.device_label(torch_device))
     args = {"levels": level_keys, "tokens": token_counts, "traffic": [t.label for t in traffics], "warmup": warmup,
-            "repeats": repeats, "profile": profile}
+            "repeats": repeats, "profile": profile, "world_sizes": world_sizes}
     # The run, every default resolved, as a command that repeats it.
     args["command"] = shlex.join(["aisp", "bench", "run", "-t", target, "--levels", ",".join(level_keys),
                                   "--tokens", ",".join(map(str, token_counts)),
@@ -293,7 +315,8 @@ def run_command(
                                   "--capacity-factor", f"{capacity_factor:g}", "--traffic", traffic,
                                   "--zipf-s", f"{zipf_s:g}", "--hot-share", f"{hot_share:g}", "--device", device,
                                   "--warmup", str(warmup), "--repeats", str(repeats), "--out", str(out)]
-                                 + (["--profile"] if profile else []))
+                                 + (["--profile"] if profile else [])
+                                 + (["--world-size", ",".join(map(str, world_sizes))] if world_sizes else []))
     env = environment(torch_device, ceilings, configs, args)
     (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
     console.print(f"run folder: {run_dir}")
@@ -305,28 +328,38 @@ def run_command(
     interrupted = False
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
+    in_process = [key for key in level_keys if key != "ep"]
+    cases = len(configs) * len(traffics) * len(token_counts)
     with progress, open(run_dir / "rows.jsonl", "a") as rows_file:
-        task = progress.add_task("starting", total=len(configs) * len(traffics) * len(token_counts) * len(level_keys))
+        task = progress.add_task("starting", total=cases * (len(in_process) + len(world_sizes)))
+
+        def record(row: dict) -> None:
+            rows.append(row)
+            rows_file.write(json.dumps(row) + "\n")
+            rows_file.flush()  # an interrupted run keeps every finished row
+            progress.advance(task)
+
         try:
-            for config in configs:
+            for config in configs if in_process else []:
                 progress.update(task, description=f"{config.name}: drawing weights")
                 weights = bench_mod.init_weights(config, torch_device)
                 for shape in traffics:
                     for num_tokens in token_counts:
-                        for key in level_keys:
+                        for key in in_process:
                             level_cls = available[key]
                             progress.update(task, description=f"{config.name} · {shape.label} · {num_tokens} tokens "
                                                               f"· level {key} {level_cls.name}")
-                            row = bench_mod.benchmark(level_cls, config, num_tokens, torch_device, weights=weights,
-                                                      ceilings=ceilings, warmup=warmup, repeats=repeats,
-                                                      time_budget_s=defaults["time_budget_s"], traffic=shape,
-                                                      profile=profile)
-                            rows.append(row)
-                            rows_file.write(json.dumps(row) + "\n")
-                            rows_file.flush()  # an interrupted run keeps every finished row
-                            progress.advance(task)
+                            record(bench_mod.benchmark(level_cls, config, num_tokens, torch_device, weights=weights,
+                                                       ceilings=ceilings, warmup=warmup, repeats=repeats,
+                                                       time_budget_s=defaults["time_budget_s"], traffic=shape,
+                                                       profile=profile))
                 del weights
                 bench_mod.release_memory(torch_device)
+            for size in world_sizes:
+                progress.update(task, description=f"level ep: {size} process(es), {cases} case(s)")
+                for row in run_expert_parallel(size, configs, traffics, token_counts, torch_device, warmup, repeats,
+                                               defaults["time_budget_s"], run_dir):
+                    record(row)
         except KeyboardInterrupt:
             interrupted = True
 
@@ -343,6 +376,39 @@ def run_command(
     if interrupted:
         console.print(f"[yellow]interrupted:[/yellow] {len(rows)} finished rows kept in {run_dir / 'rows.jsonl'}")
         raise typer.Exit(130)
+
+
+def run_expert_parallel(world_size: int, configs: list, traffics: list, token_counts: list[int], device,
+                        warmup: int, repeats: int, time_budget_s: float, run_dir: Path) -> list[dict]:
+    """Launch the EP level under torchrun with `world_size` processes; its rows, and an `error` row for every
+    case it did not finish (with the launch's last error line)."""
+    lab = journey()
+    ep = lab.expert_parallel()
+    rows_path = run_dir / f".ep-world-{world_size}.jsonl"
+    rows_path.unlink(missing_ok=True)
+    traffic = traffics[0]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+               ep.__file__, "--config-json", json.dumps([config.to_dict() for config in configs]),
+               "--tokens", ",".join(map(str, token_counts)), "--device", device.type,
+               "--traffic", ",".join(t.shape for t in traffics), "--zipf-s", str(traffic.zipf_s),
+               "--hot-share", str(traffic.hot_share), "--warmup", str(warmup), "--repeats", str(repeats),
+               "--time-budget-s", str(time_budget_s), "--rows-out", str(rows_path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    rows_path.unlink(missing_ok=True)
+    done = {(row["preset"], row["traffic"], row["tokens_per_rank"]) for row in rows}
+    errors = [line for line in (result.stderr + result.stdout).splitlines() if "Error" in line or "error:" in line]
+    reason = errors[-1].strip()[:300] if errors else f"torchrun exited with code {result.returncode}"
+    for config in configs:
+        for shape in traffics:
+            for num_tokens in token_counts:
+                if (config.name, shape.label, num_tokens) not in done:
+                    row = lab.moe_benchmark.base_row(ep.ExpertParallelMoE, config, num_tokens * world_size, device,
+                                                     shape)
+                    row.update(world_size=world_size, tokens_per_rank=num_tokens, status="error",
+                               note=f"ep launch failed: {reason}")
+                    rows.append(row)
+    return rows
 
 
 def existing_run_dir(path: Path) -> Path:

@@ -47,7 +47,9 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     df["label"] = [level_label(r) for r in rows]
     df["order"] = [level_sort_key(r["level"]) for r in rows]
     for column in ("tokens_per_expert", "load_cv", "load_gini", "load_max_over_mean", "dead_experts",
-                   "dropped_tokens", "stage_ms"):
+                   "dropped_tokens", "stage_ms", "world_size", "tokens_per_rank", "dispatch_ms", "compute_ms",
+                   "combine_ms", "a2a_bytes", "dispatch_gbps", "a2a_busbw_gbps", "allreduce_busbw_gbps",
+                   "rank_load_max_over_mean", "local_level"):
         if column not in df:
             df[column] = None
     df["traffic"] = df["traffic"].fillna("uniform") if "traffic" in df else "uniform"
@@ -58,6 +60,12 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     if (df["router"] != "softmax-topk").any():
         df["case"] += ", " + df["router"] + " router"
     return df.sort_values(["order", "tokens"]).reset_index(drop=True)
+
+
+def split_ep(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the expert-parallel rows, every other row): the EP level has a section of its own."""
+    is_ep = df["level"].map(str) == "ep"
+    return df[is_ep].reset_index(drop=True), df[~is_ep].reset_index(drop=True)
 
 
 def shared_of(row) -> str:
@@ -340,6 +348,65 @@ def plot_stages(df: pd.DataFrame, out_dir: Path, preset: str) -> str:
     return save(fig, out_dir / f"stages_{preset}.png", rect=(0, 0.07, 1, 1))  # the legend below
 
 
+def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
+    """The expert-parallel rows: one per (case, tokens per rank, world size), the time split into its phases, the
+    bytes the all-to-alls moved, the bandwidths, and the weak-scaling efficiency against world size 1."""
+    table_rows = []
+    for _, row in df.sort_values(["case", "tokens_per_rank", "world_size"]).iterrows():
+        base = df[(df["case"] == row["case"]) & (df["tokens_per_rank"] == row["tokens_per_rank"])
+                  & (df["world_size"] == 1) & (df["status"] == "ok")]
+        ok = row["status"] == "ok"
+        efficiency = f"{100 * base['ms'].iloc[0] / row['ms']:.0f}%" if ok and len(base) else "-"
+        cells = [fmt(row[c]) if ok else "-" for c in ("ms", "dispatch_ms", "compute_ms", "combine_ms")]
+        if not ok:
+            cells[0] = STATUS_CELL.get(row["status"], row["status"])
+        mb = fmt(row["a2a_bytes"] / 2**20) if ok else "-"
+        table_rows.append([row["case"], str(int(row["tokens_per_rank"])), str(int(row["world_size"])),
+                           str(row["experts"]), *cells, mb,
+                           *(fmt(row[c]) if ok else "-" for c in ("dispatch_gbps", "a2a_busbw_gbps",
+                                                                   "allreduce_busbw_gbps", "rank_load_max_over_mean")),
+                           efficiency])
+    header = ["case", "tokens / rank", "W", "experts", "ms", "dispatch", "expert compute", "combine",
+              "MiB across ranks", "dispatch GB/s", "all-to-all busbw GB/s", "all-reduce busbw GB/s",
+              "busiest rank / mean", "weak-scaling eff."]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows]
+    local = ", ".join(sorted(set(df["local_level"].dropna())))
+    parts = [
+        "## Expert parallelism (level ep)",
+        f"Weak scaling: at world size W each rank holds the preset's E experts (W·E in all) and its own T tokens; "
+        f"the local experts run on {local or 'the best single-GPU level'}. ms is the slowest rank's median "
+        "forward, split into its phases (ms); *MiB across ranks* is what the dispatch and the combine sent to other "
+        "ranks per forward, all ranks together; *dispatch GB/s* is the busiest rank's dispatched bytes over its "
+        "dispatch time (sort and counts exchange included); the bus bandwidths are NCCL-tests' measure of a "
+        "plain all-to-all and all-reduce of the dispatch's size on the same processes; weak-scaling efficiency "
+        "is the world-size-1 time over this row's.",
+        "\n".join(lines),
+    ]
+    notes = [f"- W={int(r['world_size'])}, {r['case']}, {int(r['tokens_per_rank'])} tokens per rank: {r['status']}: "
+             f"{r['note']}" for _, r in df.iterrows() if r["note"]]
+    if notes:
+        parts += ["Notes from the rows:", "\n".join(notes)]
+    ok = df[df["status"] == "ok"]
+    if len(ok):
+        fig, ax = plt.subplots(figsize=(9, 5))
+        ok = ok.sort_values(["case", "tokens_per_rank", "world_size"])
+        labels = [f"{c}\nT/rank={int(t)} W={int(w)}" for c, t, w in
+                  zip(ok["case"], ok["tokens_per_rank"], ok["world_size"])]
+        left = [0.0] * len(ok)
+        for column, name in (("dispatch_ms", "dispatch"), ("compute_ms", "expert compute"),
+                             ("combine_ms", "combine")):
+            ax.barh(labels, ok[column], left=left, label=name)
+            left = [a + b for a, b in zip(left, ok[column])]
+        ax.invert_yaxis()
+        ax.set(xlabel="ms per forward (slowest rank)", title=f"Expert parallelism ({df['device'].iloc[0]})")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(fontsize=8)
+        name = save(fig, out_dir / "expert_parallel.png")
+        parts.append(f"![{name}]({name})")
+    return "\n\n".join(parts)
+
+
 def plot_imbalance(df: pd.DataFrame, out_dir: Path, preset: str) -> str | None:
     """For a preset run under several traffic shapes: each level's time against the load's max/mean, at the
     largest token count."""
@@ -412,6 +479,7 @@ def write_report(run_dir: Path) -> Path:
         sections.append("No rows were recorded.")
     else:
         df = frame(rows)
+        ep_rows, df = split_ep(df)
         for case in dict.fromkeys(df["case"]):
             part = df[df["case"] == case].reset_index(drop=True)
             sections.append(preset_section(part, env))
@@ -424,6 +492,8 @@ def write_report(run_dir: Path) -> Path:
             figure = plot_across_presets(df[df["traffic"] == df["traffic"].iloc[0]], run_dir)
             if figure:
                 sections.append(f"## Across presets\n\n![{figure}]({figure})")
+        if len(ep_rows):
+            sections.append(ep_section(ep_rows.reset_index(drop=True), run_dir))
     summary = run_dir / "summary.md"
     summary.write_text("\n\n".join(s for s in sections if s) + "\n")
     return summary
@@ -433,7 +503,7 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
     """The short form for a README: the environment, then per preset the time and % of roofline tables and the
     plots; every other table stays in the run's summary.md."""
     rows, env = load_rows(run_dir), load_environment(run_dir)
-    df = frame(rows)
+    df = split_ep(frame(rows))[1]
     sections = [environment_section(env)]
     for case in dict.fromkeys(df["case"]):
         part = df[df["case"] == case].reset_index(drop=True)

@@ -29,3 +29,9 @@ def load_levels() -> dict[str, type[moe_benchmark.MoELevel]]:
                     and obj.__module__ == module.__name__):
                 levels[str(obj.level)] = obj
     return levels
+
+
+def expert_parallel():
+    """The expert-parallel level's module (level_ep_expert_parallel.py): not a `MoELevel`, since it runs as W
+    processes under torchrun; `aisp bench run --levels ep` launches it."""
+    return importlib.import_module("level_ep_expert_parallel")

@@ -1,0 +1,56 @@
+"""Run under torchrun by test_expert_parallel.py: each rank checks the EP layer's output for its own tokens against
+`reference_forward` over the full expert set, on the cases below; rank 0 writes {case: [rel. error per rank]}."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "labs" / "moe_optimization_journey"))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from level_ep_expert_parallel import ExpertParallelMoE  # noqa: E402
+from moe_benchmark import compare_to_reference, make_inputs  # noqa: E402
+
+from moe_model import MoEConfig, Traffic, init_weights, reference_forward  # noqa: E402
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    cases = {
+        "uniform": (MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2, name="ep"), Traffic()),
+        "zipf": (MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2, name="ep"),
+                 Traffic("zipf", zipf_s=2.0)),
+        "shared_expert_top1": (MoEConfig(hidden=48, intermediate=80, num_experts=world, top_k=1,
+                                         num_shared_experts=1, name="ep"), Traffic()),
+        "idle_rank": (MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2, name="ep"), Traffic()),
+    }
+    for case, (config, traffic) in cases.items():
+        layer = ExpertParallelMoE(config, torch.device("cpu"))
+        num_tokens = 37 + 5 * rank  # uneven across ranks, multiples of nothing
+        inputs = make_inputs(config, layer.weights, num_tokens, seed=100 * rank + len(case), traffic=traffic)
+        if case == "idle_rank":  # no token on any rank picks rank 1's experts (2 and 3): rank 1 receives none
+            allowed = torch.tensor([e for e in range(config.num_experts) if e // 2 != 1])
+            generator = torch.Generator().manual_seed(rank)
+            inputs.expert_ids_TK = torch.stack([allowed[torch.randperm(len(allowed), generator=generator)[:2]]
+                                                for _ in range(num_tokens)])
+        out_TH = layer.forward(*inputs.as_args())
+        full = init_weights(config, "cpu")
+        ref_TH = reference_forward(inputs.tokens_TH, full, inputs.routing_weights_TK, inputs.expert_ids_TK)
+        check = compare_to_reference(out_TH, ref_TH, config.tolerance)
+        received = layer.dispatch(inputs.tokens_TH, inputs.expert_ids_TK).rows_RH.shape[0]
+        results[case] = (check.rel_err, check.passed, received)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        Path(sys.argv[1]).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The expert-parallel level on the CPU: gloo processes under torchrun, against the full-expert reference."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import FAST, bench, run_dirs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ep_matches_the_reference(tmp_path, world_size):
+    out = tmp_path / "results.json"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc-per-node={world_size}", str(REPO / "tests" / "ep_worker.py"), str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_rank = json.loads(out.read_text())
+    assert len(per_rank) == world_size
+    for rank, cases in enumerate(per_rank):
+        assert set(cases) == {"uniform", "zipf", "shared_expert_top1", "idle_rank"}
+        for case, (rel_err, passed, _) in cases.items():
+            assert passed and rel_err < 2e-2, (rank, case, rel_err)
+    assert per_rank[1]["idle_rank"][2] == 0  # rank 1's experts got no rows at all
+    assert all(cases["uniform"][2] > 0 for cases in per_rank)
+
+
+def test_cli_runs_ep_on_the_cpu(tmp_path):
+    result = bench("run", "-t", "moe_journey", "--levels", "ep", "--world-size", "1,2", "--tokens", "16",
+                   "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = run_dirs(tmp_path)
+    rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()]
+    assert [(r["level"], r["world_size"], r["tokens"], r["experts"]) for r in rows] == [("ep", 1, 16, 4),
+                                                                                       ("ep", 2, 32, 8)]
+    assert all(r["status"] == "ok" and r["rel_err"] < 2e-2 for r in rows)
+    two = rows[1]
+    assert two["dispatch_ms"] > 0 and two["compute_ms"] > 0 and two["combine_ms"] > 0 and two["a2a_bytes"] > 0
+    assert two["a2a_busbw_gbps"] > 0 and two["allreduce_busbw_gbps"] > 0 and rows[0]["a2a_busbw_gbps"] is None
+    summary = (run_dir / "summary.md").read_text()
+    assert "## Expert parallelism (level ep)" in summary and "| tiny | 16 | 2 | 8 |" in summary
+    assert (run_dir / "expert_parallel.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [(["--world-size", "0"], "positive"),
+                                           (["--world-size", "two"], "whole numbers")])
+def test_bad_world_size(tmp_path, args, message):
+    result = bench("run", "-t", "moe_journey", "--levels", "ep", *args, "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 2 and message in result.output
