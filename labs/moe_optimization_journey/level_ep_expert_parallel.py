@@ -14,8 +14,8 @@ The idea
        runs here (level 7's Triton grouped GEMM on a GPU, level 4's per-expert GEMMs on the CPU), each row a
        one-slot "token" with weight 1.
     3. Combine, the reverse all-to-all: the [R, H] results go back to the ranks their tokens came from, in the
-       order they left; there each is multiplied by its routing weight and summed into its token's row
-       (`index_add_`, as level 4). The shared experts run locally: every rank has them.
+       order they left; there each is multiplied by its routing weight, put back in (token, slot) order and
+       summed over K, as level 7 combines. The shared experts run locally: every rank has them.
 
 What it costs, in bytes per token
     Each (token, slot) pair whose expert lives on another rank crosses the network twice, H elements each way:
@@ -61,6 +61,7 @@ from moe_benchmark import (
     make_inputs,
     measure_ceilings,
     quantile,
+    release_memory,
     synchronize,
 )
 
@@ -148,12 +149,15 @@ class ExpertParallelMoE:
 
     def combine(self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor, dispatched: Dispatched,
                 results_RH: torch.Tensor) -> torch.Tensor:
-        K = routing_weights_TK.shape[1]
+        (T, K), H = routing_weights_TK.shape, tokens_TH.shape[1]
         # All-to-all 3, the reverse of 2: every result back to the rank its token came from, in the order it left.
-        results_back = tokens_TH.new_empty((dispatched.order.numel(), tokens_TH.shape[1]))
+        results_back = tokens_TH.new_empty((T * K, H))
         dist.all_to_all_single(results_back, results_RH.contiguous(), dispatched.send_splits, dispatched.recv_splits)
         results_back.mul_(routing_weights_TK.flatten()[dispatched.order, None])
-        out_TH = torch.zeros_like(tokens_TH).index_add_(0, dispatched.order // K, results_back)
+        # Each result to its (token, slot) row, then one sum over K, as level 7 combines: no atomic adds. (With
+        # `index_add_` onto the token rows instead, deepseek-v3's combine took 1.45x as long on an H100: NOTES.md.)
+        results_TKH = torch.empty_like(results_back).index_copy_(0, dispatched.order, results_back).view(T, K, H)
+        out_TH = results_TKH.sum(dim=1)
         if self.config.num_shared_experts:  # replicated on every rank: run on the rank's own tokens, not sent
             out_TH += shared_experts_forward(tokens_TH, self.weights)
         return out_TH
@@ -235,6 +239,7 @@ def time_phases(layer: ExpertParallelMoE, inputs, device: torch.device, warmup: 
         computed_at = clock(device)
         layer.combine(inputs.tokens_TH, inputs.routing_weights_TK, dispatched, results_RH)
         marks.append((begin, dispatched_at, computed_at, clock(device)))
+        del dispatched, results_RH  # before the next forward allocates its own
     synchronize(device)
     return [(elapsed_ms(a, b), elapsed_ms(b, c), elapsed_ms(c, d)) for a, b, c, d in marks]
 
@@ -302,7 +307,9 @@ def benchmark_ep(preset: MoEConfig, tokens_per_rank: int, device: torch.device, 
         if failed:
             row.update(status="error", note=f"wrong result: {failed[0]}")
             return row if rank == 0 else None
-        del out_TH, ref_TH
+        del out_TH, ref_TH, check_inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the check's blocks, so the timed forwards find the memory in one piece
 
         inputs = make_inputs(config, layer.weights, tokens_per_rank,
                              input_seed(config, tokens_per_rank, f"timing rank {rank}"), traffic)
@@ -349,8 +356,7 @@ def benchmark_ep(preset: MoEConfig, tokens_per_rank: int, device: torch.device, 
         row.update(status="oom", note=f"CUDA out of memory at {tokens_per_rank} tokens per rank")
     finally:
         del layer
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device)  # with a collection: the layer sits in a reference cycle
     return row if rank == 0 else None
 
 
