@@ -243,6 +243,8 @@ def list_command() -> None:
     table.add_column("idea")
     for key, cls in journey().load_levels().items():
         table.add_row(key, cls.name, cls.summary)
+    ep = journey().expert_parallel().ExpertParallelMoE
+    table.add_row(ep.level, ep.name, f"{ep.summary} (only when named: --levels ep --world-size N)")
     console.print(table)
     presets = Table(title="presets (or an inline shape, or a TOML file: see --help of run)")
     for column in ("preset", "H", "I", "E", "K", "shared", "dtype"):

@@ -120,7 +120,7 @@ def test_inline_shape_and_toml_presets(tmp_path):
 def test_list():
     result = bench("list")
     assert result.exit_code == 0 and "moe_journey" in result.output and "grouped" in result.output
-    assert "deepseek-v3" in result.output
+    assert "deepseek-v3" in result.output and "expert_parallel" in result.output
 
 
 @pytest.mark.parametrize(

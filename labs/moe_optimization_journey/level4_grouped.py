@@ -39,7 +39,6 @@ class GroupedLevel(MoELevel):
     uses_triton = True
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
-        w = self.weights
         K = expert_ids_TK.shape[1]
         with stage("permute"):  # pair p = t·K + k; sorting by expert makes every expert's pairs contiguous
             expert_of_pair = expert_ids_TK.flatten()  # [T·K]
@@ -48,8 +47,18 @@ class GroupedLevel(MoELevel):
             x_sorted = tokens_TH.index_select(0, token_of_sorted)  # [T·K, H]
             counts_E = torch.bincount(expert_of_pair, minlength=self.config.num_experts).tolist()  # the one sync
 
-        # Grouped GEMM, one expert slice at a time.
-        y_sorted = torch.empty_like(x_sorted)  # [T·K, H]
+        y_sorted = self.grouped_gemm(x_sorted, counts_E)
+
+        with stage("combine"):  # un-permute: weight each result, then sum every token's K results into its row
+            y_sorted.mul_(routing_weights_TK.flatten()[order, None])
+            out_TH = torch.zeros_like(tokens_TH)
+            out_TH.index_add_(0, token_of_sorted, y_sorted)
+        return self.add_shared_experts(out_TH, tokens_TH)
+
+    def grouped_gemm(self, x_sorted: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+        """[T·K, H]: each expert's SwiGLU MLP on its contiguous slice of the sorted tokens, one slice at a time."""
+        w = self.weights
+        y_sorted = torch.empty_like(x_sorted)
         start = 0
         for expert, count in enumerate(counts_E):
             if count == 0:
@@ -63,12 +72,7 @@ class GroupedLevel(MoELevel):
             with stage("expert GEMMs"):
                 torch.matmul(hidden, w.w_down_EIH[expert], out=y_sorted[rows])
             start += count
-
-        with stage("combine"):  # un-permute: weight each result, then sum every token's K results into its row
-            y_sorted.mul_(routing_weights_TK.flatten()[order, None])
-            out_TH = torch.zeros_like(tokens_TH)
-            out_TH.index_add_(0, token_of_sorted, y_sorted)
-        return self.add_shared_experts(out_TH, tokens_TH)
+        return y_sorted
 
 
 if __name__ == "__main__":

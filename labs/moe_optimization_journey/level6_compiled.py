@@ -40,9 +40,8 @@ Run: python labs/moe_optimization_journey/level6_compiled.py [--preset journey] 
 import time
 
 import torch
-from moe_benchmark import MoELevel, run_level_script, stage
-
-from triton_kernels import silu_mul
+from level4_grouped import GroupedLevel
+from moe_benchmark import run_level_script, stage
 
 
 def permute(tokens_TH, expert_ids_TK, num_experts: int):
@@ -61,11 +60,10 @@ def combine(y_sorted, routing_weights_TK, order, token_of_sorted, out_TH):
     return out_TH.index_add_(0, token_of_sorted, y_sorted * routing_weights_TK.flatten()[order, None])
 
 
-class CompiledLevel(MoELevel):
+class CompiledLevel(GroupedLevel):
     level = 6
     name = "compiled"
     summary = "level 4 with its permutation and combine compiled by torch.compile (default mode, dynamic shapes)"
-    uses_triton = True
 
     def prepare(self):
         self.permute = torch.compile(permute, dynamic=True)
@@ -73,25 +71,11 @@ class CompiledLevel(MoELevel):
         self.first_call = True
 
     def grouped_forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
-        w = self.weights
         with stage("permute"):
             order, token_of_sorted, counts, x_sorted = self.permute(tokens_TH, expert_ids_TK,
                                                                     self.config.num_experts)
             counts_E = counts.tolist()  # the one host sync, as in level 4
-        y_sorted = torch.empty_like(x_sorted)  # [T·K, H]
-        start = 0
-        for expert, count in enumerate(counts_E):
-            if count == 0:
-                continue
-            rows = slice(start, start + count)
-            x = x_sorted[rows]
-            with stage("expert GEMMs"):
-                gate, up = x @ w.w_gate_EHI[expert], x @ w.w_up_EHI[expert]  # [count, I] each
-            with stage("activation"):
-                hidden = silu_mul(gate, up, out=gate)
-            with stage("expert GEMMs"):
-                torch.matmul(hidden, w.w_down_EIH[expert], out=y_sorted[rows])
-            start += count
+        y_sorted = self.grouped_gemm(x_sorted, counts_E)  # level 4's expert loop, unchanged
         with stage("combine"):
             out_TH = self.combine(y_sorted, routing_weights_TK, order, token_of_sorted, torch.zeros_like(tokens_TH))
         return self.add_shared_experts(out_TH, tokens_TH)
