@@ -83,13 +83,14 @@ def parse_levels(spec: str | None, available: list[str], on_request: tuple[str, 
     return list(dict.fromkeys(chosen))
 
 
-def parse_tokens(spec: str) -> list[int]:
+def parse_counts(spec: str, option: str) -> list[int]:
+    """Positive whole numbers separated by commas (--tokens, --world-size), duplicates dropped."""
     try:
         counts = [int(part) for part in spec.split(",")]
     except ValueError:
-        raise UsageError(f"--tokens takes whole numbers separated by commas, got {spec!r}") from None
+        raise UsageError(f"{option} takes whole numbers separated by commas, got {spec!r}") from None
     if any(count <= 0 for count in counts):
-        raise UsageError(f"token counts must be positive, got {spec!r}")
+        raise UsageError(f"{option} values must be positive, got {spec!r}")
     return list(dict.fromkeys(counts))
 
 
@@ -101,16 +102,11 @@ SHAPE_KEYS = {"hidden": "hidden", "intermediate": "intermediate", "experts": "nu
 def parse_world_sizes(spec: str, device) -> list[int]:
     import torch
 
-    try:
-        sizes = [int(part) for part in spec.split(",")]
-    except ValueError:
-        raise UsageError(f"--world-size takes whole numbers separated by commas, got {spec!r}") from None
-    if any(size <= 0 for size in sizes):
-        raise UsageError(f"world sizes must be positive, got {spec!r}")
+    sizes = parse_counts(spec, "--world-size")
     if device.type == "cuda" and max(sizes) > torch.cuda.device_count():
         raise UsageError(f"world size {max(sizes)} needs {max(sizes)} GPUs (one process per GPU); this machine has "
                          f"{torch.cuda.device_count()}")
-    return list(dict.fromkeys(sizes))
+    return sizes
 
 
 def config_from_mapping(values: dict, source: str):
@@ -296,7 +292,7 @@ def run_command(
         warmup = warmup if warmup is not None else defaults["warmup"]
         available = lab.load_levels()
         level_keys = parse_levels(levels, list(available))
-        token_counts = parse_tokens(tokens or defaults["tokens"])
+        token_counts = parse_counts(tokens or defaults["tokens"], "--tokens")
         world_sizes = parse_world_sizes(world_size, torch_device) if "ep" in level_keys else []
         configs = [dataclasses.replace(config, router=router, capacity_factor=capacity_factor,
                                        top_k=1 if router == "switch" else config.top_k)
