@@ -43,7 +43,7 @@ def main() -> None:
         full = init_weights(config, "cpu")
         ref_TH = reference_forward(inputs.tokens_TH, full, inputs.routing_weights_TK, inputs.expert_ids_TK)
         check = compare_to_reference(out_TH, ref_TH, config.tolerance)
-        received = layer.dispatch(inputs.tokens_TH, inputs.expert_ids_TK).rows_RH.shape[0]
+        received = layer.dispatch(*inputs.as_args()).rows_RH.shape[0]
         results[case] = (check.rel_err, check.passed, received)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)

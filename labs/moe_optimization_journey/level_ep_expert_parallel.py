@@ -4,22 +4,23 @@ to the rank that holds its expert, and bring the result back.
 The idea
     Rank r holds a contiguous slice of E_local = E / W experts, r·E_local … (r+1)·E_local − 1, plus a copy of
     the router and of the shared experts. Each rank routes its own T tokens as every level does, then:
-    1. Dispatch, two all-to-alls (`torch.distributed.all_to_all_single`). Sort the T·K (token, slot) pairs by
-       expert, which also groups them by destination rank. First exchange counts: each rank sends every other rank
-       how many pairs it has for each of that rank's experts, E integers out and E in. The counts tell every rank
-       how many rows it will receive and from whom, which the second all-to-all needs up front: it moves the token
-       rows themselves, [T·K, H] out, [R, H] in. The rows arrive grouped by sender and, within a sender, by expert,
-       so the counts alone say which local expert each received row is for: no expert ids travel.
+    1. Dispatch (`torch.distributed.all_to_all_single`). Sort the T·K (token, slot) pairs by expert, which also
+       groups them by destination rank. First exchange counts: each rank sends every other rank how many pairs it
+       has for each of that rank's experts, E integers out and E in. The counts tell every rank how many rows it
+       will receive and from whom, which the next all-to-all needs up front: it moves the token rows themselves,
+       [T·K, H] out, [R, H] in, and a third moves each row's routing weight beside it. The rows arrive grouped by
+       sender and, within a sender, by expert, so the counts alone say which local expert each received row is
+       for: no expert ids travel.
     2. Expert compute: the R received rows through the local experts, with the best single-GPU formulation that
        runs here (level 7's Triton grouped GEMM on a GPU, level 4's per-expert GEMMs on the CPU), each row a
-       one-slot "token" with weight 1.
-    3. Combine, the reverse all-to-all: the [R, H] results go back to the ranks their tokens came from, in the
-       order they left; there each is multiplied by its routing weight, put back in (token, slot) order and
-       summed over K, as level 7 combines. The shared experts run locally: every rank has them.
+       one-slot "token" that carries its routing weight, so level 7 applies it in its down kernel's epilogue.
+    3. Combine, the reverse all-to-all: the [R, H] weighted results go back to the ranks their tokens came
+       from, in the order they left; there each is put back in (token, slot) order and summed over K, as level
+       7 combines. The shared experts run locally: every rank has them.
 
 What it costs, in bytes per token
-    Each (token, slot) pair whose expert lives on another rank crosses the network twice, H elements each way:
-    2·K·H·2 bytes per token in bf16 when no expert is local, (W−1)/W of that on average with uniform routing. On
+    Each (token, slot) pair whose expert lives on another rank crosses the network twice, H elements each way
+    (and its routing weight once): 2·K·H·2 bytes per token in bf16 when no expert is local, (W−1)/W of that on average with uniform routing. On
     `deepseek-v3` (H=7168, K=8) that is up to 229 KB per token, 1.9 GB per forward at 8192 tokens per rank. The
     counts exchange is E integers, negligible in bytes but a host sync: the collectives take their split sizes
     as host integers, so the CPU waits for the device once per forward, as in level 4.
@@ -87,6 +88,7 @@ class Dispatched:
     send_splits: list[int]  # rows this rank sent to each rank
     recv_splits: list[int]  # rows it received from each rank
     rows_RH: torch.Tensor  # [R, H] the received token rows
+    routing_weights_R: torch.Tensor  # [R] their pairs' routing weights
     local_expert_ids_R: torch.Tensor  # [R] which local expert each received row is for
 
 
@@ -118,7 +120,8 @@ class ExpertParallelMoE:
         self.local_level = local_level_class(device)(local_config, local_weights)
         self.local_level.prepare()
 
-    def dispatch(self, tokens_TH: torch.Tensor, expert_ids_TK: torch.Tensor) -> Dispatched:
+    def dispatch(self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor,
+                 expert_ids_TK: torch.Tensor) -> Dispatched:
         K, E, W = expert_ids_TK.shape[1], self.config.num_experts, self.world
         expert_of_pair = expert_ids_TK.flatten()
         order = torch.argsort(expert_of_pair, stable=True)  # by expert: experts are dealt in contiguous slices
@@ -129,23 +132,26 @@ class ExpertParallelMoE:
         recv_counts_WE = recv_counts_WE.view(W, self.experts_per_rank)
         send_splits = send_counts_E.view(W, self.experts_per_rank).sum(dim=1).tolist()  # the host sync
         recv_splits = recv_counts_WE.sum(dim=1).tolist()
-        # All-to-all 2: the token rows, each pair's token once per slot.
+        # All-to-all 2: the token rows, each pair's token once per slot, and beside them the pairs' routing
+        # weights (one element per row), which the receiving expert's down GEMM applies in its epilogue.
         rows_sent = tokens_TH.index_select(0, order // K)  # [T·K, H]
         rows_RH = tokens_TH.new_empty((sum(recv_splits), tokens_TH.shape[1]))
         dist.all_to_all_single(rows_RH, rows_sent, recv_splits, send_splits)
+        routing_weights_R = routing_weights_TK.new_empty(rows_RH.shape[0])
+        dist.all_to_all_single(routing_weights_R, routing_weights_TK.flatten()[order], recv_splits, send_splits)
         # Grouped by sender, then by expert: the local expert of each row follows from the counts.
         local_expert_ids_R = torch.repeat_interleave(
             torch.arange(self.experts_per_rank, device=tokens_TH.device).repeat(W), recv_counts_WE.flatten(),
             output_size=rows_RH.shape[0])
-        return Dispatched(order, send_splits, recv_splits, rows_RH, local_expert_ids_R)
+        return Dispatched(order, send_splits, recv_splits, rows_RH, routing_weights_R, local_expert_ids_R)
 
     def compute(self, dispatched: Dispatched) -> torch.Tensor:
-        """[R, H]: each received row through its local expert (nothing to do for a rank that received none)."""
-        rows_RH = dispatched.rows_RH
-        if rows_RH.shape[0] == 0:
-            return rows_RH
-        ones_R1 = rows_RH.new_ones((rows_RH.shape[0], 1))
-        return self.local_level.forward(rows_RH, ones_R1, dispatched.local_expert_ids_R[:, None])
+        """[R, H]: each received row through its local expert, times its routing weight (nothing to do for a rank
+        that received none). To the local level every row is a token with one slot."""
+        if dispatched.rows_RH.shape[0] == 0:
+            return dispatched.rows_RH
+        return self.local_level.forward(dispatched.rows_RH, dispatched.routing_weights_R[:, None],
+                                        dispatched.local_expert_ids_R[:, None])
 
     def combine(self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor, dispatched: Dispatched,
                 results_RH: torch.Tensor) -> torch.Tensor:
@@ -153,7 +159,6 @@ class ExpertParallelMoE:
         # All-to-all 3, the reverse of 2: every result back to the rank its token came from, in the order it left.
         results_back = tokens_TH.new_empty((T * K, H))
         dist.all_to_all_single(results_back, results_RH.contiguous(), dispatched.send_splits, dispatched.recv_splits)
-        results_back.mul_(routing_weights_TK.flatten()[dispatched.order, None])
         # Each result to its (token, slot) row, then one sum over K, as level 7 combines: no atomic adds. (With
         # `index_add_` onto the token rows instead, deepseek-v3's combine took 1.45x as long on an H100: NOTES.md.)
         results_TKH = torch.empty_like(results_back).index_copy_(0, dispatched.order, results_back).view(T, K, H)
@@ -164,7 +169,7 @@ class ExpertParallelMoE:
 
     def forward(self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor,
                 expert_ids_TK: torch.Tensor) -> torch.Tensor:
-        dispatched = self.dispatch(tokens_TH, expert_ids_TK)
+        dispatched = self.dispatch(tokens_TH, routing_weights_TK, expert_ids_TK)
         return self.combine(tokens_TH, routing_weights_TK, dispatched, self.compute(dispatched))
 
 
@@ -233,7 +238,7 @@ def time_phases(layer: ExpertParallelMoE, inputs, device: torch.device, warmup: 
             l2_flush.zero_()
         dist.barrier()
         begin = clock(device)
-        dispatched = layer.dispatch(inputs.tokens_TH, inputs.expert_ids_TK)
+        dispatched = layer.dispatch(*inputs.as_args())
         dispatched_at = clock(device)
         results_RH = layer.compute(dispatched)
         computed_at = clock(device)
@@ -317,13 +322,14 @@ def benchmark_ep(preset: MoEConfig, tokens_per_rank: int, device: torch.device, 
             torch.cuda.reset_peak_memory_stats(device)  # the peak of the timed forwards, not of the check
         phases = time_phases(layer, inputs, device, warmup, repeats, budget_s)
         totals = [sum(p) for p in phases]
-        dispatched = layer.dispatch(inputs.tokens_TH, inputs.expert_ids_TK)
+        dispatched = layer.dispatch(*inputs.as_args())
         element = inputs.tokens_TH.element_size()
         crossing_rows = sum(n for r, n in enumerate(dispatched.send_splits) if r != rank)
         per_rank = gather({
             "ms": statistics.median(totals), "ms_p20": quantile(totals, 0.2), "ms_p80": quantile(totals, 0.8),
             "phases": [statistics.median(p[i] for p in phases) for i in range(3)], "repeats": len(phases),
-            "bytes": 2 * crossing_rows * config.hidden * element,  # out in the dispatch, back in the combine
+            # Out in the dispatch (row and routing weight), back in the combine.
+            "bytes": crossing_rows * (2 * config.hidden + 1) * element,
             "expert_ids": inputs.expert_ids_TK.cpu(), "dropped": inputs.dropped_tokens,
             "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         })
