@@ -1,0 +1,292 @@
+"""Mechanics of the expert-parallel level (level_ep_expert_parallel.py), kept out of its lesson as moe_benchmark.py
+keeps them out of the single-GPU levels: the check against the fp32 reference, the phase timing, the collectives'
+bandwidth, and one result row per world size, written by rank 0.
+
+Every function here runs on every rank of an initialised process group (torchrun, or a group of one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from moe_benchmark import (
+    base_row,
+    compare_to_reference,
+    input_seed,
+    make_inputs,
+    measure_ceilings,
+    quantile,
+    release_memory,
+    rows_table,
+    synchronize,
+)
+
+from moe_model import (
+    ConfigError,
+    MoEConfig,
+    Traffic,
+    flop_count,
+    get_preset,
+    init_weights,
+    load_metrics,
+    min_bytes,
+    reference_forward,
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+REFERENCE_CHUNK = 32  # experts drawn at a time for the check: 2.8 GB of deepseek-v3 weights, beside the layer's own
+
+
+def reference_on_rank(config: MoEConfig, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor,
+                      expert_ids_TK: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The fp32 reference for this rank's tokens over all E experts, drawn `chunk` experts at a time (no rank can
+    hold them all at scale); the shared experts with the first chunk."""
+    out_TH = None
+    for first in range(0, config.num_experts, chunk):
+        weights = init_weights(config, tokens_TH.device, experts=range(first, min(first + chunk, config.num_experts)))
+        if first:
+            weights = dataclasses.replace(weights, w_shared_gate_SHI=weights.w_shared_gate_SHI[:0],
+                                          w_shared_up_SHI=weights.w_shared_up_SHI[:0],
+                                          w_shared_down_SIH=weights.w_shared_down_SIH[:0])
+        part = reference_forward(tokens_TH, weights, routing_weights_TK, expert_ids_TK, first_expert=first)
+        out_TH = part if out_TH is None else out_TH.add_(part)
+        del weights
+    return out_TH
+
+
+def clock(device: torch.device) -> object:
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def elapsed_ms(begin: object, end: object) -> float:
+    return begin.elapsed_time(end) if isinstance(begin, torch.cuda.Event) else (end - begin) * 1e3
+
+
+def time_phases(layer, inputs, device: torch.device, warmup: int, repeats: int,
+                budget_s: float) -> list[tuple[float, float, float]]:
+    """(dispatch, expert compute, combine) ms of each timed forward. All ranks start each forward together (a
+    barrier), after warm-up, with the L2 cache flushed on a GPU; every rank runs the same number of forwards."""
+    start = time.perf_counter()
+    for _ in range(max(warmup, 1)):
+        layer.forward(*inputs.as_args())
+    synchronize(device)
+    estimate_s = (time.perf_counter() - start) / max(warmup, 1)
+    count = torch.tensor([max(5, min(repeats, int(budget_s / max(estimate_s, 1e-6))))], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MIN)
+    l2_flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if device.type == "cuda" else None
+    marks = []
+    for _ in range(int(count)):
+        if l2_flush is not None:
+            l2_flush.zero_()
+        dist.barrier()
+        begin = clock(device)
+        dispatched = layer.dispatch(*inputs.as_args())
+        dispatched_at = clock(device)
+        results_RH = layer.compute(dispatched)
+        computed_at = clock(device)
+        layer.combine(inputs.tokens_TH, inputs.routing_weights_TK, dispatched, results_RH)
+        marks.append((begin, dispatched_at, computed_at, clock(device)))
+        del dispatched, results_RH  # before the next forward allocates its own
+    synchronize(device)
+    return [(elapsed_ms(a, b), elapsed_ms(b, c), elapsed_ms(c, d)) for a, b, c, d in marks]
+
+
+def bus_bandwidth_gbps(device: torch.device, nbytes: int) -> dict[str, float | None]:
+    """NCCL-tests' bus bandwidth of an all-to-all and of an all-reduce of `nbytes` per rank, on this group:
+    algorithm bandwidth (bytes per rank / time) times (W−1)/W for the all-to-all, 2·(W−1)/W for the all-reduce,
+    so that both read against the links' speed. None at world size 1 (nothing crosses a link). The size is the
+    largest any rank asks for."""
+    world = dist.get_world_size()
+    if world == 1:
+        return {"a2a_busbw_gbps": None, "allreduce_busbw_gbps": None}
+    agreed = torch.tensor([nbytes], device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)  # every rank must move the same size
+    elements = max(world, int(agreed) // 4 // world * world)
+    send = torch.ones(elements, dtype=torch.float32, device=device)
+    recv = torch.empty_like(send)
+    result = {}
+    for key, run, factor in (("a2a_busbw_gbps", lambda: dist.all_to_all_single(recv, send), (world - 1) / world),
+                             ("allreduce_busbw_gbps", lambda: dist.all_reduce(send), 2 * (world - 1) / world)):
+        for _ in range(3):
+            run()
+        times_ms = []
+        for _ in range(10):
+            dist.barrier()
+            begin = clock(device)
+            run()
+            end = clock(device)
+            synchronize(device)
+            times_ms.append(elapsed_ms(begin, end))
+        seconds = statistics.median(times_ms) * 1e-3
+        result[key] = elements * 4 / seconds * factor / 1e9
+    return result
+
+
+def gather(value: object) -> list:
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, device: torch.device, traffic: Traffic,
+                 warmup: int, repeats: int, budget_s: float) -> dict | None:
+    """Check, then time, the EP layer at this world size (weak scaling: W·E experts, W·T tokens). Every rank
+    calls it; rank 0 returns the row, the others None."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    config = dataclasses.replace(preset, num_experts=preset.num_experts * world)
+    row = base_row(layer_cls, config, tokens_per_rank * world, device, traffic)
+    row.update(world_size=world, tokens_per_rank=tokens_per_rank, experts_per_rank=preset.num_experts,
+               local_level=None, dispatch_ms=None, compute_ms=None, combine_ms=None,
+               a2a_bytes=None, dispatch_gbps=None)
+    layer = None
+    try:
+        layer = layer_cls(config, device)
+        row["local_level"] = f"{layer.local_level.level} {layer.local_level.name}"
+        # Each rank its own tokens: the seed also depends on the rank.
+        check_inputs = make_inputs(config, layer.weights, tokens_per_rank,
+                                   input_seed(config, tokens_per_rank, f"check rank {rank}"), traffic)
+        out_TH = layer.forward(*check_inputs.as_args())
+        ref_TH = reference_on_rank(config, *check_inputs.as_args(), chunk=REFERENCE_CHUNK)
+        check = compare_to_reference(out_TH, ref_TH, config.tolerance)
+        checks = gather((check.rel_err, check.passed, check.message))
+        row["rel_err"] = max(err for err, _, _ in checks)
+        failed = [f"rank {r}: {message}" for r, (_, passed, message) in enumerate(checks) if not passed]
+        if failed:
+            row.update(status="error", note=f"wrong result: {failed[0]}")
+            return row if rank == 0 else None
+        del out_TH, ref_TH, check_inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the check's blocks, so the timed forwards find the memory in one piece
+
+        inputs = make_inputs(config, layer.weights, tokens_per_rank,
+                             input_seed(config, tokens_per_rank, f"timing rank {rank}"), traffic)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the peak of the timed forwards, not of the check
+        phases = time_phases(layer, inputs, device, warmup, repeats, budget_s)
+        totals = [sum(p) for p in phases]
+        dispatched = layer.dispatch(*inputs.as_args())
+        element = inputs.tokens_TH.element_size()
+        crossing_rows = sum(n for r, n in enumerate(dispatched.send_splits) if r != rank)
+        per_rank = gather({
+            "ms": statistics.median(totals), "ms_p20": quantile(totals, 0.2), "ms_p80": quantile(totals, 0.8),
+            "phases": [statistics.median(p[i] for p in phases) for i in range(3)], "repeats": len(phases),
+            # Out in the dispatch (row and routing weight), back in the combine.
+            "bytes": crossing_rows * (2 * config.hidden + 1) * element,
+            "expert_ids": inputs.expert_ids_TK.cpu(), "dropped": inputs.dropped_tokens,
+            "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        })
+        bandwidth = bus_bandwidth_gbps(device, dispatched.rows_RH.numel() * element or 2**20)
+        ceilings = measure_ceilings(device)
+        if rank != 0:
+            return None
+        slowest = max(per_rank, key=lambda r: r["ms"])  # the layer is done when its slowest rank is
+        ms = slowest["ms"]
+        expert_ids = torch.cat([r["expert_ids"] for r in per_rank])
+        flops = flop_count(config, tokens_per_rank * world)
+        nbytes = min_bytes(config, tokens_per_rank * world, int(expert_ids.unique().numel()))
+        pairs_per_rank = torch.bincount(expert_ids.flatten() // preset.num_experts, minlength=world).double()
+        row.update(load_metrics(expert_ids, config.num_experts))
+        row.update(
+            ms=ms, ms_p20=slowest["ms_p20"], ms_p80=slowest["ms_p80"], repeats=slowest["repeats"],
+            tokens_per_s=tokens_per_rank * world / (ms * 1e-3), tflops=flops / (ms * 1e-3) / 1e12,
+            gbps=nbytes / (ms * 1e-3) / 1e9,
+            # W GPUs: W times one GPU's ceilings.
+            pct_roofline=100 * ceilings.floor_ms(flops / world, nbytes / world) / ms if ceilings else None,
+            peak_mb=max(r["peak_mb"] for r in per_rank) if device.type == "cuda" else None,
+            dropped_tokens=sum(r["dropped"] for r in per_rank),
+            dispatch_ms=slowest["phases"][0], compute_ms=slowest["phases"][1], combine_ms=slowest["phases"][2],
+            a2a_bytes=sum(r["bytes"] for r in per_rank),
+            dispatch_gbps=max(r["bytes"] for r in per_rank) / 2 / (slowest["phases"][0] * 1e-3) / 1e9,
+            rank_load_max_over_mean=(pairs_per_rank.max() / pairs_per_rank.mean()).item(),
+            **bandwidth,
+        )
+    except torch.cuda.OutOfMemoryError:
+        row.update(status="oom", note=f"CUDA out of memory at {tokens_per_rank} tokens per rank")
+    finally:
+        del layer
+        release_memory(device)  # with a collection: the layer sits in a reference cycle
+    return row if rank == 0 else None
+
+
+def run_ep_script(layer_cls: type) -> None:
+    """The EP level's entry point, under torchrun or alone (a group of one): check and time each case, print or
+    append the rows."""
+    parser = argparse.ArgumentParser(description=f"Level EP: {layer_cls.summary}")
+    parser.add_argument("--preset", default=None, help="preset name(s), comma-separated (journey on a GPU, small "
+                                                       "on the CPU); E is the experts per rank")
+    parser.add_argument("--config-json", default=None, help="the presets as a JSON list of MoEConfig fields "
+                                                            "(how `aisp bench run` passes inline shapes)")
+    parser.add_argument("--tokens", default=None, help="tokens per rank, comma-separated (8192 GPU, 256 CPU)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--traffic", default="uniform")
+    parser.add_argument("--zipf-s", type=float, default=1.2)
+    parser.add_argument("--hot-share", type=float, default=0.5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--time-budget-s", type=float, default=3.0)
+    parser.add_argument("--rows-out", type=Path, default=None, help="append the rows here (JSON lines)")
+    args = parser.parse_args()
+
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        if use_cuda and int(os.environ.get("WORLD_SIZE", 1)) > torch.cuda.device_count():
+            raise ConfigError(f"world size {os.environ['WORLD_SIZE']} asked for, but this machine has "
+                              f"{torch.cuda.device_count()} GPU(s)")
+        if args.config_json:
+            presets = [MoEConfig(**fields) for fields in json.loads(args.config_json)]
+        else:
+            presets = [get_preset(name) for name in (args.preset or ("journey" if use_cuda else "small")).split(",")]
+        token_counts = [int(t) for t in (args.tokens or ("8192" if use_cuda else "256")).split(",")]
+        if any(t <= 0 for t in token_counts):
+            raise ConfigError(f"--tokens must be positive, got {args.tokens}")
+        traffics = [Traffic(shape, zipf_s=args.zipf_s, hot_share=args.hot_share) for shape in args.traffic.split(",")]
+    except (ConfigError, ValueError) as error:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if use_cuda else "gloo"
+    if "RANK" in os.environ:  # launched by torchrun
+        dist.init_process_group(backend, device_id=device if use_cuda else None)
+    else:  # plain python: a group of one
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    rows = []
+    try:
+        for preset in presets:
+            for traffic in traffics:
+                for tokens in token_counts:
+                    row = benchmark_ep(layer_cls, preset, tokens, device, traffic, args.warmup, args.repeats,
+                                       args.time_budget_s)
+                    if row is not None:
+                        rows.append(row)
+                        if args.rows_out:
+                            with open(args.rows_out, "a") as rows_file:
+                                rows_file.write(json.dumps(row) + "\n")
+    finally:
+        dist.destroy_process_group()
+    if rank == 0 and not args.rows_out:
+        from rich.console import Console
+
+        Console().print(rows_table(rows, title=f"expert parallelism, world size {rows[0]['world_size']}"
+                                   if rows else "expert parallelism"))
+
+
