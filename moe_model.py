@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,11 @@ class MoEWeights:
     def device(self) -> torch.device:
         return self.w_gate_EHI.device
 
+    def without_shared(self) -> MoEWeights:
+        """The same routed experts and router, with no shared experts (S = 0)."""
+        return replace(self, w_shared_gate_SHI=self.w_shared_gate_SHI[:0], w_shared_up_SHI=self.w_shared_up_SHI[:0],
+                       w_shared_down_SIH=self.w_shared_down_SIH[:0])
+
 
 def init_weights(config: MoEConfig, device: torch.device | str, experts: range | None = None) -> MoEWeights:
     """Deterministic weights from config.seed, drawn on `device` (the same seed gives the same weights on the same
@@ -141,30 +146,26 @@ def init_weights(config: MoEConfig, device: torch.device | str, experts: range |
                          config.torch_dtype)
     experts = range(E) if experts is None else experts
 
-    def draw(stream: int, index: int, rows: int) -> torch.Tensor:
-        """One [rows, cols] matrix: stream 0-2 are the routed gate/up/down, 3-5 the shared ones; drawn in fp32."""
-        cols = H if rows == I else I
-        seed = zlib.crc32(f"{config.seed}:{stream}:{index}".encode())  # 32 bits: what a CPU generator keeps
-        generator = torch.Generator(device=device).manual_seed(seed)
-        sample = torch.randn((rows, cols), generator=generator, device=device, dtype=torch.float32)
-        return sample.mul_(1.0 / math.sqrt(rows)).to(dtype)
-
-    def stack(stream: int, indices: range, rows: int) -> torch.Tensor:
-        out = torch.empty((len(indices), rows, H if rows == I else I), dtype=dtype, device=device)
+    def stack(stream: int, indices: range, rows: int, cols: int) -> torch.Tensor:
+        """[len(indices), rows, cols]; stream 0-2 are the routed gate/up/down, 3-5 the shared ones."""
+        out = torch.empty((len(indices), rows, cols), dtype=dtype, device=device)
         for position, index in enumerate(indices):  # one at a time: no second fp32 copy of a large preset
-            out[position] = draw(stream, index, rows)
+            seed = zlib.crc32(f"{config.seed}:{stream}:{index}".encode())  # 32 bits: what a CPU generator keeps
+            generator = torch.Generator(device=device).manual_seed(seed)
+            sample = torch.randn((rows, cols), generator=generator, device=device, dtype=torch.float32)
+            out[position] = sample.mul_(1.0 / math.sqrt(rows))
         return out
 
     router_generator = torch.Generator(device=device).manual_seed(config.seed)
     router_HE = torch.randn((H, E), generator=router_generator, device=device, dtype=torch.float32) / math.sqrt(H)
     return MoEWeights(
         router_HE=router_HE.to(dtype),
-        w_gate_EHI=stack(0, experts, H),
-        w_up_EHI=stack(1, experts, H),
-        w_down_EIH=stack(2, experts, I),
-        w_shared_gate_SHI=stack(3, range(S), H),
-        w_shared_up_SHI=stack(4, range(S), H),
-        w_shared_down_SIH=stack(5, range(S), I),
+        w_gate_EHI=stack(0, experts, H, I),
+        w_up_EHI=stack(1, experts, H, I),
+        w_down_EIH=stack(2, experts, I, H),
+        w_shared_gate_SHI=stack(3, range(S), H, I),
+        w_shared_up_SHI=stack(4, range(S), H, I),
+        w_shared_down_SIH=stack(5, range(S), I, H),
     )
 
 

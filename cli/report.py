@@ -369,8 +369,7 @@ def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
     header = ["case", "tokens / rank", "W", "experts", "ms", "dispatch", "expert compute", "combine",
               "MiB across ranks", "dispatch GB/s", "all-to-all busbw GB/s", "all-reduce busbw GB/s",
               "busiest rank / mean", "weak-scaling eff."]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows]
+    table = pd.DataFrame(table_rows, columns=header).set_index("case")
     local = ", ".join(sorted(set(df["local_level"].dropna())))
     parts = [
         "## Expert parallelism (level ep)",
@@ -381,7 +380,7 @@ def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
         "dispatch time (sort and counts exchange included); the bus bandwidths are NCCL-tests' measure of a "
         "plain all-to-all and all-reduce of the dispatch's size on the same processes; weak-scaling efficiency "
         "is the world-size-1 time over this row's.",
-        "\n".join(lines),
+        markdown_table(table, "case"),
     ]
     notes = [f"- W={int(r['world_size'])}, {r['case']}, {int(r['tokens_per_rank'])} tokens per rank: {r['status']}: "
              f"{r['note']}" for _, r in df.iterrows() if r["note"]]

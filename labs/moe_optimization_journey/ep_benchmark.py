@@ -13,7 +13,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,13 +20,17 @@ import torch.distributed as dist
 from moe_benchmark import (
     base_row,
     compare_to_reference,
+    device_clock,
+    elapsed_ms,
     input_seed,
+    l2_flush_buffer,
     make_inputs,
     measure_ceilings,
     quantile,
     release_memory,
     rows_table,
     synchronize,
+    warm_up,
 )
 
 from moe_model import (
@@ -54,51 +57,33 @@ def reference_on_rank(config: MoEConfig, tokens_TH: torch.Tensor, routing_weight
     for first in range(0, config.num_experts, chunk):
         weights = init_weights(config, tokens_TH.device, experts=range(first, min(first + chunk, config.num_experts)))
         if first:
-            weights = dataclasses.replace(weights, w_shared_gate_SHI=weights.w_shared_gate_SHI[:0],
-                                          w_shared_up_SHI=weights.w_shared_up_SHI[:0],
-                                          w_shared_down_SIH=weights.w_shared_down_SIH[:0])
+            weights = weights.without_shared()
         part = reference_forward(tokens_TH, weights, routing_weights_TK, expert_ids_TK, first_expert=first)
         out_TH = part if out_TH is None else out_TH.add_(part)
         del weights
     return out_TH
 
 
-def clock(device: torch.device) -> object:
-    if device.type != "cuda":
-        return time.perf_counter()
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
-
-
-def elapsed_ms(begin: object, end: object) -> float:
-    return begin.elapsed_time(end) if isinstance(begin, torch.cuda.Event) else (end - begin) * 1e3
-
-
 def time_phases(layer, inputs, device: torch.device, warmup: int, repeats: int,
                 budget_s: float) -> list[tuple[float, float, float]]:
     """(dispatch, expert compute, combine) ms of each timed forward. All ranks start each forward together (a
     barrier), after warm-up, with the L2 cache flushed on a GPU; every rank runs the same number of forwards."""
-    start = time.perf_counter()
-    for _ in range(max(warmup, 1)):
-        layer.forward(*inputs.as_args())
-    synchronize(device)
-    estimate_s = (time.perf_counter() - start) / max(warmup, 1)
-    count = torch.tensor([max(5, min(repeats, int(budget_s / max(estimate_s, 1e-6))))], device=device)
+    count = torch.tensor([warm_up(lambda: layer.forward(*inputs.as_args()), device, warmup, repeats, budget_s)],
+                         device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MIN)
-    l2_flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if device.type == "cuda" else None
+    l2_flush = l2_flush_buffer(device)
     marks = []
     for _ in range(int(count)):
         if l2_flush is not None:
             l2_flush.zero_()
         dist.barrier()
-        begin = clock(device)
+        begin = device_clock(device)
         dispatched = layer.dispatch(*inputs.as_args())
-        dispatched_at = clock(device)
+        dispatched_at = device_clock(device)
         results_RH = layer.compute(dispatched)
-        computed_at = clock(device)
+        computed_at = device_clock(device)
         layer.combine(inputs.tokens_TH, inputs.routing_weights_TK, dispatched, results_RH)
-        marks.append((begin, dispatched_at, computed_at, clock(device)))
+        marks.append((begin, dispatched_at, computed_at, device_clock(device)))
         del dispatched, results_RH  # before the next forward allocates its own
     synchronize(device)
     return [(elapsed_ms(a, b), elapsed_ms(b, c), elapsed_ms(c, d)) for a, b, c, d in marks]
@@ -125,9 +110,9 @@ def bus_bandwidth_gbps(device: torch.device, nbytes: int) -> dict[str, float | N
         times_ms = []
         for _ in range(10):
             dist.barrier()
-            begin = clock(device)
+            begin = device_clock(device)
             run()
-            end = clock(device)
+            end = device_clock(device)
             synchronize(device)
             times_ms.append(elapsed_ms(begin, end))
         seconds = statistics.median(times_ms) * 1e-3
@@ -177,9 +162,10 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
             torch.cuda.reset_peak_memory_stats(device)  # the peak of the timed forwards, not of the check
         phases = time_phases(layer, inputs, device, warmup, repeats, budget_s)
         totals = [sum(p) for p in phases]
-        dispatched = layer.dispatch(*inputs.as_args())
         element = inputs.tokens_TH.element_size()
-        crossing_rows = sum(n for r, n in enumerate(dispatched.send_splits) if r != rank)
+        sent_rows = inputs.expert_ids_TK.numel()  # one row per (token, slot) pair
+        to_own_rank = int((inputs.expert_ids_TK // layer.experts_per_rank == rank).sum())
+        crossing_rows = sent_rows - to_own_rank
         per_rank = gather({
             "ms": statistics.median(totals), "ms_p20": quantile(totals, 0.2), "ms_p80": quantile(totals, 0.8),
             "phases": [statistics.median(p[i] for p in phases) for i in range(3)], "repeats": len(phases),
@@ -188,7 +174,7 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
             "expert_ids": inputs.expert_ids_TK.cpu(), "dropped": inputs.dropped_tokens,
             "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         })
-        bandwidth = bus_bandwidth_gbps(device, dispatched.rows_RH.numel() * element or 2**20)
+        bandwidth = bus_bandwidth_gbps(device, sent_rows * config.hidden * element or 2**20)
         ceilings = measure_ceilings(device)
         if rank != 0:
             return None

@@ -86,11 +86,7 @@ class ExpertParallelMoE:
         # after the combine, on each rank's own tokens).
         local_config = dataclasses.replace(config, num_experts=self.experts_per_rank, top_k=1, num_shared_experts=0,
                                            name=f"{config.name} rank {self.rank}")
-        no_shared = self.weights.w_shared_gate_SHI[:0], self.weights.w_shared_up_SHI[:0], \
-            self.weights.w_shared_down_SIH[:0]
-        local_weights = dataclasses.replace(self.weights, w_shared_gate_SHI=no_shared[0],
-                                            w_shared_up_SHI=no_shared[1], w_shared_down_SIH=no_shared[2])
-        self.local_level = local_level_class(device)(local_config, local_weights)
+        self.local_level = local_level_class(device)(local_config, self.weights.without_shared())
         self.local_level.prepare()
 
     def dispatch(self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor,

@@ -60,26 +60,37 @@ STAGES = ("routing", "permute", "expert GEMMs", "activation", "combine", "shared
 OUTSIDE_STAGES = "outside stages"
 
 
+def device_clock(device: torch.device) -> object:
+    """A point on the device's own timeline: a recorded CUDA event on the GPU (so a span includes the device idling
+    while the host prepares its launches), the host clock on the CPU. `elapsed_ms` reads two of them."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def elapsed_ms(begin: object, end: object) -> float:
+    return begin.elapsed_time(end) if isinstance(begin, torch.cuda.Event) else (end - begin) * 1e3
+
+
+def l2_flush_buffer(device: torch.device) -> torch.Tensor | None:
+    """On a GPU, a buffer larger than L2: writing it between calls evicts whatever the previous call left cached."""
+    return torch.empty(256 * 2**20, dtype=torch.int8, device=device) if device.type == "cuda" else None
+
+
 class StageRecorder:
-    """The clock `stage` reads while a profile runs: CUDA events on the GPU (the device's own timeline, so a
-    stage's time includes the device idling while the host prepares its launches), the host clock on the CPU."""
+    """The stage spans of a running profile, on the device's clock."""
 
     def __init__(self, device: torch.device):
-        self.on_cuda = device.type == "cuda"
+        self.device = device
         self.spans: list[tuple[str, object, object]] = []
 
     def clock(self) -> object:
-        if not self.on_cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def elapsed_ms(self, begin: object, end: object) -> float:
-        return begin.elapsed_time(end) if self.on_cuda else (end - begin) * 1e3
+        return device_clock(self.device)
 
     def recording(self) -> bool:
-        return not (self.on_cuda and torch.cuda.is_current_stream_capturing())
+        return not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 class stage:  # noqa: N801 (used like a function: `with stage("permute"):`)
@@ -276,17 +287,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(
-    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, budget_s: float = 3.0
-) -> list[float]:
-    """Milliseconds of each of up to `repeats` calls of fn, after `warmup` calls; fewer repeats (never under 5)
+def warm_up(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, budget_s: float) -> int:
+    """Call fn `warmup` times (at least once); return how many timed calls fit: `repeats`, fewer (never under 5)
     when the calls are slow enough that `repeats` of them would pass `budget_s`."""
     start = time.perf_counter()
     for _ in range(max(warmup, 1)):
         fn()
     synchronize(device)
     estimate_s = (time.perf_counter() - start) / max(warmup, 1)
-    repeats = max(5, min(repeats, int(budget_s / max(estimate_s, 1e-6))))
+    return max(5, min(repeats, int(budget_s / max(estimate_s, 1e-6))))
+
+
+def time_calls(
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, budget_s: float = 3.0
+) -> list[float]:
+    """Milliseconds of each of up to `repeats` calls of fn, after warm-up (`warm_up` decides how many)."""
+    repeats = warm_up(fn, device, warmup, repeats, budget_s)
 
     if device.type != "cuda":
         times_ms = []
@@ -296,8 +312,7 @@ def time_calls(
             times_ms.append((time.perf_counter() - begin) * 1e3)
         return times_ms
 
-    # Writing a buffer larger than L2 between calls evicts whatever the previous call left in the cache.
-    l2_flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    l2_flush = l2_flush_buffer(device)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     for begin_event, end_event in zip(starts, ends):
@@ -335,7 +350,7 @@ def profile_stages(
     sum to a little more than the timed forward."""
     recorder = StageRecorder(device)
     forward_spans = []
-    l2_flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if recorder.on_cuda else None
+    l2_flush = l2_flush_buffer(device)
     stage.recorder = recorder
     try:
         for _ in range(calls):
@@ -351,8 +366,8 @@ def profile_stages(
         stage.recorder = None
     total_ms = defaultdict(float)
     for name, begin, end in recorder.spans:
-        total_ms[name] += recorder.elapsed_ms(begin, end)
-    forward_ms = sum(recorder.elapsed_ms(begin, end) for begin, end in forward_spans)
+        total_ms[name] += elapsed_ms(begin, end)
+    forward_ms = sum(elapsed_ms(begin, end) for begin, end in forward_spans)
     inside_ms = sum(ms for name, ms in total_ms.items() if name != "routing")
     per_call = {name: total_ms[name] / calls for name in STAGES if name in total_ms}
     per_call[OUTSIDE_STAGES] = max(0.0, forward_ms - inside_ms) / calls
