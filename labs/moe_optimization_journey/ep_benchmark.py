@@ -68,7 +68,7 @@ def time_phases(layer, inputs, device: torch.device, warmup: int, repeats: int,
                 budget_s: float) -> list[tuple[float, float, float]]:
     """(dispatch, expert compute, combine) ms of each timed forward. All ranks start each forward together (a
     barrier), after warm-up, with the L2 cache flushed on a GPU; every rank runs the same number of forwards."""
-    count = torch.tensor([warm_up(lambda: layer.forward(*inputs.as_args()), device, warmup, repeats, budget_s)],
+    count = torch.tensor([warm_up(lambda: layer.forward(*inputs.as_args()), device, warmup, repeats, budget_s)[0]],
                          device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MIN)
     l2_flush = l2_flush_buffer(device)

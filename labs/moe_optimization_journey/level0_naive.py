@@ -19,13 +19,17 @@ Run: python labs/moe_optimization_journey/level0_naive.py [--preset journey] [--
 
 import torch
 import torch.nn.functional as F
-from moe_benchmark import MoELevel, run_level_script, stage
+from moe_benchmark import Claims, MoELevel, run_level_script, stage
 
 
 class NaiveLevel(MoELevel):
     level = 0
     name = "naive"
     summary = "Python loops over experts and top-k slots with boolean masks"
+    # Per (expert, slot): a compare and an `any` (1 sync); per non-empty one (min(E·K, T·K) of them) three boolean
+    # indexings (a nonzero and a sync each), three matmuls, the activation and the weighted add.
+    claims = Claims(launches="2*E*K + 18*min(E*K, T*K)", syncs="E*K + 3*min(E*K, T*K)",
+                    extra_bytes="max(1, T/E)*(2*H + 3*I)*B")
 
     @classmethod
     def skip_reason(cls, config, num_tokens):

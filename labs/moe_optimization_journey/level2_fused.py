@@ -21,34 +21,20 @@ Shared experts (if the config has any) run after the einsums as a separate dense
 Run: python labs/moe_optimization_journey/level2_fused.py [--preset journey] [--tokens 2048] [--device cuda]
 """
 
-import torch
-from moe_benchmark import MoELevel, run_level_script, stage
+from level1_batched import BatchedLevel
+from moe_benchmark import Claims, run_level_script
 
 from triton_kernels import silu_mul
 
 
-class FusedLevel(MoELevel):
+class FusedLevel(BatchedLevel):
     level = 2
     name = "fused"
     summary = "level 1 with the Triton fused SiLU·up kernel"
-    uses_triton = True
+    claims = Claims(launches="11", syncs="0", extra_bytes="T*K*(H*I + 2*I + H)*B")  # level 1 less one kernel
 
-    def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
-        w = self.weights
-        T, K = expert_ids_TK.shape
-        x_TKH = tokens_TH[:, None, :].expand(T, K, self.config.hidden)  # a view: each token once per slot
-        # (t, k) is the batch of T·K matrix-vector products; the gathered weights are used in their layout. The
-        # gathers (this level's permutation: weights to tokens) count in the GEMM stage, inside each einsum's line.
-        with stage("expert GEMMs"):
-            gate_TKI = torch.einsum("tkh,tkhi->tki", x_TKH, w.w_gate_EHI[expert_ids_TK])
-            up_TKI = torch.einsum("tkh,tkhi->tki", x_TKH, w.w_up_EHI[expert_ids_TK])
-        with stage("activation"):
-            hidden_TKI = silu_mul(gate_TKI, up_TKI)  # one pass instead of silu, then multiply
-        with stage("expert GEMMs"):
-            y_TKH = torch.einsum("tki,tkih->tkh", hidden_TKI, w.w_down_EIH[expert_ids_TK])
-        with stage("combine"):
-            out_TH = torch.einsum("tkh,tk->th", y_TKH, routing_weights_TK)
-        return self.add_shared_experts(out_TH, tokens_TH)
+    def activation(self, gate_TKI, up_TKI):
+        return silu_mul(gate_TKI, up_TKI)  # one kernel: read gate and up once, write hidden once
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Level 6: torch.compile. Level 4's grouped formulation, with the permutation and the combine compiled.
+"""Level 6: torch.compile. Level 4, with its `permute` and `combine` functions compiled.
 
 The idea
     Level 4 is the fastest formulation at the journey's larger scales (level 5 wins where launches dominate), but
@@ -28,7 +28,7 @@ Why it should be faster than level 4, and what was measured
     pays where device work dominates; here the lesson is to measure it rather than assume it.
 
 What it costs
-    Compilation: seconds on the first call (reported in the row's note and excluded from the timing), a C++
+    Compilation: seconds on the first call (the row's `first_call_ms`, outside the timing), a C++
     compiler on the CPU, and a less transparent program (TORCH_LOGS=output_code shows what Inductor generated).
     If compilation fails here the level runs eagerly and its row says so.
 
@@ -37,64 +37,32 @@ Shared experts (if the config has any) run after the compiled combine as a separ
 Run: python labs/moe_optimization_journey/level6_compiled.py [--preset journey] [--tokens 8192] [--device cuda]
 """
 
-import time
-
 import torch
-from level4_grouped import GroupedLevel
-from moe_benchmark import run_level_script, stage
-
-
-def permute(tokens_TH, expert_ids_TK, num_experts: int):
-    """Pairs sorted by expert: (order, token of each sorted pair, per-expert counts, sorted tokens [T·K, H])."""
-    expert_of_pair = expert_ids_TK.flatten()
-    order = torch.argsort(expert_of_pair, stable=True)
-    token_of_sorted = order // expert_ids_TK.shape[1]
-    # Counted with scatter_add_: bincount's output size depends on the data, which would break the graph.
-    counts = torch.zeros(num_experts, dtype=torch.long, device=tokens_TH.device)
-    counts.scatter_add_(0, expert_of_pair, torch.ones_like(expert_of_pair))
-    return order, token_of_sorted, counts, tokens_TH.index_select(0, token_of_sorted)
-
-
-def combine(y_sorted, routing_weights_TK, order, token_of_sorted, out_TH):
-    """Weight each sorted result and add it into its token's row."""
-    return out_TH.index_add_(0, token_of_sorted, y_sorted * routing_weights_TK.flatten()[order, None])
+from level4_grouped import GroupedLevel, combine, permute
+from moe_benchmark import Claims, run_level_script
 
 
 class CompiledLevel(GroupedLevel):
     level = 6
     name = "compiled"
-    summary = "level 4 with its permutation and combine compiled by torch.compile (default mode, dynamic shapes)"
+    summary = "level 4 with its permute and combine functions compiled by torch.compile (default mode, dynamic shapes)"
+    claims = Claims(launches="4*min(E, T*K) + 10", syncs="1", extra_bytes="T*K*(2*H*B + 2*I*B/E + 24)")
 
     def prepare(self):
         self.permute = torch.compile(permute, dynamic=True)
         self.combine = torch.compile(combine, dynamic=True)
-        self.first_call = True
-
-    def grouped_forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
-        with stage("permute"):
-            order, token_of_sorted, counts, x_sorted = self.permute(tokens_TH, expert_ids_TK,
-                                                                    self.config.num_experts)
-            counts_E = counts.tolist()  # the one host sync, as in level 4
-        y_sorted = self.grouped_gemm(x_sorted, counts_E)  # level 4's expert loop, unchanged
-        with stage("combine"):
-            out_TH = self.combine(y_sorted, routing_weights_TK, order, token_of_sorted, torch.zeros_like(tokens_TH))
-        return self.add_shared_experts(out_TH, tokens_TH)
+        self.compiled_once = False
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
-        if not self.first_call:
-            return self.grouped_forward(tokens_TH, routing_weights_TK, expert_ids_TK)
-        # The first call compiles; time it for the note, and fall back to eager if compilation fails here.
-        self.first_call = False
-        begin = time.perf_counter()
+        if self.compiled_once:
+            return super().forward(tokens_TH, routing_weights_TK, expert_ids_TK)
+        self.compiled_once = True  # the first call compiles: if that fails here, run level 4's eager functions
         try:
-            out_TH = self.grouped_forward(tokens_TH, routing_weights_TK, expert_ids_TK)
-            self.notes.append(f"first call (compilation, cached across runs) took "
-                              f"{time.perf_counter() - begin:.1f} s, not timed")
+            return super().forward(tokens_TH, routing_weights_TK, expert_ids_TK)
         except Exception as error:  # e.g. no C++ compiler for Inductor's CPU backend
             self.permute, self.combine = permute, combine
             self.notes.append(f"torch.compile failed ({type(error).__name__}), ran eagerly")
-            out_TH = self.grouped_forward(tokens_TH, routing_weights_TK, expert_ids_TK)
-        return out_TH
+            return super().forward(tokens_TH, routing_weights_TK, expert_ids_TK)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout, without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
+import triton_kernels  # noqa: E402
 from moe_model import (  # noqa: E402
     ConfigError,
     MoEConfig,
@@ -118,18 +119,40 @@ class LevelUnavailable(RuntimeError):
     """Raised by a level that cannot run here (no GPU, no Triton); its row becomes `skipped` with the reason."""
 
 
+@dataclass(frozen=True)
+class Claims:
+    """What a level's lesson says one forward costs, as data the harness measures on a GPU: kernels the GPU runs
+    (a CUDA graph's replay counts every kernel in it), host syncs (the CPU waits for the GPU), and device memory
+    beyond the inputs, the weights (prepare()'s re-layouts included) and the output. Each is a Python expression
+    of the shape legend's T, H, I, E, K, S, and B (bytes per element), evaluated per row."""
+
+    launches: str
+    syncs: str
+    extra_bytes: str
+
+    def evaluate(self, config: MoEConfig, num_tokens: int) -> dict:
+        shape = {"T": num_tokens, "H": config.hidden, "I": config.intermediate, "E": config.num_experts,
+                 "K": config.top_k, "S": config.num_shared_experts,
+                 "B": torch.finfo(config.torch_dtype).bits // 8, "min": min, "max": max}
+        value = lambda formula: eval(formula, {"__builtins__": {}}, shape)  # noqa: E731  (the lab's own formulas)
+        return {"launches": round(value(self.launches)), "syncs": round(value(self.syncs)),
+                "extra_mb": value(self.extra_bytes) / 2**20}
+
+
 class MoELevel:
     level: ClassVar[int | str]
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for `aisp bench list`
+    claims: ClassVar[Claims]  # the lesson's counts, next to its docstring
     needs_cuda: ClassVar[bool] = False
-    uses_triton: ClassVar[bool] = False  # on the CPU its kernels run in Triton's (slow) interpreter
+    # Its only CPU form is Triton's interpreter (its GEMMs are Triton kernels): on the CPU it is checked, not timed.
+    interpreter_only: ClassVar[bool] = False
 
     def __init__(self, config: MoEConfig, weights: MoEWeights):
         self.config = config
         self.weights = weights
         self.device = weights.device
-        self.notes: list[str] = []  # what the row's `note` should tell (fallbacks, compile time, ...)
+        self.notes: list[str] = []  # what the row's `note` should tell (fallbacks, ...)
 
     @classmethod
     def skip_reason(cls, config: MoEConfig, num_tokens: int) -> str | None:
@@ -137,7 +160,12 @@ class MoELevel:
         return None
 
     def prepare(self) -> None:
-        """One-time work before the first forward (weight re-layout, compilation). Not timed."""
+        """One-time work before the first forward (weight re-layout). Not timed."""
+
+    def after_first_call(self) -> str:
+        """What the first call chose that the row should say (autotuned tiles, say); the base times that call
+        (compilation, autotuning, graph capture) into the row's first_call_ms."""
+        return ""
 
     def forward(
         self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
@@ -151,46 +179,6 @@ class MoELevel:
             with stage("shared experts"):
                 out_TH += shared_experts_forward(tokens_TH, self.weights)
         return out_TH
-
-
-class CapturedGraph:
-    """Record `fn(*inputs)` into a CUDA graph on the first call for a set of input shapes; later calls copy their
-    inputs into the graph's static input buffers and replay it with one launch. `fn` must never wait for the host.
-    The result is the graph's static output buffer, which the next replay overwrites."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor], notes: list[str]):
-        self.fn = fn
-        self.notes = notes  # the level's notes: each capture is reported there, since it happens outside timing
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_inputs: tuple[torch.Tensor, ...] = ()
-        self.static_output: torch.Tensor | None = None
-
-    def capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
-        begin = time.perf_counter()
-        self.graph = None  # let the previous graph's memory pool go first
-        self.static_inputs = tuple(t.clone() for t in inputs)
-        # Warm up on a side stream: one-time work (cuBLAS handles, Triton compilation and autotuning) must run
-        # before capture, not be recorded.
-        side_stream = torch.cuda.Stream()
-        side_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side_stream):
-            for _ in range(2):
-                self.fn(*self.static_inputs)
-        torch.cuda.current_stream().wait_stream(side_stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_output = self.fn(*self.static_inputs)
-        torch.cuda.synchronize()
-        self.notes.append(f"graph for T={inputs[0].shape[0]} captured in "
-                          f"{(time.perf_counter() - begin) * 1e3:.0f} ms, outside the timing")
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if self.graph is None or any(s.shape != t.shape for s, t in zip(self.static_inputs, inputs)):
-            self.capture(inputs)
-        for static, new in zip(self.static_inputs, inputs):
-            static.copy_(new)
-        self.graph.replay()
-        return self.static_output
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,12 +261,6 @@ def compare_to_reference(out_TH: torch.Tensor, ref_TH: torch.Tensor, tolerance: 
     return CheckResult(rel_err, False, message)
 
 
-def check_level(level: MoELevel, inputs: Inputs) -> CheckResult:
-    out_TH = level.forward(*inputs.as_args())
-    ref_TH = reference_forward(inputs.tokens_TH, level.weights, inputs.routing_weights_TK, inputs.expert_ids_TK)
-    return compare_to_reference(out_TH, ref_TH, level.config.tolerance)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Timing, memory and the roofline
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,41 +269,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def warm_up(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, budget_s: float) -> int:
-    """Call fn `warmup` times (at least once); return how many timed calls fit: `repeats`, fewer (never under 5)
-    when the calls are slow enough that `repeats` of them would pass `budget_s`."""
+def warm_up(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+            budget_s: float) -> tuple[int, float]:
+    """Call fn `warmup` times (at least once); return (how many timed calls fit, ms per call): `repeats`, fewer
+    (never under 5) when the calls are slow enough that `repeats` of them would pass `budget_s`."""
     start = time.perf_counter()
     for _ in range(max(warmup, 1)):
         fn()
     synchronize(device)
     estimate_s = (time.perf_counter() - start) / max(warmup, 1)
-    return max(5, min(repeats, int(budget_s / max(estimate_s, 1e-6))))
+    return max(5, min(repeats, int(budget_s / max(estimate_s, 1e-6)))), estimate_s * 1e3
 
 
 def time_calls(
     fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, budget_s: float = 3.0
 ) -> list[float]:
-    """Milliseconds of each of up to `repeats` calls of fn, after warm-up (`warm_up` decides how many)."""
-    repeats = warm_up(fn, device, warmup, repeats, budget_s)
+    """Milliseconds of each timed call of fn, after warm-up (`warm_up` decides how many calls fit the budget).
+    On a GPU `triton.testing.do_bench` times them: a CUDA event pair around each call, the L2 cache cleared before
+    each so that no call finds the previous one's weights in cache. On the CPU, the host clock."""
+    repeats, estimate_ms = warm_up(fn, device, warmup, repeats, budget_s)
+    if device.type == "cuda":
+        from triton.testing import do_bench
 
-    if device.type != "cuda":
-        times_ms = []
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            fn()
-            times_ms.append((time.perf_counter() - begin) * 1e3)
-        return times_ms
-
-    l2_flush = l2_flush_buffer(device)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for begin_event, end_event in zip(starts, ends):
-        l2_flush.zero_()
-        begin_event.record()
+        # do_bench sizes its loop in milliseconds: `repeats` calls at the warm-up's estimate.
+        return do_bench(fn, warmup=0, rep=repeats * estimate_ms, return_mode="all")
+    times_ms = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
         fn()
-        end_event.record()
-    torch.cuda.synchronize(device)
-    return [b.elapsed_time(e) for b, e in zip(starts, ends)]
+        times_ms.append((time.perf_counter() - begin) * 1e3)
+    return times_ms
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -329,17 +306,56 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> tuple[float | None, float | None]:
-    """(peak allocated during one call, the part of it above what was allocated before the call), in MiB."""
-    if device.type != "cuda":
-        return None, None
+@dataclass
+class Counts:
+    """What one forward did on the GPU, measured: the counterpart of a level's Claims."""
+
+    launches: int  # kernels the GPU ran (torch.profiler's kernel events; a graph replay's kernels included)
+    syncs: int  # times the host waited for the device (torch.cuda.set_sync_debug_mode warnings)
+    extra_mb: float  # device memory beyond inputs, weights and output: a call's transient peak plus what the
+    #                  level keeps between calls (a graph's private pool, static buffers)
+    peak_mb: float  # everything allocated at the call's peak, weights and inputs included
+    gpu_busy_pct: float  # kernel time over the timed forward's time: under 50%, the GPU mostly waits for the host
+
+
+def measure_counts(fn: Callable[[], torch.Tensor], device: torch.device, reserved_before: int, ms: float,
+                   calls: int = 3) -> Counts:
+    """Kernels, syncs and memory of one forward (the mean of `calls` for the kernels). `reserved_before`: the
+    allocator's reserved bytes before the level's first call, to count what it holds between calls."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset"))]
+    busy_us = sum(e.device_time for e in kernels) / calls
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchronizing" in str(w.message) for w in caught)
+
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    fn()
+    out = fn()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
-    return peak / 2**20, (peak - before) / 2**20
+    transient = peak - before - out.numel() * out.element_size()
+    del out
+    torch.cuda.empty_cache()  # what stays reserved now, the level holds: the graph pools of levels 5 and 8
+    held = max(0, torch.cuda.memory_reserved(device) - reserved_before)
+    return Counts(launches=round(len(kernels) / calls), syncs=syncs, extra_mb=(max(0, transient) + held) / 2**20,
+                  peak_mb=peak / 2**20, gpu_busy_pct=min(100.0, 100 * busy_us / 1e3 / ms))
 
 
 def profile_stages(
@@ -435,8 +451,17 @@ def base_row(
         "gbps": None,
         "pct_roofline": None,
         "peak_mb": None,
-        "extra_mb": None,
         "rel_err": None,
+        "first_call_ms": None,  # compilation, autotuning, graph capture: outside the timing
+        # The lesson's counts (MoELevel.claims) and, on a GPU, the same measured (moe_benchmark.measure_counts).
+        "launches_claimed": None,
+        "launches_measured": None,
+        "syncs_claimed": None,
+        "syncs_measured": None,
+        "extra_mb_claimed": None,
+        "extra_mb": None,
+        "gpu_busy_pct": None,
+        "host_bound": None,
         "status": "ok",
         "note": "",
         # How the timed forward's pairs spread over the experts (moe_model.load_metrics); filled once timed.
@@ -473,7 +498,11 @@ def benchmark(
     profile: bool = False,
 ) -> dict:
     """Check one level at one size, then time it (and with `profile`, time its stages too). Always returns a
-    row; never raises for a level's failure."""
+    row; never raises for a level's failure.
+
+    On the CPU the row times what a CPU user would run: the elementwise Triton kernels as torch ops
+    (`triton_kernels.torch_ops_on_cpu`); the check still runs them in Triton's interpreter. A level whose GEMMs
+    exist only as Triton kernels (`interpreter_only`) is checked there and not timed: status `checked`."""
     row = base_row(level_cls, config, num_tokens, device, traffic)
     if level_cls.needs_cuda and device.type != "cuda":
         row.update(status="skipped", note="needs a CUDA GPU")
@@ -481,26 +510,45 @@ def benchmark(
     if reason := level_cls.skip_reason(config, num_tokens):
         row.update(status="skipped", note=reason)
         return row
+    if claims := getattr(level_cls, "claims", None):
+        claimed = claims.evaluate(config, num_tokens)
+        row.update(launches_claimed=claimed["launches"], syncs_claimed=claimed["syncs"],
+                   extra_mb_claimed=claimed["extra_mb"])
+    on_gpu = device.type == "cuda"
     level = None
     try:
         weights = weights if weights is not None else init_weights(config, device)
         level = level_cls(config, weights)
         level.prepare()
-
+        timing_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "timing"), traffic)
         check_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "check"), traffic)
-        check = check_level(level, check_inputs)
+        if on_gpu:
+            torch.cuda.empty_cache()
+        reserved_before = torch.cuda.memory_reserved(device) if on_gpu else 0
+
+        begin = time.perf_counter()  # the first call: compilation, autotuning and graph capture happen here
+        out_TH = level.forward(*check_inputs.as_args())
+        synchronize(device)
+        row["first_call_ms"] = (time.perf_counter() - begin) * 1e3
+        ref_TH = reference_forward(check_inputs.tokens_TH, weights, check_inputs.routing_weights_TK,
+                                   check_inputs.expert_ids_TK)
+        check = compare_to_reference(out_TH, ref_TH, config.tolerance)
+        del out_TH, ref_TH, check_inputs
         row["rel_err"] = check.rel_err
         if not check.passed:
             row.update(status="error", note=f"wrong result: {check.message}")
             return row
-
-        timing_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "timing"), traffic)
+        row["note"] = level.after_first_call()
         row.update(load_metrics(timing_inputs.expert_ids_TK, config.num_experts),
                    dropped_tokens=timing_inputs.dropped_tokens)
-        call = lambda: level.forward(*timing_inputs.as_args())  # noqa: E731
-        times_ms = time_calls(call, device, warmup, repeats, time_budget_s)
-        row["peak_mb"], row["extra_mb"] = peak_memory_mb(call, device)
+        if level_cls.interpreter_only and not on_gpu:
+            row.update(status="checked", note="checked in Triton's interpreter, not timed: its GEMMs are Triton "
+                                              "kernels, and the interpreter's speed says nothing about a CPU's")
+            return row
 
+        call = lambda: level.forward(*timing_inputs.as_args())  # noqa: E731
+        with triton_kernels.torch_ops_on_cpu():
+            times_ms = time_calls(call, device, warmup, repeats, time_budget_s)
         ms = statistics.median(times_ms)
         flops = flop_count(config, num_tokens)
         nbytes = min_bytes(config, num_tokens, int(timing_inputs.expert_ids_TK.unique().numel()))
@@ -514,6 +562,11 @@ def benchmark(
             gbps=nbytes / (ms * 1e-3) / 1e9,
             pct_roofline=100 * ceilings.floor_ms(flops, nbytes) / ms if ceilings else None,
         )
+        if on_gpu:
+            counts = measure_counts(call, device, reserved_before, ms)
+            row.update(launches_measured=counts.launches, syncs_measured=counts.syncs, extra_mb=counts.extra_mb,
+                       peak_mb=counts.peak_mb, gpu_busy_pct=counts.gpu_busy_pct,
+                       host_bound=counts.gpu_busy_pct < 50)
         if profile:
             router = make_router(config)
 
@@ -522,7 +575,8 @@ def benchmark(
                 router(timing_inputs.router_logits_TE, config.top_k)
 
             row["profile_calls"] = max(3, min(20, len(times_ms)))
-            row["stage_ms"] = profile_stages(call, routing, device, row["profile_calls"])
+            with triton_kernels.torch_ops_on_cpu():
+                row["stage_ms"] = profile_stages(call, routing, device, row["profile_calls"])
     except torch.cuda.OutOfMemoryError:
         row.update(status="oom", note=f"CUDA out of memory at {num_tokens} tokens")
     except LevelUnavailable as reason:
@@ -532,9 +586,7 @@ def benchmark(
         row.update(status="error", note=f"{type(error).__name__}: {first_line}"[:300])
     finally:
         if level is not None:
-            interpreted = level_cls.uses_triton and device.type == "cpu"
-            row["note"] = "; ".join(filter(None, [row["note"], *level.notes,
-                                                  "Triton kernel in the interpreter" if interpreted else ""]))
+            row["note"] = "; ".join(filter(None, [row["note"], *level.notes]))
         del level
         release_memory(device)
     return row
@@ -600,4 +652,4 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
     row = benchmark(level_cls, config, num_tokens, device, ceilings=ceilings, warmup=args.warmup,
                     repeats=args.repeats)
     console.print(rows_table([row], title=f"{config.name} ({config.shape_str()}) on {device_label(device)}"))
-    sys.exit(0 if row["status"] in ("ok", "oom", "skipped") else 1)
+    sys.exit(0 if row["status"] in ("ok", "oom", "skipped", "checked") else 1)

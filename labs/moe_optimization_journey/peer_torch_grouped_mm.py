@@ -1,11 +1,10 @@
 """Peer: PyTorch's own grouped GEMM, `torch._grouped_mm` (CUTLASS on Hopper). Not a level: the yardstick.
 
 What it is
-    The permute → grouped GEMM → un-permute shape of level 4, with the per-expert loop replaced by PyTorch's
-    grouped matrix multiply: one call multiplies each expert's contiguous slice of the sorted tokens by that
-    expert's weights, the slices given by device-side end offsets (`offs`, int32 [E]), so there is no host sync
-    and no Python loop. Gate, up and down are three grouped GEMMs; SiLU·up is the lab's Triton kernel, in place;
-    the combine is a multiply and `index_add_`, as in level 4.
+    Level 4's `permute` and `combine`, with the per-expert loop between them replaced by PyTorch's grouped
+    matrix multiply: one call multiplies each expert's contiguous slice of the sorted tokens by that expert's
+    weights, the slices given by device-side end offsets (`offs`, int32 [E]), so there is no host sync and no
+    Python loop. Gate, up and down are three grouped GEMMs; SiLU·up is the lab's Triton kernel, in place.
 
 Why it is here
     It is what a PyTorch user gets without writing a kernel, so every table puts the lab's best level next to
@@ -18,7 +17,8 @@ Run: python labs/moe_optimization_journey/peer_torch_grouped_mm.py [--preset jou
 """
 
 import torch
-from moe_benchmark import LevelUnavailable, MoELevel, run_level_script, stage
+from level4_grouped import combine, permute
+from moe_benchmark import Claims, LevelUnavailable, MoELevel, run_level_script, stage
 
 from triton_kernels import silu_mul
 
@@ -27,32 +27,28 @@ class TorchGroupedMMPeer(MoELevel):
     level = "peer"
     name = "torch_grouped_mm"
     summary = "peer, not a level: torch._grouped_mm (PyTorch's grouped GEMM) around level 4's permutation"
-    uses_triton = True
+    # Level 4's permute and combine around three grouped GEMMs and the activation.
+    claims = Claims(launches="18", syncs="0", extra_bytes="T*K*(3*H + 2*I)*B")
 
     def prepare(self):
         if not hasattr(torch, "_grouped_mm"):
             raise LevelUnavailable(f"torch {torch.__version__} has no torch._grouped_mm")
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
-        w, K = self.weights, expert_ids_TK.shape[1]
+        w = self.weights
         with stage("permute"):
-            expert_of_pair = expert_ids_TK.flatten()
-            order = torch.argsort(expert_of_pair, stable=True)
-            token_of_sorted = order // K
-            counts = torch.zeros(self.config.num_experts, dtype=torch.int32, device=self.device)
-            counts.scatter_add_(0, expert_of_pair, torch.ones_like(expert_of_pair, dtype=torch.int32))
-            expert_ends = torch.cumsum(counts, 0, dtype=torch.int32)  # stays on the device: no sync
-            x_sorted = tokens_TH.index_select(0, token_of_sorted)  # [T·K, H]
+            order_N, token_of_sorted_N, counts_E, x_sorted_NH = permute(tokens_TH, expert_ids_TK,
+                                                                       self.config.num_experts)
+            expert_ends_E = torch.cumsum(counts_E, 0, dtype=torch.int32)  # stays on the device: no sync
         with stage("expert GEMMs"):
-            gate = torch._grouped_mm(x_sorted, w.w_gate_EHI, offs=expert_ends)  # [T·K, I]
-            up = torch._grouped_mm(x_sorted, w.w_up_EHI, offs=expert_ends)
+            gate_NI = torch._grouped_mm(x_sorted_NH, w.w_gate_EHI, offs=expert_ends_E)
+            up_NI = torch._grouped_mm(x_sorted_NH, w.w_up_EHI, offs=expert_ends_E)
         with stage("activation"):
-            hidden = silu_mul(gate, up, out=gate)
+            hidden_NI = silu_mul(gate_NI, up_NI, out=gate_NI)
         with stage("expert GEMMs"):
-            y_sorted = torch._grouped_mm(hidden, w.w_down_EIH, offs=expert_ends)  # [T·K, H]
+            y_sorted_NH = torch._grouped_mm(hidden_NI, w.w_down_EIH, offs=expert_ends_E)
         with stage("combine"):
-            y_sorted.mul_(routing_weights_TK.flatten()[order, None])
-            out_TH = torch.zeros_like(tokens_TH).index_add_(0, token_of_sorted, y_sorted)
+            out_TH = combine(y_sorted_NH, routing_weights_TK, order_N, token_of_sorted_N, tokens_TH.shape[0])
         return self.add_shared_experts(out_TH, tokens_TH)
 
 
