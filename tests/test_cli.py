@@ -223,7 +223,7 @@ def test_routers_in_a_run(tmp_path, router, extra, heading):
     assert result.exit_code == 0, result.output
     (run_dir,) = run_dirs(tmp_path)
     rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()]
-    assert all(r["status"] == "ok" and r["router"] == router for r in rows)
+    assert all(r["status"] in ("ok", "checked") and r["router"] == router for r in rows)  # 7: checked on a CPU
     if router == "switch":
         assert all(r["top_k"] == 1 for r in rows) and rows[0]["dropped_tokens"] > 0
     summary = (run_dir / "summary.md").read_text()

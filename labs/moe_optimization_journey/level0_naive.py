@@ -28,8 +28,10 @@ class NaiveLevel(MoELevel):
     summary = "Python loops over experts and top-k slots with boolean masks"
     # Per (expert, slot): a compare and an `any` (1 sync); per non-empty one (min(E·K, T·K) of them) three boolean
     # indexings (a nonzero and a sync each), three matmuls, the activation and the weighted add.
-    claims = Claims(launches="2*E*K + 18*min(E*K, T*K)", syncs="E*K + 3*min(E*K, T*K)",
-                    extra_bytes="max(1, T/E)*(2*H + 3*I)*B")
+    # E·K (expert, slot) iterations: a compare (1 kernel) and `any` (1 sync) each; the busy ones (uniform routing:
+    # E·K·(1 − (1 − 1/E)^T)) about 24 kernels and 4 syncs more, at the lines below.
+    claims = Claims(launches="E*K + 24*E*K*(1 - (1 - 1/E)**T) + 26*S", syncs="E*K + 4*E*K*(1 - (1 - 1/E)**T)",
+                    extra_bytes="max(2*max(1, T/E)*(2*H + 5*I)*B, S*T*(3*I + 2*H)*B)")
 
     @classmethod
     def skip_reason(cls, config, num_tokens):

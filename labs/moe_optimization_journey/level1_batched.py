@@ -33,7 +33,10 @@ class BatchedLevel(MoELevel):
     name = "batched"
     summary = "gather each token's expert weights (w[expert_ids]) and einsum: no loop, O(T·K·H·I) memory"
     # Three weight gathers, four einsums and the activation; the largest thing alive is one gathered projection.
-    claims = Claims(launches="12", syncs="0", extra_bytes="T*K*(H*I + 3*I + H)*B")
+    # Three weight gathers, four einsums, the activation: about 9 kernels. Past 2^31 elements per gathered copy
+    # the gathers and einsums run in pieces (32-bit indexing): about 30.
+    claims = Claims(launches="(9 + 9*S, 11 + 10*S) if T*K*H*I < 2**31 else (30, 33)", syncs="0",
+                    extra_bytes="T*K*(H*I + 3*I + H)*B")
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         w = self.weights

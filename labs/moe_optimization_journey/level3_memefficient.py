@@ -37,7 +37,12 @@ class MemEfficientLevel(MoELevel):
     summary = "per-expert index_select / index_add_, no weight copies, in-place fused activation"
     # Per expert a compare and a nonzero (1 sync); per expert that got pairs, a gather, three matmuls, the
     # activation, the weight lookup, the multiply and the scatter-add. One expert's rows are alive at a time.
-    claims = Claims(launches="5*E + 8*min(E, T*K)", syncs="E", extra_bytes="T*K/E*(2*H + 2*I)*B")
+    # Per expert a compare and a nonzero (4 kernels, 1 sync); per expert that got pairs, 9 more (a gather, three
+    # matmuls, the activation, the weight lookup, the multiply, the scatter-add), 15 where cuBLAS splits the
+    # matmuls. Python frees an expert's tensors only when the next expert's rebind their names: two experts'
+    # worth are alive at the peak.
+    claims = Claims(launches="(4*E + 9*U + 1 + 8*S, 4*E + 15*U + 1 + 26*S)", syncs="E",
+                    extra_bytes="max(2*T*K/E*(2*H + 2*I)*B, S*T*(3*I + 2*H)*B)")
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         w = self.weights

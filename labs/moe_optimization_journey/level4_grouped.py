@@ -60,7 +60,9 @@ class GroupedLevel(MoELevel):
     name = "grouped"
     summary = "sort pairs by expert (argsort), one GEMM per expert slice, index_add_ combine"
     # permute: a sort and about 8 small kernels; per expert 4 (gate, up, activation, down); combine: 4.
-    claims = Claims(launches="4*min(E, T*K) + 16", syncs="1", extra_bytes="T*K*(2*H*B + 2*I*B/E + 24)")
+    # permute: a sort and 8 small kernels; per expert that got pairs 4 (gate, up, activation, down), 6 where cuBLAS
+    # splits the gate and up GEMMs; combine: 3.
+    claims = Claims(launches="(4*U + 11 + 8*S, 6*U + 11 + 26*S)", syncs="1", extra_bytes="2*T*K*H*B + 24*T*K")
 
     permute = staticmethod(permute)  # level 6 swaps these two for their compiled versions
     combine = staticmethod(combine)

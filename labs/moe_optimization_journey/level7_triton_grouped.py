@@ -46,12 +46,19 @@ import triton_kernels
 from triton_kernels import align_tokens, choose_block_m, moe_down, moe_gate_up
 
 
+# hidden [P, I] and y [N, H], N = T·(K + S) pairs, P = N + (E + S)·(BLOCK_M − 1), BLOCK_M = choose_block_m's.
+PADDED_HIDDEN_AND_Y_BYTES = ("(T*(K + S) + (E + S)*(min(128, max(16, 2**ceil(log2(max(1, T*(K + S)/(E + S)))))) - 1))"
+                             "*I*B + T*(K + S)*H*B")
+
+
 class TritonGroupedLevel(MoELevel):
     level = 7
     name = "triton_grouped"
     summary = "device-side token alignment + two Triton grouped-GEMM kernels (fused SiLU·up, weighted combine)"
     # Alignment: 3 kernels and 2 fills; the two GEMMs; the sum over K. Shared experts: 4 more (the cat of ids).
-    claims = Claims(launches="8 + 4*min(S, 1)", syncs="0", extra_bytes="T*(K + S)*(I + H)*B + (E + S)*64*I*B")
+    # Alignment: 3 kernels and 2 fills; the two GEMMs; the sum over K (8). Shared experts: 4 more (their ids and
+    # weights joined to the routing). Memory: hidden [P, I], P = N + (E + S)·(BLOCK_M − 1) padded rows, and y [N, H].
+    claims = Claims(launches="8 + 4*min(S, 1)", syncs="0", extra_bytes=PADDED_HIDDEN_AND_Y_BYTES)
     interpreter_only = True
 
     @classmethod

@@ -22,7 +22,7 @@ Run: python labs/moe_optimization_journey/level8_triton_graphed.py [--preset jou
 """
 
 from level5_cudagraphs import CapturedGraph
-from level7_triton_grouped import TritonGroupedLevel
+from level7_triton_grouped import PADDED_HIDDEN_AND_Y_BYTES, TritonGroupedLevel
 from moe_benchmark import Claims, run_level_script
 
 
@@ -32,8 +32,9 @@ class TritonGraphedLevel(TritonGroupedLevel):
     summary = "level 7 recorded in one CUDA graph and replayed"
     # Level 7's kernels in one graph, plus copying the three inputs into it; the graph's pool keeps level 7's
     # intermediates and the static inputs and output.
-    claims = Claims(launches="11 + 4*min(S, 1)", syncs="0",
-                    extra_bytes="T*(K + S)*(I + H)*B + (E + S)*64*I*B + T*(2*H*B + K*(B + 8))")
+    claims = Claims(launches="8 + 4*min(S, 1)", syncs="0",  # level 7's kernels, one graph launch
+                    # level 7's intermediates, kept in the graph's pool, which reserves whole segments: up to twice
+                    extra_bytes=f"({PADDED_HIDDEN_AND_Y_BYTES}, 2*({PADDED_HIDDEN_AND_Y_BYTES}) + 24*2**20)")
 
     def prepare(self):
         super().prepare()

@@ -124,19 +124,40 @@ class Claims:
     """What a level's lesson says one forward costs, as data the harness measures on a GPU: kernels the GPU runs
     (a CUDA graph's replay counts every kernel in it), host syncs (the CPU waits for the GPU), and device memory
     beyond the inputs, the weights (prepare()'s re-layouts included) and the output. Each is a Python expression
-    of the shape legend's T, H, I, E, K, S, and B (bytes per element), evaluated per row."""
+    of the shape legend's T, H, I, E, K, S, B (bytes per element) and U (experts that get at least one pair under
+    uniform routing: E·(1 − (1 − K/E)^T)). A launch count may be a range (low, high) where a library chooses
+    (cuBLAS splits a GEMM with few rows and a deep reduction into two kernels), and so may the memory where an
+    allocator rounds (a CUDA graph's pool reserves whole segments)."""
 
     launches: str
     syncs: str
     extra_bytes: str
 
     def evaluate(self, config: MoEConfig, num_tokens: int) -> dict:
-        shape = {"T": num_tokens, "H": config.hidden, "I": config.intermediate, "E": config.num_experts,
-                 "K": config.top_k, "S": config.num_shared_experts,
-                 "B": torch.finfo(config.torch_dtype).bits // 8, "min": min, "max": max}
+        T, K, E = num_tokens, config.top_k, config.num_experts
+        shape = {"T": T, "H": config.hidden, "I": config.intermediate, "E": E, "K": K,
+                 "S": config.num_shared_experts, "B": torch.finfo(config.torch_dtype).bits // 8,
+                 "U": E * (1 - (1 - K / E) ** T), "min": min, "max": max, "ceil": math.ceil, "log2": math.log2}
         value = lambda formula: eval(formula, {"__builtins__": {}}, shape)  # noqa: E731  (the lab's own formulas)
-        return {"launches": round(value(self.launches)), "syncs": round(value(self.syncs)),
-                "extra_mb": value(self.extra_bytes) / 2**20}
+        span = lambda formula: value(formula) if isinstance(value(formula), tuple) else (value(formula),) * 2  # noqa: E731
+        return {"launches": tuple(round(n) for n in span(self.launches)), "syncs": round(value(self.syncs)),
+                "extra_mb": tuple(n / 2**20 for n in span(self.extra_bytes))}
+
+
+def contradicted_claims(row: dict) -> list[str]:
+    """The claims a GPU row's measurements contradict. Syncs must match (within 1%, where they follow the
+    routing); launches must fall in the claimed range give or take 10% (a library kernel more or less); extra memory
+    in its range give or take 30% or 8 MiB (the caching allocator rounds sizes up)."""
+    wrong = []
+    low, high = row["launches_claimed"]
+    if not low * 0.9 - 1 <= row["launches_measured"] <= high * 1.1 + 1:
+        wrong.append("launches")
+    if abs(row["syncs_measured"] - row["syncs_claimed"]) > 0.01 * row["syncs_claimed"]:
+        wrong.append("syncs")
+    low, high = row["extra_mb_claimed"]
+    if not min(low * 0.7, low - 8) <= row["extra_mb"] <= max(high * 1.3, high + 8):
+        wrong.append("extra memory")
+    return wrong
 
 
 class MoELevel:
@@ -462,6 +483,7 @@ def base_row(
         "extra_mb": None,
         "gpu_busy_pct": None,
         "host_bound": None,
+        "claims_contradicted": None,  # which of the three the measurement contradicts (a GPU row with claims)
         "status": "ok",
         "note": "",
         # How the timed forward's pairs spread over the experts (moe_model.load_metrics); filled once timed.
@@ -567,6 +589,8 @@ def benchmark(
             row.update(launches_measured=counts.launches, syncs_measured=counts.syncs, extra_mb=counts.extra_mb,
                        peak_mb=counts.peak_mb, gpu_busy_pct=counts.gpu_busy_pct,
                        host_bound=counts.gpu_busy_pct < 50)
+            if row["launches_claimed"] is not None:
+                row["claims_contradicted"] = contradicted_claims(row)
         if profile:
             router = make_router(config)
 
