@@ -181,7 +181,16 @@ def test_cpu_timing_runs_elementwise_kernels_as_torch_ops(levels, tiny, monkeypa
 def test_claims_evaluate_to_numbers(levels, tiny):
     for key, cls in levels.items():
         claimed = cls.claims.evaluate(tiny, 37)
-        assert claimed["launches"] > 0 and claimed["syncs"] >= 0 and claimed["extra_mb"] >= 0, key
+        low, high = claimed["launches"]
+        assert 0 < low <= high and claimed["syncs"] >= 0 and 0 <= claimed["extra_mb"][0] <= claimed["extra_mb"][1], key
+
+
+def test_contradicted_claims():
+    row = {"launches_claimed": (8, 8), "launches_measured": 8, "syncs_claimed": 100, "syncs_measured": 100,
+           "extra_mb_claimed": (20.0, 20.0), "extra_mb": 22.0}
+    assert moe_benchmark.contradicted_claims(row) == []
+    row.update(launches_measured=20, syncs_measured=103, extra_mb=60.0)
+    assert moe_benchmark.contradicted_claims(row) == ["launches", "syncs", "extra memory"]
 
 
 def test_ok_row_has_every_field(levels, tiny):
