@@ -5,6 +5,7 @@
     aisp bench report RUN_DIR
     aisp bench compare RUN_DIR RUN_DIR
     aisp bench publish RUN_DIR      (LATEST.md and the README's results block, from a GPU run)
+    aisp lab show [N]               (a level's lesson, code diff, claims and GPU row; no N: every level)
 
 Bad input is one line on stderr and exit code 2, never a traceback.
 """
@@ -28,12 +29,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.lab import lab
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 console = Console()
 app = typer.Typer(help="aisp: an open benchmark lab for AI-systems performance.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 bench = typer.Typer(help="Run benchmarks and read their results.", no_args_is_help=True)
 app.add_typer(bench, name="bench")
+app.add_typer(lab, name="lab")
 
 TARGETS = {"moe_journey": "one MoE feed-forward layer, from naive Python loops to a fast GPU implementation"}
 # Per device: what a bare `aisp bench run -t moe_journey` measures, and how long it may time one row.

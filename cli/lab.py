@@ -1,0 +1,322 @@
+"""`aisp lab`: step through the journey, one level at a time (what an instructor projects).
+
+    aisp lab show                   every level, one line each, with its speedup over the level before
+    aisp lab show 4 [--preset journey] [--tokens 8192]
+                                    level 4's lesson, its code's diff from level 3's, its claimed counts and its
+                                    measured row in the newest GPU run under results/moe_journey/
+
+The levels are found the way `aisp bench` finds them (`load_levels()`), so a new levelN file shows up here too.
+Measured rows come from GPU runs only: a CPU run measures Python and the CPU, not the lessons' GPU story.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+console = Console()
+lab = typer.Typer(help="Step through the journey: each level's lesson, code diff, claims and measured row.",
+                  no_args_is_help=True)
+
+# The levels outside the numbered sequence, and the level each is built from: the peer is level 4's permutation
+# around torch._grouped_mm; EP runs level 7 on each rank's share of the experts.
+COMPARED_WITH = {"peer": "4", "ep": "7"}
+# The one case the lab shows: the committed runs also hold zipf/hot traffic and other routers.
+SHOWN_CASE = {"traffic": "uniform", "router": "softmax-topk"}
+
+
+def level_classes() -> dict[str, type]:
+    """Every level in journey order, then the peer, then ep: imported on first use so `--help` stays fast."""
+    from cli.aisp import journey
+
+    levels = journey().load_levels()
+    levels["ep"] = journey().expert_parallel().ExpertParallelMoE
+    return levels
+
+
+def previous_key(levels: dict[str, type], key: str) -> str | None:
+    """The level `key`'s code is a diff of: the numbered level before it, or the level the peer or ep builds on."""
+    if key in COMPARED_WITH:
+        return COMPARED_WITH[key]
+    numbered = [k for k in levels if k.isdigit()]
+    position = numbered.index(key)
+    return numbered[position - 1] if position else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lesson, at the width of the screen
+# ---------------------------------------------------------------------------------------------------------------
+# The lessons and the code are written 120 columns wide; a projector shows about 80. rich wraps at the screen's
+# width but starts every continuation at column 0, which breaks indented prose and code, so lines are wrapped here
+# with textwrap, each continuation indented under its line.
+LIST_ITEM = re.compile(r"\d+\. ")
+CONTINUATION_INDENT = 8  # deeper than a nested block (4), as PEP 8 continues a line: not mistaken for the next
+
+
+def wrap_line(line: str, width: int) -> list[str]:
+    """One line of code or a diagram, wrapped to `width`, its continuations indented under it."""
+    indent = len(line) - len(line.lstrip())
+    return textwrap.wrap(line, width, subsequent_indent=" " * (indent + CONTINUATION_INDENT),
+                         break_long_words=False, break_on_hyphens=False) or [line]
+
+
+def reflowed(lesson: str, width: int) -> list[str]:
+    """The lesson's words, its paragraphs refilled to `width`. A paragraph is a run of lines at one indent (a
+    numbered item: its first line, then the rest indented under its text); a line indented deeper than the
+    section body it sits in (a diagram, a formula) is kept as its own line."""
+    out, paragraph, first, body = [], [], 0, 0
+
+    def flush():
+        out.extend(textwrap.wrap(" ".join(paragraph), width, initial_indent=" " * first,
+                                 subsequent_indent=" " * body, break_long_words=False, break_on_hyphens=False))
+        paragraph.clear()
+
+    for line in lesson.splitlines():
+        text = line.lstrip()
+        indent, item = len(line) - len(text), LIST_ITEM.match(text)
+        if paragraph and text and indent == body and not item:
+            paragraph.append(text)
+            continue
+        flush()
+        if not text:
+            out.append("")
+            body = 0
+        elif 0 < body < indent and not item:
+            out.extend(wrap_line(line, width))
+        else:
+            first, body = indent, indent + (item.end() if item else 0)
+            paragraph.append(text)
+    flush()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The code: what a level's file does, without its prose
+# ---------------------------------------------------------------------------------------------------------------
+def docstring_lines(node: ast.AST) -> set[int]:
+    """Line numbers (1-based) of every docstring inside `node`."""
+    lines = set()
+    for inner in ast.walk(node):
+        if isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and ast.get_docstring(inner):
+            first = inner.body[0]
+            lines.update(range(first.lineno, first.end_lineno + 1))
+    return lines
+
+
+def lines_of(source: list[str], node: ast.AST) -> list[str]:
+    """A function's or class's lines, decorators included, docstrings left out."""
+    start = min([node.lineno, *(decorator.lineno for decorator in node.decorator_list)])
+    skip = docstring_lines(node)
+    return [source[n - 1] for n in range(start, node.end_lineno + 1) if n not in skip]
+
+
+def code_lines(cls: type) -> list[str]:
+    """The level class's methods (under its `class` line) and the module's helper functions and classes, in file
+    order, docstrings left out: the part of the file that changes from level to level. The class attributes
+    (name, summary, claims) are shown elsewhere; imports and the `__main__` stanza are the same in every file."""
+    source = inspect.getsource(sys.modules[cls.__module__]).splitlines()
+    blocks = []
+    for node in ast.parse("\n".join(source)).body:
+        if not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            continue
+        if node.name == cls.__name__:
+            blocks.append([source[node.lineno - 1]])
+            blocks += [lines_of(source, item) for item in node.body if isinstance(item, ast.FunctionDef)]
+        else:
+            blocks.append(lines_of(source, node))
+    return [line for i, block in enumerate(blocks) for line in ([""] if i else []) + block]
+
+
+def file_of(cls: type) -> str:
+    return Path(inspect.getsourcefile(cls)).name
+
+
+DIFF_STYLES = {"+": "green", "-": "red", "@": "cyan"}
+
+
+def print_diff(levels: dict[str, type], key: str) -> None:
+    cls, before = levels[key], previous_key(levels, key)
+    if before is None:
+        console.print(f"Level {key} is the first: there is no previous level to diff against. Its code:\n",
+                      highlight=False)
+        for line in code_lines(cls):
+            console.print(Text("\n".join(wrap_line(line, console.width))))
+        return
+    diff = difflib.unified_diff(code_lines(levels[before]), code_lines(cls),
+                                f"level {before} ({file_of(levels[before])})", f"level {key} ({file_of(cls)})",
+                                lineterm="")
+    for line in diff:
+        if line.startswith(("---", "+++", "@@")):
+            console.print(Text(line, style="bold" if line[0] != "@" else DIFF_STYLES["@"]))
+            continue
+        for piece in wrap_line(line[1:], console.width - 1):  # the marker on every piece: piped, it is the colour
+            console.print(Text(line[0] + piece, style=DIFF_STYLES.get(line[0], "")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Claims and measurements
+# ---------------------------------------------------------------------------------------------------------------
+def print_claims(cls: type, config, num_tokens: int) -> None:
+    """What the level's lesson claims per forward: each formula and its value at this shape. Nothing for a level
+    that declares no claims."""
+    claims = getattr(cls, "claims", None)
+    if claims is None:
+        return
+    from cli.report import fmt
+
+    values = claims.evaluate(config, num_tokens)
+    console.print(f"Claimed per forward: {config.name}, T={num_tokens}", highlight=False)
+    table = Table.grid(padding=(0, 2))
+    table.add_column()
+    table.add_column()
+    table.add_column(justify="right")
+    table.add_row("  launches", Text(claims.launches), str(values["launches"]))
+    table.add_row("  host syncs", Text(claims.syncs), str(values["syncs"]))
+    table.add_row("  extra memory", Text(claims.extra_bytes), f"{fmt(values['extra_mb'])} MiB")
+    console.print(table, "")
+
+
+def gpu_runs(results: Path) -> list[tuple[Path, dict, list[dict]]]:
+    """(folder, environment, rows) of every GPU run under results/moe_journey/, newest first (folders are named
+    by their UTC start)."""
+    from cli import report
+
+    runs = []
+    for rows_path in sorted((results / "moe_journey").glob("*/rows.jsonl"), key=lambda p: p.parent.name,
+                            reverse=True):
+        env = report.load_environment(rows_path.parent)
+        if env.get("device_type") == "cuda":
+            runs.append((rows_path.parent, env, report.load_rows(rows_path.parent)))
+    return runs
+
+
+def shown_rows(rows: list[dict], preset: str) -> list[dict]:
+    """The rows of `preset` in the shown case (rows from before traffic shapes and routers existed are uniform,
+    softmax-topk)."""
+    return [row for row in rows if row["preset"] == preset
+            and all(row.get(field, value) == value for field, value in SHOWN_CASE.items())]
+
+
+def row_of(rows: list[dict], key: str, num_tokens: int) -> dict | None:
+    return next((row for row in rows if str(row["level"]) == key and row["tokens"] == num_tokens), None)
+
+
+def speedup(reference: dict | None, row: dict) -> str:
+    """reference ms / row ms, or why there is none."""
+    from cli.report import STATUS_CELL
+
+    if reference is None:
+        return "not in this run"
+    if reference["status"] != "ok":
+        return STATUS_CELL.get(reference["status"], reference["status"])
+    return f"{reference['ms'] / row['ms']:.2f}x"
+
+
+def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: int, results: Path) -> None:
+    """The level's row in the newest GPU run that has it at (preset, T), beside the level before it and the
+    peer from the same run."""
+    from cli.report import STATUS_CELL, fmt
+
+    case = f"{preset}, T={num_tokens} ({SHOWN_CASE['traffic']} traffic, {SHOWN_CASE['router']} router)"
+    for run_dir, env, rows in gpu_runs(results):
+        rows = shown_rows(rows, preset)
+        row = row_of(rows, key, num_tokens)
+        if row is None:
+            continue
+        console.print(f"Measured: {case}\nin {run_dir.name} on {env.get('device', '?')}", highlight=False)
+        if row["status"] != "ok":
+            console.print(f"  {STATUS_CELL.get(row['status'], row['status'])}: {row['note']}", highlight=False)
+            return
+        table = Table.grid(padding=(0, 2))
+        table.add_row("  time", f"{fmt(row['ms'])} ms")
+        table.add_row("  rate", f"{fmt(row['tflops'])} TF/s")
+        table.add_row("  roofline", f"{fmt(row['pct_roofline'])}%")
+        before = previous_key(levels, key)
+        if before is not None:
+            table.add_row(f"  × level {before}", speedup(row_of(rows, before, num_tokens), row))
+        if key != "peer":
+            table.add_row("  × peer", speedup(row_of(rows, "peer", num_tokens), row))
+        if "world_size" in row:
+            table.add_row("  world size", str(row["world_size"]))
+        console.print(table, highlight=False)
+        return
+    console.print(f"No GPU run under {results / 'moe_journey'} has level {key} at {case}.", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------------------
+def print_overview(levels: dict[str, type], preset: str, results: Path) -> None:
+    """One line per level with its speedup over the level before, at the largest T at which the newest GPU run of
+    this preset ran every level (so every level has a number)."""
+    rows = []
+    for run_dir, env, run_rows in gpu_runs(results):
+        rows = [row for row in shown_rows(run_rows, preset) if str(row["level"]) != "ep"]  # ep runs on its own
+        if rows:
+            break
+    ms = {(str(row["level"]), row["tokens"]): row["ms"] for row in rows if row["status"] == "ok"}
+    keys = {str(row["level"]) for row in rows}
+    num_tokens = max((t for t in {row["tokens"] for row in rows} if all((k, t) in ms for k in keys)), default=None)
+    if num_tokens is None:
+        console.print(f"No GPU run under {results / 'moe_journey'} ran every level at {preset}: no speedups.",
+                      highlight=False)
+    else:
+        console.print(f"× previous: {preset}, T={num_tokens} (the largest T every level ran at)\n"
+                      f"in {run_dir.name} on {env.get('device', '?')}", highlight=False)
+    table = Table(box=None)
+    for column, justify in (("level", "right"), ("name", "left"), ("× previous", "right"), ("idea", "left")):
+        table.add_column(column, justify=justify)
+    for key, cls in levels.items():
+        before = previous_key(levels, key)
+        ratio = (f"{ms[before, num_tokens] / ms[key, num_tokens]:.2f}x"
+                 if (before, num_tokens) in ms and (key, num_tokens) in ms else "-")
+        # One line a level: a summary too long for the screen ends in "…" (the lesson has the rest).
+        table.add_row(key, cls.name, f"{ratio} (vs {before})" if key in COMPARED_WITH else ratio,
+                      Text(cls.summary, no_wrap=True, overflow="ellipsis"))
+    console.print(table)
+
+
+@lab.command("show")
+def show_command(
+    level: str = typer.Argument(None, help="a level: 0-8, peer or ep (default: list them all)"),
+    preset: str = typer.Option("journey", help="the preset of the claims and the measured row"),
+    tokens: int = typer.Option(8192, help="the token count T of the claims and the measured row"),
+    results: Path = typer.Option(None, help="where the runs are (default: the repository's results/)"),
+) -> None:
+    """A level's lesson, the diff of its code from the level before, its claimed counts and its measured GPU row;
+    with no level, every level and its speedup over the one before."""
+    from cli.aisp import REPO_ROOT, fail
+
+    from moe_model import ConfigError, get_preset
+
+    results = results or REPO_ROOT / "results"
+    if tokens <= 0:
+        fail(f"--tokens must be positive, got {tokens}")
+    try:
+        config = get_preset(preset)
+    except ConfigError as error:
+        fail(str(error))
+    levels = level_classes()
+    if level is None:
+        print_overview(levels, preset, results)
+        return
+    if level not in levels:
+        fail(f"unknown level {level!r}; available: {', '.join(levels)}")
+    cls = levels[level]
+    console.rule(f"level {level}: {cls.name}")
+    console.print(Text("\n".join(reflowed(sys.modules[cls.__module__].__doc__, console.width))))
+    console.rule("code")
+    print_diff(levels, level)
+    console.rule("counts and time")
+    print_claims(cls, config, tokens)
+    print_measured(levels, level, preset, tokens, results)

@@ -1,0 +1,123 @@
+"""`aisp lab show`: a level's lesson, its code's diff, its claims and its measured row, read from committed runs."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+import labs.moe_optimization_journey as journey
+from cli.aisp import REPO_ROOT, app
+from cli.report import fmt
+
+runner = CliRunner()
+H100_RUN = REPO_ROOT / "results" / "moe_journey" / "20261125T111956Z-nvidia-h100-80gb-hbm3"
+GROUPED = journey.load_levels()["4"]
+
+
+def show(*args):
+    return runner.invoke(app, ["lab", "show", *args], catch_exceptions=False)
+
+
+def words(text: str) -> str:
+    """The text with its line breaks and runs of spaces made single spaces: the lesson is refilled to the screen."""
+    return " ".join(text.split())
+
+
+@pytest.fixture
+def h100_results(tmp_path):
+    """A results folder holding only the committed H100 run, so that a GPU run committed later does not change what
+    these tests read."""
+    run_dir = tmp_path / "moe_journey" / H100_RUN.name
+    run_dir.mkdir(parents=True)
+    for name in ("environment.json", "rows.jsonl"):
+        shutil.copy(H100_RUN / name, run_dir / name)
+    return tmp_path
+
+
+def journey_row(level: str, tokens: int) -> dict:
+    rows = [json.loads(line) for line in (H100_RUN / "rows.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if str(r["level"]) == level and r["preset"] == "journey" and r["tokens"] == tokens]
+    return row
+
+
+class StubClaims:
+    """What a level's `claims` looks like: formulas in the shape letters and their values at a shape."""
+
+    launches = "3·E + 4"
+    syncs = "1"
+    extra_bytes = "T·K·(2H + I)·2"
+
+    def evaluate(self, config, num_tokens):
+        pairs = num_tokens * config.top_k
+        return {"launches": 3 * config.num_experts + 4, "syncs": 1,
+                "extra_mb": pairs * (2 * config.hidden + config.intermediate) * 2 / 2**20}
+
+
+def test_show_level_4(h100_results, monkeypatch):
+    monkeypatch.setattr(GROUPED, "claims", StubClaims(), raising=False)
+    result = show("4", "--results", str(h100_results))
+    assert result.exit_code == 0, result.output
+    lesson_first_line = sys.modules[GROUPED.__module__].__doc__.splitlines()[0]
+    assert words(lesson_first_line) in words(result.output)
+    assert any(line.startswith("+") and "argsort" in line for line in result.output.splitlines())
+    assert "--- level 3" in result.output and "+++ level 4" in result.output
+    # the claims: each formula and its value on journey (H=1024, I=2048, E=8, K=2) at T=8192
+    assert re.search(r"launches +3·E \+ 4 +28\n", result.output)
+    assert re.search(r"extra memory +T·K·\(2H \+ I\)·2 +128 MiB\n", result.output)
+    # the measured row, the level before it and the peer from the same run
+    row, before, peer = journey_row("4", 8192), journey_row("3", 8192), journey_row("peer", 8192)
+    assert f"{fmt(row['ms'])} ms" in result.output and "NVIDIA H100 80GB HBM3" in result.output
+    assert H100_RUN.name in result.output
+    assert f"{before['ms'] / row['ms']:.2f}x" in result.output and f"{peer['ms'] / row['ms']:.2f}x" in result.output
+
+
+def test_a_level_without_claims_shows_none(h100_results, monkeypatch):
+    monkeypatch.setattr(GROUPED, "claims", None, raising=False)
+    result = show("4", "--results", str(h100_results))
+    assert result.exit_code == 0 and "Claimed" not in result.output
+
+
+def test_level_0_has_no_previous_level(h100_results):
+    result = show("0", "--results", str(h100_results))
+    assert result.exit_code == 0, result.output
+    assert "no previous level" in result.output and "+++" not in result.output
+
+
+def test_no_such_row_is_one_line(h100_results):
+    result = show("4", "--tokens", "77", "--results", str(h100_results))
+    assert result.exit_code == 0, result.output
+    assert "No GPU run" in words(result.output) and "T=77" in result.output
+
+
+def test_show_lists_every_level():
+    result = show()
+    assert result.exit_code == 0, result.output
+    listed = {tuple(line.split()[:2]) for line in result.output.splitlines() if line.strip()}
+    levels = {**journey.load_levels(), "ep": journey.expert_parallel().ExpertParallelMoE}
+    assert {(key, cls.name) for key, cls in levels.items()} <= listed
+
+
+def test_headline_speedups_of_the_h100_run(h100_results):
+    result = show("--results", str(h100_results))
+    assert result.exit_code == 0, result.output
+    assert "T=2048" in result.output and H100_RUN.name in result.output  # level 1 and 2 OOM above 2048
+    (line,) = [line for line in result.output.splitlines() if line.split()[:2] == ["4", "grouped"]]
+    assert f"{journey_row('3', 2048)['ms'] / journey_row('4', 2048)['ms']:.2f}x" in line
+
+
+def test_unknown_level_is_one_line_and_exit_2():
+    result = show("42")
+    assert result.exit_code == 2
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1 and "'42'" in result.stderr
+
+
+def test_help_imports_no_torch():
+    script = ("import sys; from typer.testing import CliRunner; from cli.aisp import app; "
+              "result = CliRunner().invoke(app, ['lab', 'show', '--help']); "
+              "assert result.exit_code == 0 and '--tokens' in result.output, result.output; "
+              "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, check=True)
