@@ -616,6 +616,8 @@ def write_report(run_dir: Path) -> Path:
             sections.append(ep_section(ep_rows.reset_index(drop=True), run_dir))
     summary = run_dir / "summary.md"
     summary.write_text("\n\n".join(s for s in sections if s) + "\n")
+    from cli import report_html  # it builds on this module, so it is imported here, not at the top
+    report_html.write_html(run_dir)
     return summary
 
 
