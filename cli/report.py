@@ -256,6 +256,7 @@ def environment_section(env: dict) -> str:
 LEVEL_COLORS = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + list(plt.get_cmap("Dark2").colors)
 PEER_COLOR = "0.45"  # tab10's grey, kept out of LEVEL_COLORS for the peer alone
 STATUS_MARKER = {"oom": "x", "skipped": "o", "error": "D"}
+STATUS_SYMBOL = {"oom": "× out of memory", "skipped": "○ skipped", "error": "◇ error"}  # the markers, in words
 
 
 def level_colors(df: pd.DataFrame) -> dict:
@@ -305,7 +306,9 @@ def not_timed_strip(ax, df: pd.DataFrame, colors: dict) -> None:
         tick.set_color(colors[label])
     ax.set_ylim(len(labels) - 0.4, -0.6)
     ax.tick_params(axis="x", labelbottom=False)
-    ax.set_title("not timed at these token counts (× out of memory, ○ skipped)", fontsize=8, loc="left")
+    ax.set_title(f"not timed at these token counts "
+                 f"({', '.join(STATUS_SYMBOL[s] for s in STATUS_SYMBOL if (missing['status'] == s).any())})",
+                 fontsize=8, loc="left")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
 
@@ -380,8 +383,8 @@ def plot_speedup(df: pd.DataFrame, title: str, path: Path) -> str | None:
                         va="bottom", fontsize=6, color=colors[label])
         ax.bar(xs, speedups, width, label=label, color=colors[label], hatch="//" if label.startswith("peer") else None,
                edgecolor="white", linewidth=0.3)
-    names = [token_label(t) if baselines[t] in (main, None) else f"{token_label(t)}\nover level {baselines[t].split()[0]}"
-             for t in tokens]
+    names = [token_label(t) if baselines[t] in (main, None)
+             else f"{token_label(t)}\nover level {baselines[t].split()[0]}" for t in tokens]
     ax.set_xticks(range(len(tokens)), names, fontsize=8)
     ax.set(yscale="log", xlabel="tokens (T)",
            ylabel=f"speedup over {main}" + ("\n(where it was not timed: over the slowest level timed)"
@@ -404,14 +407,15 @@ def plot_preset(df: pd.DataFrame, out_dir: Path, preset: str) -> list[str]:
                                             out_dir / f"speedup_{preset}.png")])
     if df["pct_roofline"].notna().any():
         names.append(plot_by_tokens(df, "pct_roofline", "% of the measured roofline", "linear",
-                                    f"{case}: % of the measured roofline ({device})", out_dir / f"roofline_{preset}.png"))
+                                    f"{case}: % of the measured roofline ({device})",
+                                    out_dir / f"roofline_{preset}.png"))
     if len(profiled(df)):
         names.append(plot_stages(df, out_dir, preset))
     if "tokens_per_expert" in df and df["tokens_per_expert"].notna().any():
         largest = df[df["tokens_per_expert"].notna()].sort_values("tokens").iloc[-1]
         counts = largest["tokens_per_expert"]
         fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
-        ax.bar(range(len(counts)), counts, width=1.0 if len(counts) > 32 else 0.8, color=LEVEL_COLORS[0])
+        ax.bar(range(len(counts)), counts, width=1.0 if len(counts) > 32 else 0.8, color="#8da0cb")  # no level's
         ax.axhline(sum(counts) / len(counts), color="black", linewidth=0.8, label="mean over the experts")
         ax.set(xlabel="expert", ylabel="(token, slot) pairs")
         legend_right(ax)

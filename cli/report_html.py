@@ -199,7 +199,7 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
         f'<h2 id="{anchor}">{esc(report.case_title(first["case"]))} '
         f'<small>({esc(report.shape_of(first))})</small></h2>',
         section("Time per forward, ms", "The median of the timed repeats. <em>OOM</em>: ran out of GPU memory; "
-                "<em>skipped</em>: too slow to be worth timing at this size (the notes below say why).",
+                "<em>skipped</em>: not run at this size or on this device (the notes below say why).",
                 table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["ms"]))), links),
                 figure(run_dir, f"time_{anchor}.png", "time per forward, per level")),
     ]
