@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
+import matplotlib.transforms  # noqa: E402
 import pandas as pd  # noqa: E402
 
 STATUS_CELL = {"oom": "OOM", "skipped": "skipped", "error": "error"}
@@ -250,81 +251,188 @@ def environment_section(env: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_preset(df: pd.DataFrame, out_dir: Path, preset: str) -> list[str]:
-    """The PNGs of one case (a preset, or a preset under one traffic shape); returns their file names."""
-    ok = df[df["status"] == "ok"]
-    labels = list(dict.fromkeys(df["label"]))
-    tokens = sorted(df["tokens"].unique())
-    device = df["device"].iloc[0]
-    names = []
+# The plots. Every figure gives a level the same colour, names what it shows in words, keeps its legend off the
+# data, and marks what was not timed (out of memory, skipped) where a reader would look for it.
+LEVEL_COLORS = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + list(plt.get_cmap("Dark2").colors)
+PEER_COLOR = "0.45"  # tab10's grey, kept out of LEVEL_COLORS for the peer alone
+STATUS_MARKER = {"oom": "x", "skipped": "o", "error": "D"}
+STATUS_SYMBOL = {"oom": "× out of memory", "skipped": "○ skipped", "error": "◇ error"}  # the markers, in words
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label in labels:
+
+def level_colors(df: pd.DataFrame) -> dict:
+    """label -> colour: level n takes the n-th colour in every figure of every run; the peer is grey."""
+    return {label: LEVEL_COLORS[int(level) % len(LEVEL_COLORS)] if str(level).isdigit() else PEER_COLOR
+            for label, level in zip(df["label"], df["level"])}
+
+
+def line_style(label: str) -> str:
+    return "--" if label.startswith("peer") else "-"
+
+
+def token_label(tokens: int) -> str:
+    """1, 64, 2K, 8K, 32K: short tick labels."""
+    return f"{tokens // 1024}K" if tokens >= 1024 and tokens % 1024 == 0 else f"{tokens:,}"
+
+
+def case_title(case: str) -> str:
+    """The case as a title: "journey, hot(50% of tokens)" reads "journey, hot (50% of tokens)"."""
+    return re.sub(r"(?<=\w)\(", " (", case)
+
+
+def token_axis(ax, tokens: list[int]) -> None:
+    """A log token axis with a labelled tick at each measured count and no others; the labels turn when two
+    neighbours are too close to sit side by side."""
+    ax.set_xscale("log")
+    ax.set_xticks(tokens, [token_label(t) for t in tokens])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlim(tokens[0] / 1.6, tokens[-1] * 1.6)
+    span = math.log(tokens[-1] * 1.6 ** 2 / tokens[0])
+    if any(math.log(b / a) < span / 20 for a, b in zip(tokens, tokens[1:])):
+        ax.tick_params(axis="x", labelrotation=45)
+
+
+def not_timed_strip(ax, df: pd.DataFrame, colors: dict) -> None:
+    """A strip above a token plot: a row per level with cells not timed, named with why, a marker at each."""
+    missing = df[df["status"].isin(STATUS_MARKER)]
+    labels = list(dict.fromkeys(missing["label"]))
+    for y, label in enumerate(labels):
+        for _, row in missing[missing["label"] == label].iterrows():
+            ax.plot(row["tokens"], y, marker=STATUS_MARKER[row["status"]], color=colors[label], markersize=7,
+                    fillstyle="none", linestyle="none")
+    whys = [", ".join(STATUS_CELL[s] for s in dict.fromkeys(missing[missing["label"] == label]["status"]))
+            for label in labels]
+    ax.set_yticks(range(len(labels)), [f"{label}: {why}" for label, why in zip(labels, whys)], fontsize=7)
+    for tick, label in zip(ax.get_yticklabels(), labels):
+        tick.set_color(colors[label])
+    ax.set_ylim(len(labels) - 0.4, -0.6)
+    ax.tick_params(axis="x", labelbottom=False)
+    ax.set_title(f"not timed at these token counts "
+                 f"({', '.join(STATUS_SYMBOL[s] for s in STATUS_SYMBOL if (missing['status'] == s).any())})",
+                 fontsize=8, loc="left")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def legend_right(ax) -> None:
+    """The legend beside the axes, clear of the data and of the figure's title."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, frameon=False)
+
+
+def plot_by_tokens(df: pd.DataFrame, column: str, ylabel: str, yscale: str, title: str, path: Path) -> str:
+    """One line per level of `column` against the token count, with the not-timed strip above when some cell
+    was not timed; the legend to the right."""
+    colors = level_colors(df)
+    tokens = sorted(df["tokens"].unique())
+    strip_rows = df[df["status"].isin(STATUS_MARKER)]["label"].nunique()
+    if strip_rows:
+        fig, (strip, ax) = plt.subplots(2, 1, sharex=True, figsize=(9, 5 + 0.22 * strip_rows), layout="constrained",
+                                        height_ratios=[0.5 + 0.3 * strip_rows, 5])
+    else:
+        fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
+    ok = df[(df["status"] == "ok") & df[column].notna()]
+    for label in dict.fromkeys(df["label"]):
         part = ok[ok["label"] == label]
         if len(part):
-            ax.plot(part["tokens"], part["ms"], marker="o", label=label,
-                    linestyle="--" if label.startswith("peer") else "-")
-    ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per forward (median)",
-           title=f"{preset}: time per level ({device})")
-    ax.set_xticks(tokens, [str(t) for t in tokens])
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the measured token counts
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    names.append(save(fig, out_dir / f"time_{preset}.png"))
+            ax.plot(part["tokens"], part[column], marker="o", markersize=4, label=label, color=colors[label],
+                    linestyle=line_style(label))
+    ax.set(yscale=yscale, xlabel="tokens (T)", ylabel=ylabel)
+    if yscale == "linear":
+        ax.set_ylim(bottom=0)
+    else:
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    token_axis(ax, tokens)
+    ax.grid(True, alpha=0.3)
+    if strip_rows:
+        not_timed_strip(strip, df, colors)
+    legend_right(ax)
+    fig.suptitle(title)
+    return save(fig, path)
 
-    baseline = next((lbl for lbl in labels if lbl.startswith("0 ")), None)
-    width = 0.8 / max(len(labels), 1)
-    if baseline:
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for i, label in enumerate(labels):
-            speedups = []
-            for t in tokens:
-                base_ms, ms = ms_of(df, baseline, t), ms_of(df, label, t)
-                speedups.append(base_ms / ms if base_ms and ms else float("nan"))
-            ax.bar([x + i * width for x in range(len(tokens))], speedups, width, label=label,
-                   hatch="//" if label.startswith("peer") else None)
-        ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(tokens))], [str(t) for t in tokens])
-        ax.set(yscale="log", xlabel="tokens", ylabel="speedup over level 0 (missing bar: OOM/skipped)",
-               title=f"{preset}: speedup over level 0 ({device})")
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.legend(fontsize=8)
-        names.append(save(fig, out_dir / f"speedup_{preset}.png"))
 
-    if ok["pct_roofline"].notna().any():
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for j, t in enumerate(tokens):
-            values = [ok[(ok["label"] == lbl) & (ok["tokens"] == t)]["pct_roofline"].sum() for lbl in labels]
-            ax.bar([x + j * 0.8 / len(tokens) for x in range(len(labels))], values, 0.8 / len(tokens),
-                   label=f"{t} tokens")
-        ax.set_xticks([x + 0.4 - 0.4 / len(tokens) for x in range(len(labels))], labels, rotation=30,
-                      ha="right", fontsize=8)
-        ax.set(ylabel="% of roofline", title=f"{preset}: % of the measured roofline ({device})")
-        ax.legend(fontsize=8)
-        names.append(save(fig, out_dir / f"roofline_{preset}.png"))
+def speedup_baseline(df: pd.DataFrame, tokens: int) -> str | None:
+    """The level the speedups at `tokens` are over: level 0 where it was timed, else the slowest level timed."""
+    timed = df[(df["tokens"] == tokens) & (df["status"] == "ok") & df["level"].map(lambda v: str(v).isdigit())]
+    if not len(timed):
+        return None
+    zero = timed[timed["level"].map(str) == "0"]
+    return (zero if len(zero) else timed.sort_values("ms")).iloc[-1]["label"]
 
+
+def plot_speedup(df: pd.DataFrame, title: str, path: Path) -> str | None:
+    """Grouped bars: at each token count, every level's speedup over level 0 there (or, where level 0 was not
+    timed, over the slowest level that was, named under the count); a cell not timed says why in its slot."""
+    colors = level_colors(df)
+    labels = list(dict.fromkeys(df["label"]))
+    tokens = sorted(df["tokens"].unique())
+    baselines = {t: speedup_baseline(df, t) for t in tokens}
+    main = max(dict.fromkeys(b for b in baselines.values() if b), key=list(baselines.values()).count, default=None)
+    if main is None:
+        return None  # no numbered level was timed at any count
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(10, 5), layout="constrained")
+    at_bottom = matplotlib.transforms.blended_transform_factory(ax.transData, ax.transAxes)
+    for i, label in enumerate(labels):
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(tokens))]
+        speedups = []
+        for x, t in zip(xs, tokens):
+            base_ms, ms = (ms_of(df, baselines[t], t) if baselines[t] else None), ms_of(df, label, t)
+            speedups.append(base_ms / ms if base_ms and ms else float("nan"))
+            status = df[(df["label"] == label) & (df["tokens"] == t)]["status"]
+            if len(status) and status.iloc[0] in STATUS_MARKER:
+                ax.text(x, 0.02, STATUS_CELL[status.iloc[0]], transform=at_bottom, rotation=90, ha="center",
+                        va="bottom", fontsize=6, color=colors[label])
+        ax.bar(xs, speedups, width, label=label, color=colors[label], hatch="//" if label.startswith("peer") else None,
+               edgecolor="white", linewidth=0.3)
+    names = [token_label(t) if baselines[t] in (main, None)
+             else f"{token_label(t)}\nover level {baselines[t].split()[0]}" for t in tokens]
+    ax.set_xticks(range(len(tokens)), names, fontsize=8)
+    ax.set(yscale="log", xlabel="tokens (T)",
+           ylabel=f"speedup over {main}" + ("\n(where it was not timed: over the slowest level timed)"
+                                            if any(b not in (main, None) for b in baselines.values()) else ""))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.grid(True, axis="y", alpha=0.3)
+    legend_right(ax)
+    fig.suptitle(title)
+    return save(fig, path)
+
+
+def plot_preset(df: pd.DataFrame, out_dir: Path, preset: str) -> list[str]:
+    """The PNGs of one case (a preset, or a preset under one traffic shape); returns their file names."""
+    case, device = case_title(df["case"].iloc[0]), df["device"].iloc[0]
+    names = [plot_by_tokens(df, "ms", "ms per forward (median, log)", "log",
+                            f"{case}: time per forward ({device})", out_dir / f"time_{preset}.png")]
+    if df["label"].nunique() > 1:
+        names += filter(None, [plot_speedup(df, f"{case}: speedup per level ({device})",
+                                            out_dir / f"speedup_{preset}.png")])
+    if df["pct_roofline"].notna().any():
+        names.append(plot_by_tokens(df, "pct_roofline", "% of the measured roofline", "linear",
+                                    f"{case}: % of the measured roofline ({device})",
+                                    out_dir / f"roofline_{preset}.png"))
     if len(profiled(df)):
         names.append(plot_stages(df, out_dir, preset))
-
     if "tokens_per_expert" in df and df["tokens_per_expert"].notna().any():
         largest = df[df["tokens_per_expert"].notna()].sort_values("tokens").iloc[-1]
         counts = largest["tokens_per_expert"]
-        fig, ax = plt.subplots(figsize=(9, 4))
-        ax.bar(range(len(counts)), counts, width=1.0 if len(counts) > 32 else 0.8)
-        ax.axhline(sum(counts) / len(counts), color="black", linewidth=0.8, label="mean")
-        ax.set(xlabel="expert", ylabel="(token, slot) pairs",
-               title=f"{df['case'].iloc[0]}: load per expert at {largest['tokens']} tokens")
-        ax.legend(fontsize=8)
+        fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
+        ax.bar(range(len(counts)), counts, width=1.0 if len(counts) > 32 else 0.8, color="#8da0cb")  # no level's
+        ax.axhline(sum(counts) / len(counts), color="black", linewidth=0.8, label="mean over the experts")
+        ax.set(xlabel="expert", ylabel="(token, slot) pairs")
+        legend_right(ax)
+        fig.suptitle(f"{case}: load per expert at {token_label(largest['tokens'])} tokens")
         names.append(save(fig, out_dir / f"load_{preset}.png"))
     return names
 
 
 def plot_stages(df: pd.DataFrame, out_dir: Path, preset: str) -> str:
     """One stacked bar per level: the share of its profiled forward each stage took, total ms at the bar's end;
-    a panel each for the smallest and the largest profiled token count."""
+    a panel each for the smallest and the largest profiled token count. Colours here are the stages'; the level
+    names take their levels' colours."""
     counts = profile_token_counts(df)
-    fig, axes = plt.subplots(1, len(counts), figsize=(7 * len(counts), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(counts), figsize=(7 * len(counts), 5), squeeze=False, layout="constrained")
     names = stage_names(profiled(df))
-    colors = dict(zip(names, plt.get_cmap("tab10").colors))
+    colors = dict(zip(names, plt.get_cmap("Set2").colors))
+    label_color = level_colors(df)
     for ax, tokens in zip(axes[0], counts):
         at = profiled(df)
         at = at[at["tokens"] == tokens]
@@ -333,22 +441,23 @@ def plot_stages(df: pd.DataFrame, out_dir: Path, preset: str) -> str:
         for name in names:
             shares = [100 * row["stage_ms"].get(name, 0.0) / sum(row["stage_ms"].values())
                       for _, row in at.iterrows()]
-            ax.barh(labels, shares, left=left, color=colors[name], label=name,
+            ax.barh(labels, shares, left=left, color=colors[name], label=name if ax is axes[0][0] else None,
                     hatch="//" if name == OUTSIDE_STAGES else None)
             left = [a + b for a, b in zip(left, shares)]
         for y, (_, row) in enumerate(at.iterrows()):
             ax.annotate(f"{fmt(sum(row['stage_ms'].values()))} ms", (100, y), xytext=(3, 0),
                         textcoords="offset points", va="center", fontsize=7)
+        for tick in ax.get_yticklabels():
+            tick.set_color(label_color[tick.get_text()])
         ax.invert_yaxis()
-        ax.set(xlim=(0, 118), xlabel="% of routing + forward (profiled)", title=f"{tokens} tokens")
+        ax.set(xlim=(0, 118), xlabel="% of routing + forward (profiled)", title=f"at {token_label(tokens)} tokens")
         ax.tick_params(axis="y", labelsize=8)
-    handles, legend_labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, legend_labels, loc="lower center", ncol=len(names), fontsize=8)
-    fig.suptitle(f"{df['case'].iloc[0]}: where the time goes ({df['device'].iloc[0]})")
-    return save(fig, out_dir / f"stages_{preset}.png", rect=(0, 0.07, 1, 1))  # the legend below
+    fig.legend(loc="outside lower center", ncol=min(len(names), 6), fontsize=8, frameon=False)
+    fig.suptitle(f"{case_title(df['case'].iloc[0])}: where the time goes, stage by stage ({df['device'].iloc[0]})")
+    return save(fig, out_dir / f"stages_{preset}.png")
 
 
-def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
+def ep_table(df: pd.DataFrame) -> pd.DataFrame:
     """The expert-parallel rows: one per (case, tokens per rank, world size), the time split into its phases, the
     bytes the all-to-alls moved, the bandwidths, and the weak-scaling efficiency against world size 1."""
     table_rows = []
@@ -369,7 +478,11 @@ def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
     header = ["case", "tokens / rank", "W", "experts", "ms", "dispatch", "expert compute", "combine",
               "MiB across ranks", "dispatch GB/s", "all-to-all busbw GB/s", "all-reduce busbw GB/s",
               "busiest rank / mean", "weak-scaling eff."]
-    table = pd.DataFrame(table_rows, columns=header).set_index("case")
+    return pd.DataFrame(table_rows, columns=header).set_index("case")
+
+
+def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
+    """The expert-parallel section: ep_table with what its columns mean, the rows' notes, and the phases' figure."""
     local = ", ".join(sorted(set(df["local_level"].dropna())))
     parts = [
         "## Expert parallelism (level ep)",
@@ -380,7 +493,7 @@ def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
         "dispatch time (sort and counts exchange included); the bus bandwidths are NCCL-tests' measure of a "
         "plain all-to-all and all-reduce of the dispatch's size on the same processes; weak-scaling efficiency "
         "is the world-size-1 time over this row's.",
-        markdown_table(table, "case"),
+        markdown_table(ep_table(df), "case"),
     ]
     notes = [f"- W={int(r['world_size'])}, {r['case']}, {int(r['tokens_per_rank'])} tokens per rank: {r['status']}: "
              f"{r['note']}" for _, r in df.iterrows() if r["note"]]
@@ -388,19 +501,21 @@ def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
         parts += ["Notes from the rows:", "\n".join(notes)]
     ok = df[df["status"] == "ok"]
     if len(ok):
-        fig, ax = plt.subplots(figsize=(9, 5))
+        fig, ax = plt.subplots(figsize=(9, 1.5 + 0.45 * len(ok)), layout="constrained")
         ok = ok.sort_values(["case", "tokens_per_rank", "world_size"])
-        labels = [f"{c}\nT/rank={int(t)} W={int(w)}" for c, t, w in
+        labels = [f"{case_title(c)}, {token_label(int(t))} tokens/rank, W={int(w)}" for c, t, w in
                   zip(ok["case"], ok["tokens_per_rank"], ok["world_size"])]
         left = [0.0] * len(ok)
-        for column, name in (("dispatch_ms", "dispatch"), ("compute_ms", "expert compute"),
-                             ("combine_ms", "combine")):
-            ax.barh(labels, ok[column], left=left, label=name)
+        for (column, name), color in zip((("dispatch_ms", "dispatch"), ("compute_ms", "expert compute"),
+                                          ("combine_ms", "combine")), plt.get_cmap("Set2").colors):
+            ax.barh(labels, ok[column], left=left, label=name, color=color)
             left = [a + b for a, b in zip(left, ok[column])]
         ax.invert_yaxis()
-        ax.set(xlabel="ms per forward (slowest rank)", title=f"Expert parallelism ({df['device'].iloc[0]})")
-        ax.tick_params(axis="y", labelsize=7)
-        ax.legend(fontsize=8)
+        ax.set(xlabel="ms per forward (slowest rank)")
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+        legend_right(ax)
+        fig.suptitle(f"Expert parallelism: each forward's phases ({df['device'].iloc[0]})")
         name = save(fig, out_dir / "expert_parallel.png")
         parts.append(f"![{name}]({name})")
     return "\n\n".join(parts)
@@ -414,17 +529,21 @@ def plot_imbalance(df: pd.DataFrame, out_dir: Path, preset: str) -> str | None:
         return None
     tokens = ok["tokens"].max()
     at = ok[ok["tokens"] == tokens]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = level_colors(at)
+    fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
     for label in dict.fromkeys(at["label"]):
         part = at[at["label"] == label].sort_values("load_max_over_mean")
-        ax.plot(part["load_max_over_mean"], part["ms"], marker="o", label=label,
-                linestyle="--" if label.startswith("peer") else "-")
-    shapes = at.drop_duplicates("traffic")
+        ax.plot(part["load_max_over_mean"], part["ms"], marker="o", markersize=4, label=label, color=colors[label],
+                linestyle=line_style(label))
+    shapes = at.drop_duplicates("traffic").sort_values("load_max_over_mean")
     ax.set_xticks(list(shapes["load_max_over_mean"]),
-                  [f"{t}\n{v:.2f}" for t, v in zip(shapes["traffic"], shapes["load_max_over_mean"])], fontsize=8)
-    ax.set(yscale="log", xlabel="busiest expert's load / mean load", ylabel="ms per forward",
-           title=f"{preset}: time against imbalance at {tokens} tokens ({df['device'].iloc[0]})")
-    ax.legend(fontsize=8)
+                  [f"{case_title(t)}\n{v:.2f}" for t, v in zip(shapes["traffic"], shapes["load_max_over_mean"])],
+                  fontsize=8, rotation=30, ha="right")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set(yscale="log", xlabel="busiest expert's load / mean load (traffic shape)", ylabel="ms per forward (log)")
+    ax.grid(True, alpha=0.3)
+    legend_right(ax)
+    fig.suptitle(f"{preset}: time against load imbalance at {token_label(tokens)} tokens ({df['device'].iloc[0]})")
     return save(fig, out_dir / f"imbalance_{slug(preset)}.png")
 
 
@@ -434,6 +553,7 @@ def plot_across_presets(df: pd.DataFrame, out_dir: Path) -> str | None:
     ok = df[(df["status"] == "ok") & df["pct_roofline"].notna()]
     if not len(ok):
         return None
+    colors = level_colors(ok)
     presets, best, best_labels, peer = [], [], [], []
     for preset in dict.fromkeys(df["preset"]):
         part = ok[ok["preset"] == preset]
@@ -444,26 +564,31 @@ def plot_across_presets(df: pd.DataFrame, out_dir: Path) -> str | None:
         levels = at[at["level"].astype(str).str.isdigit()]
         peers = at[~at["level"].astype(str).str.isdigit()]
         top = levels.loc[levels["pct_roofline"].idxmax()] if len(levels) else None
-        presets.append(f"{preset}\nT={tokens}")
+        presets.append(f"{preset}\nat {token_label(tokens)} tokens")
         best.append(top["pct_roofline"] if top is not None else float("nan"))
         best_labels.append(top["label"] if top is not None else "")
         peer.append(peers["pct_roofline"].iloc[0] if len(peers) else float("nan"))
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
     x = range(len(presets))
-    bars = ax.bar([i - 0.2 for i in x], best, 0.4, label="best level")
-    ax.bar([i + 0.2 for i in x], peer, 0.4, label="peer: torch_grouped_mm", hatch="//")
+    bars = ax.bar([i - 0.2 for i in x], best, 0.4, color=[colors.get(lbl, PEER_COLOR) for lbl in best_labels])
+    ax.bar([i + 0.2 for i in x], peer, 0.4, color=PEER_COLOR, hatch="//", edgecolor="white",
+           label="peer: torch_grouped_mm")
     for bar, label in zip(bars, best_labels):
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=7)
+    for label in dict.fromkeys(best_labels):
+        if label:
+            ax.bar([0], [float("nan")], color=colors[label], label=f"best: {label}")  # a legend entry, no bar
     ax.set_xticks(list(x), presets, fontsize=8)
-    ax.set(ylabel="% of roofline", title=f"Best level vs the peer, per preset ({df['device'].iloc[0]})")
-    ax.legend(fontsize=8)
+    ax.set(ylabel="% of the measured roofline")
+    ax.grid(True, axis="y", alpha=0.3)
+    legend_right(ax)
+    fig.suptitle(f"Every preset: the best level's % of the roofline against the peer's ({df['device'].iloc[0]})")
     return save(fig, out_dir / "across_presets.png")
 
 
-def save(fig, path: Path, rect: tuple = (0, 0, 1, 1)) -> str:
-    fig.tight_layout(rect=rect)  # rect: the part of the figure the axes may fill
-    fig.savefig(path, dpi=110)
+def save(fig, path: Path) -> str:
+    fig.savefig(path, dpi=110)  # the figures lay themselves out (layout="constrained"), legends included
     plt.close(fig)
     return path.name
 
@@ -495,6 +620,8 @@ def write_report(run_dir: Path) -> Path:
             sections.append(ep_section(ep_rows.reset_index(drop=True), run_dir))
     summary = run_dir / "summary.md"
     summary.write_text("\n\n".join(s for s in sections if s) + "\n")
+    from cli import report_html  # it builds on this module, so it is imported here, not at the top
+    report_html.write_html(run_dir)
     return summary
 
 

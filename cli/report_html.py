@@ -1,0 +1,305 @@
+"""report.html: a run folder's report as one page a room can read.
+
+The same rows and tables as summary.md (report.frame, report.pivot, report.status_or, report.fmt), rendered with
+DataFrame.to_html; the PNGs write_report has just drawn, inlined as base64; the CSS inline and no script, so the
+page opens from a file, offline, in any browser. Each level's name links to its lesson file, with the lesson's
+first line as the link's title.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import html
+import os
+from pathlib import Path
+from urllib.parse import quote
+
+import pandas as pd
+
+from cli import report
+
+REPO = Path(__file__).resolve().parent.parent
+LESSONS = REPO / "labs" / "moe_optimization_journey"
+COUNT_FIELDS = ("launches_claimed", "launches_measured", "syncs_claimed", "syncs_measured", "extra_mb_claimed")
+EXTRA_MB_SLACK = (1.0, 0.10)  # claimed and measured extra memory agree within 1 MiB or 10%: allocator rounding
+
+CSS = """
+body { margin: 0; color: #1d1d1f; background: #fff;
+       font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans", "DejaVu Sans", sans-serif; }
+.page { display: grid; grid-template-columns: 15rem minmax(0, 1fr); gap: 2.5rem; max-width: 92rem;
+        margin: 0 auto; padding: 0 1.5rem; }
+nav { position: sticky; top: 0; align-self: start; max-height: 100vh; overflow-y: auto; padding: 1.5rem 0;
+      font-size: 0.9rem; }
+nav ol { padding-left: 1.2rem; margin: 0.3rem 0; }
+nav a { color: #1d1d1f; text-decoration: none; }
+nav a:hover { text-decoration: underline; }
+main { min-width: 0; padding: 1rem 0 5rem; }
+h1 { font-size: 1.7rem; margin: 0.5rem 0 1rem; }
+h2 { font-size: 1.4rem; margin: 3rem 0 0.5rem; padding-top: 1rem; border-top: 2px solid #ddd; }
+h3 { font-size: 1.05rem; margin: 1.8rem 0 0.3rem; }
+p.caption { margin: 0.2rem 0 0.5rem; color: #555; font-size: 0.9rem; max-width: 60rem; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 0.85rem; font-variant-numeric: tabular-nums; margin: 0.3rem 0 1rem; }
+th, td { padding: 0.25rem 0.7rem; text-align: right; white-space: nowrap; border-bottom: 1px solid #e6e6e6; }
+thead th { border-bottom: 2px solid #888; }
+tbody th { text-align: left; font-weight: 500; }
+tbody tr:hover { background: #f5f7fa; }
+th a { color: #0b5cad; text-decoration: none; }
+th a:hover { text-decoration: underline; }
+.status { color: #999; }
+.win { color: #0a7a2f; font-weight: 600; }
+tr:has(.mismatch) { background: #fdeaea; }
+.mismatch { color: #b00020; font-weight: 700; }
+figure { margin: 0.8rem 0 1.5rem; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.85rem; }
+ul.env { padding-left: 1.2rem; }
+code { font-size: 0.85em; background: #f3f3f3; padding: 0.05rem 0.3rem; border-radius: 3px; }
+"""
+
+
+def write_html(run_dir: Path) -> Path:
+    """report.html beside summary.md, from the same rows; the figures are those write_report drew."""
+    run_dir = Path(run_dir)
+    rows, env = report.load_rows(run_dir), report.load_environment(run_dir)
+    contents, body = [], [environment(env)]
+    if not rows:
+        body.append("<p>No rows were recorded.</p>")
+    else:
+        ep_rows, df = report.split_ep(report.frame(rows))
+        links = level_links(df, run_dir)
+        on_gpu = (df["device_type"] != "cpu").any() if "device_type" in df else True
+        for case in dict.fromkeys(df["case"]):
+            anchor = report.slug(case)
+            contents.append((anchor, report.case_title(case)))
+            part = df[df["case"] == case].reset_index(drop=True)
+            body.append(case_section(part, run_dir, anchor, links, on_gpu))
+        for preset in dict.fromkeys(df["preset"]):
+            name = f"imbalance_{report.slug(preset)}.png"
+            if (run_dir / name).exists():
+                anchor = f"imbalance-{report.slug(preset)}"
+                contents.append((anchor, f"{preset}: time against imbalance"))
+                body.append(f'<h2 id="{anchor}">{esc(preset)}: time against load imbalance</h2>'
+                            + figure(run_dir, name, "each level's time as the traffic shape skews the load"))
+        if (run_dir / "across_presets.png").exists() and df["preset"].nunique() > 1:
+            contents.append(("across-presets", "Across presets"))
+            body.append('<h2 id="across-presets">Across presets</h2>'
+                        + figure(run_dir, "across_presets.png", "the best level against the peer, per preset"))
+        if len(ep_rows):
+            contents.append(("expert-parallel", "Expert parallelism"))
+            body.append(ep_html(ep_rows.reset_index(drop=True), run_dir))
+    nav = "".join(f'<li><a href="#{a}">{esc(t)}</a></li>' for a, t in contents)
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>moe_journey run {esc(run_dir.name)}</title><style>{CSS}</style></head>\n<body>"
+            f'<div class="page"><nav><strong>Contents</strong><ol><li><a href="#environment">Environment</a></li>'
+            f'{nav}</ol></nav>\n<main><h1>moe_journey run <code>{esc(run_dir.name)}</code></h1>\n'
+            + "\n".join(body) + "</main></div></body></html>\n")
+    path = run_dir / "report.html"
+    partial = path.with_suffix(".html.partial")
+    partial.write_text(page)
+    partial.replace(path)  # a reader never finds half a page
+    return path
+
+
+def esc(text) -> str:
+    return html.escape(str(text))
+
+
+def environment(env: dict) -> str:
+    if not env:
+        return '<h2 id="environment">Environment</h2><p>No environment.json in this folder.</p>'
+    ceilings = env.get("ceilings") or {}
+    items = [
+        f"device: <strong>{esc(env.get('device', '?'))}</strong>, driver {esc(env.get('driver') or '-')}, "
+        f"CUDA {esc(env.get('cuda') or '-')}",
+        f"torch {esc(env.get('torch'))}, triton {esc(env.get('triton') or '-')}, python {esc(env.get('python'))}",
+        f"started {esc(env.get('started_utc'))} (UTC), host {esc(env.get('host'))}",
+        f"command: <code>{esc(env.get('command'))}</code>",
+        f"measured ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, device copy "
+        f"{ceilings['copy_gbps']:.0f} GB/s (read + write)" if ceilings else
+        "no ceilings measured (CPU run): no % of roofline, and no GPU memory",
+    ]
+    return '<h2 id="environment">Environment</h2><ul class="env">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
+def level_links(df: pd.DataFrame, run_dir: Path) -> dict:
+    """label -> the label linked to its lesson file (relative to the run folder), the lesson's first line as
+    its title; a label with no lesson file stays plain text."""
+    links = {}
+    for label, level, name in zip(df["label"], df["level"], df["level_name"]):
+        path = next((LESSONS / f for f in (f"level{level}_{name}.py", f"level_{level}_{name}.py",
+                                           f"{level}_{name}.py") if (LESSONS / f).exists()), None)
+        if path is None:
+            links[label] = esc(label)
+            continue
+        lesson = ast.get_docstring(ast.parse(path.read_text())) or ""
+        href = quote(Path(os.path.relpath(path, run_dir.resolve())).as_posix())
+        links[label] = f'<a href="{href}" title="{esc(lesson.splitlines()[0] if lesson else path.name)}">' \
+                       f"{esc(label)}</a>"
+    return links
+
+
+def cell(text: str) -> str:
+    """A table cell's HTML: a status (OOM, skipped, ...) greyed, anything else escaped."""
+    return f'<span class="status">{esc(text)}</span>' if text in report.STATUS_CELL.values() else esc(text)
+
+
+def table_html(table: pd.DataFrame, links: dict, corner: str = "level \\ tokens") -> str:
+    """A pivot (levels down, token counts across) as HTML: level names linked, token counts short. Its cells are
+    the renderers' HTML (numbers, statuses, a span), never text from outside."""
+    shown = table.map(lambda v: cell(v) if v in report.STATUS_CELL.values() else v)
+    shown.index = [links.get(label, esc(label)) for label in table.index]
+    shown.columns = [report.token_label(int(t)) for t in table.columns]
+    return '<div class="scroll">' + shown.rename_axis(columns=corner).to_html(escape=False, border=0) + "</div>"
+
+
+def figure(run_dir: Path, name: str, caption: str) -> str:
+    path = run_dir / name
+    if not path.exists():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{esc(caption)}">'
+            f"<figcaption>{esc(caption)} ({esc(name)})</figcaption></figure>")
+
+
+def section(title: str, caption: str, *blocks: str) -> str:
+    return f"<h3>{esc(title)}</h3><p class=\"caption\">{caption}</p>" + "".join(blocks)
+
+
+def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_gpu: bool) -> str:
+    first = df.iloc[0]
+    ms = {(r["label"], r["tokens"]): r["ms"] for _, r in df[df["status"] == "ok"].iterrows()}
+    peer = next((lbl for lbl in df["label"] if lbl.startswith("peer")), None)
+    tokens = sorted(df["tokens"].unique())
+    baselines = {t: report.speedup_baseline(df, t) for t in tokens}
+
+    def times(reference_of):
+        """A renderer: the reference's ms over the row's, 'faster than the reference' in green."""
+        def render(row):
+            reference = ms.get((reference_of(row), row["tokens"]))
+            if not reference:
+                return "-"
+            ratio = reference / row["ms"]
+            return f'<span class="win">{ratio:.2f}×</span>' if ratio > 1.005 else f"{ratio:.2f}×"
+        return report.status_or(render)
+
+    def previous_level(row):
+        level = str(row["level"])
+        return next((lbl for lbl, lvl in zip(df["label"], df["level"])
+                     if level.isdigit() and str(lvl) == str(int(level) - 1)), None)
+
+    others = {t: b for t, b in baselines.items() if b and not b.startswith("0 ")}
+    over_zero = any(b and b.startswith("0 ") for b in baselines.values())
+    over = "level 0" + (" (where level 0 was not timed, over the slowest level timed: "
+                        + ", ".join(f"at {report.token_label(int(t))} tokens {esc(b)}" for t, b in others.items())
+                        + ")" if others else "")
+    parts = [
+        f'<h2 id="{anchor}">{esc(report.case_title(first["case"]))} '
+        f'<small>({esc(report.shape_of(first))})</small></h2>',
+        section("Time per forward, ms", "The median of the timed repeats. <em>OOM</em>: ran out of GPU memory; "
+                "<em>skipped</em>: not run at this size or on this device (the notes below say why).",
+                table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["ms"]))), links),
+                figure(run_dir, f"time_{anchor}.png", "time per forward, per level")),
+    ]
+    if peer:
+        parts.append(section(
+            "× peer", f"The peer's ms over the level's at each token count ({esc(peer)}): above 1× "
+            "(green), the level is faster than the peer.", table_html(report.pivot(df, times(lambda r: peer)), links)))
+    if any(baselines.values()):
+        parts.append(section(
+            "Speedup over level 0" if over_zero else "Speedup over the slowest level",
+            f"ms of {over if over_zero else 'the slowest level timed at each token count'} over the level's ms.",
+            table_html(report.pivot(df, times(lambda r: baselines[r["tokens"]])), links),
+            figure(run_dir, f"speedup_{anchor}.png", "speedup per level")))
+    parts += [
+        section("Speedup over the previous level", "What each level's one change bought at each size.",
+                table_html(report.pivot(df, times(previous_level)), links)),
+        section("TFLOP/s", "Useful FLOPs (2·T·K·3·H·I) over the measured time.",
+                table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["tflops"]))), links)),
+    ]
+    if on_gpu:
+        parts += [
+            section("% of the roofline", "The larger of FLOPs over the measured matmul rate and minimum bytes over "
+                    "the measured copy bandwidth, over the measured time.",
+                    table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["pct_roofline"]))), links),
+                    figure(run_dir, f"roofline_{anchor}.png", "% of the measured roofline, per level")),
+            section("Peak GPU memory, MiB", "During one forward, weights and inputs included.",
+                    table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["peak_mb"]))), links)),
+        ]
+    counts = counts_html(df, links)
+    if counts:
+        parts.append(counts)
+    if (run_dir / f"load_{anchor}.png").exists():
+        parts.append(section("Load over the experts", "The same routing for every level at a given T.",
+                             figure(run_dir, f"load_{anchor}.png", "(token, slot) pairs per expert")))
+    if (run_dir / f"stages_{anchor}.png").exists():
+        parts.append(section("Where the time goes", "From <code>--profile</code>: each stage's share of the "
+                             "profiled forward, at the smallest and the largest profiled token count.",
+                             figure(run_dir, f"stages_{anchor}.png", "stages per level")))
+    notes = [f"<li>{links.get(r['label'], esc(r['label']))}, {r['tokens']} tokens: {esc(r['status'])}: "
+             f"{esc(r['note'])}</li>" for _, r in df.iterrows() if r["note"]]
+    if notes:
+        parts.append("<h3>Notes from the rows</h3><ul>" + "".join(notes) + "</ul>")
+    return "\n".join(parts)
+
+
+def counts_agree(claimed, measured, slack: tuple[float, float] = (0.0, 0.0)) -> bool:
+    """Whether a claim holds: equal counts, or memory within the slack; a side not recorded contradicts nothing."""
+    if claimed is None or measured is None or pd.isna(claimed) or pd.isna(measured):
+        return True
+    absolute, relative = slack
+    return abs(float(measured) - float(claimed)) <= max(absolute, relative * abs(float(claimed)))
+
+
+def counts_html(df: pd.DataFrame, links: dict) -> str:
+    """The lesson's claimed launches, syncs and extra memory against the measured ones, a row per (level, T);
+    a row the measurement contradicts is red. Empty when no row carries counts."""
+    present = [f for f in COUNT_FIELDS if f in df]
+    if not present or df[present].isna().all().all():
+        return ""
+    rows = df[(df["status"] == "ok") & df[present].notna().any(axis=1)]
+
+    def value(row, field):
+        v = row.get(field)
+        return None if v is None or pd.isna(v) else v
+
+    def pair(row, claimed, measured, slack=(0.0, 0.0)):
+        """The claimed and the measured cell; the measured one flagged where it contradicts the claim."""
+        c, m = value(row, claimed), value(row, measured)
+        shown = [report.fmt(c) if c is not None else "-", report.fmt(m) if m is not None else "-"]
+        agree = counts_agree(c, m, slack)
+        return [shown[0], shown[1] if agree else f'<span class="mismatch">{shown[1]}</span>']
+
+    table_rows = []
+    for _, row in rows.iterrows():
+        busy, host_bound = value(row, "gpu_busy_pct"), value(row, "host_bound")
+        table_rows.append([links.get(row["label"], esc(row["label"])), report.token_label(int(row["tokens"])),
+                           *pair(row, "launches_claimed", "launches_measured"),
+                           *pair(row, "syncs_claimed", "syncs_measured"),
+                           *pair(row, "extra_mb_claimed", "extra_mb", EXTRA_MB_SLACK),
+                           report.fmt(busy) if busy is not None else "-",
+                           "-" if host_bound is None else ("yes" if host_bound else "no")])
+    columns = ["level", "tokens", "launches claimed", "launches measured", "syncs claimed", "syncs measured",
+               "extra MiB claimed", "extra MiB measured", "GPU busy %", "host-bound"]
+    table = pd.DataFrame(table_rows, columns=columns).set_index(["level", "tokens"])
+    return section(
+        "Claimed against measured", "Per forward, what the lesson's docstring claims and what the harness "
+        f"measured: kernel launches, host syncs, and extra device memory beyond inputs, weights and output (agreeing "
+        f"within {EXTRA_MB_SLACK[0]:g} MiB or {EXTRA_MB_SLACK[1]:.0%}). A red row is a claim the measurement "
+        "contradicts. <em>host-bound</em>: the GPU was idle most of the forward, so the time depends on the host CPU.",
+        '<div class="scroll">' + table.to_html(escape=False, border=0) + "</div>")
+
+
+def ep_html(df: pd.DataFrame, run_dir: Path) -> str:
+    table = report.ep_table(df).map(cell)
+    notes = [f"<li>W={int(r['world_size'])}, {esc(r['case'])}, {int(r['tokens_per_rank'])} tokens per rank: "
+             f"{esc(r['status'])}: {esc(r['note'])}</li>" for _, r in df.iterrows() if r["note"]]
+    return ('<h2 id="expert-parallel">Expert parallelism (level ep)</h2>'
+            '<p class="caption">Weak scaling: at world size W each rank holds the preset\'s E experts and its own T '
+            "tokens. ms is the slowest rank's median forward, split into dispatch, expert compute and combine; "
+            "weak-scaling efficiency is the world-size-1 time over the row's. summary.md spells out every column.</p>"
+            '<div class="scroll">' + table.to_html(escape=False, border=0) + "</div>"
+            + figure(run_dir, "expert_parallel.png", "each forward's phases, per case and world size")
+            + ("<h3>Notes from the rows</h3><ul>" + "".join(notes) + "</ul>" if notes else ""))

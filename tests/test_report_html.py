@@ -1,0 +1,106 @@
+"""report.html from synthetic rows: its sections follow the rows, and it renders in headless Chromium."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+
+from cli import report, report_html
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+def row(level, name, tokens, device_type="cuda", status="ok", **fields):
+    ok = status == "ok"
+    ms = (10.0 if level == 0 else 1.0 if level == "peer" else 2.0) * (1 + tokens / 64)
+    return {"target": "moe_journey", "level": level, "level_name": name, "preset": "tiny", "hidden": 64,
+            "intermediate": 128, "experts": 4, "top_k": 2, "shared_experts": 0, "tokens": tokens,
+            "traffic": "uniform", "router": "softmax-topk", "device": "Test GPU" if device_type == "cuda" else "cpu",
+            "device_type": device_type, "dtype": "bf16", "ms": ms if ok else None, "tflops": 1.0 if ok else None,
+            "gbps": 50.0 if ok else None, "pct_roofline": (5.0 if device_type == "cuda" else None) if ok else None,
+            "peak_mb": 12.0 if ok else None, "extra_mb": 3.0 if ok else None, "status": status,
+            "note": "" if ok else f"{status} at {tokens} tokens", "tokens_per_expert": [tokens // 2] * 4,
+            "load_cv": 0.0, "load_gini": 0.0, "load_max_over_mean": 1.0, "dead_experts": 0, "dropped_tokens": 0,
+            "stage_ms": None, "profile_calls": None, **fields}
+
+
+def journey_rows(device_type="cuda", **fields):
+    """Levels 0 and 4 and the peer at 8 and 64 tokens; level 0 ran out of memory at 64."""
+    return [row(0, "naive", 8, device_type, **fields), row(0, "naive", 64, device_type, status="oom"),
+            *(row(lvl, name, t, device_type, **fields) for lvl, name in ((4, "grouped"), ("peer", "torch_grouped_mm"))
+              for t in (8, 64))]
+
+
+def write_run(path, rows, device_type="cuda"):
+    (path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ceilings = {"matmul_tflops": 700.0, "copy_gbps": 3000.0} if device_type == "cuda" else None
+    (path / "environment.json").write_text(json.dumps({"device": "Test GPU", "device_type": device_type,
+                                                       "ceilings": ceilings, "command": "aisp bench run"}))
+    report.write_report(path)
+    return (path / "report.html").read_text()
+
+
+COUNTS = dict(launches_claimed=4, launches_measured=4, syncs_claimed=1, syncs_measured=1, extra_mb_claimed=3.0,
+              gpu_busy_pct=80.0, host_bound=False)
+
+
+def test_counts_section_flags_the_contradicted_claims(tmp_path):
+    rows = journey_rows(**COUNTS)
+    rows[2]["syncs_measured"] = 2  # level 4 at 8 tokens: the lesson says one sync, the GPU saw two
+    rows[3]["extra_mb"] = 40.0  # level 4 at 64 tokens: far past the claimed 3 MiB
+    page = write_run(tmp_path, rows)
+    assert "Claimed against measured" in page
+    assert re.findall(r'class="mismatch">([^<]*)<', page) == ["2", "40.0"]
+    assert "tr:has(.mismatch)" in page  # the whole row turns red, not just the cell
+
+
+def test_no_counts_section_without_counts(tmp_path):
+    assert "Claimed against measured" not in write_run(tmp_path, journey_rows())
+
+
+def test_claims_agree_within_the_memory_slack():
+    agree, slack = report_html.counts_agree, report_html.EXTRA_MB_SLACK
+    assert agree(2, 2) and not agree(1, 2) and agree(None, 3) and agree(3, float("nan"))
+    assert agree(100.0, 105.0, slack) and not agree(100.0, 130.0, slack)
+
+
+def test_lessons_are_linked_from_the_run_folder():
+    links = report_html.level_links(report.frame(journey_rows()), report_html.REPO / "results/moe_journey/a-run")
+    assert links["4 grouped"].startswith('<a href="../../../labs/moe_optimization_journey/level4_grouped.py" '
+                                         'title="Level 4: grouped.')
+    assert "peer_torch_grouped_mm.py" in links["peer: torch_grouped_mm"]
+
+
+def rendered(path):
+    """The page's DOM after headless Chromium loaded it from the file."""
+    result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                             path.as_uri()], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install chromium)")
+@pytest.mark.parametrize("device_type, tables, images", [
+    # time, × peer, speedup, previous level, TF/s, % roofline, GPU memory, counts | time, speedup, roofline, load
+    ("cuda", 8, 4),
+    # the CPU has no roofline and no GPU memory: neither table, nor the roofline figure
+    ("cpu", 6, 3),
+])
+def test_page_renders_in_chromium_with_every_table_and_image(tmp_path, device_type, tables, images):
+    write_run(tmp_path, journey_rows(device_type, **COUNTS), device_type)
+    dom = rendered(tmp_path / "report.html")
+    assert dom.count("<table") == tables
+    sources = re.findall(r'<img src="data:image/png;base64,([^"]+)"', dom)
+    assert len(sources) == images == dom.count("<img")
+    for data in sources:
+        png = base64.b64decode(data)
+        assert png[:8] == PNG_MAGIC
+        Image.open(io.BytesIO(png)).verify()
+    assert 'href="#tiny"' in dom and 'id="tiny"' in dom  # the contents reach the case
+    assert "<script" not in dom and not re.search(r'(src|href)="(https?:)?//', dom)  # nothing from the network
