@@ -172,7 +172,7 @@ def print_claims(cls: type, config, num_tokens: int) -> None:
     claims = getattr(cls, "claims", None)
     if claims is None:
         return
-    from cli.report import fmt
+    from cli.report import fmt_span
 
     values = claims.evaluate(config, num_tokens)
     console.print(f"Claimed per forward: {config.name}, T={num_tokens}", highlight=False)
@@ -180,9 +180,9 @@ def print_claims(cls: type, config, num_tokens: int) -> None:
     table.add_column()
     table.add_column()
     table.add_column(justify="right")
-    table.add_row("  launches", Text(claims.launches), str(values["launches"]))
-    table.add_row("  host syncs", Text(claims.syncs), str(values["syncs"]))
-    table.add_row("  extra memory", Text(claims.extra_bytes), f"{fmt(values['extra_mb'])} MiB")
+    table.add_row("  launches", Text(claims.launches), fmt_span(values["launches"]))
+    table.add_row("  host syncs", Text(claims.syncs), fmt_span(values["syncs"]))
+    table.add_row("  extra memory", Text(claims.extra_bytes), f"{fmt_span(values['extra_mb'])} MiB")
     console.print(table, "")
 
 

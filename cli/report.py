@@ -95,6 +95,13 @@ def fmt(value: float | None) -> str:
     return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
 
 
+def fmt_span(value) -> str:
+    """A claimed count or amount: one number, or a (low, high) range."""
+    low, high = value if isinstance(value, (list, tuple)) else (value, value)
+    text = lambda n: str(n) if isinstance(n, int) else fmt(n)  # noqa: E731  (counts are whole numbers)
+    return text(low) if text(low) == text(high) else f"{text(low)}–{text(high)}"
+
+
 def pivot(df: pd.DataFrame, render) -> pd.DataFrame:
     """Levels down, token counts across; each cell rendered from its row."""
     labels = list(dict.fromkeys(df["label"]))
