@@ -1,8 +1,16 @@
 """The MoE feed-forward layer every level of the journey computes, and its fp32 reference.
 
-Shape legend, used in every file of the lab:
+Shape legend, used in every file of the lab (a tensor's name ends in its shape: tokens_TH is [T, H]):
     T  tokens            H  hidden size         I  intermediate size (per expert)
     E  routed experts    K  experts per token (top-k)
+    S  shared experts (every token goes through each)
+    N  (token, slot) pairs, T·K: the rows a permutation sorts by expert
+    P  padded rows: N plus each expert's run rounded up to whole GEMM tiles (levels 7 and 8)
+    C  capacity: rows per expert in a fixed-size buffer (level 5: C = T)
+    W  world size: the processes of the expert-parallel level
+    R  rows an expert-parallel rank receives for its local experts
+In the GEMM kernels, a program computes a BLOCK_M × BLOCK_N tile of the output (`cols` wide), stepping BLOCK_D at a
+time along the reduction (`depth`: H for gate/up, I for down).
 
 One layer: a router scores every token against every expert, each token goes to its K best experts, each expert
 is a SwiGLU MLP, and the K expert outputs are summed with the router's weights:

@@ -195,11 +195,11 @@ def _gemm_configs(interpret: bool, two_accumulators: bool) -> list:
     decode (a few rows per expert, bound by reading weights) still spreads each expert over many programs. The
     gate/up kernel keeps two accumulators, so its tiles are half as wide to stay within the registers."""
     if interpret:  # one config: the interpreter only checks the indexing, and pays per program and per step
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_D": 64, "GROUP_M": 2}, num_warps=4, num_stages=1)]
     wide = 128 if two_accumulators else 256
     shapes = [(wide, 64, 8, 3), (wide, 64, 8, 4), (wide // 2, 64, 8, 4), (wide // 2, 128, 8, 3),
               (wide // 2, 64, 4, 5), (64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    return [triton.Config({"BLOCK_N": n, "BLOCK_D": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for n, k, w, s in dict.fromkeys(shapes)]
 
 
@@ -213,12 +213,12 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tile_position(max_padded, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def _tile_position(max_padded, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Program id → (row block, column block), walking GROUP_M row blocks per column sweep so that the weight
     tiles a group of programs reads stay in L2 (the Triton matmul tutorial's grouped ordering)."""
     pid = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(max_padded, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_n = tl.cdiv(cols, BLOCK_N)
     programs_per_group = GROUP_M * num_pid_n
     first_m = (pid // programs_per_group) * GROUP_M
     group_size = min(num_pid_m - first_m, GROUP_M)
@@ -228,7 +228,7 @@ def _tile_position(max_padded, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
-def _tile_rows(sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, N,
+def _tile_rows(sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """What a tile of the aligned rows holds: its expert, row offsets, pair ids (num_pairs on padding rows) and
     which rows and columns are real."""
@@ -236,52 +236,52 @@ def _tile_rows(sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pair
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair_ids = tl.load(sorted_pair_ids_ptr + offs_m)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return expert, offs_m, pair_ids, pair_ids < num_pairs, offs_n, offs_n < N
+    return expert, offs_m, pair_ids, pair_ids < num_pairs, offs_n, offs_n < cols
 
 
-# When the tiles divide K and N exactly (every real preset), the bounds masks drop out of the inner loop.
-_EVEN_TILES = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
-               "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0}
+# When the tiles divide depth and cols exactly (every real preset), the bounds masks drop out of the inner loop.
+_EVEN_TILES = {"EVEN_DEPTH": lambda args: args["depth"] % args["BLOCK_D"] == 0,
+               "EVEN_COLS": lambda args: args["cols"] % args["BLOCK_N"] == 0}
 
 
 @triton.autotune(configs=_gemm_configs(interpreting(), two_accumulators=True),
-                 key=["N", "K", "BLOCK_M", "pairs_bucket"])
+                 key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
 @triton.heuristics(_EVEN_TILES)
 @triton.jit
 def _moe_gate_up_kernel(
     x_ptr, w13_ptr, hidden_ptr,  # x [T, H], w13 [E, H, 2I] (gate | up), hidden [P_max, I]
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
-    N, K, num_pairs, max_padded, top_k, pairs_bucket,  # N = I, K = H
-    stride_xt, stride_we, stride_wk, stride_wn, stride_hp,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    cols, depth, num_pairs, max_padded, top_k, pairs_bucket,  # cols = I, depth = H (the reduction)
+    stride_xt, stride_we, stride_wd, stride_wc, stride_hp,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_DEPTH: tl.constexpr, EVEN_COLS: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_position(max_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_position(max_padded, cols, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return  # past the padded length: this T's routing needed fewer blocks than the worst case
     expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
-        sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, N, BLOCK_M, BLOCK_N)
+        sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
     token_rows = (pair_ids // top_k).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
 
-    x_ptrs = x_ptr + token_rows[:, None] * stride_xt + offs_k[None, :]  # gathered rows: the permutation
-    gate_ptrs = w13_ptr + expert * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    up_ptrs = gate_ptrs + N * stride_wn
+    x_ptrs = x_ptr + token_rows[:, None] * stride_xt + offs_d[None, :]  # gathered rows: the permutation
+    gate_ptrs = w13_ptr + expert * stride_we + offs_d[:, None] * stride_wd + offs_n[None, :] * stride_wc
+    up_ptrs = gate_ptrs + cols * stride_wc
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        k_valid = (offs_k < K - k_start) | EVEN_K
-        x = tl.load(x_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-        if EVEN_K and EVEN_N:
+    for d_start in range(0, depth, BLOCK_D):
+        d_valid = (offs_d < depth - d_start) | EVEN_DEPTH
+        x = tl.load(x_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        if EVEN_DEPTH and EVEN_COLS:
             gate, up = tl.load(gate_ptrs), tl.load(up_ptrs)
         else:
-            w_mask = k_valid[:, None] & col_valid[None, :]
+            w_mask = d_valid[:, None] & col_valid[None, :]
             gate, up = tl.load(gate_ptrs, mask=w_mask, other=0.0), tl.load(up_ptrs, mask=w_mask, other=0.0)
         acc_gate = _dot(x, gate, acc_gate, UPCAST)
         acc_up = _dot(x, up, acc_up, UPCAST)
-        x_ptrs += BLOCK_K
-        gate_ptrs += BLOCK_K * stride_wk
-        up_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_D
+        gate_ptrs += BLOCK_D * stride_wd
+        up_ptrs += BLOCK_D * stride_wd
 
     hidden = acc_gate * tl.sigmoid(acc_gate) * acc_up  # SiLU·up on the fp32 accumulators
     hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_n[None, :]
@@ -289,37 +289,37 @@ def _moe_gate_up_kernel(
 
 
 @triton.autotune(configs=_gemm_configs(interpreting(), two_accumulators=False),
-                 key=["N", "K", "BLOCK_M", "pairs_bucket"])
+                 key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
 @triton.heuristics(_EVEN_TILES)
 @triton.jit
 def _moe_down_kernel(
-    hidden_ptr, w2_ptr, out_ptr, routing_weights_ptr,  # hidden [P_max, I], w2 [E, I, H], out [T·K, H]
+    hidden_ptr, w2_ptr, out_ptr, routing_weights_ptr,  # hidden [P_max, I], w2 [E, I, H], out [N, H]
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
-    N, K, num_pairs, max_padded, top_k, pairs_bucket,  # N = H, K = I
-    stride_hp, stride_we, stride_wk, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    cols, depth, num_pairs, max_padded, top_k, pairs_bucket,  # cols = H, depth = I (the reduction)
+    stride_hp, stride_we, stride_wd, stride_wc, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_DEPTH: tl.constexpr, EVEN_COLS: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_position(max_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_position(max_padded, cols, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
-        sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, N, BLOCK_M, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+        sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
 
-    hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_k[None, :]  # already sorted
-    w_ptrs = w2_ptr + expert * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_d[None, :]  # already sorted
+    w_ptrs = w2_ptr + expert * stride_we + offs_d[:, None] * stride_wd + offs_n[None, :] * stride_wc
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        k_valid = (offs_k < K - k_start) | EVEN_K
-        hidden = tl.load(hidden_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-        if EVEN_K and EVEN_N:
+    for d_start in range(0, depth, BLOCK_D):
+        d_valid = (offs_d < depth - d_start) | EVEN_DEPTH
+        hidden = tl.load(hidden_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        if EVEN_DEPTH and EVEN_COLS:
             w = tl.load(w_ptrs)
         else:
-            w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=d_valid[:, None] & col_valid[None, :], other=0.0)
         acc = _dot(hidden, w, acc, UPCAST)
-        hidden_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
+        hidden_ptrs += BLOCK_D
+        w_ptrs += BLOCK_D * stride_wd
 
     weight = tl.load(routing_weights_ptr + pair_ids, mask=row_valid, other=0.0).to(tl.float32)
     acc = acc * weight[:, None]
@@ -347,9 +347,9 @@ def moe_gate_up(tokens_TH: torch.Tensor, w13_EH2I: torch.Tensor, alignment: Toke
     grid = lambda meta: (triton.cdiv(max_padded, block_m) * triton.cdiv(I, meta["BLOCK_N"]),)  # noqa: E731
     _moe_gate_up_kernel[grid](
         tokens_TH, w13_EH2I, hidden_PI, alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded,
-        I, H, num_pairs, max_padded, top_k, triton.next_power_of_2(num_pairs),  # autotune per size class, not per T
+        I, H, num_pairs, max_padded, top_k, triton.next_power_of_2(num_pairs),  # cols = I, depth = H
         tokens_TH.stride(0), w13_EH2I.stride(0), w13_EH2I.stride(1), w13_EH2I.stride(2), hidden_PI.stride(0),
-        BLOCK_M=block_m, UPCAST=interpreting(),
+        BLOCK_M=block_m, UPCAST=interpreting(),  # pairs_bucket: autotuned per size class, not per T
     )
     return hidden_PI
 
@@ -364,16 +364,16 @@ def moe_down(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routing_weights_
     num_pairs = T * K
     max_padded = alignment.sorted_pair_ids.numel()
     block_m = alignment.block_m
-    y_PH = torch.empty((num_pairs, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
+    y_NH = torch.empty((num_pairs, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
     grid = lambda meta: (triton.cdiv(max_padded, block_m) * triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
     _moe_down_kernel[grid](
-        hidden_PI, w_down_EIH, y_PH, routing_weights_TK.contiguous().view(-1),
+        hidden_PI, w_down_EIH, y_NH, routing_weights_TK.contiguous().view(-1),
         alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded,
-        H, I, num_pairs, max_padded, K, triton.next_power_of_2(num_pairs),
-        hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1), w_down_EIH.stride(2), y_PH.stride(0),
+        H, I, num_pairs, max_padded, K, triton.next_power_of_2(num_pairs),  # cols = H, depth = I
+        hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1), w_down_EIH.stride(2), y_NH.stride(0),
         BLOCK_M=block_m, UPCAST=interpreting(),
     )
-    return y_PH.view(T, K, H)
+    return y_NH.view(T, K, H)
 
 
 def describe_tuned_configs() -> str:
@@ -382,6 +382,6 @@ def describe_tuned_configs() -> str:
     for label, kernel in (("gate_up", _moe_gate_up_kernel), ("down", _moe_down_kernel)):
         config = getattr(kernel, "best_config", None)
         if config is not None:
-            tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_N", "BLOCK_K"))
-            parts.append(f"{label} N×K tile {tile}, {config.num_warps} warps, {config.num_stages} stages")
+            tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_N", "BLOCK_D"))
+            parts.append(f"{label} tile {tile} (columns × depth), {config.num_warps} warps, {config.num_stages} stages")
     return "autotuned: " + "; ".join(parts) if parts else ""

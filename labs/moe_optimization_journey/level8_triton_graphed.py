@@ -7,16 +7,18 @@ The idea
     become sync-free; level 7's alignment pads each expert only to a multiple of the tile height.
 
 Why it should be faster than level 7
-    Level 7 still issues about 20 launches from Python per forward, a few microseconds of host time each. When a
-    forward's device work is shorter than that (decode: a handful of tokens, where the layer only has to read
-    the touched experts' weights), the GPU waits for the host between launches and the graph removes the wait.
+    Level 7 still issues its 8 kernels (12 with a shared expert) from Python per forward, each a few microseconds
+    of host time in torch's and Triton's launch paths, and the GPU is busy for under 10% of a one-token forward
+    (measured on an H100). When a forward's device work is that short (decode: a handful of tokens, where the
+    layer only has to read the touched experts' weights), the GPU waits for the host between launches, and one
+    graph launch removes the wait: the same kernels, and the GPU is busy 60-90% of the replay.
     At large T the device work dominates and the two levels should time the same.
 
 What it costs
     A graph per distinct T, captured on first use (outside the timing, its time in the row's note), holding its
-    own memory pool for the intermediates; the output is a static buffer that the next replay overwrites. On the
-    CPU there are no graphs: benchmarks skip this level there (it would time level 7 again), and the tests run its
-    eager path to check it.
+    own memory pool for the intermediates (it reserves whole segments: up to twice what level 7 allocates); the
+    output is a static buffer that the next replay overwrites. On the CPU there are no graphs: the level runs level
+    7's eager path, checked in Triton's interpreter like level 7 and not timed.
 
 Run: python labs/moe_optimization_journey/level8_triton_graphed.py [--preset journey] [--tokens 1] [--device cuda]
 """
