@@ -1,4 +1,6 @@
-# Two commands are all a user needs: `make bench` and `make test`. Each sets itself up first.
+# Two commands are all a user needs: `make bench` and `make test`. Each sets itself up first. Then, with the same
+# set-up: `make level N=4 ARGS="--preset small --tokens 256"` runs one level's script, `make report` rebuilds a run's
+# summary.md and plots and prints where they are.
 #
 # Set-up: if python3 already has everything a target needs (a GPU box with a CUDA build of torch, say), it is
 # used as it is; otherwise a .venv is made with the CPU build of torch (TORCH_SPEC) and the project installed in it.
@@ -6,7 +8,9 @@
 SYSTEM_PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
-LAB_MODULES := torch, triton, typer, rich, pandas, matplotlib
+LAB_MODULES := torch, triton, typer, rich, pandas, matplotlib, tabulate
+TEST_MODULES := $(LAB_MODULES), pytest
+# yes if SYSTEM_PYTHON imports every module of the comma-separated list $(1)
 has = $(shell $(SYSTEM_PYTHON) -c "import $(1)" >/dev/null 2>&1 && echo yes)
 
 ifeq ($(call has,$(LAB_MODULES)),yes)
@@ -17,7 +21,7 @@ BENCH_PY := $(VENV)/bin/python
 BENCH_SETUP := $(VENV)/.installed
 endif
 
-ifeq ($(call has,$(LAB_MODULES), pytest),yes)
+ifeq ($(call has,$(TEST_MODULES)),yes)
 TEST_PY := $(SYSTEM_PYTHON)
 TEST_SETUP :=
 else
@@ -25,7 +29,7 @@ TEST_PY := $(VENV)/bin/python
 TEST_SETUP := $(VENV)/.installed
 endif
 
-.PHONY: test bench report
+.PHONY: test bench report level
 
 $(VENV)/.installed: pyproject.toml
 	$(SYSTEM_PYTHON) -m venv $(VENV)
@@ -40,6 +44,12 @@ test: $(TEST_SETUP)
 bench: $(BENCH_SETUP)
 	$(BENCH_PY) -m cli.aisp bench run -t moe_journey $(ARGS)
 
-# Rebuild the tables and plots of a run folder from its rows (default: the newest run).
+# Rebuild the tables and plots of a run folder from its rows (default: the newest run); prints summary.md's path.
 report: $(BENCH_SETUP)
 	$(BENCH_PY) -m cli.aisp bench report $(RUN)
+
+# One level's script (N=0 … 8, or N=peer), its options in ARGS: make level N=4 ARGS="--preset small --tokens 256".
+LEVEL_SCRIPT = $(firstword $(wildcard labs/moe_optimization_journey/level$(N)_*.py labs/moe_optimization_journey/$(N)_*.py))
+level: $(BENCH_SETUP)
+	@test -n "$(LEVEL_SCRIPT)" || { echo "make level: no level N=$(N); use N=0 … 8 or N=peer" >&2; exit 2; }
+	$(BENCH_PY) $(LEVEL_SCRIPT) $(ARGS)

@@ -69,6 +69,10 @@ class MoEConfig:
         if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) \
                 or self.num_shared_experts < 0:
             raise ConfigError(f"num_shared_experts must be a whole number ≥ 0, got {self.num_shared_experts!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be a whole number, got {self.seed!r}")
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
         if self.top_k > self.num_experts:
             raise ConfigError(
                 f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts}): "

@@ -3,16 +3,16 @@
     aisp bench list
     aisp bench run -t moe_journey [--levels 0-6] [--tokens 2048,8192] [--preset journey] [--device auto]
     aisp bench report RUN_DIR
-    aisp bench compare RUN_DIR RUN_DIR
+    aisp bench compare RUN_DIR RUN_DIR [--markdown FILE]
     aisp bench publish RUN_DIR      (LATEST.md and the README's results block, from a GPU run)
     aisp lab show [N]               (a level's lesson, code diff, claims and GPU row; no N: every level)
 
-Bad input is one line on stderr and exit code 2, never a traceback.
+Bad input is one line on stderr and exit code 2, never a traceback; `aisp --debug ...` (or AISP_DEBUG=1)
+re-raises instead, with the full traceback (a level's own crash included).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -20,16 +20,29 @@ import shlex
 import socket
 import subprocess
 import sys
-import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from cli.lab import lab
+from cli.options import (
+    DEBUG_ENV,
+    DEFAULTS,
+    REPEATS,
+    UsageError,
+    check_timing,
+    configs_for,
+    debugging,
+    parse_counts,
+    parse_levels,
+    parse_traffics,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 console = Console()
@@ -40,19 +53,28 @@ app.add_typer(bench, name="bench")
 app.add_typer(lab, name="lab")
 
 TARGETS = {"moe_journey": "one MoE feed-forward layer, from naive Python loops to a fast GPU implementation"}
-# Per device: what a bare `aisp bench run -t moe_journey` measures, and how long it may time one row.
-GPU_DEFAULTS = {"preset": "journey", "tokens": "2048,8192,16384,32768", "time_budget_s": 3.0, "warmup": 3}
-CPU_DEFAULTS = {"preset": "small", "tokens": "16,64,512", "time_budget_s": 1.0, "warmup": 1}
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+stderr = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
-class UsageError(ValueError):
-    """Bad input from the user: printed as one line, exit code 2."""
+@app.callback()
+def global_options(debug: bool = typer.Option(False, "--debug", envvar=DEBUG_ENV,
+                                       help="re-raise errors with their full traceback, a level's crash included "
+                                            "(instead of an error row); or set AISP_DEBUG=1")) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # moe_benchmark reads it too
 
 
 def fail(message: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {message}", highlight=False)
+    stderr.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(2)
+
+
+def refuse(error: Exception) -> None:
+    """Bad input: one line and exit 2; under --debug, the exception itself."""
+    if debugging():
+        raise error
+    fail(str(error))
 
 
 def journey():
@@ -63,46 +85,8 @@ def journey():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Parsing the options
+# Parsing the options (what the level scripts parse too is in cli/options.py)
 # ---------------------------------------------------------------------------------------------------------------
-def parse_levels(spec: str | None, available: list[str], on_request: tuple[str, ...] = ("ep",)) -> list[str]:
-    """Level keys from `0-8`, `0,4,7,peer`, ...; the default (or `all`) is every single-GPU level and the peer.
-    Levels in `on_request` (ep: several processes) run only when named."""
-    if spec is None or spec == "all":
-        return list(available)
-    available = [*available, *on_request]
-    chosen = []
-    for part in spec.split(","):
-        part = part.strip()
-        if "-" in part and all(p.strip().isdigit() for p in part.split("-", 1)):
-            low, high = (int(p) for p in part.split("-", 1))
-            if low > high:
-                raise UsageError(f"level range {part!r} runs backwards")
-            chosen += [str(n) for n in range(low, high + 1)]
-        else:
-            chosen.append(part)
-    unknown = [level for level in chosen if level not in available]
-    if unknown:
-        raise UsageError(f"unknown level {unknown[0]!r}; available: {', '.join(available)}")
-    return list(dict.fromkeys(chosen))
-
-
-def parse_counts(spec: str, option: str) -> list[int]:
-    """Positive whole numbers separated by commas (--tokens, --world-size), duplicates dropped."""
-    try:
-        counts = [int(part) for part in spec.split(",")]
-    except ValueError:
-        raise UsageError(f"{option} takes whole numbers separated by commas, got {spec!r}") from None
-    if any(count <= 0 for count in counts):
-        raise UsageError(f"{option} values must be positive, got {spec!r}")
-    return list(dict.fromkeys(counts))
-
-
-SHAPE_KEYS = {"hidden": "hidden", "intermediate": "intermediate", "experts": "num_experts",
-              "num_experts": "num_experts", "top_k": "top_k", "dtype": "dtype", "seed": "seed", "name": "name",
-              "shared_experts": "num_shared_experts"}
-
-
 def parse_world_sizes(spec: str, device) -> list[int]:
     import torch
 
@@ -111,46 +95,6 @@ def parse_world_sizes(spec: str, device) -> list[int]:
         raise UsageError(f"world size {max(sizes)} needs {max(sizes)} GPUs (one process per GPU); this machine has "
                          f"{torch.cuda.device_count()}")
     return sizes
-
-
-def config_from_mapping(values: dict, source: str):
-    from moe_model import MoEConfig
-
-    fields = {}
-    for key, value in values.items():
-        if key not in SHAPE_KEYS:
-            raise UsageError(f"{source}: unknown key {key!r}; use {', '.join(sorted(set(SHAPE_KEYS)))}")
-        fields[SHAPE_KEYS[key]] = value
-    missing = [k for k in ("hidden", "intermediate", "num_experts", "top_k") if k not in fields]
-    if missing:
-        raise UsageError(f"{source}: missing {', '.join(missing)}")
-    fields.setdefault("name", "custom-H{hidden}-I{intermediate}-E{num_experts}-K{top_k}".format(**fields))
-    return MoEConfig(**fields)
-
-
-def parse_presets(spec: str) -> list:
-    """Preset names (comma-separated), an inline shape `hidden=768,intermediate=1536,experts=16,top_k=4`, or a
-    TOML file with those keys."""
-    from moe_model import get_preset
-
-    if spec.endswith(".toml") or Path(spec).is_file():
-        try:
-            values = tomllib.loads(Path(spec).read_text())
-        except OSError as error:
-            raise UsageError(f"cannot read preset file {spec!r}: {error.strerror}") from None
-        except tomllib.TOMLDecodeError as error:
-            raise UsageError(f"preset file {spec!r} is not valid TOML: {error}") from None
-        return [config_from_mapping(values, spec)]
-    if "=" in spec:
-        values = {}
-        for part in spec.split(","):
-            key, sep, value = part.partition("=")
-            if not sep:
-                raise UsageError(f"inline shape {spec!r}: expected key=value, got {part!r}")
-            value = value.strip()
-            values[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
-        return [config_from_mapping(values, "inline shape")]
-    return [get_preset(name.strip()) for name in spec.split(",")]
 
 
 def prepare_out_dir(out: Path) -> Path:
@@ -242,9 +186,9 @@ def list_command() -> None:
     table.add_column("name")
     table.add_column("idea")
     for key, cls in journey().load_levels().items():
-        table.add_row(key, cls.name, cls.summary)
+        table.add_row(key, cls.name, escape(cls.summary))  # summaries name tensors like [expert_ids]: not markup
     ep = journey().expert_parallel().ExpertParallelMoE
-    table.add_row(ep.level, ep.name, f"{ep.summary} (only when named: --levels ep --world-size N)")
+    table.add_row(ep.level, ep.name, escape(f"{ep.summary} (only when named: --levels ep --world-size N)"))
     console.print(table)
     presets = Table(title="presets (or an inline shape, or a TOML file: see --help of run)")
     for column in ("preset", "H", "I", "E", "K", "shared", "dtype"):
@@ -259,11 +203,12 @@ def list_command() -> None:
 def run_command(
     target: str = typer.Option(..., "-t", "--target", help="what to run: moe_journey"),
     levels: str = typer.Option(None, help="e.g. 0-8, 0,4,7,peer (default: every level and the peer)"),
-    tokens: str = typer.Option(None, help="token counts, e.g. 2048,8192 (default: 2048,8192,16384,32768 on a GPU, "
-                                          "16,64,512 on the CPU)"),
+    tokens: str = typer.Option(None, help=f"token counts, e.g. 2048,8192 (default: {DEFAULTS['cuda'].tokens} on a "
+                                          f"GPU, {DEFAULTS['cpu'].tokens} on the CPU)"),
     preset: str = typer.Option(None, help="preset name(s) comma-separated, an inline shape "
                                           "hidden=768,intermediate=1536,experts=16,top_k=4, or a TOML file "
-                                          "(default: journey on a GPU, small on the CPU)"),
+                                          f"(default: {DEFAULTS['cuda'].preset} on a GPU, {DEFAULTS['cpu'].preset} on "
+                                          "the CPU)"),
     device: str = typer.Option("auto", help="auto, cuda or cpu"),
     router: str = typer.Option("softmax-topk", help="softmax-topk, sigmoid-bias, switch (top-1: presets then run "
                                                     "with top_k=1) or expert-choice"),
@@ -272,8 +217,9 @@ def run_command(
     traffic: str = typer.Option("uniform", help="traffic shape(s), comma-separated: uniform, zipf, hot"),
     zipf_s: float = typer.Option(1.2, help="zipf traffic: expert popularity ∝ rank^-s"),
     hot_share: float = typer.Option(0.5, help="hot traffic: the share of tokens that pick expert 0"),
-    warmup: int = typer.Option(None, help="untimed calls before timing (default: 3 on a GPU, 1 on the CPU)"),
-    repeats: int = typer.Option(50, help="timed calls (fewer when a call is slow; never under 5)"),
+    warmup: int = typer.Option(None, help=f"untimed calls before timing (default: {DEFAULTS['cuda'].warmup} on a "
+                                          f"GPU, {DEFAULTS['cpu'].warmup} on the CPU)"),
+    repeats: int = typer.Option(REPEATS, help="timed calls (fewer when a call is slow; never under 5)"),
     profile: bool = typer.Option(False, "--profile", help="also time each level's stages (routing, permute, "
                                                          "expert GEMMs, activation, combine, shared experts)"),
     world_size: str = typer.Option("1", help="level ep: world sizes to launch with torchrun, comma-separated (one "
@@ -282,29 +228,27 @@ def run_command(
     out: Path = typer.Option(Path("results"), help="results folder; each run makes a new sub-folder"),
 ) -> None:
     """Check and time levels across token scales; write rows, tables and plots to a new run folder."""
-    from moe_model import ConfigError, Traffic
+    from moe_model import ConfigError
 
+    # The whole request is checked before anything is made.
     try:
         if target not in TARGETS:
             raise UsageError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
-        if (warmup is not None and warmup < 0) or repeats < 1:
-            raise UsageError("--warmup must be ≥ 0 and --repeats ≥ 1")
         lab = journey()
         bench_mod = lab.moe_benchmark
         torch_device = bench_mod.resolve_device(device)
-        defaults = GPU_DEFAULTS if torch_device.type == "cuda" else CPU_DEFAULTS
-        warmup = warmup if warmup is not None else defaults["warmup"]
+        defaults = DEFAULTS[torch_device.type]
+        warmup = warmup if warmup is not None else defaults.warmup
+        check_timing(warmup, repeats)
         available = lab.load_levels()
         level_keys = parse_levels(levels, list(available))
-        token_counts = parse_counts(tokens or defaults["tokens"], "--tokens")
+        token_counts = parse_counts(tokens or defaults.tokens, "--tokens")
         world_sizes = parse_world_sizes(world_size, torch_device) if "ep" in level_keys else []
-        configs = [dataclasses.replace(config, router=router, capacity_factor=capacity_factor,
-                                       top_k=1 if router == "switch" else config.top_k)
-                   for config in parse_presets(preset or defaults["preset"])]
-        traffics = [Traffic(shape.strip(), zipf_s=zipf_s, hot_share=hot_share) for shape in traffic.split(",")]
+        configs = configs_for(preset or defaults.preset, router, capacity_factor)
+        traffics = parse_traffics(traffic, zipf_s, hot_share)
         out_dir = prepare_out_dir(out)
     except (UsageError, ConfigError) as error:
-        fail(str(error))
+        refuse(error)
 
     ceilings = bench_mod.measure_ceilings(torch_device)
     run_dir = new_run_dir(out_dir / target, bench_mod.device_label(torch_device))
@@ -313,7 +257,7 @@ def run_command(
     # The run, every default resolved, as a command that repeats it.
     args["command"] = shlex.join(["aisp", "bench", "run", "-t", target, "--levels", ",".join(level_keys),
                                   "--tokens", ",".join(map(str, token_counts)),
-                                  "--preset", preset or defaults["preset"], "--router", router,
+                                  "--preset", preset or defaults.preset, "--router", router,
                                   "--capacity-factor", f"{capacity_factor:g}", "--traffic", traffic,
                                   "--zipf-s", f"{zipf_s:g}", "--hot-share", f"{hot_share:g}", "--device", device,
                                   "--warmup", str(warmup), "--repeats", str(repeats), "--out", str(out)]
@@ -353,26 +297,26 @@ def run_command(
                                                               f"· level {key} {level_cls.name}")
                             record(bench_mod.benchmark(level_cls, config, num_tokens, torch_device, weights=weights,
                                                        ceilings=ceilings, warmup=warmup, repeats=repeats,
-                                                       time_budget_s=defaults["time_budget_s"], traffic=shape,
+                                                       time_budget_s=defaults.time_budget_s, traffic=shape,
                                                        profile=profile))
                 del weights
                 bench_mod.release_memory(torch_device)
             for size in world_sizes:
                 progress.update(task, description=f"level ep: {size} process(es), {cases} case(s)")
                 for row in run_expert_parallel(size, configs, traffics, token_counts, torch_device, warmup, repeats,
-                                               defaults["time_budget_s"], run_dir):
+                                               defaults.time_budget_s, run_dir):
                     record(row)
         except KeyboardInterrupt:
             interrupted = True
 
     env["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     env["interrupted"] = interrupted
+    timed = [row["repeats"] for row in rows if row.get("repeats")]
+    env["timed_calls"] = [min(timed), max(timed)] if timed else None  # what ran, beside args.repeats (asked)
     (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
     from cli import report
 
-    report.write_report(run_dir)
-    if torch_device.type == "cuda" and not interrupted:
-        write_latest(run_dir)
+    report.write_report(run_dir)  # LATEST.md is left alone: only `aisp bench publish` changes what it shows
     console.print(bench_mod.rows_table(rows, title=f"{target} on {env['device']}"))
     console.print(f"rows, summary.md and plots: {run_dir}")
     if interrupted:
@@ -419,6 +363,10 @@ def existing_run_dir(path: Path) -> Path:
     return path
 
 
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]warning:[/yellow] {escape(message)}")
+
+
 @bench.command("report")
 def report_command(run_dir: Path = typer.Argument(None, help="a run folder (default: the newest one)"),
                    results: Path = typer.Option(Path("results"), help="where to look for the newest run")) -> None:
@@ -430,36 +378,53 @@ def report_command(run_dir: Path = typer.Argument(None, help="a run folder (defa
         if not runs:
             fail(f"no run folders under {results / 'moe_journey'}")
         run_dir = runs[-1].parent
-    summary = report.write_report(existing_run_dir(run_dir))
+    try:
+        summary = report.write_report(existing_run_dir(run_dir), warn=warn)
+    except report.DamagedFile as error:
+        refuse(error)
     console.print(f"wrote {summary} and its plots")
 
 
 @bench.command("compare")
 def compare_command(run_a: Path = typer.Argument(..., help="the baseline run folder"),
-                    run_b: Path = typer.Argument(..., help="the run compared with it")) -> None:
-    """Per (level, preset, tokens): both times and B's speedup over A."""
+                    run_b: Path = typer.Argument(..., help="the run compared with it"),
+                    markdown: Path = typer.Option(None, help="also write the tables to this markdown file")) -> None:
+    """Case by case (level, preset, shape, traffic, router, dtype, world size, tokens): both times and B's speedup
+    over A; then per level, the geometric mean of the speedups."""
     from cli import report
 
-    rows_a = {(str(r["level"]), r["preset"], r["tokens"]): r for r in report.load_rows(existing_run_dir(run_a))}
-    rows_b = {(str(r["level"]), r["preset"], r["tokens"]): r for r in report.load_rows(existing_run_dir(run_b))}
-    env_a, env_b = report.load_environment(run_a), report.load_environment(run_b)
-    table = Table(title=f"A = {run_a.name} ({env_a.get('device', '?')})\nB = {run_b.name} ({env_b.get('device', '?')})")
-    for column in ("level", "name", "preset", "tokens", "A ms", "B ms", "A/B (B's speedup)"):
-        table.add_column(column, justify="left" if column in ("name", "preset") else "right")
+    try:
+        rows_a, rows_b = report.load_rows(existing_run_dir(run_a)), report.load_rows(existing_run_dir(run_b))
+        env_a, env_b = report.load_environment(run_a), report.load_environment(run_b)
+    except report.DamagedFile as error:
+        refuse(error)
+    table, geomean, shared = report.compare_runs(rows_a, rows_b)
+    heading = (f"A = {run_a.name} ({env_a.get('device', '?')})\nB = {run_b.name} ({env_b.get('device', '?')})\n"
+               f"in every case: {', '.join(f'{k}={v}' for k, v in shared.items()) or '-'}")
+    console.print(heading, highlight=False)
+    for case, part in table.groupby("case", sort=False):
+        console.print(text_table(part.drop(columns="case"), title=case))
+    console.print(text_table(geomean.rename_axis("level").reset_index(), title="B's speedup over A, per level"))
+    if markdown:
+        try:
+            markdown.write_text(f"{heading.replace(chr(10), '  ' + chr(10))}\n\n"
+                                f"{report.markdown_table(table.set_index('case'), 'case')}\n\n"
+                                f"B's speedup over A, per level:\n\n{report.markdown_table(geomean, 'level')}\n")
+        except OSError as error:
+            fail(f"cannot write {str(markdown)!r}: {error.strerror}")
+        console.print(f"wrote {markdown}")
 
-    ms_cell = report.status_or(lambda row: report.fmt(row["ms"]))
 
-    def cell(row):
-        return "-" if row is None else ms_cell(row)
-
-    keys = sorted(set(rows_a) | set(rows_b), key=lambda k: (k[1], report.level_sort_key(k[0]), k[2]))
-    for key in keys:
-        a, b = rows_a.get(key), rows_b.get(key)
-        both_ok = a and b and a["status"] == "ok" and b["status"] == "ok"
-        ratio = f"{a['ms'] / b['ms']:.2f}x" if both_ok else "-"
-        name = (a or b)["level_name"]
-        table.add_row(key[0], name, key[1], str(key[2]), cell(a), cell(b), ratio)
-    console.print(table)
+def text_table(df, title: str, left: tuple[str, ...] = ("level",)) -> Table:
+    """A DataFrame of text cells as a console table: one line per row (long cells are cut, never folded); the
+    `left` columns left-aligned, the numbers right."""
+    table = Table(title=escape(title), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in df.columns:
+        table.add_column(escape(str(column)), no_wrap=True, overflow="ellipsis",
+                         justify="left" if column in left else "right")
+    for values in df.itertuples(index=False):
+        table.add_row(*(escape(str(v)) for v in values))
+    return table
 
 
 def write_latest(run_dir: Path) -> Path:
@@ -480,7 +445,11 @@ def publish_command(run_dir: Path = typer.Argument(..., help="a GPU run folder")
     from cli import report
 
     run_dir = existing_run_dir(run_dir)
-    env = report.load_environment(run_dir)
+    try:
+        env = report.load_environment(run_dir)
+        report.load_rows(run_dir)
+    except report.DamagedFile as error:
+        refuse(error)
     if env.get("device_type") != "cuda":
         fail(f"{run_dir.name} is not a GPU run; the README shows GPU results only")
     report.write_report(run_dir)

@@ -11,6 +11,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
@@ -18,19 +19,48 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import matplotlib.transforms  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from cli.numbers import fmt  # noqa: E402
 
 STATUS_CELL = {"oom": "OOM", "skipped": "skipped", "error": "error"}
 
 
-def load_rows(run_dir: Path) -> list[dict]:
+class DamagedFile(ValueError):
+    """A run folder's file that is not the JSON it should be; the message names the file and the line."""
+
+
+def load_rows(run_dir: Path, skip_damaged_last: Callable[[str], None] | None = None) -> list[dict]:
+    """The rows of rows.jsonl. A damaged line raises DamagedFile, except that with `skip_damaged_last` a damaged
+    last line (what an interrupted write leaves) is skipped and reported through it."""
     path = Path(run_dir) / "rows.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    numbered = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for number, line in numbered:
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:
+            message = f"{path}, line {number}: not a JSON row ({error})"
+            if skip_damaged_last is None or number != numbered[-1][0]:
+                raise DamagedFile(message) from None
+            skip_damaged_last(f"{message}; skipped it (an interrupted write can cut the last line)")
+            continue
+        rows.append(row)
+    return rows
 
 
 def load_environment(run_dir: Path) -> dict:
     path = Path(run_dir) / "environment.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        line = f", line {error.lineno}" if isinstance(error, json.JSONDecodeError) else ""
+        raise DamagedFile(f"{path}{line}: not valid JSON ({error})") from None
 
 
 def level_sort_key(level) -> tuple:
@@ -38,7 +68,7 @@ def level_sort_key(level) -> tuple:
 
 
 def level_label(row: dict) -> str:
-    return f"{row['level']} {row['level_name']}" if str(row["level"]).isdigit() else f"peer: {row['level_name']}"
+    return f"peer: {row['level_name']}" if row["level"] == "peer" else f"{row['level']} {row['level_name']}"
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
@@ -47,7 +77,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df["label"] = [level_label(r) for r in rows]
     df["order"] = [level_sort_key(r["level"]) for r in rows]
-    for column in ("tokens_per_expert", "load_cv", "load_gini", "load_max_over_mean", "dead_experts",
+    for column in ("device_type", "tokens_per_expert", "load_cv", "load_gini", "load_max_over_mean", "dead_experts",
                    "dropped_tokens", "stage_ms", "world_size", "tokens_per_rank", "dispatch_ms", "compute_ms",
                    "combine_ms", "a2a_bytes", "dispatch_gbps", "a2a_busbw_gbps", "allreduce_busbw_gbps",
                    "rank_load_max_over_mean", "local_level"):
@@ -80,19 +110,10 @@ def slug(case: str) -> str:
 
 
 def markdown_table(df: pd.DataFrame, corner: str) -> str:
-    header = [corner, *(str(c) for c in df.columns)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(df.columns)) + "|"]
-    for index, values in df.iterrows():
-        lines.append("| " + " | ".join([str(index), *(str(v) for v in values)]) + " |")
-    return "\n".join(lines)
-
-
-def fmt(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    """A table of text cells as markdown: the index (headed `corner`) left-aligned, the other columns right."""
+    table = df.rename_axis(index=corner, columns=None)
+    table.columns = [str(c) for c in table.columns]
+    return table.to_markdown(disable_numparse=True, colalign=["left", *["right"] * len(table.columns)])
 
 
 def fmt_span(value) -> str:
@@ -103,13 +124,11 @@ def fmt_span(value) -> str:
 
 
 def pivot(df: pd.DataFrame, render) -> pd.DataFrame:
-    """Levels down, token counts across; each cell rendered from its row."""
-    labels = list(dict.fromkeys(df["label"]))
-    tokens = sorted(df["tokens"].unique())
-    table = pd.DataFrame(index=labels, columns=tokens, dtype=object)
-    for _, row in df.iterrows():
-        table.loc[row["label"], row["tokens"]] = render(row)
-    return table.fillna("-")
+    """Levels down (in the rows' order), token counts across; each cell rendered from its row."""
+    cells = df.assign(cell=[render(row) for _, row in df.iterrows()])
+    table = cells.drop_duplicates(["label", "tokens"], keep="last").pivot(index="label", columns="tokens",
+                                                                          values="cell")
+    return table.reindex(index=list(dict.fromkeys(df["label"])), columns=sorted(df["tokens"].unique())).fillna("-")
 
 
 def ms_of(df: pd.DataFrame, label: str, tokens: int) -> float | None:
@@ -184,9 +203,10 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
             return f"{reference_ms / row['ms']:.2f}x" if reference_ms else "-"
         return status_or(render)
 
+    on_gpu = (df["device_type"] == "cuda").any()
     parts = [
         f"## {first['case']} ({shape})",
-        "Time per forward, ms (median; `OOM` = ran out of GPU memory):",
+        "Time per forward, ms (median; `OOM` = ran out of GPU memory):" if on_gpu else "Time per forward, ms (median):",
         markdown_table(pivot(df, status_or(lambda r: fmt(r["ms"]))), "level \\ tokens"),
     ]
     if baseline:
@@ -197,12 +217,15 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
         markdown_table(pivot(df, speedup_vs(lambda r: previous_level_label(df, r))), "level \\ tokens"),
         "TFLOP/s (useful FLOPs: 2·T·K·3·H·I):",
         markdown_table(pivot(df, status_or(lambda r: fmt(r["tflops"]))), "level \\ tokens"),
-        "% of the roofline (the larger of FLOPs / measured matmul rate and minimum bytes / measured copy "
-        "bandwidth, over the measured time):",
-        markdown_table(pivot(df, status_or(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens"),
-        "Peak GPU memory during one forward, MiB (weights and inputs included):",
-        markdown_table(pivot(df, status_or(lambda r: fmt(r["peak_mb"]))), "level \\ tokens"),
     ]
+    # A CPU run measures no ceilings and no device memory: no table of dashes for either.
+    if df["pct_roofline"].notna().any():
+        parts += ["% of the roofline (the larger of FLOPs / measured matmul rate and minimum bytes / measured copy "
+                  "bandwidth, over the measured time):",
+                  markdown_table(pivot(df, status_or(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens")]
+    if df["peak_mb"].notna().any():
+        parts += ["Peak GPU memory during one forward, MiB (weights and inputs included):",
+                  markdown_table(pivot(df, status_or(lambda r: fmt(r["peak_mb"]))), "level \\ tokens")]
     copy_gbps = (env.get("ceilings") or {}).get("copy_gbps")
     decode = df[df["tokens"] <= DECODE_MAX_TOKENS]
     if len(decode) and copy_gbps:
@@ -244,12 +267,20 @@ def environment_section(env: dict) -> str:
     if not env:
         return ""
     ceilings = env.get("ceilings") or {}
-    lines = [
+    lines = []
+    if env.get("interrupted"):
+        lines.append("**Interrupted:** this run was stopped before it finished; the tables hold the rows it "
+                     "finished.\n")
+    lines += [
         f"- device: **{env.get('device', '?')}**, driver {env.get('driver') or '-'}, CUDA {env.get('cuda') or '-'}",
         f"- torch {env.get('torch')}, triton {env.get('triton') or '-'}, python {env.get('python')}",
         f"- started {env.get('started_utc')} (UTC), host {env.get('host')}",
         f"- command: `{env.get('command')}`",
     ]
+    if env.get("timed_calls"):
+        low, high = env["timed_calls"]
+        asked = (env.get("args") or {}).get("repeats", "?")
+        lines.append(f"- timed calls per row: {low}–{high} (asked for {asked}; never under 5, fewer when slow)")
     if ceilings:
         lines.append(f"- measured ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, "
                      f"device copy {ceilings['copy_gbps']:.0f} GB/s (read + write)")
@@ -600,10 +631,11 @@ def save(fig, path: Path) -> str:
     return path.name
 
 
-def write_report(run_dir: Path) -> Path:
-    """summary.md and the plots of one run folder, from its rows. Returns the summary's path."""
+def write_report(run_dir: Path, warn: Callable[[str], None] | None = None) -> Path:
+    """summary.md and the plots of one run folder, from its rows; with `warn`, a damaged last row is skipped and
+    reported through it. Returns the summary's path."""
     run_dir = Path(run_dir)
-    rows = load_rows(run_dir)
+    rows = load_rows(run_dir, skip_damaged_last=warn)
     env = load_environment(run_dir)
     sections = [f"# moe_journey run `{run_dir.name}`", environment_section(env)]
     if not rows:
@@ -650,6 +682,62 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
     if (Path(run_dir) / "across_presets.png").exists():
         sections.append(f"![across_presets.png]({link_prefix}/across_presets.png)")
     return "\n\n".join(sections)
+
+
+# Every field that makes a case, as rows name it and as a comparison's header shows it. Rows from before a field
+# existed get its value then (no traffic shape: uniform; no shared experts: 0; one process: no world size).
+CASE_FIELDS = {"preset": "preset", "hidden": "H", "intermediate": "I", "experts": "E", "top_k": "K",
+               "shared_experts": "S", "traffic": "traffic", "router": "router", "capacity_factor": "capacity",
+               "dtype": "dtype", "world_size": "W", "level": "level", "tokens": "T"}
+
+
+def key_text(value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Run B against run A, case by case: (one line per (case, level, T) present in either run, the case named
+    by the fields that vary between cases, with both times and A/B; per level, the geometric mean of A/B over the cases both timed; the fields every
+    case shares)."""
+    a, b = frame(rows_a), frame(rows_b)
+    keys = [field for field in CASE_FIELDS if field in a or field in b]
+    for df in (a, b):
+        df["shared_experts"] = df["shared_experts"].fillna(0) if "shared_experts" in df else 0
+        for field in keys:
+            df[field] = df[field].map(key_text) if field in df else ""
+    both = a[[*keys, "label", "status", "ms"]].merge(b[[*keys, "label", "status", "ms"]], on=keys, how="outer",
+                                                        suffixes=(" A", " B"))
+    both["label"] = both["label A"].fillna(both["label B"])
+    both["order"] = [level_sort_key(level) for level in both["level"]]
+    both["token_count"] = both["tokens"].astype(int)
+    case_keys = [field for field in keys if field not in ("level", "tokens")]
+    both = both.sort_values([*case_keys, "order", "token_count"]).reset_index(drop=True)
+    timed = (both["status A"] == "ok") & (both["status B"] == "ok")
+    both["ratio"] = (both["ms A"] / both["ms B"]).where(timed)
+
+    def ms_cell(status, ms):
+        return "-" if pd.isna(status) else fmt(ms) if status == "ok" else STATUS_CELL.get(status, status)
+
+    # A field is shown where it tells cases apart; a preset's shape only where one preset name has several.
+    within = ("hidden", "intermediate", "experts", "top_k", "shared_experts", "dtype")
+    shown = [field for field in case_keys
+             if (both.groupby("preset")[field].nunique().max() if field in within else both[field].nunique()) > 1]
+    table = pd.DataFrame({"case": [", ".join(f"{CASE_FIELDS[field]}={row[field]}" for field in shown if row[field])
+                                   for _, row in both.iterrows()],
+                          "level": both["label"],
+                          "T": both["tokens"],
+                          "A ms": [ms_cell(st, ms) for st, ms in zip(both["status A"], both["ms A"])],
+                          "B ms": [ms_cell(st, ms) for st, ms in zip(both["status B"], both["ms B"])],
+                          "A/B": both["ratio"].map(lambda r: "-" if pd.isna(r) else f"{r:.2f}x")})
+    per_level = both[timed].groupby("label", sort=False)["ratio"]
+    geomean = pd.DataFrame({"cases timed in both": per_level.size(),
+                            "geometric mean of A/B": per_level.apply(lambda r: f"{np.exp(np.log(r).mean()):.2f}x")})
+    geomean = geomean.loc[sorted(geomean.index, key=lambda label: both.loc[both["label"] == label, "order"].iloc[0])]
+    shared = {CASE_FIELDS[field]: both[field].iloc[0] for field in case_keys
+              if both[field].nunique() == 1 and both[field].iloc[0]}
+    return table, geomean, shared
 
 
 def relink(markdown: str, prefix: str) -> str:

@@ -255,4 +255,4 @@ def test_level_script_bad_preset_is_one_line():
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
-    assert "unknown preset 'nope'" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    assert "unknown preset 'nope'" in result.stderr and "Traceback" not in result.stdout + result.stderr

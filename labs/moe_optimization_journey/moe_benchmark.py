@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -35,13 +36,13 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout, without `
     sys.path.insert(0, str(REPO_ROOT))
 
 import triton_kernels  # noqa: E402
+from cli.options import debugging  # noqa: E402
 from moe_model import (  # noqa: E402
     ConfigError,
     MoEConfig,
     MoEWeights,
     Traffic,
     flop_count,
-    get_preset,
     init_weights,
     load_metrics,
     make_router,
@@ -606,8 +607,14 @@ def benchmark(
     except LevelUnavailable as reason:
         row.update(status="skipped", note=str(reason))
     except Exception as error:  # a broken level is a row that says so, and the sweep goes on
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        row.update(status="error", note=f"{type(error).__name__}: {first_line}"[:300])
+        if debugging():  # `aisp --debug`, AISP_DEBUG=1: the level's own traceback instead
+            raise
+        if isinstance(error, RuntimeError) and ("can't allocate memory" in str(error)
+                                                or "not enough memory" in str(error)):  # the CPU's allocator
+            row.update(status="oom", note=f"out of host memory at {num_tokens} tokens")
+        else:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            row.update(status="error", note=f"{type(error).__name__}: {first_line}"[:300])
     finally:
         if level is not None:
             row["note"] = "; ".join(filter(None, [row["note"], *level.notes]))
@@ -619,61 +626,109 @@ def benchmark(
 # ---------------------------------------------------------------------------------------------------------------
 # Printing rows, and the entry point of every level script
 # ---------------------------------------------------------------------------------------------------------------
-ROW_COLUMNS = {"level": "level", "preset": "preset", "tokens": "T", "ms": "ms", "tokens_per_s": "tokens/s",
-               "tflops": "TFLOP/s", "pct_roofline": "% roofline", "peak_mb": "peak MiB", "rel_err": "rel. err",
-               "status": "status", "note": "note"}
-
-
-def format_cell(row: dict, column: str) -> str:
-    value = row.get(column)
-    if column == "level":
-        return f"{row['level']} {row['level_name']}"
-    if column == "ms" and row["status"] != "ok":
-        return row["status"].upper()
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if column == "rel_err":
-            return f"{value:.1e}"
-        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
-    return str(value)
+def row_case(row: dict) -> str:
+    """The case a row belongs to, as the console and the report title it: the preset, then the traffic and the
+    router where they are not the default."""
+    extras = [row["traffic"] if row.get("traffic", "uniform") != "uniform" else "",
+              f"{row['router']} router" if row.get("router", "softmax-topk") != "softmax-topk" else ""]
+    shared = f" S={row['shared_experts']}" if row.get("shared_experts") else ""
+    return (", ".join([row["preset"], *filter(None, extras)])
+            + f" (H={row['hidden']} I={row['intermediate']} E={row['experts']} K={row['top_k']}{shared} {row['dtype']})")
 
 
 def rows_table(rows: list[dict], title: str = ""):
+    """The rows for a terminal: a table per case, one line per row at 80 columns or in a pipe (cells are cut,
+    never folded), each row's notes as a numbered list below its table. Columns with nothing in them (a CPU run's
+    roofline and memory) are left out; the EP rows show their world size W and tokens per rank."""
+    from rich import box
+    from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title or None)
-    for column, header in ROW_COLUMNS.items():
-        table.add_column(header, overflow="fold", justify="left" if column in ("level", "note") else "right")
-    for row in rows:
-        table.add_row(*(format_cell(row, column) for column in ROW_COLUMNS))
-    return table
+    from cli.numbers import fmt
+
+    columns = {"level": lambda r: f"{r['level']} {r['level_name']}",
+               "W": lambda r: str(r["world_size"]),
+               "T/rank": lambda r: str(r["tokens_per_rank"]),
+               "T": lambda r: str(r["tokens"]),
+               "ms": lambda r: fmt(r["ms"]),
+               "TFLOP/s": lambda r: fmt(r["tflops"]),
+               "% roof": lambda r: fmt(r["pct_roofline"]),
+               "MiB": lambda r: fmt(r["peak_mb"]),
+               "rel err": lambda r: "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}",
+               "status": lambda r: r["status"]}
+    needs = {"W": "world_size", "T/rank": "tokens_per_rank", "% roof": "pct_roofline", "MiB": "peak_mb"}
+    notes = list(dict.fromkeys(row["note"] for row in rows if row.get("note")))
+    parts = [Text(title)] if title else []
+    for case in dict.fromkeys(map(row_case, rows)):
+        part = [row for row in rows if row_case(row) == case]
+        shown = [c for c in columns if c not in needs or any(row.get(needs[c]) is not None for row in part)]
+        parts.append(Text(f"\n{case}", style="bold"))
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for column in [*shown, "note"]:
+            table.add_column(column, no_wrap=True, overflow="ellipsis", justify="left" if column in ("level", "status") else "right")
+        for row in part:
+            note = f"[{notes.index(row['note']) + 1}]" if row.get("note") else ""
+            table.add_row(*(escape(columns[c](row)) for c in shown), escape(note))
+        parts.append(table)
+    if notes:
+        parts.append(Text("\n".join(f"[{i}] {note}" for i, note in enumerate(notes, 1))))
+    return Group(*parts)
 
 
 def run_level_script(level_cls: type[MoELevel]) -> None:
-    """`python levelN_*.py [--preset P] [--tokens T] [--device auto|cuda|cpu]`: check, time and print one row."""
+    """`python levelN_*.py [options]`: check, time and print this level's rows. The options are `aisp bench run`'s
+    (the same parsers, in cli/options.py), less the sweep over levels; `--help` prints the level's lesson."""
     from rich.console import Console
 
-    parser = argparse.ArgumentParser(description=f"Level {level_cls.level}: {level_cls.summary}")
-    parser.add_argument("--preset", default=None, help="journey on a GPU, small on the CPU")
-    parser.add_argument("--tokens", type=int, default=None, help="8192 on a GPU, 256 on the CPU")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=50)
+    from cli.options import DEBUG_ENV, DEFAULTS, REPEATS, UsageError, check_timing, configs_for, parse_counts, \
+        parse_traffics
+
+    gpu, cpu = DEFAULTS["cuda"], DEFAULTS["cpu"]
+    parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description=sys.modules[level_cls.__module__].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", help="preset name(s) comma-separated, an inline shape "
+                        f"hidden=768,intermediate=1536,experts=16,top_k=4, or a TOML file (default: {gpu.preset} "
+                        f"on a GPU, {cpu.preset} on the CPU)")
+    parser.add_argument("--tokens", help=f"token counts, comma-separated (default: {gpu.script_tokens} on a GPU, "
+                                         f"{cpu.script_tokens} on the CPU)")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--router", default="softmax-topk", help="softmax-topk, sigmoid-bias, switch or expert-choice")
+    parser.add_argument("--capacity-factor", type=float, default=1.25, help="switch and expert-choice routers")
+    parser.add_argument("--traffic", default="uniform", help="traffic shape(s), comma-separated: uniform, zipf, hot")
+    parser.add_argument("--zipf-s", type=float, default=1.2)
+    parser.add_argument("--hot-share", type=float, default=0.5)
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed calls (default: {gpu.warmup} on a GPU, {cpu.warmup} on the CPU)")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed calls (fewer when slow; never under 5)")
+    parser.add_argument("--profile", action="store_true", help="also time the stages of the forward")
+    parser.add_argument("--debug", action="store_true", help="a crash raises with its full traceback")
     args = parser.parse_args()
-    console = Console()
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
     try:
         device = resolve_device(args.device)
-        on_gpu = device.type == "cuda"
-        config = get_preset(args.preset or ("journey" if on_gpu else "small"))
-        num_tokens = args.tokens if args.tokens is not None else (8192 if on_gpu else 256)
-        if num_tokens <= 0:
-            raise ConfigError(f"--tokens must be positive, got {num_tokens}")
-    except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}")
+        defaults = DEFAULTS[device.type]
+        warmup = args.warmup if args.warmup is not None else defaults.warmup
+        check_timing(warmup, args.repeats)
+        configs = configs_for(args.preset or defaults.preset, args.router, args.capacity_factor)
+        token_counts = parse_counts(args.tokens or defaults.script_tokens, "--tokens")
+        traffics = parse_traffics(args.traffic, args.zipf_s, args.hot_share)
+    except (UsageError, ConfigError) as error:
+        if debugging():
+            raise
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     ceilings = measure_ceilings(device)
-    row = benchmark(level_cls, config, num_tokens, device, ceilings=ceilings, warmup=args.warmup,
-                    repeats=args.repeats)
-    console.print(rows_table([row], title=f"{config.name} ({config.shape_str()}) on {device_label(device)}"))
-    sys.exit(0 if row["status"] in ("ok", "oom", "skipped", "checked") else 1)
+    rows = []
+    for config in configs:
+        weights = init_weights(config, device)
+        rows += [benchmark(level_cls, config, num_tokens, device, weights=weights, ceilings=ceilings, warmup=warmup,
+                           repeats=args.repeats, time_budget_s=defaults.time_budget_s, traffic=traffic,
+                           profile=args.profile)
+                 for traffic in traffics for num_tokens in token_counts]
+        del weights
+        release_memory(device)
+    Console().print(rows_table(rows, title=f"level {level_cls.level} {level_cls.name} on {device_label(device)}"))
+    sys.exit(0 if all(row["status"] in ("ok", "oom", "skipped", "checked") for row in rows) else 1)

@@ -1,0 +1,159 @@
+"""The lab's command-line language, spoken by `aisp bench run` and by every level script alike.
+
+One place parses what a user types (levels, token counts, presets in their three forms, traffic shapes, warm-up
+and repeats) and holds the defaults per device, so `python labs/.../level4_grouped.py --preset X` and
+`aisp bench run --preset X` accept the same things and refuse the same things with the same words.
+
+Nothing here imports torch at module level: `aisp --help` stays fast. A parser raises `UsageError` (or the
+model's `ConfigError`); the caller prints it as one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from pathlib import Path
+
+DEBUG_ENV = "AISP_DEBUG"  # set (to 1) by `aisp --debug` and by a level script's --debug: re-raise, full traceback
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+    preset: str
+    tokens: str  # what `aisp bench run` sweeps
+    script_tokens: str  # what a level script run alone measures
+    time_budget_s: float  # how long one row's timed calls may take (fewer repeats past it, never under 5)
+    warmup: int
+
+
+# Per device type: what a bare `aisp bench run -t moe_journey` or `python levelN_*.py` measures.
+DEFAULTS = {
+    "cuda": Defaults(preset="journey", tokens="2048,8192,16384,32768", script_tokens="8192", time_budget_s=3.0,
+                     warmup=3),
+    "cpu": Defaults(preset="small", tokens="16,64,512", script_tokens="256", time_budget_s=1.0, warmup=1),
+}
+REPEATS = 50
+
+
+def parse_levels(spec: str | None, available: list[str], on_request: tuple[str, ...] = ("ep",)) -> list[str]:
+    """Level keys from `0-8`, `0,4,7,peer`, ...; the default (or `all`) is every single-GPU level and the peer.
+    Levels in `on_request` (ep: several processes) run only when named."""
+    if spec is None or spec == "all":
+        return list(available)
+    available = [*available, *on_request]
+    chosen = []
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part and all(p.strip().isdigit() for p in part.split("-", 1)):
+            low, high = (int(p) for p in part.split("-", 1))
+            if low > high:
+                raise UsageError(f"level range {part!r} runs backwards")
+            chosen += [str(n) for n in range(low, high + 1)]
+        else:
+            chosen.append(part)
+    unknown = [level for level in chosen if level not in available]
+    if unknown:
+        raise UsageError(f"unknown level {unknown[0]!r}; available: {', '.join(available)}")
+    return list(dict.fromkeys(chosen))
+
+
+def parse_counts(spec: str, option: str) -> list[int]:
+    """Positive whole numbers separated by commas (--tokens, --world-size), duplicates dropped."""
+    try:
+        counts = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise UsageError(f"{option} takes whole numbers separated by commas, got {spec!r}") from None
+    if any(count <= 0 for count in counts):
+        raise UsageError(f"{option} values must be positive, got {spec!r}")
+    return list(dict.fromkeys(counts))
+
+
+def check_timing(warmup: int, repeats: int) -> None:
+    if warmup < 0 or repeats < 1:
+        raise UsageError(f"--warmup must be ≥ 0 and --repeats ≥ 1, got --warmup {warmup} --repeats {repeats}")
+
+
+# A preset's keys as the user writes them (inline or in TOML) → MoEConfig's fields.
+SHAPE_KEYS = {"hidden": "hidden", "intermediate": "intermediate", "experts": "num_experts",
+              "num_experts": "num_experts", "top_k": "top_k", "dtype": "dtype", "seed": "seed", "name": "name",
+              "shared_experts": "num_shared_experts"}
+
+
+def config_from_mapping(values: dict, source: str):
+    """A MoEConfig from the user's keys; its errors name the keys the user wrote (`experts`, not
+    `num_experts`)."""
+    from moe_model import ConfigError, MoEConfig
+
+    fields, written_as = {}, {}
+    for key, value in values.items():
+        if key not in SHAPE_KEYS:
+            raise UsageError(f"{source}: unknown key {key!r}; use {', '.join(sorted(SHAPE_KEYS))}")
+        if SHAPE_KEYS[key] in fields:
+            raise UsageError(f"{source}: {written_as[SHAPE_KEYS[key]]!r} and {key!r} both set the same field")
+        fields[SHAPE_KEYS[key]] = value
+        written_as[SHAPE_KEYS[key]] = key
+    missing = [key for key in ("hidden", "intermediate", "experts", "top_k") if SHAPE_KEYS[key] not in fields]
+    if missing:
+        raise UsageError(f"{source}: missing {', '.join(missing)}")
+    fields.setdefault("name", "custom-H{hidden}-I{intermediate}-E{num_experts}-K{top_k}".format(**fields))
+    try:
+        return MoEConfig(**fields)
+    except ConfigError as error:
+        renamed = {field: key for field, key in written_as.items() if field != key}
+        message = re.sub(r"\b(" + "|".join(renamed) + r")\b", lambda m: renamed[m.group(1)], str(error)) \
+            if renamed else str(error)
+        raise UsageError(f"{source}: {message}") from None
+
+
+def parse_inline_shape(spec: str) -> dict:
+    values = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep:
+            raise UsageError(f"inline shape {spec!r}: expected key=value, got {part!r}")
+        if key in values:
+            raise UsageError(f"inline shape {spec!r}: {key!r} is given twice")
+        values[key] = int(value) if value.lstrip("-").isdigit() else value
+    return values
+
+
+def parse_presets(spec: str) -> list:
+    """Preset names (comma-separated), an inline shape `hidden=768,intermediate=1536,experts=16,top_k=4`, or a
+    TOML file with those keys."""
+    from moe_model import get_preset
+
+    if spec.endswith(".toml") or Path(spec).is_file():
+        try:
+            values = tomllib.loads(Path(spec).read_text())
+        except OSError as error:
+            raise UsageError(f"cannot read preset file {spec!r}: {error.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise UsageError(f"preset file {spec!r} is not valid TOML: {error}") from None
+        return [config_from_mapping(values, spec)]
+    if "=" in spec:
+        return [config_from_mapping(parse_inline_shape(spec), "inline shape")]
+    return [get_preset(name.strip()) for name in spec.split(",")]
+
+
+def configs_for(preset_spec: str, router: str, capacity_factor: float) -> list:
+    """The presets with the router applied; the switch router is top-1, so its presets run with top_k=1."""
+    return [dataclasses.replace(config, router=router, capacity_factor=capacity_factor,
+                                top_k=1 if router == "switch" else config.top_k)
+            for config in parse_presets(preset_spec)]
+
+
+def parse_traffics(spec: str, zipf_s: float, hot_share: float) -> list:
+    from moe_model import Traffic
+
+    return [Traffic(shape.strip(), zipf_s=zipf_s, hot_share=hot_share) for shape in spec.split(",")]
