@@ -660,7 +660,7 @@ def write_report(run_dir: Path, warn: Callable[[str], None] | None = None) -> Pa
     summary = run_dir / "summary.md"
     summary.write_text("\n\n".join(s for s in sections if s) + "\n")
     from cli import report_html  # it builds on this module, so it is imported here, not at the top
-    report_html.write_html(run_dir)
+    report_html.write_html(run_dir, rows, env)
     return summary
 
 

@@ -57,10 +57,10 @@ code { font-size: 0.85em; background: #f3f3f3; padding: 0.05rem 0.3rem; border-r
 """
 
 
-def write_html(run_dir: Path) -> Path:
-    """report.html beside summary.md, from the same rows; the figures are those write_report drew."""
+def write_html(run_dir: Path, rows: list[dict], env: dict) -> Path:
+    """report.html beside summary.md, from the same rows and environment; the figures are those write_report
+    drew."""
     run_dir = Path(run_dir)
-    rows, env = report.load_rows(run_dir), report.load_environment(run_dir)
     contents, body = [], [environment(env)]
     if not rows:
         body.append("<p>No rows were recorded.</p>")
