@@ -32,7 +32,7 @@ def test_ep_matches_the_reference(tmp_path, world_size):
 
 def test_cli_runs_ep_on_the_cpu(tmp_path):
     result = bench("run", "-t", "moe_journey", "--levels", "ep", "--world-size", "1,2", "--tokens", "16",
-                   "--out", str(tmp_path), *FAST)
+                   "--ep-chunks", "1,2", "--out", str(tmp_path), *FAST)
     assert result.exit_code == 0, result.output
     (run_dir,) = run_dirs(tmp_path)
     rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()]
@@ -42,13 +42,20 @@ def test_cli_runs_ep_on_the_cpu(tmp_path):
     two = rows[1]
     assert two["dispatch_ms"] > 0 and two["compute_ms"] > 0 and two["combine_ms"] > 0 and two["a2a_bytes"] > 0
     assert two["a2a_busbw_gbps"] > 0 and two["allreduce_busbw_gbps"] > 0 and rows[0]["a2a_busbw_gbps"] is None
+    # The chunk count chosen from brief timings of the candidates, then the exposed communication before and after.
+    assert set(two["chunk_ms"]) == {"1", "2"}
+    assert two["chunks"] == min((1, 2), key=lambda chunks: two["chunk_ms"][str(chunks)])
+    assert 0 < two["exposed_comm_ms_c1"] < two["ms_c1"] and 0 < two["exposed_comm_ms"] < two["ms"]
     summary = (run_dir / "summary.md").read_text()
     assert "## Expert parallelism (level ep)" in summary and "| tiny | 16 | 2 | 8 |" in summary
+    assert "| exposed comm, 1 chunk | exposed comm, chunked |" in summary
     assert (run_dir / "expert_parallel.png").exists()
 
 
 @pytest.mark.parametrize("args, message", [(["--world-size", "0"], "positive"),
-                                           (["--world-size", "two"], "whole numbers")])
-def test_bad_world_size(tmp_path, args, message):
+                                           (["--world-size", "two"], "whole numbers"),
+                                           (["--ep-chunks", "0"], "positive"),
+                                           (["--ep-chunks", "4,many"], "whole numbers")])
+def test_bad_ep_option(tmp_path, args, message):
     result = bench("run", "-t", "moe_journey", "--levels", "ep", *args, "--out", str(tmp_path), *FAST)
     assert result.exit_code == 2 and message in result.output
