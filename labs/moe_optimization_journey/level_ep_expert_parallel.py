@@ -145,7 +145,10 @@ class ExpertParallelMoE:
         chunk_of_pair = torch.arange(T * K, device=tokens_TH.device) // K * B // T
         sort_key = chunk_of_pair * E + expert_ids_TK.flatten()
         order = torch.argsort(sort_key, stable=True)  # experts are dealt in contiguous slices: also by rank
-        send_counts_BWE = torch.bincount(sort_key, minlength=B * E).view(B, W, E_local)
+        # The histogram by `index_add_`: `torch.bincount` on a GPU reads the largest key back to size its output, a
+        # second host sync.
+        send_counts_BWE = torch.zeros(B * E, dtype=torch.int64, device=tokens_TH.device).index_add_(
+            0, sort_key, torch.ones_like(sort_key)).view(B, W, E_local)
         # All-to-all 1, the counts of every chunk at once: rank r sends rank s the counts for s's experts.
         recv_counts_WBE = torch.empty_like(send_counts_BWE).view(W, B, E_local)
         dist.all_to_all_single(recv_counts_WBE, send_counts_BWE.transpose(0, 1).contiguous())
