@@ -225,6 +225,9 @@ def run_command(
     world_size: str = typer.Option("1", help="level ep: world sizes to launch with torchrun, comma-separated (one "
                                              "process per GPU, NCCL; gloo processes on the CPU); tokens and experts "
                                              "are per rank"),
+    ep_chunks: str = typer.Option("auto", help="level ep: chunk counts of the pipelined forward (all-to-all "
+                                               "under expert compute) to time and choose from, comma-separated, or "
+                                               "auto: 1, 2, 4 and 8"),
     out: Path = typer.Option(Path("results"), help="results folder; each run makes a new sub-folder"),
 ) -> None:
     """Check and time levels across token scales; write rows, tables and plots to a new run folder."""
@@ -244,6 +247,8 @@ def run_command(
         level_keys = parse_levels(levels, list(available))
         token_counts = parse_counts(tokens or defaults.tokens, "--tokens")
         world_sizes = parse_world_sizes(world_size, torch_device) if "ep" in level_keys else []
+        if ep_chunks != "auto":
+            ep_chunks = ",".join(map(str, parse_counts(ep_chunks, "--ep-chunks")))
         configs = configs_for(preset or defaults.preset, router, capacity_factor)
         traffics = parse_traffics(traffic, zipf_s, hot_share)
         out_dir = prepare_out_dir(out)
@@ -253,7 +258,7 @@ def run_command(
     ceilings = bench_mod.measure_ceilings(torch_device)
     run_dir = new_run_dir(out_dir / target, bench_mod.device_label(torch_device))
     args = {"levels": level_keys, "tokens": token_counts, "traffic": [t.label for t in traffics], "warmup": warmup,
-            "repeats": repeats, "profile": profile, "world_sizes": world_sizes}
+            "repeats": repeats, "profile": profile, "world_sizes": world_sizes, "ep_chunks": ep_chunks}
     # The run, every default resolved, as a command that repeats it.
     args["command"] = shlex.join(["aisp", "bench", "run", "-t", target, "--levels", ",".join(level_keys),
                                   "--tokens", ",".join(map(str, token_counts)),
@@ -262,7 +267,8 @@ def run_command(
                                   "--zipf-s", f"{zipf_s:g}", "--hot-share", f"{hot_share:g}", "--device", device,
                                   "--warmup", str(warmup), "--repeats", str(repeats), "--out", str(out)]
                                  + (["--profile"] if profile else [])
-                                 + (["--world-size", ",".join(map(str, world_sizes))] if world_sizes else []))
+                                 + (["--world-size", ",".join(map(str, world_sizes)), "--ep-chunks", ep_chunks]
+                                    if world_sizes else []))
     env = environment(torch_device, ceilings, configs, args)
     (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
     console.print(f"run folder: {run_dir}")
@@ -304,7 +310,7 @@ def run_command(
             for size in world_sizes:
                 progress.update(task, description=f"level ep: {size} process(es), {cases} case(s)")
                 for row in run_expert_parallel(size, configs, traffics, token_counts, torch_device, warmup, repeats,
-                                               defaults.time_budget_s, run_dir):
+                                               defaults.time_budget_s, ep_chunks, run_dir):
                     record(row)
         except KeyboardInterrupt:
             interrupted = True
@@ -325,9 +331,10 @@ def run_command(
 
 
 def run_expert_parallel(world_size: int, configs: list, traffics: list, token_counts: list[int], device,
-                        warmup: int, repeats: int, time_budget_s: float, run_dir: Path) -> list[dict]:
-    """Launch the EP level under torchrun with `world_size` processes; its rows, and an `error` row for every
-    case it did not finish (with the launch's last error line)."""
+                        warmup: int, repeats: int, time_budget_s: float, chunks: str, run_dir: Path) -> list[dict]:
+    """Launch the EP level under torchrun with `world_size` processes, choosing among `chunks` (auto, or chunk
+    counts comma-separated); its rows, and an `error` row for every case it did not finish (with the launch's last
+    error line)."""
     lab = journey()
     ep = lab.expert_parallel()
     rows_path = run_dir / f".ep-world-{world_size}.jsonl"
@@ -338,7 +345,7 @@ def run_expert_parallel(world_size: int, configs: list, traffics: list, token_co
                "--tokens", ",".join(map(str, token_counts)), "--device", device.type,
                "--traffic", ",".join(t.shape for t in traffics), "--zipf-s", str(traffic.zipf_s),
                "--hot-share", str(traffic.hot_share), "--warmup", str(warmup), "--repeats", str(repeats),
-               "--time-budget-s", str(time_budget_s), "--rows-out", str(rows_path)]
+               "--time-budget-s", str(time_budget_s), "--chunks", chunks, "--rows-out", str(rows_path)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
     rows_path.unlink(missing_ok=True)

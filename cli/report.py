@@ -80,7 +80,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     for column in ("device_type", "tokens_per_expert", "load_cv", "load_gini", "load_max_over_mean", "dead_experts",
                    "dropped_tokens", "stage_ms", "world_size", "tokens_per_rank", "dispatch_ms", "compute_ms",
                    "combine_ms", "a2a_bytes", "dispatch_gbps", "a2a_busbw_gbps", "allreduce_busbw_gbps",
-                   "rank_load_max_over_mean", "local_level"):
+                   "rank_load_max_over_mean", "local_level", "chunks", "exposed_comm_ms_c1", "exposed_comm_ms"):
         if column not in df:
             df[column] = None
     df["traffic"] = df["traffic"].fillna("uniform") if "traffic" in df else "uniform"
@@ -496,8 +496,9 @@ def plot_stages(df: pd.DataFrame, out_dir: Path, preset: str) -> str:
 
 
 def ep_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The expert-parallel rows: one per (case, tokens per rank, world size), the time split into its phases, the
-    bytes the all-to-alls moved, the bandwidths, and the weak-scaling efficiency against world size 1."""
+    """The expert-parallel rows: one per (case, tokens per rank, world size), the unpipelined time split into its
+    phases, the chosen chunk count and the communication left exposed before and after pipelining, the bytes the
+    all-to-alls moved, the bandwidths, and the weak-scaling efficiency against world size 1."""
     table_rows = []
     for _, row in df.sort_values(["case", "tokens_per_rank", "world_size"]).iterrows():
         base = df[(df["case"] == row["case"]) & (df["tokens_per_rank"] == row["tokens_per_rank"])
@@ -507,15 +508,17 @@ def ep_table(df: pd.DataFrame) -> pd.DataFrame:
         cells = [fmt(row[c]) if ok else "-" for c in ("ms", "dispatch_ms", "compute_ms", "combine_ms")]
         if not ok:
             cells[0] = STATUS_CELL.get(row["status"], row["status"])
+        chunks = str(int(row["chunks"])) if ok and not pd.isna(row["chunks"]) else "-"
+        exposed = [fmt(row[c]) if ok else "-" for c in ("exposed_comm_ms_c1", "exposed_comm_ms")]
         mb = fmt(row["a2a_bytes"] / 2**20) if ok else "-"
         table_rows.append([row["case"], str(int(row["tokens_per_rank"])), str(int(row["world_size"])),
-                           str(row["experts"]), *cells, mb,
+                           str(row["experts"]), *cells, chunks, *exposed, mb,
                            *(fmt(row[c]) if ok else "-" for c in ("dispatch_gbps", "a2a_busbw_gbps",
                                                                    "allreduce_busbw_gbps", "rank_load_max_over_mean")),
                            efficiency])
-    header = ["case", "tokens / rank", "W", "experts", "ms", "dispatch", "expert compute", "combine",
-              "MiB across ranks", "dispatch GB/s", "all-to-all busbw GB/s", "all-reduce busbw GB/s",
-              "busiest rank / mean", "weak-scaling eff."]
+    header = ["case", "tokens / rank", "W", "experts", "ms", "dispatch", "expert compute", "combine", "chunks",
+              "exposed comm, 1 chunk", "exposed comm, chunked", "MiB across ranks", "dispatch GB/s",
+              "all-to-all busbw GB/s", "all-reduce busbw GB/s", "busiest rank / mean", "weak-scaling eff."]
     return pd.DataFrame(table_rows, columns=header).set_index("case")
 
 
@@ -526,9 +529,13 @@ def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
         "## Expert parallelism (level ep)",
         f"Weak scaling: at world size W each rank holds the preset's E experts (W·E in all) and its own T tokens; "
         f"the local experts run on {local or 'the best single-GPU level'}. ms is the slowest rank's median "
-        "forward, split into its phases (ms); *MiB across ranks* is what the dispatch and the combine sent to other "
-        "ranks per forward, all ranks together; *dispatch GB/s* is the busiest rank's dispatched bytes over its "
-        "dispatch time (sort and counts exchange included); the bus bandwidths are NCCL-tests' measure of a "
+        "forward in the chunk count (*chunks*) that brief timings of the candidates found fastest; the phases "
+        "(ms) are those of the unpipelined forward (one chunk), one after another. *Exposed comm* is a forward's "
+        "time minus its expert compute (shared experts included): the communication, and the waits for other "
+        "ranks, that no compute hid, unpipelined and in the chosen chunks. *MiB across ranks* is what the dispatch "
+        "and the combine sent to other ranks per forward, all ranks together; *dispatch GB/s* is the busiest "
+        "rank's dispatched bytes over its unpipelined dispatch time (sort and counts exchange included); the bus "
+        "bandwidths are NCCL-tests' measure of a "
         "plain all-to-all and all-reduce of the dispatch's size on the same processes; weak-scaling efficiency "
         "is the world-size-1 time over this row's.",
         markdown_table(ep_table(df), "case"),
@@ -549,7 +556,7 @@ def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
             ax.barh(labels, ok[column], left=left, label=name, color=color)
             left = [a + b for a, b in zip(left, ok[column])]
         ax.invert_yaxis()
-        ax.set(xlabel="ms per forward (slowest rank)")
+        ax.set(xlabel="ms per unpipelined forward (slowest rank)")
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(True, axis="x", alpha=0.3)
         legend_right(ax)

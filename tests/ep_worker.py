@@ -1,5 +1,7 @@
 """Run under torchrun by test_expert_parallel.py: each rank checks the EP layer's output for its own tokens against
-`reference_forward` over the full expert set, on the cases below; rank 0 writes {case: [rel. error per rank]}."""
+`reference_forward` over the full expert set, on the cases below, unpipelined and in chunks (uneven ones; more chunks
+than tokens on some ranks in `few_tokens`); rank 0 writes, per rank, {case: {"checks": {chunks: [rel. error,
+passed]}, "received": rows received}}."""
 
 import json
 import os
@@ -16,6 +18,8 @@ from moe_benchmark import compare_to_reference, make_inputs  # noqa: E402
 
 from moe_model import MoEConfig, Traffic, init_weights, reference_forward  # noqa: E402
 
+CHUNKS = (1, 4)  # of 37, 42, 47 and 52 tokens (ranks 0 to 3): uneven chunks on all ranks but the fourth
+
 
 def main() -> None:
     dist.init_process_group("gloo")
@@ -29,22 +33,25 @@ def main() -> None:
         "shared_expert_top1": (MoEConfig(hidden=48, intermediate=80, num_experts=world, top_k=1,
                                          num_shared_experts=1, name="ep"), Traffic()),
         "idle_rank": (MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2, name="ep"), Traffic()),
+        "few_tokens": (MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2, name="ep"), Traffic()),
     }
     for case, (config, traffic) in cases.items():
         layer = ExpertParallelMoE(config, torch.device("cpu"))
-        num_tokens = 37 + 5 * rank  # uneven across ranks, multiples of nothing
+        # Uneven across ranks, multiples of nothing; in `few_tokens`, fewer tokens than chunks on ranks 0 and 1.
+        num_tokens = 2 + rank if case == "few_tokens" else 37 + 5 * rank
         inputs = make_inputs(config, layer.weights, num_tokens, seed=100 * rank + len(case), traffic=traffic)
         if case == "idle_rank":  # no token on any rank picks rank 1's experts (2 and 3): rank 1 receives none
             allowed = torch.tensor([e for e in range(config.num_experts) if e // 2 != 1])
             generator = torch.Generator().manual_seed(rank)
             inputs.expert_ids_TK = torch.stack([allowed[torch.randperm(len(allowed), generator=generator)[:2]]
                                                 for _ in range(num_tokens)])
-        out_TH = layer.forward(*inputs.as_args())
         full = init_weights(config, "cpu")
         ref_TH = reference_forward(inputs.tokens_TH, full, inputs.routing_weights_TK, inputs.expert_ids_TK)
-        check = compare_to_reference(out_TH, ref_TH, config.tolerance)
-        received = layer.dispatch(*inputs.as_args()).rows_RH.shape[0]
-        results[case] = (check.rel_err, check.passed, received)
+        checks = {}
+        for chunks in CHUNKS:
+            check = compare_to_reference(layer.forward(*inputs.as_args(), chunks=chunks), ref_TH, config.tolerance)
+            checks[chunks] = (check.rel_err, check.passed)
+        results[case] = {"checks": checks, "received": layer.plan(*inputs.as_args(), chunks=1).rows_RH.shape[0]}
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:

@@ -17,21 +17,23 @@ def test_ep_matches_the_reference(tmp_path, world_size):
     out = tmp_path / "results.json"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc-per-node={world_size}", str(REPO / "tests" / "ep_worker.py"), str(out)],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == world_size
     for rank, cases in enumerate(per_rank):
-        assert set(cases) == {"uniform", "zipf", "shared_expert_top1", "idle_rank"}
-        for case, (rel_err, passed, _) in cases.items():
-            assert passed and rel_err < 2e-2, (rank, case, rel_err)
-    assert per_rank[1]["idle_rank"][2] == 0  # rank 1's experts got no rows at all
-    assert all(cases["uniform"][2] > 0 for cases in per_rank)
+        assert set(cases) == {"uniform", "zipf", "shared_expert_top1", "idle_rank", "few_tokens"}
+        for case, result in cases.items():
+            assert set(result["checks"]) == {"1", "4"}  # chunk counts
+            for chunks, (rel_err, passed) in result["checks"].items():
+                assert passed and rel_err < 2e-2, (rank, case, chunks, rel_err)
+    assert per_rank[1]["idle_rank"]["received"] == 0  # rank 1's experts got no rows at all
+    assert all(cases["uniform"]["received"] > 0 for cases in per_rank)
 
 
 def test_cli_runs_ep_on_the_cpu(tmp_path):
     result = bench("run", "-t", "moe_journey", "--levels", "ep", "--world-size", "1,2", "--tokens", "16",
-                   "--out", str(tmp_path), *FAST)
+                   "--ep-chunks", "1,2", "--out", str(tmp_path), *FAST)
     assert result.exit_code == 0, result.output
     (run_dir,) = run_dirs(tmp_path)
     rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()]
@@ -41,13 +43,20 @@ def test_cli_runs_ep_on_the_cpu(tmp_path):
     two = rows[1]
     assert two["dispatch_ms"] > 0 and two["compute_ms"] > 0 and two["combine_ms"] > 0 and two["a2a_bytes"] > 0
     assert two["a2a_busbw_gbps"] > 0 and two["allreduce_busbw_gbps"] > 0 and rows[0]["a2a_busbw_gbps"] is None
+    # The chunk count chosen from brief timings of the candidates, then the exposed communication before and after.
+    assert set(two["chunk_ms"]) == {"1", "2"}
+    assert two["chunks"] == min((1, 2), key=lambda chunks: two["chunk_ms"][str(chunks)])
+    assert 0 < two["exposed_comm_ms_c1"] < two["ms_c1"] and 0 < two["exposed_comm_ms"] < two["ms"]
     summary = re.sub(" +", " ", (run_dir / "summary.md").read_text())  # the tables' padding squeezed out
     assert "## Expert parallelism (level ep)" in summary and "| tiny | 16 | 2 | 8 |" in summary
+    assert "| exposed comm, 1 chunk | exposed comm, chunked |" in summary
     assert (run_dir / "expert_parallel.png").exists()
 
 
 @pytest.mark.parametrize("args, message", [(["--world-size", "0"], "positive"),
-                                           (["--world-size", "two"], "whole numbers")])
-def test_bad_world_size(tmp_path, args, message):
+                                           (["--world-size", "two"], "whole numbers"),
+                                           (["--ep-chunks", "0"], "positive"),
+                                           (["--ep-chunks", "4,many"], "whole numbers")])
+def test_bad_ep_option(tmp_path, args, message):
     result = bench("run", "-t", "moe_journey", "--levels", "ep", *args, "--out", str(tmp_path), *FAST)
     assert result.exit_code == 2 and message in result.output

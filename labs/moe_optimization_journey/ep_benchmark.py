@@ -13,6 +13,7 @@ import json
 import os
 import statistics
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,6 +48,8 @@ from moe_model import (
 
 # ---------------------------------------------------------------------------------------------------------------
 REFERENCE_CHUNK = 32  # experts drawn at a time for the check: 2.8 GB of deepseek-v3 weights, beside the layer's own
+AUTO_CHUNKS = (1, 2, 4, 8)  # the chunk counts `--chunks auto` chooses from
+CHOICE_REPEATS = 5  # timed forwards per chunk count while choosing (warm_up's minimum)
 
 
 def reference_on_rank(config: MoEConfig, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor,
@@ -64,12 +67,29 @@ def reference_on_rank(config: MoEConfig, tokens_TH: torch.Tensor, routing_weight
     return out_TH
 
 
-def time_phases(layer, inputs, device: torch.device, warmup: int, repeats: int,
-                budget_s: float) -> list[tuple[float, float, float]]:
-    """(dispatch, expert compute, combine) ms of each timed forward. All ranks start each forward together (a
-    barrier), after warm-up, with the L2 cache flushed on a GPU; every rank runs the same number of forwards."""
-    count = torch.tensor([warm_up(lambda: layer.forward(*inputs.as_args()), device, warmup, repeats, budget_s)[0]],
-                         device=device)
+@contextmanager
+def measured(spans: list | None, device: torch.device):
+    """`with measured(spans, device): ...` appends the block's (begin, end) on the device's clock to `spans`, as
+    the EP forward marks its expert compute; with `spans` None (a forward nobody times) it does nothing."""
+    if spans is None:
+        yield
+        return
+    begin = device_clock(device)
+    yield
+    spans.append((begin, device_clock(device)))
+
+
+def time_forwards(layer, inputs, chunks: int, device: torch.device, warmup: int, repeats: int,
+                  budget_s: float) -> list[dict[str, float]]:
+    """Each timed forward in `chunks` chunks, in ms: `ms` in all, `exposed_comm_ms` = ms − all its expert-compute
+    spans, and the phases around the routed chunks' compute: `dispatch_ms` (from the start to the first chunk's
+    compute), `compute_ms` (the chunks' compute spans, summed) and `combine_ms` (from the last chunk's compute to
+    the end, the shared experts included); with one chunk they are the plain dispatch, compute and combine. All
+    ranks start each forward together (a barrier), after warm-up, with the L2 cache flushed on a GPU; every rank
+    runs the same number of forwards."""
+    args = inputs.as_args()
+    calls, _ = warm_up(lambda: layer.forward(*args, chunks=chunks), device, warmup, repeats, budget_s)
+    count = torch.tensor([calls], device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MIN)
     l2_flush = l2_flush_buffer(device)
     marks = []
@@ -77,16 +97,46 @@ def time_phases(layer, inputs, device: torch.device, warmup: int, repeats: int,
         if l2_flush is not None:
             l2_flush.zero_()
         dist.barrier()
+        spans = []
         begin = device_clock(device)
-        dispatched = layer.dispatch(*inputs.as_args())
-        dispatched_at = device_clock(device)
-        results_RH = layer.compute(dispatched)
-        computed_at = device_clock(device)
-        layer.combine(inputs.tokens_TH, inputs.routing_weights_TK, dispatched, results_RH)
-        marks.append((begin, dispatched_at, computed_at, device_clock(device)))
-        del dispatched, results_RH  # before the next forward allocates its own
+        layer.forward(*args, chunks=chunks, compute_spans=spans)
+        marks.append((begin, spans, device_clock(device)))
     synchronize(device)
-    return [(elapsed_ms(a, b), elapsed_ms(b, c), elapsed_ms(c, d)) for a, b, c, d in marks]
+    times = []
+    for begin, spans, end in marks:
+        routed = spans[:chunks]  # then the shared experts' span, if the layer has any
+        total_ms = elapsed_ms(begin, end)
+        times.append({"ms": total_ms, "exposed_comm_ms": total_ms - sum(elapsed_ms(a, b) for a, b in spans),
+                      "dispatch_ms": elapsed_ms(begin, routed[0][0]),
+                      "compute_ms": sum(elapsed_ms(a, b) for a, b in routed),
+                      "combine_ms": elapsed_ms(routed[-1][1], end)})
+    return times
+
+
+def summarize(times: list[dict[str, float]]) -> dict[str, float]:
+    """One rank's medians over its timed forwards, with the spread of the total."""
+    totals = [t["ms"] for t in times]
+    return {"ms_p20": quantile(totals, 0.2), "ms_p80": quantile(totals, 0.8), "repeats": len(times),
+            **{key: statistics.median(t[key] for t in times) for key in times[0]}}
+
+
+def chunk_candidates(spec: str, tokens_per_rank: int) -> list[int]:
+    """The chunk counts to choose from: `auto` is 1, 2, 4 and 8, those no larger than the tokens per rank; else
+    the comma-separated counts given (a count above the tokens leaves some chunks empty, which works)."""
+    if spec == "auto":
+        return [chunks for chunks in AUTO_CHUNKS if chunks <= tokens_per_rank]
+    return [int(part) for part in spec.split(",")]
+
+
+def time_chunk_counts(layer, inputs, candidates: list[int], device: torch.device, warmup: int,
+                      budget_s: float) -> dict[int, float]:
+    """A brief look at each chunk count, to choose one: the median ms of a few forwards, the slowest rank's (the
+    same numbers on every rank, so every rank chooses the same count)."""
+    medians = torch.tensor([statistics.median(t["ms"] for t in time_forwards(layer, inputs, chunks, device, warmup,
+                                                                               CHOICE_REPEATS, budget_s))
+                            for chunks in candidates], dtype=torch.float64, device=device)
+    dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+    return dict(zip(candidates, medians.tolist()))
 
 
 def bus_bandwidth_gbps(device: torch.device, nbytes: int) -> dict[str, float | None]:
@@ -127,32 +177,37 @@ def gather(value: object) -> list:
 
 
 def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, device: torch.device, traffic: Traffic,
-                 warmup: int, repeats: int, budget_s: float) -> dict | None:
-    """Check, then time, the EP layer at this world size (weak scaling: W·E experts, W·T tokens). Every rank
-    calls it; rank 0 returns the row, the others None."""
+                 warmup: int, repeats: int, budget_s: float, chunks: str = "auto") -> dict | None:
+    """Check, then time, the EP layer at this world size (weak scaling: W·E experts, W·T tokens), unpipelined and
+    in the chunk count that a brief timing of the candidates (`chunks`: see chunk_candidates) finds fastest. Every
+    rank calls it; rank 0 returns the row, the others None."""
     world, rank = dist.get_world_size(), dist.get_rank()
     config = dataclasses.replace(preset, num_experts=preset.num_experts * world)
+    candidates = chunk_candidates(chunks, tokens_per_rank)
     row = base_row(layer_cls, config, tokens_per_rank * world, device, traffic)
     row.update(world_size=world, tokens_per_rank=tokens_per_rank, experts_per_rank=preset.num_experts,
                local_level=None, dispatch_ms=None, compute_ms=None, combine_ms=None,
-               a2a_bytes=None, dispatch_gbps=None)
+               a2a_bytes=None, dispatch_gbps=None, chunks=None, chunk_ms=None, ms_c1=None, exposed_comm_ms_c1=None,
+               exposed_comm_ms=None, compute_ms_chunked=None)
     layer = None
     try:
         layer = layer_cls(config, device)
         row["local_level"] = f"{layer.local_level.level} {layer.local_level.name}"
-        # Each rank its own tokens: the seed also depends on the rank.
+        # Each rank its own tokens: the seed also depends on the rank. Every chunk count that may be timed is
+        # checked, against one reference.
         check_inputs = make_inputs(config, layer.weights, tokens_per_rank,
                                    input_seed(config, tokens_per_rank, f"check rank {rank}"), traffic)
-        out_TH = layer.forward(*check_inputs.as_args())
         ref_TH = reference_on_rank(config, *check_inputs.as_args(), chunk=REFERENCE_CHUNK)
-        check = compare_to_reference(out_TH, ref_TH, config.tolerance)
-        checks = gather((check.rel_err, check.passed, check.message))
+        by_count = {count: compare_to_reference(layer.forward(*check_inputs.as_args(), chunks=count), ref_TH,
+                                                config.tolerance) for count in sorted({1, *candidates})}
+        count, worst = max(by_count.items(), key=lambda item: (not item[1].passed, item[1].rel_err))
+        checks = gather((worst.rel_err, worst.passed, f"in {count} chunk(s): {worst.message}"))
         row["rel_err"] = max(err for err, _, _ in checks)
         failed = [f"rank {r}: {message}" for r, (_, passed, message) in enumerate(checks) if not passed]
         if failed:
             row.update(status="error", note=f"wrong result: {failed[0]}")
             return row if rank == 0 else None
-        del out_TH, ref_TH, check_inputs
+        del ref_TH, check_inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the check's blocks, so the timed forwards find the memory in one piece
 
@@ -160,15 +215,17 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
                              input_seed(config, tokens_per_rank, f"timing rank {rank}"), traffic)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the peak of the timed forwards, not of the check
-        phases = time_phases(layer, inputs, device, warmup, repeats, budget_s)
-        totals = [sum(p) for p in phases]
+        chunk_ms = time_chunk_counts(layer, inputs, candidates, device, warmup, budget_s)
+        chosen = min(chunk_ms, key=chunk_ms.get)
+        unpipelined = summarize(time_forwards(layer, inputs, 1, device, warmup, repeats, budget_s))
+        pipelined = unpipelined if chosen == 1 else summarize(time_forwards(layer, inputs, chosen, device, warmup,
+                                                                            repeats, budget_s))
         element = inputs.tokens_TH.element_size()
         sent_rows = inputs.expert_ids_TK.numel()  # one row per (token, slot) pair
         to_own_rank = int((inputs.expert_ids_TK // layer.experts_per_rank == rank).sum())
         crossing_rows = sent_rows - to_own_rank
         per_rank = gather({
-            "ms": statistics.median(totals), "ms_p20": quantile(totals, 0.2), "ms_p80": quantile(totals, 0.8),
-            "phases": [statistics.median(p[i] for p in phases) for i in range(3)], "repeats": len(phases),
+            "unpipelined": unpipelined, "pipelined": pipelined,
             # Out in the dispatch (row and routing weight), back in the combine.
             "bytes": crossing_rows * (2 * config.hidden + 1) * element,
             "expert_ids": inputs.expert_ids_TK.cpu(), "dropped": inputs.dropped_tokens,
@@ -178,7 +235,10 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
         ceilings = measure_ceilings(device)
         if rank != 0:
             return None
-        slowest = max(per_rank, key=lambda r: r["ms"])  # the layer is done when its slowest rank is
+        # The layer is done when its slowest rank is.
+        slowest = max((r["pipelined"] for r in per_rank), key=lambda times: times["ms"])
+        slowest_unpipelined = max((r["unpipelined"] for r in per_rank), key=lambda times: times["ms"])
+        busiest_bytes = max(r["bytes"] for r in per_rank)
         ms = slowest["ms"]
         expert_ids = torch.cat([r["expert_ids"] for r in per_rank])
         flops = flop_count(config, tokens_per_rank * world)
@@ -193,9 +253,14 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
             pct_roofline=100 * ceilings.floor_ms(flops / world, nbytes / world) / ms if ceilings else None,
             peak_mb=max(r["peak_mb"] for r in per_rank) if device.type == "cuda" else None,
             dropped_tokens=sum(r["dropped"] for r in per_rank),
-            dispatch_ms=slowest["phases"][0], compute_ms=slowest["phases"][1], combine_ms=slowest["phases"][2],
+            # The phases are the unpipelined forward's: pipelined, they overlap.
+            dispatch_ms=slowest_unpipelined["dispatch_ms"], compute_ms=slowest_unpipelined["compute_ms"],
+            combine_ms=slowest_unpipelined["combine_ms"],
+            chunks=chosen, chunk_ms={str(count): value for count, value in chunk_ms.items()},
+            ms_c1=slowest_unpipelined["ms"], exposed_comm_ms_c1=slowest_unpipelined["exposed_comm_ms"],
+            exposed_comm_ms=slowest["exposed_comm_ms"], compute_ms_chunked=slowest["compute_ms"],
             a2a_bytes=sum(r["bytes"] for r in per_rank),
-            dispatch_gbps=max(r["bytes"] for r in per_rank) / 2 / (slowest["phases"][0] * 1e-3) / 1e9,
+            dispatch_gbps=busiest_bytes / 2 / (slowest_unpipelined["dispatch_ms"] * 1e-3) / 1e9,
             rank_load_max_over_mean=(pairs_per_rank.max() / pairs_per_rank.mean()).item(),
             **bandwidth,
         )
@@ -223,6 +288,8 @@ def run_ep_script(layer_cls: type) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--time-budget-s", type=float, default=3.0)
+    parser.add_argument("--chunks", default="auto", help="chunk counts of the pipelined forward to choose from, "
+                                                         "comma-separated, or auto: 1, 2, 4 and 8")
     parser.add_argument("--rows-out", type=Path, default=None, help="append the rows here (JSON lines)")
     args = parser.parse_args()
 
@@ -240,6 +307,8 @@ def run_ep_script(layer_cls: type) -> None:
         if any(t <= 0 for t in token_counts):
             raise ConfigError(f"--tokens must be positive, got {args.tokens}")
         traffics = [Traffic(shape, zipf_s=args.zipf_s, hot_share=args.hot_share) for shape in args.traffic.split(",")]
+        if args.chunks != "auto" and not all(part.isdigit() and int(part) > 0 for part in args.chunks.split(",")):
+            raise ConfigError(f"--chunks takes auto or positive whole numbers separated by commas, got {args.chunks!r}")
     except (ConfigError, ValueError) as error:
         if rank == 0:
             print(f"error: {error}", file=sys.stderr)
@@ -261,7 +330,7 @@ def run_ep_script(layer_cls: type) -> None:
             for traffic in traffics:
                 for tokens in token_counts:
                     row = benchmark_ep(layer_cls, preset, tokens, device, traffic, args.warmup, args.repeats,
-                                       args.time_budget_s)
+                                       args.time_budget_s, args.chunks)
                     if row is not None:
                         rows.append(row)
                         if args.rows_out:
