@@ -385,3 +385,165 @@ def describe_tuned_configs() -> str:
             tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_N", "BLOCK_D"))
             parts.append(f"{label} tile {tile} (columns × depth), {config.num_warps} warps, {config.num_stages} stages")
     return "autotuned: " + "; ".join(parts) if parts else ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Level 9: the same two GEMMs, rebuilt for Hopper.
+#
+# - Persistent: one program per SM (at most) loops over the tiles, so there is no tail of half-empty waves and each
+#   program's set-up (descriptors, first loads) is paid once, not once per tile. The tile count comes from the
+#   alignment's padded length on the device, so programs never visit padding-only tiles.
+# - Weights through TMA: a tensor descriptor [E, depth, cols] lets the copy engine fetch each [BLOCK_D, BLOCK_N]
+#   weight tile asynchronously, with no address arithmetic in the threads, and fill zeros past an expert's rows
+#   (any H or I). The gathered token rows still come by pointer loads: TMA gather is Blackwell-only.
+# - Gate and up interleaved column by column in one [E, H, 2I] tensor: one accumulator 2·BLOCK_N wide, one wgmma
+#   per step, split into gate and up in the epilogue. Level 7 kept two accumulators, so its tiles were half as wide.
+# - The down GEMM's activations [P, I] are already sorted: they come by TMA too.
+# TMA needs 16-byte-aligned row strides; `tma_storage` pads a tensor's rows (not its shape) where they are not.
+# ---------------------------------------------------------------------------------------------------------------
+def tma_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` with its last dimension's storage padded to a multiple of 16 bytes (TMA's stride rule); the view
+    keeps the real shape, so descriptors built from it see the real extent and read zeros past it."""
+    elements = 16 // tensor.element_size()
+    cols = tensor.shape[-1]
+    if cols % elements == 0:
+        return tensor.contiguous()
+    padded = tensor.new_zeros((*tensor.shape[:-1], triton.cdiv(cols, elements) * elements))
+    padded[..., :cols] = tensor
+    return padded[..., :cols]
+
+
+def _allocate_descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for descriptors made on the device (tl.make_tensor_descriptor): a few bytes per program."""
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+triton.set_allocator(_allocate_descriptor_scratch)
+
+
+def _persistent_configs(interpret: bool) -> list:
+    """Narrow tiles for decode (a few rows per expert: spread the weight reads over every SM), wide ones for
+    prefill. BLOCK_N is the output tile's width; the gate/up accumulator is twice that."""
+    if interpret:
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+    shapes = [(16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (128, 64, 8, 3),
+              (256, 64, 8, 3)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_D": d, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for n, d, w, s in shapes]
+
+
+@triton.jit
+def _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Tile index → (row block, column block) in GROUP_M-row groups, so that programs running at once share
+    weight tiles in L2 (the same order as level 7's _tile_position, for a loop instead of a grid)."""
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (tile // tiles_per_group) * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % tiles_per_group) % group_size, (tile % tiles_per_group) // group_size
+
+
+@triton.autotune(configs=_persistent_configs(interpreting()), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
+@triton.jit
+def _moe_gate_up_persistent_kernel(
+    x_ptr, w13_ptr, hidden_ptr,  # x [T, H], w13 [E, H, 2I] gate and up interleaved, hidden [P_max, I]
+    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    num_experts, cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
+    stride_xt, stride_we, stride_wd, stride_hp,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    w_desc = tl.make_tensor_descriptor(w13_ptr, shape=[num_experts, depth, 2 * cols],
+                                       strides=[stride_we, stride_wd, 1], block_shape=[1, BLOCK_D, 2 * BLOCK_N])
+    num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)  # only the blocks this routing filled
+    num_pid_n = tl.cdiv(cols, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for tile in range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+        pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
+            sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
+        x_ptrs = x_ptr + (pair_ids // top_k).to(tl.int64)[:, None] * stride_xt + offs_d[None, :]  # gathered rows
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)  # gate and up, interleaved
+        for d_start in tl.range(0, depth, BLOCK_D):
+            x = tl.load(x_ptrs, mask=row_valid[:, None] & (offs_d < depth - d_start)[None, :], other=0.0)
+            w = w_desc.load([expert.to(tl.int32), d_start, pid_n * 2 * BLOCK_N]).reshape(BLOCK_D, 2 * BLOCK_N)
+            acc = _dot(x, w, acc, UPCAST)  # read BLOCK_M·BLOCK_D + BLOCK_D·2·BLOCK_N elements
+            x_ptrs += BLOCK_D
+        gate, up = acc.reshape(BLOCK_M, BLOCK_N, 2).split()
+        hidden = gate * tl.sigmoid(gate) * up  # SiLU·up on the fp32 accumulators
+        hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_n[None, :]
+        tl.store(hidden_ptrs, hidden.to(hidden_ptr.dtype.element_ty), mask=col_valid[None, :])  # write BM·BN
+
+
+@triton.autotune(configs=_persistent_configs(interpreting()), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
+@triton.jit
+def _moe_down_persistent_kernel(
+    hidden_ptr, w2_ptr, out_ptr, routing_weights_ptr,  # hidden [P_max, I], w2 [E, I, H], out [N, H]
+    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    num_experts, cols, depth, num_pairs, max_padded, pairs_bucket,  # cols = H, depth = I
+    stride_hp, stride_we, stride_wd, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    hidden_desc = tl.make_tensor_descriptor(hidden_ptr, shape=[max_padded, depth], strides=[stride_hp, 1],
+                                            block_shape=[BLOCK_M, BLOCK_D])  # sorted rows: no gather, so TMA
+    w_desc = tl.make_tensor_descriptor(w2_ptr, shape=[num_experts, depth, cols], strides=[stride_we, stride_wd, 1],
+                                       block_shape=[1, BLOCK_D, BLOCK_N])
+    num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
+    num_pid_n = tl.cdiv(cols, BLOCK_N)
+    for tile in range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+        pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
+            sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for d_start in tl.range(0, depth, BLOCK_D):
+            hidden = hidden_desc.load([pid_m * BLOCK_M, d_start])
+            w = w_desc.load([expert.to(tl.int32), d_start, pid_n * BLOCK_N]).reshape(BLOCK_D, BLOCK_N)
+            acc = _dot(hidden, w, acc, UPCAST)  # read BLOCK_M·BLOCK_D + BLOCK_D·BLOCK_N elements
+        weight = tl.load(routing_weights_ptr + pair_ids, mask=row_valid, other=0.0).to(tl.float32)
+        acc = acc * weight[:, None]
+        out_ptrs = out_ptr + pair_ids[:, None].to(tl.int64) * stride_om + offs_n[None, :]  # back to pair order
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
+
+
+def num_programs(device: torch.device) -> int:
+    """One program per SM on a GPU; a few in the interpreter, which runs them one after another."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.Tensor, alignment: TokenAlignment,
+                           top_k: int) -> torch.Tensor:
+    """Level 7's moe_gate_up on Hopper: hidden [P_max, I] (its storage padded for TMA where I needs it)."""
+    _check_device(tokens_TH, w13_interleaved_EH2I)
+    E, H, two_I = w13_interleaved_EH2I.shape
+    I = two_I // 2
+    max_padded = alignment.sorted_pair_ids.numel()
+    tokens_TH = tokens_TH.contiguous()
+    hidden_PI = tma_storage(torch.empty((max_padded, I), dtype=tokens_TH.dtype, device=tokens_TH.device))
+    programs = num_programs(tokens_TH.device)
+    num_pairs = tokens_TH.shape[0] * top_k
+    _moe_gate_up_persistent_kernel[(programs,)](
+        tokens_TH, w13_interleaved_EH2I, hidden_PI, alignment.sorted_pair_ids, alignment.block_expert_ids,
+        alignment.num_padded, E, I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
+        tokens_TH.stride(0), w13_interleaved_EH2I.stride(0), w13_interleaved_EH2I.stride(1), hidden_PI.stride(0),
+        BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
+    )
+    return hidden_PI
+
+
+def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routing_weights_TK: torch.Tensor,
+                        alignment: TokenAlignment) -> torch.Tensor:
+    """Level 7's moe_down on Hopper: y [T, K, H], each row weighted and back in (token, slot) order."""
+    _check_device(hidden_PI, w_down_EIH)
+    T, K = routing_weights_TK.shape
+    E, I, H = w_down_EIH.shape
+    y_NH = torch.empty((T * K, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
+    programs = num_programs(hidden_PI.device)
+    _moe_down_persistent_kernel[(programs,)](
+        hidden_PI, w_down_EIH, y_NH, routing_weights_TK.contiguous().view(-1), alignment.sorted_pair_ids,
+        alignment.block_expert_ids, alignment.num_padded, E, H, I, T * K, hidden_PI.shape[0],
+        triton.next_power_of_2(T * K), hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1), y_NH.stride(0),
+        BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
+    )
+    return y_NH.view(T, K, H)

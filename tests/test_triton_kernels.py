@@ -105,3 +105,32 @@ def test_grouped_kernel_matches_reference(case):
     ref = reference_forward(tokens, weights, routing, expert_ids)
     check = compare_to_reference(out, ref, 2e-2)
     assert check.passed, check.message
+
+
+# --- level 9's persistent TMA kernels: odd shapes, the interpreter runs the tensor descriptors too -----------------
+@pytest.mark.parametrize("hidden, intermediate", [(200, 72), (100, 36), (72, 40)])
+@pytest.mark.parametrize("num_tokens, top_k", [(1, 2), (37, 4), (61, 1)])
+def test_persistent_tma_level_on_odd_shapes(levels, hidden, intermediate, num_tokens, top_k):
+    """H and I that are not multiples of the tiles, rows whose storage TMA needs padded (100·2 bytes, 36·2 bytes),
+    T = 1, K = E, and experts left without tokens (61 tokens at K=1 over 4 experts: routing picks two)."""
+    config = MoEConfig(hidden=hidden, intermediate=intermediate, num_experts=4, top_k=top_k, name="odd")
+    weights = init_weights(config, "cpu")
+    generator = torch.Generator().manual_seed(num_tokens)
+    tokens = torch.randn((num_tokens, hidden), generator=generator).bfloat16()
+    expert_ids = torch.stack([torch.randperm(4, generator=generator)[:top_k] for _ in range(num_tokens)])
+    if top_k == 1:
+        expert_ids = expert_ids % 2  # experts 2 and 3 get nothing
+    routing_weights = torch.softmax(torch.randn((num_tokens, top_k), generator=generator), -1).bfloat16()
+    level = levels["9"](config, weights)
+    level.prepare()
+    out = level.forward(tokens, routing_weights, expert_ids)
+    check = compare_to_reference(out, reference_forward(tokens, weights, routing_weights, expert_ids), 2e-2)
+    assert check.passed, check.message
+
+
+def test_tma_storage_pads_rows_not_shape():
+    odd = torch.randn(3, 5, 36).bfloat16()  # 72-byte rows
+    stored = triton_kernels.tma_storage(odd)
+    assert stored.shape == odd.shape and torch.equal(stored, odd) and stored.stride(1) * 2 % 16 == 0
+    even = torch.randn(3, 5, 64).bfloat16()
+    assert triton_kernels.tma_storage(even).data_ptr() == even.data_ptr()  # aligned already: no copy

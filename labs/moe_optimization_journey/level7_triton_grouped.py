@@ -93,11 +93,17 @@ class TritonGroupedLevel(MoELevel):
         # SiLU·up runs in the gate|up kernel's epilogue and the routing weight in the down kernel's: no stage of
         # their own.
         with stage("expert GEMMs"):
-            hidden_PI = moe_gate_up(tokens_TH, self.w13_EH2I, alignment, K)
-            y_TKH = moe_down(hidden_PI, self.w_down_EIH, routing_weights_TK, alignment)
+            hidden_PI = self.gate_up(tokens_TH, alignment, K)
+            y_TKH = self.down(hidden_PI, routing_weights_TK, alignment)
         with stage("combine"):
             out_TH = y_TKH.sum(dim=1) if K > 1 else y_TKH[:, 0]  # a sum over one slot would be a full copy
         return out_TH
+
+    def gate_up(self, tokens_TH, alignment, K):
+        return moe_gate_up(tokens_TH, self.w13_EH2I, alignment, K)  # one launch; 2 accumulators per tile
+
+    def down(self, hidden_PI, routing_weights_TK, alignment):
+        return moe_down(hidden_PI, self.w_down_EIH, routing_weights_TK, alignment)  # one launch
 
     def after_first_call(self):
         return triton_kernels.describe_tuned_configs()  # the autotuner has chosen by the end of the first call

@@ -1,0 +1,74 @@
+"""Level 9: persistent TMA kernels. Level 8's layer, with its two GEMMs rebuilt for Hopper.
+
+The idea
+    Level 8 runs level 7's kernels from one CUDA graph, and at large T they sit at 60-75% of the H100's measured
+    bf16 rate. Three things hold them there, and Hopper has an answer to each:
+    1. Launch shape and tail. Level 7 launches one program per output tile: at `journey` with 8192 tokens, 128-row
+       tiles and 128-wide columns, 136 row blocks × 16 column blocks = 2176 programs over 132 SMs, 16.5 waves; the
+       last half-wave leaves half the GPU idle, and every program pays its own prologue. A persistent grid has one
+       program per SM, each looping over tiles (`for tile in range(program, tiles, NUM_PROGRAMS)`): no partial
+       wave of programs, one prologue per SM, and the tile count read on the device from the alignment, so no
+       program even visits padding-only tiles.
+    2. Address arithmetic and no asynchronous copy for the weights. Level 7 computes a pointer per weight element
+       and loads through the threads. Here each [BLOCK_D, BLOCK_N] weight tile comes by TMA: a tensor descriptor
+       `[E, depth, cols]` made once per program, and the copy engine fetches the box while the warps do the math;
+       past an expert's last row it fills zeros, so any H or I works. The gathered token rows still come by pointer
+       loads (their order is the routing's; TMA gather is Blackwell-only). The down GEMM's activations are already
+       sorted, so they come by TMA too.
+    3. Tile width. Level 7's gate/up tile keeps two fp32 accumulators (gate and up), so it stops at 128 columns of
+       each. Interleaving gate and up column by column in one [E, H, 2I] tensor (prepare(), once) makes it one
+       accumulator 2·BLOCK_N wide: one wgmma per step on a 256-wide tile, split into gate and up in the epilogue.
+    Everything else is level 8's: device-side alignment, SiLU·up and the routing weight in the epilogues, shared
+    experts as extra experts, no host sync, the whole layer in one CUDA graph.
+
+Why it should be faster than level 8, counted
+    Same FLOPs and bytes. What changes is how close to the tensor cores' rate the GEMMs run: no tail wave (up to
+    1/waves of the time: 3% at 16 waves, up to half at 1.5 waves), weight loads that cost the threads nothing,
+    and twice the work per wgmma instruction on the gate/up side. At decode sizes (a few rows per expert) the
+    layer is bound by reading weights, and narrow tiles (16-32 columns: the autotuner picks per size class) spread
+    those reads over every SM, where level 7's minimum of 32 columns and no persistence left SMs idle. Launches: the
+    same 8 kernels in the graph (12 with a shared expert), one graph launch, no sync.
+
+What it costs
+    Hopper-only instructions (TMA, wgmma: sm_90; elsewhere Triton lowers descriptors to plain loads); a second
+    copy of the gate and up weights in the interleaved layout, made once; TMA's rule that row strides be 16-byte
+    aligned (`tma_storage` pads a row's storage, not its shape, where H or I needs it); and descriptors made on
+    the device, which need a scratch allocator (`triton.set_allocator`, set once in triton_kernels.py). On the CPU
+    it runs in Triton's interpreter, which executes tensor descriptors too: checked there, not timed.
+
+Run: python labs/moe_optimization_journey/level9_persistent_tma.py [--preset journey] [--tokens 8192] [--device cuda]
+"""
+
+import torch
+from level7_triton_grouped import PADDED_HIDDEN_AND_Y_BYTES
+from level8_triton_graphed import TritonGraphedLevel
+from moe_benchmark import Claims, run_level_script
+
+from triton_kernels import moe_down_persistent, moe_gate_up_persistent, tma_storage
+
+
+class PersistentTmaLevel(TritonGraphedLevel):
+    level = 9
+    name = "persistent_tma"
+    summary = "level 8 with persistent Hopper GEMMs: TMA weight tiles, gate|up interleaved into one wide accumulator"
+    claims = Claims(launches="8 + 4*min(S, 1)", syncs="0",  # level 8's kernels, one graph launch
+                    extra_bytes=f"({PADDED_HIDDEN_AND_Y_BYTES}, 2*({PADDED_HIDDEN_AND_Y_BYTES}) + 24*2**20)")
+
+    def prepare(self):
+        super().prepare()  # level 7's [E, H, 2I] gate|up (shared experts appended) and level 8's graph
+        E, H, two_I = self.w13_EH2I.shape
+        gate_EHI, up_EHI = self.w13_EH2I.split(two_I // 2, dim=2)
+        # Column 2j is gate j, column 2j + 1 is up j: one accumulator holds both, split in the epilogue.
+        self.w13_interleaved_EH2I = tma_storage(torch.stack([gate_EHI, up_EHI], dim=3).reshape(E, H, two_I))
+        self.w_down_EIH = tma_storage(self.w_down_EIH)
+        del self.w13_EH2I  # level 7's layout: not read here
+
+    def gate_up(self, tokens_TH, alignment, K):
+        return moe_gate_up_persistent(tokens_TH, self.w13_interleaved_EH2I, alignment, K)
+
+    def down(self, hidden_PI, routing_weights_TK, alignment):
+        return moe_down_persistent(hidden_PI, self.w_down_EIH, routing_weights_TK, alignment)
+
+
+if __name__ == "__main__":
+    run_level_script(PersistentTmaLevel)
