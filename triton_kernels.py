@@ -376,14 +376,16 @@ def moe_down(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routing_weights_
     return y_NH.view(T, K, H)
 
 
-def describe_tuned_configs() -> str:
-    """The tile shapes the autotuner picked last for the two MoE GEMM kernels, for a result row's note."""
+def describe_tuned_configs(gate_up_kernel=None, down_kernel=None) -> str:
+    """The tile shapes the autotuner picked last for two MoE GEMM kernels (level 7's by default), for a row's note."""
     parts = []
-    for label, kernel in (("gate_up", _moe_gate_up_kernel), ("down", _moe_down_kernel)):
+    kernels = (("gate_up", gate_up_kernel or _moe_gate_up_kernel), ("down", down_kernel or _moe_down_kernel))
+    for label, kernel in kernels:
         config = getattr(kernel, "best_config", None)
         if config is not None:
             tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_N", "BLOCK_D"))
-            parts.append(f"{label} tile {tile} (columns × depth), {config.num_warps} warps, {config.num_stages} stages")
+            parts.append(f"{label} tile {tile} (columns × depth), {config.num_warps} warps, "
+                         f"{config.num_stages} stages")
     return "autotuned: " + "; ".join(parts) if parts else ""
 
 

@@ -45,7 +45,9 @@ def test_cli_runs_ep_on_the_cpu(tmp_path):
     assert two["a2a_busbw_gbps"] > 0 and two["allreduce_busbw_gbps"] > 0 and rows[0]["a2a_busbw_gbps"] is None
     # The chunk count chosen from brief timings of the candidates, then the exposed communication before and after.
     assert set(two["chunk_ms"]) == {"1", "2"}
-    assert two["chunks"] == min((1, 2), key=lambda chunks: two["chunk_ms"][str(chunks)])
+    brief_pick = min((1, 2), key=lambda chunks: two["chunk_ms"][str(chunks)])
+    # The full timing decides between the brief timing's pick and one chunk.
+    assert two["chunks"] in (brief_pick, 1) and (two["chunks"] == 1) == (two["ms"] == two["ms_c1"])
     assert 0 < two["exposed_comm_ms_c1"] < two["ms_c1"] and 0 < two["exposed_comm_ms"] < two["ms"]
     summary = re.sub(" +", " ", (run_dir / "summary.md").read_text())  # the tables' padding squeezed out
     assert "## Expert parallelism (level ep)" in summary and "| tiny | 16 | 2 | 8 |" in summary

@@ -82,6 +82,7 @@ class CudaGraphLevel(MoELevel):
     level = 5
     name = "cudagraphs"
     summary = "sync-free fixed-capacity formulation, the whole layer captured in one CUDA graph"
+    keeps_buffers = True  # the graph's private memory pool
     # About 30 kernels in the graph, replayed by one launch; every expert padded to T rows.
     # 26 kernels in the graph (9 more per shared expert), replayed by one launch. Its private pool keeps every
     # intermediate, each expert padded to T rows, in whole segments (about 64 MiB at the least).

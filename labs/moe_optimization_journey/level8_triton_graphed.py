@@ -32,6 +32,7 @@ class TritonGraphedLevel(TritonGroupedLevel):
     level = 8
     name = "triton_graphed"
     summary = "level 7 recorded in one CUDA graph and replayed"
+    keeps_buffers = True  # the graph's private memory pool
     # Level 7's kernels in one graph, plus copying the three inputs into it; the graph's pool keeps level 7's
     # intermediates and the static inputs and output.
     claims = Claims(launches="8 + 4*min(S, 1)", syncs="0",  # level 7's kernels, one graph launch

@@ -44,6 +44,7 @@ from level7_triton_grouped import PADDED_HIDDEN_AND_Y_BYTES
 from level8_triton_graphed import TritonGraphedLevel
 from moe_benchmark import Claims, run_level_script
 
+import triton_kernels
 from triton_kernels import moe_down_persistent, moe_gate_up_persistent, tma_storage
 
 
@@ -68,6 +69,10 @@ class PersistentTmaLevel(TritonGraphedLevel):
 
     def down(self, hidden_PI, routing_weights_TK, alignment):
         return moe_down_persistent(hidden_PI, self.w_down_EIH, routing_weights_TK, alignment)
+
+    def after_first_call(self):
+        return triton_kernels.describe_tuned_configs(triton_kernels._moe_gate_up_persistent_kernel,
+                                                     triton_kernels._moe_down_persistent_kernel)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ class Claims:
                  "S": config.num_shared_experts, "B": torch.finfo(config.torch_dtype).bits // 8,
                  "U": E * (1 - (1 - K / E) ** T), "min": min, "max": max, "ceil": math.ceil, "log2": math.log2}
         value = lambda formula: eval(formula, {"__builtins__": {}}, shape)  # noqa: E731  (the lab's own formulas)
-        span = lambda formula: value(formula) if isinstance(value(formula), tuple) else (value(formula),) * 2  # noqa: E731
+        span = lambda formula: value(formula) if isinstance(value(formula), tuple) else (value(formula),) * 2  # noqa
         return {"launches": tuple(round(n) for n in span(self.launches)), "syncs": round(value(self.syncs)),
                 "extra_mb": tuple(n / 2**20 for n in span(self.extra_bytes))}
 
@@ -169,6 +169,7 @@ class MoELevel:
     needs_cuda: ClassVar[bool] = False
     # Its only CPU form is Triton's interpreter (its GEMMs are Triton kernels): on the CPU it is checked, not timed.
     interpreter_only: ClassVar[bool] = False
+    keeps_buffers: ClassVar[bool] = False  # memory it holds between calls (a CUDA graph's pool) counts as extra
 
     def __init__(self, config: MoEConfig, weights: MoEWeights):
         self.config = config
@@ -340,10 +341,11 @@ class Counts:
     gpu_busy_pct: float  # kernel time over the timed forward's time: under 50%, the GPU mostly waits for the host
 
 
-def measure_counts(fn: Callable[[], torch.Tensor], device: torch.device, reserved_before: int, ms: float,
-                   calls: int = 3) -> Counts:
-    """Kernels, syncs and memory of one forward (the mean of `calls` for the kernels). `reserved_before`: the
-    allocator's reserved bytes before the level's first call, to count what it holds between calls."""
+def measure_counts(fn: Callable[[], torch.Tensor], device: torch.device, ms: float, keeps_buffers: bool,
+                   reserved_before: int, calls: int = 3) -> Counts:
+    """Kernels, syncs and memory of one forward (the mean of `calls` for the kernels). For a level that
+    `keeps_buffers` between calls, what the allocator still reserves over `reserved_before` (measured before its
+    first call) counts too."""
     import warnings
 
     from torch.profiler import ProfilerActivity, profile
@@ -366,6 +368,7 @@ def measure_counts(fn: Callable[[], torch.Tensor], device: torch.device, reserve
         torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchronizing" in str(w.message) for w in caught)
 
+    gc.collect()  # nothing freed by a collection in the middle of the call
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -374,8 +377,10 @@ def measure_counts(fn: Callable[[], torch.Tensor], device: torch.device, reserve
     peak = torch.cuda.max_memory_allocated(device)
     transient = peak - before - out.numel() * out.element_size()
     del out
-    torch.cuda.empty_cache()  # what stays reserved now, the level holds: the graph pools of levels 5 and 8
-    held = max(0, torch.cuda.memory_reserved(device) - reserved_before)
+    held = 0
+    if keeps_buffers:  # what stays reserved now is the graph's pool (elsewhere it is the allocator's fragmentation)
+        torch.cuda.empty_cache()
+        held = max(0, torch.cuda.memory_reserved(device) - reserved_before)
     return Counts(launches=round(len(kernels) / calls), syncs=syncs, extra_mb=(max(0, transient) + held) / 2**20,
                   peak_mb=peak / 2**20, gpu_busy_pct=min(100.0, 100 * busy_us / 1e3 / ms))
 
@@ -586,7 +591,7 @@ def benchmark(
             pct_roofline=100 * ceilings.floor_ms(flops, nbytes) / ms if ceilings else None,
         )
         if on_gpu:
-            counts = measure_counts(call, device, reserved_before, ms)
+            counts = measure_counts(call, device, ms, level_cls.keeps_buffers, reserved_before)
             row.update(launches_measured=counts.launches, syncs_measured=counts.syncs, extra_mb=counts.extra_mb,
                        peak_mb=counts.peak_mb, gpu_busy_pct=counts.gpu_busy_pct,
                        host_bound=counts.gpu_busy_pct < 50)
