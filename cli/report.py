@@ -263,14 +263,22 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
     return "\n\n".join(parts)
 
 
+def unfinished_banner(env: dict) -> tuple[str, str] | None:
+    """(label, text) a run folder's page opens with when its run did not finish: stopped (Ctrl-C), or killed
+    before it could record its finish (a time limit, a signal)."""
+    if env.get("interrupted"):
+        return "Interrupted:", "this run was stopped before it finished; the tables hold the rows it finished."
+    if env and "finished_utc" not in env:
+        return ("Did not finish:", "this run's process ended before it recorded its finish (a time limit or a "
+                                   "signal); the tables hold the rows it finished.")
+    return None
+
+
 def environment_section(env: dict) -> str:
     if not env:
         return ""
     ceilings = env.get("ceilings") or {}
-    lines = []
-    if env.get("interrupted"):
-        lines.append("**Interrupted:** this run was stopped before it finished; the tables hold the rows it "
-                     "finished.\n")
+    lines = [f"**{banner[0]}** {banner[1]}\n"] if (banner := unfinished_banner(env)) else []
     lines += [
         f"- device: **{env.get('device', '?')}**, driver {env.get('driver') or '-'}, CUDA {env.get('cuda') or '-'}",
         f"- torch {env.get('torch')}, triton {env.get('triton') or '-'}, python {env.get('python')}",

@@ -119,7 +119,9 @@ def environment(env: dict) -> str:
         f"{ceilings['copy_gbps']:.0f} GB/s (read + write)" if ceilings else
         "no ceilings measured (CPU run): no % of roofline, and no GPU memory",
     ]
-    return '<h2 id="environment">Environment</h2><ul class="env">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+    banner = report.unfinished_banner(env)
+    return ('<h2 id="environment">Environment</h2>' + (f'<p class="mismatch"><strong>{esc(banner[0])}</strong> {esc(banner[1])}</p>' if banner else "")
+            + '<ul class="env">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>")
 
 
 def level_links(df: pd.DataFrame, run_dir: Path) -> dict:
