@@ -49,6 +49,7 @@ th a:hover { text-decoration: underline; }
 .win { color: #0a7a2f; font-weight: 600; }
 tr:has(.mismatch) { background: #fdeaea; }
 .mismatch { color: #b00020; font-weight: 700; }
+.unfinished { color: #b00020; border-left: 4px solid #b00020; padding-left: 0.6rem; }
 figure { margin: 0.8rem 0 1.5rem; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.85rem; }
@@ -120,7 +121,7 @@ def environment(env: dict) -> str:
         "no ceilings measured (CPU run): no % of roofline, and no GPU memory",
     ]
     banner = report.unfinished_banner(env)
-    return ('<h2 id="environment">Environment</h2>' + (f'<p class="mismatch"><strong>{esc(banner[0])}</strong> {esc(banner[1])}</p>' if banner else "")
+    return ('<h2 id="environment">Environment</h2>' + (f'<p class="unfinished"><strong>{esc(banner[0])}</strong> {esc(banner[1])}</p>' if banner else "")
             + '<ul class="env">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>")
 
 

@@ -133,7 +133,7 @@ def test_list():
     "args, message",
     [
         (["-t", "nope"], "unknown target 'nope'"),
-        (["-t", "moe_journey", "--levels", "9"], "unknown level '9'"),
+        (["-t", "moe_journey", "--levels", "99"], "unknown level '99'"),
         (["-t", "moe_journey", "--levels", "4-2"], "runs backwards"),
         (["-t", "moe_journey", "--preset", "nope"], "unknown preset 'nope'"),
         (["-t", "moe_journey", "--preset", "hidden=8,intermediate=8,experts=2,top_k=3"], "cannot exceed"),
@@ -248,3 +248,20 @@ def test_profile_adds_the_breakdown(tmp_path):
     assert "| level \\ stage | routing | permute | expert GEMMs |" in summary
     assert (run_dir / "stages_tiny_zipf_s_1.2_switch_router.png").read_bytes()[:8] == PNG_MAGIC
     assert "--profile" in json.loads((run_dir / "environment.json").read_text())["command"]
+
+
+def test_publish_several_runs_of_one_sweep(finished_run, tmp_path):
+    """A sweep that ran as one process per GPU: both folders in the README block and LATEST.md."""
+    names = ["20260101T000000Z-nvidia-test", "20260101T000000Z-nvidia-test-2"]
+    for name in names:
+        run_dir = tmp_path / "moe_journey" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "rows.jsonl").write_text((finished_run / "rows.jsonl").read_text())
+        env = json.loads((finished_run / "environment.json").read_text()) | {"device_type": "cuda"}
+        (run_dir / "environment.json").write_text(json.dumps(env))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    result = bench("publish", *(str(tmp_path / "moe_journey" / name) for name in names), "--readme", str(readme))
+    assert result.exit_code == 0, result.output
+    text, latest = readme.read_text(), (tmp_path / "moe_journey" / "LATEST.md").read_text()
+    assert all(f"moe_journey/{name}/summary.md" in text and f"copied from {name}/" in latest for name in names)

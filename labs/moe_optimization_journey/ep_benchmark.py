@@ -129,14 +129,20 @@ def chunk_candidates(spec: str, tokens_per_rank: int) -> list[int]:
 
 
 def time_chunk_counts(layer, inputs, candidates: list[int], device: torch.device, warmup: int,
-                      budget_s: float) -> dict[int, float]:
+                      budget_s: float, stop_when_slower: bool) -> dict[int, float]:
     """A brief look at each chunk count, to choose one: the median ms of a few forwards, the slowest rank's (the
-    same numbers on every rank, so every rank chooses the same count)."""
-    medians = torch.tensor([statistics.median(t["ms"] for t in time_forwards(layer, inputs, chunks, device, warmup,
-                                                                               CHOICE_REPEATS, budget_s))
-                            for chunks in candidates], dtype=torch.float64, device=device)
-    dist.all_reduce(medians, op=dist.ReduceOp.MAX)
-    return dict(zip(candidates, medians.tolist()))
+    same numbers on every rank, so every rank chooses the same count). With `stop_when_slower` (`auto`, counts in
+    increasing order) the look stops at the first count slower than the one before: past it, more chunks only
+    add launches and re-reads of the experts' weights, and each new chunk size costs the local level an autotune."""
+    chosen = {}
+    for chunks in candidates:
+        median = torch.tensor([statistics.median(t["ms"] for t in time_forwards(
+            layer, inputs, chunks, device, warmup, CHOICE_REPEATS, budget_s))], dtype=torch.float64, device=device)
+        dist.all_reduce(median, op=dist.ReduceOp.MAX)
+        chosen[chunks] = median.item()
+        if stop_when_slower and len(chosen) > 1 and chosen[chunks] > min(list(chosen.values())[:-1]):
+            break
+    return chosen
 
 
 def bus_bandwidth_gbps(device: torch.device, nbytes: int) -> dict[str, float | None]:
@@ -215,7 +221,7 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
                              input_seed(config, tokens_per_rank, f"timing rank {rank}"), traffic)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the peak of the timed forwards, not of the check
-        chunk_ms = time_chunk_counts(layer, inputs, candidates, device, warmup, budget_s)
+        chunk_ms = time_chunk_counts(layer, inputs, candidates, device, warmup, budget_s, chunks == "auto")
         chosen = min(chunk_ms, key=chunk_ms.get)
         unpipelined = summarize(time_forwards(layer, inputs, 1, device, warmup, repeats, budget_s))
         pipelined = unpipelined if chosen == 1 else summarize(time_forwards(layer, inputs, chosen, device, warmup,

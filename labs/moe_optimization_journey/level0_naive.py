@@ -31,9 +31,12 @@ class NaiveLevel(MoELevel):
     # Per (expert, slot): a compare and an `any` (1 sync); per non-empty one (min(E·K, T·K) of them) three boolean
     # indexings (a nonzero and a sync each), three matmuls, the activation and the weighted add.
     # E·K (expert, slot) iterations: a compare (1 kernel) and `any` (1 sync) each; the busy ones (uniform routing:
-    # E·K·(1 − (1 − 1/E)^T)) about 24 kernels and 4 syncs more, at the lines below.
-    claims = Claims(launches="E*K + 24*E*K*(1 - (1 - 1/E)**T) + 26*S", syncs="E*K + 4*E*K*(1 - (1 - 1/E)**T)",
-                    extra_bytes="max(2*max(1, T/E)*(2*H + 5*I)*B, S*T*(3*I + 2*H)*B)")
+    # E·K·(1 − (1 − 1/E)^T)) 24 kernels more (28 once a nonzero is large enough to take more passes) and 4 syncs,
+    # at the lines below. Alive at the peak: one iteration's tokens, gate, up, activation temporaries and result.
+    claims = Claims(launches="(E*K + 24*E*K*(1 - (1 - 1/E)**T) + 26*S, E*K + 28*E*K*(1 - (1 - 1/E)**T) + 26*S)",
+                    syncs="E*K + 4*E*K*(1 - (1 - 1/E)**T)",
+                    extra_bytes="(max(T/E*(H + 6*I)*B, S*T*(3*I + 2*H)*B), "
+                                "max(2*max(1, T/E)*(2*H + 5*I)*B, S*T*(3*I + 2*H)*B))")
 
     @classmethod
     def skip_reason(cls, config, num_tokens):
