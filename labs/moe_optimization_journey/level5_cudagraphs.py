@@ -10,11 +10,11 @@ The idea
         x_ECH [E, T, H]  ← each pair's token written at (its expert, its rank among that expert's pairs)
         three batched GEMMs over all E experts (`torch.bmm`), fused SiLU·up in between
         y_ECH [E, T, H]  → read back at the same (expert, rank), weighted, `index_add_` into the tokens' rows
-    The ranks come from the same stable sort as level 4, with the counts made on the device by `scatter_add_`
-    (`bincount` on CUDA reads its maximum back to the host). With no sync left, the layer is captured into one
-    graph the first time a T is seen (outside the timing; the capture is in the row's first_call_ms) and replayed
-    (`CapturedGraph` below: warm up on a side stream, record under `torch.cuda.graph`, then for each
-    call copy the new inputs into the recorded input buffers and `replay()`).
+    The ranks come from level 4's `permute` (the same stable sort, its counts made on the device by
+    `scatter_add_`), and the results go back through level 4's `combine`. With no sync left, the layer is
+    captured into one graph the first time a T is seen (outside the timing; the capture is in the row's
+    first_call_ms) and replayed (`CapturedGraph` below: warm up on a side stream, record under
+    `torch.cuda.graph`, then for each call copy the new inputs into the recorded input buffers and `replay()`).
 
 Why it should be faster than level 4
     No host sync and no launch gaps: level 4 issues about 3·E GEMMs and a dozen other kernels from Python, and
@@ -38,6 +38,7 @@ Run: python labs/moe_optimization_journey/level5_cudagraphs.py [--preset journey
 from typing import Callable
 
 import torch
+from level4_grouped import combine, permute
 from moe_benchmark import Claims, MoELevel, run_level_script, stage
 
 from triton_kernels import silu_mul
@@ -98,26 +99,22 @@ class CudaGraphLevel(MoELevel):
         w = self.weights
         T, K = expert_ids_TK.shape
         E = self.config.num_experts
-        with stage("permute"):
-            expert_of_pair = expert_ids_TK.flatten()  # [T·K]
-            order = torch.argsort(expert_of_pair, stable=True)
-            expert_sorted = expert_of_pair[order]
-            counts = torch.zeros(E, dtype=torch.long, device=self.device)
-            counts.scatter_add_(0, expert_of_pair, torch.ones_like(expert_of_pair))
-            first_sorted_position = torch.cumsum(counts, 0) - counts  # [E]
-            rank = torch.arange(T * K, device=self.device) - first_sorted_position[expert_sorted]  # < T always
-            x_ECH = tokens_TH.new_zeros((E, T, self.config.hidden))  # capacity T per expert: no token dropped
-            x_ECH[expert_sorted, rank] = tokens_TH[order // K]
+        with stage("permute"):  # level 4's permute (sync-free: its counts stay on the device)
+            order_N, token_of_sorted_N, counts_E, x_sorted_NH = permute(tokens_TH, expert_ids_TK, E)
+            expert_sorted_N = expert_ids_TK.flatten()[order_N]
+            first_sorted_position_E = torch.cumsum(counts_E, 0) - counts_E
+            # Each sorted pair's row in its expert's buffer: its rank among that expert's pairs, < T always.
+            rank_N = torch.arange(T * K, device=self.device) - first_sorted_position_E[expert_sorted_N]
+            x_ECH = tokens_TH.new_zeros((E, T, self.config.hidden))  # capacity C = T per expert: nothing dropped
+            x_ECH[expert_sorted_N, rank_N] = x_sorted_NH  # write E·T·H elements, most of them padding
         with stage("expert GEMMs"):
             gate_ECI, up_ECI = torch.bmm(x_ECH, w.w_gate_EHI), torch.bmm(x_ECH, w.w_up_EHI)
         with stage("activation"):
             hidden_ECI = silu_mul(gate_ECI, up_ECI, out=gate_ECI)
         with stage("expert GEMMs"):
             y_ECH = torch.bmm(hidden_ECI, w.w_down_EIH)
-        with stage("combine"):
-            y_sorted = y_ECH[expert_sorted, rank] * routing_weights_TK.flatten()[order, None]  # [T·K, H]
-            out_TH = torch.zeros_like(tokens_TH)
-            out_TH.index_add_(0, order // K, y_sorted)
+        with stage("combine"):  # level 4's combine, on the real rows read back out of the buffers
+            out_TH = combine(y_ECH[expert_sorted_N, rank_N], routing_weights_TK, order_N, token_of_sorted_N, T)
         return self.add_shared_experts(out_TH, tokens_TH)
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):

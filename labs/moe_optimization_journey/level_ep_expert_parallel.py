@@ -83,6 +83,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from ep_benchmark import measured, run_ep_script
+from level4_grouped import permute
 
 from moe_model import ConfigError, MoEConfig, init_weights, shared_experts_forward
 
@@ -143,12 +144,11 @@ class ExpertParallelMoE:
         # Chunk b holds tokens ⌈b·T/B⌉ … ⌈(b+1)·T/B⌉ − 1: sizes differ by one at most (with T < B some are empty).
         # Pair p = t·K + k belongs to token t's chunk ⌊t·B/T⌋.
         chunk_of_pair = torch.arange(T * K, device=tokens_TH.device) // K * B // T
-        sort_key = chunk_of_pair * E + expert_ids_TK.flatten()
-        order = torch.argsort(sort_key, stable=True)  # experts are dealt in contiguous slices: also by rank
-        # The histogram by `index_add_`: `torch.bincount` on a GPU reads the largest key back to size its output, a
-        # second host sync.
-        send_counts_BWE = torch.zeros(B * E, dtype=torch.int64, device=tokens_TH.device).index_add_(
-            0, sort_key, torch.ones_like(sort_key)).view(B, W, E_local)
+        # Level 4's permute, with (chunk, expert) as the key: experts are dealt in contiguous slices, so sorted by
+        # key the rows are grouped by chunk, then by destination rank. Its counts stay on the device.
+        sort_key_TK = (chunk_of_pair * E + expert_ids_TK.flatten()).view(T, K)
+        order, _, counts, rows_sent = permute(tokens_TH, sort_key_TK, B * E)
+        send_counts_BWE = counts.view(B, W, E_local)
         # All-to-all 1, the counts of every chunk at once: rank r sends rank s the counts for s's experts.
         recv_counts_WBE = torch.empty_like(send_counts_BWE).view(W, B, E_local)
         dist.all_to_all_single(recv_counts_WBE, send_counts_BWE.transpose(0, 1).contiguous())
@@ -163,7 +163,7 @@ class ExpertParallelMoE:
         return Plan(
             order=order, pair_bounds=[-(-b * T // B) * K for b in range(B + 1)], row_bounds=row_bounds,
             send_splits=send_splits, recv_splits=recv_splits,
-            rows_sent=tokens_TH.index_select(0, order // K), weights_sent=routing_weights_TK.flatten()[order],
+            rows_sent=rows_sent, weights_sent=routing_weights_TK.flatten()[order],
             rows_RH=tokens_TH.new_empty((row_bounds[-1], H)),
             routing_weights_R=routing_weights_TK.new_empty(row_bounds[-1]),
             local_expert_ids_R=local_expert_ids_R, results_back=tokens_TH.new_empty((T * K, H)))
