@@ -360,7 +360,7 @@ def run_expert_parallel(world_size: int, configs: list, traffics: list, token_co
                                                      shape)
                     row.update(world_size=world_size, tokens_per_rank=num_tokens, status="error",
                                note=f"ep launch failed: {reason}")
-                    rows.append(row)
+                    rows.append(row.to_json())
     return rows
 
 

@@ -10,11 +10,14 @@ model's `ConfigError`); the caller prints it as one line on stderr and exits wit
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import re
+import sys
 import tomllib
 from pathlib import Path
+from typing import NoReturn
 
 DEBUG_ENV = "AISP_DEBUG"  # set (to 1) by `aisp --debug` and by a level script's --debug: re-raise, full traceback
 
@@ -157,3 +160,56 @@ def parse_traffics(spec: str, zipf_s: float, hot_share: float) -> list:
     from moe_model import Traffic
 
     return [Traffic(shape.strip(), zipf_s=zipf_s, hot_share=hot_share) for shape in spec.split(",")]
+
+
+def script_parser(prog: str, lesson: str, tokens_help: str = "token counts") -> argparse.ArgumentParser:
+    """The options every level script shares with `aisp bench run` (the expert-parallel one included), in its
+    words and with its defaults; `--help` prints the level's lesson first. `script_cases` reads them back."""
+    gpu, cpu = DEFAULTS["cuda"], DEFAULTS["cpu"]
+    parser = argparse.ArgumentParser(prog=prog, description=lesson, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", help="preset name(s) comma-separated, an inline shape "
+                        f"hidden=768,intermediate=1536,experts=16,top_k=4, or a TOML file (default: {gpu.preset} "
+                        f"on a GPU, {cpu.preset} on the CPU)")
+    parser.add_argument("--tokens", help=f"{tokens_help}, comma-separated (default: {gpu.script_tokens} on a GPU, "
+                                         f"{cpu.script_tokens} on the CPU)")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--traffic", default="uniform", help="traffic shape(s), comma-separated: uniform, zipf, hot")
+    parser.add_argument("--zipf-s", type=float, default=1.2)
+    parser.add_argument("--hot-share", type=float, default=0.5)
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed calls (default: {gpu.warmup} on a GPU, {cpu.warmup} on the CPU)")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed calls (fewer when slow; never under 5)")
+    parser.add_argument("--debug", action="store_true", help="a crash raises with its full traceback")
+    return parser
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptCases:
+    """What a level script's shared options ask for, checked: the timing, the token counts and the traffic."""
+
+    defaults: Defaults
+    warmup: int
+    token_counts: list[int]
+    traffics: list
+
+
+def script_cases(args, device_type: str) -> ScriptCases:
+    """The shared options of `script_parser` read back for this device (its defaults where none is given);
+    raises UsageError or ConfigError as `aisp bench run` would. `--debug` is set for the rest of the process."""
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
+    defaults = DEFAULTS[device_type]
+    warmup = args.warmup if args.warmup is not None else defaults.warmup
+    check_timing(warmup, args.repeats)
+    return ScriptCases(defaults, warmup, parse_counts(args.tokens or defaults.script_tokens, "--tokens"),
+                       parse_traffics(args.traffic, args.zipf_s, args.hot_share))
+
+
+def refuse(prog: str, error: Exception, quiet: bool = False) -> NoReturn:
+    """A level script's bad input: one line on stderr (none from `quiet`, another rank says it), exit code 2;
+    under --debug, the traceback instead."""
+    if debugging():
+        raise error
+    if not quiet:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+    sys.exit(2)

@@ -7,6 +7,7 @@ any time without running anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -23,6 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cli.numbers import fmt  # noqa: E402
+from result_row import OUTSIDE_STAGES, ResultRow  # noqa: E402
 
 STATUS_CELL = {"oom": "OOM", "skipped": "skipped", "error": "error"}
 
@@ -42,6 +44,7 @@ def load_rows(run_dir: Path, skip_damaged_last: Callable[[str], None] | None = N
             row = json.loads(line)
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
+            ResultRow.from_json(row)  # its fields are the schema's (ValueError names any other)
         except ValueError as error:
             message = f"{path}, line {number}: not a JSON row ({error})"
             if skip_damaged_last is None or number != numbered[-1][0]:
@@ -72,19 +75,12 @@ def level_label(row: dict) -> str:
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
-    """The rows as a table, with a `case` per (preset, traffic) that the report gives a section each; the traffic
-    is named only when some run was not uniform. Rows from before traffic shapes existed count as uniform."""
-    df = pd.DataFrame(rows)
+    """The rows as a table, a column per ResultRow field (a row from before a field existed has its default: no
+    traffic shape is uniform), with a `case` per (preset, traffic) that the report gives a section each; the
+    traffic is named only when some run was not uniform."""
+    df = pd.DataFrame([dataclasses.asdict(ResultRow.from_json(row)) for row in rows])
     df["label"] = [level_label(r) for r in rows]
     df["order"] = [level_sort_key(r["level"]) for r in rows]
-    for column in ("device_type", "tokens_per_expert", "load_cv", "load_gini", "load_max_over_mean", "dead_experts",
-                   "dropped_tokens", "stage_ms", "world_size", "tokens_per_rank", "dispatch_ms", "compute_ms",
-                   "combine_ms", "a2a_bytes", "dispatch_gbps", "a2a_busbw_gbps", "allreduce_busbw_gbps",
-                   "rank_load_max_over_mean", "local_level", "chunks", "exposed_comm_ms_c1", "exposed_comm_ms"):
-        if column not in df:
-            df[column] = None
-    df["traffic"] = df["traffic"].fillna("uniform") if "traffic" in df else "uniform"
-    df["router"] = df["router"].fillna("softmax-topk") if "router" in df else "softmax-topk"
     df["case"] = df["preset"]
     if (df["traffic"] != "uniform").any():
         df["case"] += ", " + df["traffic"]
@@ -155,9 +151,6 @@ def status_or(render):
 def shape_of(row) -> str:
     return (f"H={row['hidden']} I={row['intermediate']} E={row['experts']} K={row['top_k']}{shared_of(row)} "
             f"{row['dtype']}")
-
-
-OUTSIDE_STAGES = "outside stages"  # as moe_benchmark names the forward time no stage marker covers
 
 
 def profiled(df: pd.DataFrame) -> pd.DataFrame:

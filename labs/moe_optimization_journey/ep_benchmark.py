@@ -7,7 +7,6 @@ Every function here runs on every rank of an initialised process group (torchrun
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -29,17 +28,18 @@ from moe_benchmark import (
     measure_ceilings,
     quantile,
     release_memory,
+    resolve_device,
     rows_table,
     synchronize,
     warm_up,
 )
 
+from cli.options import parse_counts, parse_presets, refuse, script_cases, script_parser
 from moe_model import (
     ConfigError,
     MoEConfig,
     Traffic,
     flop_count,
-    get_preset,
     init_weights,
     load_metrics,
     min_bytes,
@@ -186,19 +186,16 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
                  warmup: int, repeats: int, budget_s: float, chunks: str = "auto") -> dict | None:
     """Check, then time, the EP layer at this world size (weak scaling: W·E experts, W·T tokens), unpipelined and
     in the chunk count that a brief timing of the candidates (`chunks`: see chunk_candidates) finds fastest. Every
-    rank calls it; rank 0 returns the row, the others None."""
+    rank calls it; rank 0 returns the row (ResultRow.to_json()), the others None."""
     world, rank = dist.get_world_size(), dist.get_rank()
     config = dataclasses.replace(preset, num_experts=preset.num_experts * world)
     candidates = chunk_candidates(chunks, tokens_per_rank)
     row = base_row(layer_cls, config, tokens_per_rank * world, device, traffic)
-    row.update(world_size=world, tokens_per_rank=tokens_per_rank, experts_per_rank=preset.num_experts,
-               local_level=None, dispatch_ms=None, compute_ms=None, combine_ms=None,
-               a2a_bytes=None, dispatch_gbps=None, chunks=None, chunk_ms=None, ms_c1=None, exposed_comm_ms_c1=None,
-               exposed_comm_ms=None, compute_ms_chunked=None)
+    row.update(world_size=world, tokens_per_rank=tokens_per_rank, experts_per_rank=preset.num_experts)
     layer = None
     try:
         layer = layer_cls(config, device)
-        row["local_level"] = f"{layer.local_level.level} {layer.local_level.name}"
+        row.local_level = f"{layer.local_level.level} {layer.local_level.name}"
         # Each rank its own tokens: the seed also depends on the rank. Every chunk count that may be timed is
         # checked, against one reference.
         check_inputs = make_inputs(config, layer.weights, tokens_per_rank,
@@ -208,11 +205,11 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
                                                 config.tolerance) for count in sorted({1, *candidates})}
         count, worst = max(by_count.items(), key=lambda item: (not item[1].passed, item[1].rel_err))
         checks = gather((worst.rel_err, worst.passed, f"in {count} chunk(s): {worst.message}"))
-        row["rel_err"] = max(err for err, _, _ in checks)
+        row.rel_err = max(err for err, _, _ in checks)
         failed = [f"rank {r}: {message}" for r, (_, passed, message) in enumerate(checks) if not passed]
         if failed:
             row.update(status="error", note=f"wrong result: {failed[0]}")
-            return row if rank == 0 else None
+            return row.to_json() if rank == 0 else None
         del ref_TH, check_inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the check's blocks, so the timed forwards find the memory in one piece
@@ -252,7 +249,7 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
         flops = flop_count(config, tokens_per_rank * world)
         nbytes = min_bytes(config, tokens_per_rank * world, int(expert_ids.unique().numel()))
         pairs_per_rank = torch.bincount(expert_ids.flatten() // preset.num_experts, minlength=world).double()
-        row.update(load_metrics(expert_ids, config.num_experts))
+        row.update(**load_metrics(expert_ids, config.num_experts))
         row.update(
             ms=ms, ms_p20=slowest["ms_p20"], ms_p80=slowest["ms_p80"], repeats=slowest["repeats"],
             tokens_per_s=tokens_per_rank * world / (ms * 1e-3), tflops=flops / (ms * 1e-3) / 1e12,
@@ -277,50 +274,38 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
     finally:
         del layer
         release_memory(device)  # with a collection: the layer sits in a reference cycle
-    return row if rank == 0 else None
+    return row.to_json() if rank == 0 else None
 
 
 def run_ep_script(layer_cls: type) -> None:
     """The EP level's entry point, under torchrun or alone (a group of one): check and time each case, print or
-    append the rows."""
-    parser = argparse.ArgumentParser(description=f"Level EP: {layer_cls.summary}")
-    parser.add_argument("--preset", default=None, help="preset name(s), comma-separated (journey on a GPU, small "
-                                                       "on the CPU); E is the experts per rank")
+    append the rows. Its options are a level script's (cli/options.py), with tokens and experts per rank."""
+    parser = script_parser(Path(sys.argv[0]).name, sys.modules[layer_cls.__module__].__doc__, "tokens per rank")
     parser.add_argument("--config-json", default=None, help="the presets as a JSON list of MoEConfig fields "
-                                                            "(how `aisp bench run` passes inline shapes)")
-    parser.add_argument("--tokens", default=None, help="tokens per rank, comma-separated (8192 GPU, 256 CPU)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--traffic", default="uniform")
-    parser.add_argument("--zipf-s", type=float, default=1.2)
-    parser.add_argument("--hot-share", type=float, default=0.5)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--time-budget-s", type=float, default=3.0)
+                                                            "(how `aisp bench run` passes them)")
+    parser.add_argument("--time-budget-s", type=float, default=None, help="seconds of timed calls per row "
+                                                                          "(default: the device's)")
     parser.add_argument("--chunks", default="auto", help="chunk counts of the pipelined forward to choose from, "
                                                          "comma-separated, or auto: 1, 2, 4 and 8")
     parser.add_argument("--rows-out", type=Path, default=None, help="append the rows here (JSON lines)")
     args = parser.parse_args()
 
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     rank = int(os.environ.get("RANK", 0))
     try:
+        use_cuda = resolve_device(args.device).type == "cuda"
         if use_cuda and int(os.environ.get("WORLD_SIZE", 1)) > torch.cuda.device_count():
             raise ConfigError(f"world size {os.environ['WORLD_SIZE']} asked for, but this machine has "
                               f"{torch.cuda.device_count()} GPU(s)")
+        cases = script_cases(args, "cuda" if use_cuda else "cpu")
         if args.config_json:
             presets = [MoEConfig(**fields) for fields in json.loads(args.config_json)]
         else:
-            presets = [get_preset(name) for name in (args.preset or ("journey" if use_cuda else "small")).split(",")]
-        token_counts = [int(t) for t in (args.tokens or ("8192" if use_cuda else "256")).split(",")]
-        if any(t <= 0 for t in token_counts):
-            raise ConfigError(f"--tokens must be positive, got {args.tokens}")
-        traffics = [Traffic(shape, zipf_s=args.zipf_s, hot_share=args.hot_share) for shape in args.traffic.split(",")]
-        if args.chunks != "auto" and not all(part.isdigit() and int(part) > 0 for part in args.chunks.split(",")):
-            raise ConfigError(f"--chunks takes auto or positive whole numbers separated by commas, got {args.chunks!r}")
-    except (ConfigError, ValueError) as error:
-        if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+            presets = parse_presets(args.preset or cases.defaults.preset)
+        if args.chunks != "auto":
+            parse_counts(args.chunks, "--chunks")
+    except ValueError as error:  # UsageError, ConfigError, and a --config-json that is not JSON
+        refuse(parser.prog, error, quiet=rank != 0)
+    budget_s = args.time_budget_s if args.time_budget_s is not None else cases.defaults.time_budget_s
 
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -335,10 +320,10 @@ def run_ep_script(layer_cls: type) -> None:
     rows = []
     try:
         for preset in presets:
-            for traffic in traffics:
-                for tokens in token_counts:
-                    row = benchmark_ep(layer_cls, preset, tokens, device, traffic, args.warmup, args.repeats,
-                                       args.time_budget_s, args.chunks)
+            for traffic in cases.traffics:
+                for tokens in cases.token_counts:
+                    row = benchmark_ep(layer_cls, preset, tokens, device, traffic, cases.warmup, args.repeats,
+                                       budget_s, args.chunks)
                     if row is not None:
                         rows.append(row)
                         if args.rows_out:

@@ -16,10 +16,8 @@ repeat finds the previous one's weights in cache; the median of many repeats. On
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
-import os
 import statistics
 import sys
 import time
@@ -51,15 +49,9 @@ from moe_model import (  # noqa: E402
     router_logits,
     shared_experts_forward,
 )
+from result_row import OUTSIDE_STAGES, STAGES, ResultRow  # noqa: E402
 
 TARGET = "moe_journey"
-
-
-# The stages a forward is split into for `--profile`, in the order they run. "routing" is the router itself (the
-# same for every level, timed before the forward); "outside stages" is forward time no marker covers: Python
-# between the stages, allocation and, for the CUDA-graph levels, the whole replay (one launch has no boundaries).
-STAGES = ("routing", "permute", "expert GEMMs", "activation", "combine", "shared experts")
-OUTSIDE_STAGES = "outside stages"
 
 
 def device_clock(device: torch.device) -> object:
@@ -452,57 +444,13 @@ def measure_ceilings(device: torch.device) -> Ceilings | None:
 # ---------------------------------------------------------------------------------------------------------------
 def base_row(
     level_cls: type[MoELevel], config: MoEConfig, num_tokens: int, device: torch.device, traffic: Traffic
-) -> dict:
-    return {
-        "target": TARGET,
-        "level": level_cls.level,
-        "level_name": level_cls.name,
-        "preset": config.name,
-        "hidden": config.hidden,
-        "intermediate": config.intermediate,
-        "experts": config.num_experts,
-        "top_k": config.top_k,
-        "shared_experts": config.num_shared_experts,
-        "tokens": num_tokens,
-        "traffic": traffic.label,
-        "router": config.router,
-        "device": device_label(device),
-        "device_type": device.type,
-        "dtype": config.dtype,
-        "ms": None,
-        "ms_p20": None,
-        "ms_p80": None,
-        "repeats": None,
-        "tokens_per_s": None,
-        "tflops": None,
-        "gbps": None,
-        "pct_roofline": None,
-        "peak_mb": None,
-        "rel_err": None,
-        "first_call_ms": None,  # compilation, autotuning, graph capture: outside the timing
-        # The lesson's counts (MoELevel.claims) and, on a GPU, the same measured (moe_benchmark.measure_counts).
-        "launches_claimed": None,
-        "launches_measured": None,
-        "syncs_claimed": None,
-        "syncs_measured": None,
-        "extra_mb_claimed": None,
-        "extra_mb": None,
-        "gpu_busy_pct": None,
-        "host_bound": None,
-        "claims_contradicted": None,  # which of the three the measurement contradicts (a GPU row with claims)
-        "status": "ok",
-        "note": "",
-        # How the timed forward's pairs spread over the experts (moe_model.load_metrics); filled once timed.
-        "tokens_per_expert": None,
-        "load_cv": None,
-        "load_gini": None,
-        "load_max_over_mean": None,
-        "dead_experts": None,
-        "dropped_tokens": None,
-        # --profile: mean ms per call of each stage (STAGES, then OUTSIDE_STAGES), and how many calls.
-        "stage_ms": None,
-        "profile_calls": None,
-    }
+) -> ResultRow:
+    """The row of this case before anything is measured: status ok until something says otherwise."""
+    return ResultRow(target=TARGET, level=level_cls.level, level_name=level_cls.name, preset=config.name,
+                     hidden=config.hidden, intermediate=config.intermediate, experts=config.num_experts,
+                     top_k=config.top_k, shared_experts=config.num_shared_experts, tokens=num_tokens,
+                     traffic=traffic.label, router=config.router, device=device_label(device),
+                     device_type=device.type, dtype=config.dtype)
 
 
 def release_memory(device: torch.device) -> None:
@@ -526,18 +474,27 @@ def benchmark(
     profile: bool = False,
 ) -> dict:
     """Check one level at one size, then time it (and with `profile`, time its stages too). Always returns a
-    row; never raises for a level's failure.
+    row (ResultRow.to_json(), as rows.jsonl holds it); never raises for a level's failure.
 
     On the CPU the row times what a CPU user would run: the elementwise Triton kernels as torch ops
     (`triton_kernels.torch_ops_on_cpu`); the check still runs them in Triton's interpreter. A level whose GEMMs
     exist only as Triton kernels (`interpreter_only`) is checked there and not timed: status `checked`."""
     row = base_row(level_cls, config, num_tokens, device, traffic)
+    measure(row, level_cls, config, num_tokens, device, weights, ceilings, warmup, repeats, time_budget_s, traffic,
+            profile)
+    return row.to_json()
+
+
+def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_tokens: int, device: torch.device,
+            weights: MoEWeights | None, ceilings: Ceilings | None, warmup: int, repeats: int, time_budget_s: float,
+            traffic: Traffic, profile: bool) -> None:
+    """benchmark()'s work: fill `row` in, or say in it why it stopped."""
     if level_cls.needs_cuda and device.type != "cuda":
         row.update(status="skipped", note="needs a CUDA GPU")
-        return row
+        return
     if reason := level_cls.skip_reason(config, num_tokens):
         row.update(status="skipped", note=reason)
-        return row
+        return
     if claims := getattr(level_cls, "claims", None):
         claimed = claims.evaluate(config, num_tokens)
         row.update(launches_claimed=claimed["launches"], syncs_claimed=claimed["syncs"],
@@ -557,22 +514,22 @@ def benchmark(
         begin = time.perf_counter()  # the first call: compilation, autotuning and graph capture happen here
         out_TH = level.forward(*check_inputs.as_args())
         synchronize(device)
-        row["first_call_ms"] = (time.perf_counter() - begin) * 1e3
+        row.first_call_ms = (time.perf_counter() - begin) * 1e3
         ref_TH = reference_forward(check_inputs.tokens_TH, weights, check_inputs.routing_weights_TK,
                                    check_inputs.expert_ids_TK)
         check = compare_to_reference(out_TH, ref_TH, config.tolerance)
         del out_TH, ref_TH, check_inputs
-        row["rel_err"] = check.rel_err
+        row.rel_err = check.rel_err
         if not check.passed:
             row.update(status="error", note=f"wrong result: {check.message}")
-            return row
-        row["note"] = level.after_first_call()
-        row.update(load_metrics(timing_inputs.expert_ids_TK, config.num_experts),
+            return
+        row.note = level.after_first_call()
+        row.update(**load_metrics(timing_inputs.expert_ids_TK, config.num_experts),
                    dropped_tokens=timing_inputs.dropped_tokens)
         if level_cls.interpreter_only and not on_gpu:
             row.update(status="checked", note="checked in Triton's interpreter, not timed: its GEMMs are Triton "
                                               "kernels, and the interpreter's speed says nothing about a CPU's")
-            return row
+            return
 
         call = lambda: level.forward(*timing_inputs.as_args())  # noqa: E731
         with triton_kernels.torch_ops_on_cpu():
@@ -595,8 +552,8 @@ def benchmark(
             row.update(launches_measured=counts.launches, syncs_measured=counts.syncs, extra_mb=counts.extra_mb,
                        peak_mb=counts.peak_mb, gpu_busy_pct=counts.gpu_busy_pct,
                        host_bound=counts.gpu_busy_pct < 50)
-            if row["launches_claimed"] is not None:
-                row["claims_contradicted"] = contradicted_claims(row)
+            if row.launches_claimed is not None:
+                row.claims_contradicted = contradicted_claims(row.to_json())
         if profile:
             router = make_router(config)
 
@@ -604,9 +561,9 @@ def benchmark(
                 timing_inputs.tokens_TH @ weights.router_HE
                 router(timing_inputs.router_logits_TE, config.top_k)
 
-            row["profile_calls"] = max(3, min(20, len(times_ms)))
+            row.profile_calls = max(3, min(20, len(times_ms)))
             with triton_kernels.torch_ops_on_cpu():
-                row["stage_ms"] = profile_stages(call, routing, device, row["profile_calls"])
+                row.stage_ms = profile_stages(call, routing, device, row.profile_calls)
     except torch.cuda.OutOfMemoryError:
         row.update(status="oom", note=f"CUDA out of memory at {num_tokens} tokens")
     except LevelUnavailable as reason:
@@ -622,10 +579,9 @@ def benchmark(
             row.update(status="error", note=f"{type(error).__name__}: {first_line}"[:300])
     finally:
         if level is not None:
-            row["note"] = "; ".join(filter(None, [row["note"], *level.notes]))
+            row.note = "; ".join(filter(None, [row.note, *level.notes]))
         del level
         release_memory(device)
-    return row
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -687,52 +643,27 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
     (the same parsers, in cli/options.py), less the sweep over levels; `--help` prints the level's lesson."""
     from rich.console import Console
 
-    from cli.options import DEBUG_ENV, DEFAULTS, REPEATS, UsageError, check_timing, configs_for, parse_counts, \
-        parse_traffics
+    from cli.options import UsageError, configs_for, refuse, script_cases, script_parser
 
-    gpu, cpu = DEFAULTS["cuda"], DEFAULTS["cpu"]
-    parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description=sys.modules[level_cls.__module__].__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", help="preset name(s) comma-separated, an inline shape "
-                        f"hidden=768,intermediate=1536,experts=16,top_k=4, or a TOML file (default: {gpu.preset} "
-                        f"on a GPU, {cpu.preset} on the CPU)")
-    parser.add_argument("--tokens", help=f"token counts, comma-separated (default: {gpu.script_tokens} on a GPU, "
-                                         f"{cpu.script_tokens} on the CPU)")
-    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser = script_parser(Path(sys.argv[0]).name, sys.modules[level_cls.__module__].__doc__)
     parser.add_argument("--router", default="softmax-topk", help="softmax-topk, sigmoid-bias, switch or expert-choice")
     parser.add_argument("--capacity-factor", type=float, default=1.25, help="switch and expert-choice routers")
-    parser.add_argument("--traffic", default="uniform", help="traffic shape(s), comma-separated: uniform, zipf, hot")
-    parser.add_argument("--zipf-s", type=float, default=1.2)
-    parser.add_argument("--hot-share", type=float, default=0.5)
-    parser.add_argument("--warmup", type=int, default=None,
-                        help=f"untimed calls (default: {gpu.warmup} on a GPU, {cpu.warmup} on the CPU)")
-    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed calls (fewer when slow; never under 5)")
     parser.add_argument("--profile", action="store_true", help="also time the stages of the forward")
-    parser.add_argument("--debug", action="store_true", help="a crash raises with its full traceback")
     args = parser.parse_args()
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"
     try:
         device = resolve_device(args.device)
-        defaults = DEFAULTS[device.type]
-        warmup = args.warmup if args.warmup is not None else defaults.warmup
-        check_timing(warmup, args.repeats)
-        configs = configs_for(args.preset or defaults.preset, args.router, args.capacity_factor)
-        token_counts = parse_counts(args.tokens or defaults.script_tokens, "--tokens")
-        traffics = parse_traffics(args.traffic, args.zipf_s, args.hot_share)
+        cases = script_cases(args, device.type)
+        configs = configs_for(args.preset or cases.defaults.preset, args.router, args.capacity_factor)
     except (UsageError, ConfigError) as error:
-        if debugging():
-            raise
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        refuse(parser.prog, error)
     ceilings = measure_ceilings(device)
     rows = []
     for config in configs:
         weights = init_weights(config, device)
-        rows += [benchmark(level_cls, config, num_tokens, device, weights=weights, ceilings=ceilings, warmup=warmup,
-                           repeats=args.repeats, time_budget_s=defaults.time_budget_s, traffic=traffic,
-                           profile=args.profile)
-                 for traffic in traffics for num_tokens in token_counts]
+        rows += [benchmark(level_cls, config, num_tokens, device, weights=weights, ceilings=ceilings,
+                           warmup=cases.warmup, repeats=args.repeats, time_budget_s=cases.defaults.time_budget_s,
+                           traffic=traffic, profile=args.profile)
+                 for traffic in cases.traffics for num_tokens in cases.token_counts]
         del weights
         release_memory(device)
     Console().print(rows_table(rows, title=f"level {level_cls.level} {level_cls.name} on {device_label(device)}"))

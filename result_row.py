@@ -1,0 +1,138 @@
+"""One result row: every field a measurement can record, once, for the harnesses that write rows and the report
+that reads them.
+
+`moe_benchmark.benchmark()` (one level on one GPU) and `ep_benchmark.benchmark_ep()` (the expert-parallel level)
+fill a `ResultRow`; `aisp bench run` appends its `to_json()` to rows.jsonl, one JSON object per line; the report
+reads the lines back through `from_json`. A field is set by name on a slotted dataclass, so a misspelled field is
+an AttributeError where the row is filled, never a new column in the file.
+
+No torch here: `aisp bench report` runs where only the results are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# The stages a forward is split into for `--profile`, in the order they run. "routing" is the router itself (the
+# same for every level, timed before the forward); "outside stages" is forward time no marker covers: Python
+# between the stages, allocation and, for the CUDA-graph levels, the whole replay (one launch has no boundaries).
+STAGES = ("routing", "permute", "expert GEMMs", "activation", "combine", "shared experts")
+OUTSIDE_STAGES = "outside stages"
+
+EP_ONLY = {"ep": True}  # a field only the expert-parallel level fills; other rows leave it out of the file
+
+
+def ep_field():
+    return field(default=None, metadata=EP_ONLY)
+
+
+@dataclass(slots=True, kw_only=True)
+class ResultRow:
+    """One (level, case, token count) measurement. Fields in the order rows.jsonl lists them; a field older runs
+    lack has the default that says what they measured (no traffic shape: uniform), or None (not recorded)."""
+
+    # The case: what was measured, where.
+    target: str  # the lab, "moe_journey"
+    level: int | str  # the level's key: 0 to 9, "peer" or "ep"
+    level_name: str  # the level's short name, "grouped"
+    preset: str  # the preset's name (an inline shape's is made of its numbers)
+    hidden: int  # H, the model width
+    intermediate: int  # I, each expert's MLP width
+    experts: int  # E, routed experts (all ranks' together on an EP row)
+    top_k: int  # K, experts per token
+    shared_experts: int = 0  # S, dense experts every token also goes through
+    tokens: int  # T, tokens in the forward (all ranks' together on an EP row)
+    traffic: str = "uniform"  # the traffic shape's label: uniform, zipf-1.2, hot-0.5, ...
+    router: str = "softmax-topk"  # softmax-topk, sigmoid-bias, switch or expert-choice
+    device: str  # the GPU's name, or "cpu"
+    device_type: str | None = None  # "cuda" or "cpu"
+    dtype: str  # the weights' and activations' dtype, "bf16"
+
+    # The timing: the median and the spread of the timed calls.
+    ms: float | None = None  # median ms per forward
+    ms_p20: float | None = None  # 20th percentile, ms
+    ms_p80: float | None = None  # 80th percentile, ms
+    repeats: int | None = None  # timed calls
+    tokens_per_s: float | None = None  # T / median time
+    tflops: float | None = None  # the layer's FLOPs (moe_model.flop_count) / median time, TFLOP/s
+    gbps: float | None = None  # the least bytes it must move (moe_model.min_bytes) / median time, GB/s
+    pct_roofline: float | None = None  # the measured ceilings' floor time / median time, % (GPU only)
+    peak_mb: float | None = None  # device memory allocated at the forward's peak, weights included, MiB (GPU only)
+    rel_err: float | None = None  # ‖out − ref‖ / ‖ref‖ against the fp32 reference, on the check's inputs
+    first_call_ms: float | None = None  # the first call, outside the timing: compilation, autotuning, graph capture
+
+    # The lesson's counts (MoELevel.claims) and, on a GPU, the same measured (moe_benchmark.measure_counts).
+    launches_claimed: tuple[int, int] | None = None  # kernels per forward, (low, high)
+    launches_measured: int | None = None  # kernels per forward, from torch.profiler
+    syncs_claimed: int | None = None  # host waits for the device per forward
+    syncs_measured: int | None = None  # the same, from torch.cuda.set_sync_debug_mode
+    extra_mb_claimed: tuple[float, float] | None = None  # memory beyond inputs, weights and output, (low, high) MiB
+    extra_mb: float | None = None  # the same, measured, MiB
+    gpu_busy_pct: float | None = None  # kernel time / forward time, %
+    host_bound: bool | None = None  # gpu_busy_pct under 50: the GPU mostly waits for the host
+    claims_contradicted: list[str] | None = None  # which of launches, syncs, extra memory the measurement contradicts
+
+    # How the run went: ok, checked (verified, not timed), oom, skipped or error, and why.
+    status: str = "ok"
+    note: str = ""  # fallbacks, autotune picks, the reason for a status other than ok
+
+    # How the timed forward's (token, slot) pairs spread over the experts (moe_model.load_metrics).
+    tokens_per_expert: list[int] | None = None  # pairs per expert, E numbers
+    load_cv: float | None = None  # their coefficient of variation
+    load_gini: float | None = None  # their Gini coefficient: 0 even, 1 all on one expert
+    load_max_over_mean: float | None = None  # the busiest expert's pairs / the mean
+    dead_experts: int | None = None  # experts with under 1% of the mean load
+    dropped_tokens: int | None = None  # pairs the router dropped (over the switch router's capacity)
+
+    # --profile: mean ms per call of each stage (STAGES, then OUTSIDE_STAGES), and over how many calls.
+    stage_ms: dict[str, float] | None = None
+    profile_calls: int | None = None
+
+    # The expert-parallel level (weak scaling: each of W ranks holds E/W experts and T/W tokens).
+    world_size: int | None = ep_field()  # W, processes (one GPU each)
+    tokens_per_rank: int | None = ep_field()  # T/W
+    experts_per_rank: int | None = ep_field()  # E/W
+    local_level: str | None = ep_field()  # the single-GPU level each rank runs its experts with, "7 triton_grouped"
+    dispatch_ms: float | None = ep_field()  # unpipelined: the start to the experts' compute, slowest rank, ms
+    compute_ms: float | None = ep_field()  # unpipelined: the experts' compute, ms
+    combine_ms: float | None = ep_field()  # unpipelined: the experts' compute to the end, ms
+    a2a_bytes: int | None = ep_field()  # bytes crossing between ranks, dispatch and combine, all ranks
+    dispatch_gbps: float | None = ep_field()  # the busiest rank's dispatch bytes / the dispatch time, GB/s
+    chunks: int | None = ep_field()  # the pipelined forward's chunk count that was timed in full
+    chunk_ms: dict[str, float] | None = ep_field()  # the brief timing's median ms per chunk count tried
+    ms_c1: float | None = ep_field()  # the unpipelined (one chunk) forward's median, ms
+    exposed_comm_ms_c1: float | None = ep_field()  # its time outside the experts' compute, ms
+    exposed_comm_ms: float | None = ep_field()  # the same for the chosen chunk count, ms
+    compute_ms_chunked: float | None = ep_field()  # the chosen chunk count's compute spans, summed, ms
+    rank_load_max_over_mean: float | None = ep_field()  # the busiest rank's pairs / the mean
+    a2a_busbw_gbps: float | None = ep_field()  # an all-to-all's bus bandwidth on this group, GB/s (None at W=1)
+    allreduce_busbw_gbps: float | None = ep_field()  # an all-reduce's bus bandwidth on this group, GB/s
+
+    def update(self, **values) -> None:
+        """Set fields by name; an unknown name is an AttributeError (the slots have no room for it)."""
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def to_json(self) -> dict:
+        """The row as rows.jsonl holds it: every field, less the expert-parallel ones on a row of another level."""
+        ep_row = self.world_size is not None
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if ep_row or not f.metadata}
+
+    @classmethod
+    def from_json(cls, values: dict) -> ResultRow:
+        """A row read back. A field the row lacks (it is older than the field) takes its default. A field the
+        schema lacks is refused: a row is written only from this class, so such a field comes from another
+        version of the lab or a hand edit, and a report that dropped it silently would misreport the run."""
+        unknown = [name for name in values if name not in COLUMNS]
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}: not a row this lab writes")
+        missing = [name for name in REQUIRED if name not in values]
+        if missing:
+            raise ValueError(f"missing field(s) {', '.join(map(repr, missing))}")
+        return cls(**values)
+
+
+COLUMNS = tuple(f.name for f in dataclasses.fields(ResultRow))  # every field, in the file's order
+REQUIRED = tuple(f.name for f in dataclasses.fields(ResultRow)
+                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)

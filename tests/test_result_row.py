@@ -1,0 +1,108 @@
+"""One row schema (result_row.ResultRow) for the harnesses that write rows and the report that reads them."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import bench
+
+import ep_benchmark
+import moe_benchmark
+import result_row
+from cli import report
+from moe_model import Traffic
+from result_row import COLUMNS, ResultRow
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = sorted((REPO / "results" / "moe_journey").glob("*/rows.jsonl"))
+EP_FIELDS = [f.name for f in dataclasses.fields(ResultRow) if f.metadata]
+
+
+def test_the_schema_does_not_import_torch():
+    check = "import result_row, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=REPO)
+
+
+def test_a_misspelled_field_is_an_error(levels, tiny):
+    row = moe_benchmark.base_row(levels["4"], tiny, 8, torch.device("cpu"), Traffic())
+    with pytest.raises(AttributeError):
+        row.stauts = "ok"
+    with pytest.raises(AttributeError):
+        row.update(tokens_per_sec=1.0)
+
+
+def test_rows_keep_their_keys_and_order(levels, tiny):
+    """A single-GPU row lists every field but the EP ones, in the schema's order; an EP row every field."""
+    row = moe_benchmark.benchmark(levels["4"], tiny, 8, torch.device("cpu"), warmup=1, repeats=5)
+    assert list(row) == [name for name in COLUMNS if name not in EP_FIELDS]
+    assert set(json.loads(COMMITTED[-1].read_text().splitlines()[0])) <= set(row)  # a committed row's keys
+    ep_row = ResultRow(**{**row, "level": "ep", "world_size": 2}).to_json()
+    assert list(ep_row) == list(COLUMNS) and ResultRow.from_json(ep_row) == ResultRow(**ep_row)
+
+
+def test_ep_rows_are_built_from_the_schema(tiny):
+    import torch.distributed as dist
+
+    from level_ep_expert_parallel import ExpertParallelMoE
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        row = ep_benchmark.benchmark_ep(ExpertParallelMoE, tiny, 8, torch.device("cpu"), Traffic(), 1, 5, 0.5, "1")
+    finally:
+        dist.destroy_process_group()
+    assert row["status"] == "ok", row["note"]
+    assert list(row) == list(COLUMNS) and row["world_size"] == 1 and row["chunks"] == 1
+
+
+def test_committed_rows_load_with_defaults_for_what_they_lack():
+    for path in COMMITTED:
+        for line in path.read_text().splitlines():
+            values = json.loads(line)
+            row = ResultRow.from_json(values)
+            assert {name: getattr(row, name) for name in values} == values
+    oldest = ResultRow.from_json(json.loads(COMMITTED[0].read_text().splitlines()[0]))
+    assert (oldest.traffic, oldest.router, oldest.shared_experts, oldest.stage_ms) == ("uniform", "softmax-topk", 0,
+                                                                                       None)
+
+
+def test_an_unknown_or_missing_field_is_refused():
+    values = json.loads(COMMITTED[-1].read_text().splitlines()[0])
+    with pytest.raises(ValueError, match="unknown field.*'tokens_per_sec'"):
+        ResultRow.from_json({**values, "tokens_per_sec": 1.0})
+    with pytest.raises(ValueError, match="missing field.*'level'"):
+        ResultRow.from_json({name: value for name, value in values.items() if name != "level"})
+
+
+def test_report_names_the_line_of_a_row_with_an_unknown_field(tmp_path):
+    lines = COMMITTED[-1].read_text().splitlines()[:3]
+    lines[1] = json.dumps({**json.loads(lines[1]), "tokens_per_sec": 1.0})
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    result = bench("report", str(tmp_path))
+    assert result.exit_code == 2 and "rows.jsonl, line 2" in result.output and "'tokens_per_sec'" in result.output
+
+
+def test_frame_has_a_column_per_field():
+    rows = [json.loads(line) for line in COMMITTED[0].read_text().splitlines()]
+    df = report.frame(rows)
+    assert set(COLUMNS) <= set(df.columns) and (df["traffic"] == "uniform").all()
+
+
+def test_stages_are_named_once():
+    assert moe_benchmark.STAGES is result_row.STAGES
+    assert moe_benchmark.OUTSIDE_STAGES is report.OUTSIDE_STAGES is result_row.OUTSIDE_STAGES
+
+
+@pytest.mark.parametrize("args, message", [(["--repeats", "0"], "--repeats ≥ 1"),
+                                           (["--tokens", "0"], "must be positive"),
+                                           (["--preset", "hidden=8,intermediate=8,experts=2,top_k=3"],
+                                            "cannot exceed experts (2)"),
+                                           (["--chunks", "1,many"], "whole numbers")])
+def test_ep_script_refuses_like_the_cli(args, message):
+    script = REPO / "labs" / "moe_optimization_journey" / "level_ep_expert_parallel.py"
+    result = subprocess.run([sys.executable, str(script), "--device", "cpu", *args], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
