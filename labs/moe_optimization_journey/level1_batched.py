@@ -32,7 +32,6 @@ class BatchedLevel(MoELevel):
     level = 1
     name = "batched"
     summary = "gather each token's expert weights (w[expert_ids]) and einsum: no loop, O(T·K·H·I) memory"
-    # Three weight gathers, four einsums and the activation; the largest thing alive is one gathered projection.
     # Three weight gathers, four einsums, the activation: about 9 kernels. Past 2^31 elements per gathered copy
     # the gathers and einsums run in pieces (32-bit indexing): about 30.
     claims = Claims(launches="(9 + 9*S, 11 + 10*S) if T*K*H*I < 2**31 else (30, 33)", syncs="0",
