@@ -403,14 +403,19 @@ def describe_tuned_configs(gate_up_kernel=None, down_kernel=None) -> str:
 # - The down GEMM's activations [P, I] are already sorted: they come by TMA too.
 # TMA needs 16-byte-aligned row strides; `tma_storage` pads a tensor's rows (not its shape) where they are not.
 # ---------------------------------------------------------------------------------------------------------------
+def tma_row_elements(cols: int, dtype: torch.dtype) -> int:
+    """A row's storage for TMA: `cols` rounded up to a multiple of 16 bytes."""
+    elements = 16 // torch.empty((), dtype=dtype).element_size()
+    return triton.cdiv(cols, elements) * elements
+
+
 def tma_storage(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` with its last dimension's storage padded to a multiple of 16 bytes (TMA's stride rule); the view
     keeps the real shape, so descriptors built from it see the real extent and read zeros past it."""
-    elements = 16 // tensor.element_size()
     cols = tensor.shape[-1]
-    if cols % elements == 0:
+    if tma_row_elements(cols, tensor.dtype) == cols:
         return tensor.contiguous()
-    padded = tensor.new_zeros((*tensor.shape[:-1], triton.cdiv(cols, elements) * elements))
+    padded = tensor.new_zeros((*tensor.shape[:-1], tma_row_elements(cols, tensor.dtype)))
     padded[..., :cols] = tensor
     return padded[..., :cols]
 
@@ -522,7 +527,8 @@ def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.
     I = two_I // 2
     max_padded = alignment.sorted_pair_ids.numel()
     tokens_TH = tokens_TH.contiguous()
-    hidden_PI = tma_storage(torch.empty((max_padded, I), dtype=tokens_TH.dtype, device=tokens_TH.device))
+    hidden_PI = torch.empty((max_padded, tma_row_elements(I, tokens_TH.dtype)), dtype=tokens_TH.dtype,
+                            device=tokens_TH.device)[:, :I]  # rows padded for the down kernel's TMA loads
     programs = num_programs(tokens_TH.device)
     num_pairs = tokens_TH.shape[0] * top_k
     _moe_gate_up_persistent_kernel[(programs,)](

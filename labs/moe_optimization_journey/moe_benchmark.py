@@ -1,17 +1,20 @@
 """Mechanics shared by every level: inputs, the reference check, timing, memory, the result row.
 
-A level subclasses `MoELevel`, sets `level`, `name` and `summary`, and writes `forward(tokens_TH,
-routing_weights_TK, expert_ids_TK) -> out_TH` (and `prepare()` for a one-time weight re-layout). Everything else
-is here, once, so the level files hold nothing but their idea:
+A level subclasses `MoELevel`, sets `level`, `name`, `summary` and `claims` (its lesson's counts), and writes
+`forward(tokens_TH, routing_weights_TK, expert_ids_TK) -> out_TH` (and `prepare()` for a one-time weight
+re-layout). Everything else is here, once, so the level files hold nothing but their idea:
 
-- `benchmark()` builds inputs, checks the level against the fp32 reference on fresh random inputs, times it, reads
-  its peak memory and returns one result row; an out-of-memory becomes a row with status `oom`, never a crash.
+- `benchmark()` builds inputs, checks the level against the fp32 reference on fresh random inputs (its first
+  call, timed apart), times it, measures on a GPU its kernels, syncs, extra memory and GPU-busy share against its
+  claims, and returns one result row; an out-of-memory becomes a row with status `oom`, never a crash.
 - `stage(name)` marks a stage of a level's forward (permute, expert GEMMs, ...); `benchmark(..., profile=True)`
   adds to the row the time each stage took (`stage_ms`). Off, a marker costs a few hundred nanoseconds.
 - `run_level_script()` is the entry point each level file calls under `if __name__ == "__main__"`.
 
-Timing: on CUDA, device events around each call, after warm-up, the L2 cache flushed between calls so that no
-repeat finds the previous one's weights in cache; the median of many repeats. On the CPU, a host clock, median.
+Timing: on CUDA, `triton.testing.do_bench`: device events around each call, after warm-up, the L2 cache cleared
+before each so that no repeat finds the previous one's weights in cache; the median of many repeats. On the CPU,
+a host clock, median, with the elementwise Triton kernel run as torch ops; levels whose GEMMs are Triton kernels
+are checked in the interpreter there, not timed.
 """
 
 from __future__ import annotations
