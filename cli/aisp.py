@@ -243,6 +243,8 @@ def run_command(
         defaults = DEFAULTS[torch_device.type]
         warmup = warmup if warmup is not None else defaults.warmup
         check_timing(warmup, repeats)
+        if defaults.threads:
+            bench_mod.torch.set_num_threads(defaults.threads)
         available = lab.load_levels()
         level_keys = parse_levels(levels, list(available))
         token_counts = parse_counts(tokens or defaults.tokens, "--tokens")

@@ -715,6 +715,8 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
     try:
         device = resolve_device(args.device)
         defaults = DEFAULTS[device.type]
+        if defaults.threads:
+            torch.set_num_threads(defaults.threads)
         warmup = args.warmup if args.warmup is not None else defaults.warmup
         check_timing(warmup, args.repeats)
         configs = configs_for(args.preset or defaults.preset, args.router, args.capacity_factor)
