@@ -687,7 +687,7 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
     (the same parsers, in cli/options.py), less the sweep over levels; `--help` prints the level's lesson."""
     from rich.console import Console
 
-    from cli.options import DEBUG_ENV, DEFAULTS, REPEATS, UsageError, check_timing, configs_for, parse_counts, \
+    from cli.options import DEBUG_ENV, DEFAULTS, UsageError, check_timing, configs_for, parse_counts, \
         parse_traffics
 
     gpu, cpu = DEFAULTS["cuda"], DEFAULTS["cpu"]
@@ -706,7 +706,8 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
     parser.add_argument("--hot-share", type=float, default=0.5)
     parser.add_argument("--warmup", type=int, default=None,
                         help=f"untimed calls (default: {gpu.warmup} on a GPU, {cpu.warmup} on the CPU)")
-    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed calls (fewer when slow; never under 5)")
+    parser.add_argument("--repeats", type=int, default=None, help=f"timed calls, fewer when slow, never under 5 "
+                        f"(default: {gpu.repeats} on a GPU, {cpu.repeats} on the CPU)")
     parser.add_argument("--profile", action="store_true", help="also time the stages of the forward")
     parser.add_argument("--debug", action="store_true", help="a crash raises with its full traceback")
     args = parser.parse_args()
@@ -718,7 +719,8 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
         if defaults.threads:
             torch.set_num_threads(defaults.threads)
         warmup = args.warmup if args.warmup is not None else defaults.warmup
-        check_timing(warmup, args.repeats)
+        repeats = args.repeats if args.repeats is not None else defaults.repeats
+        check_timing(warmup, repeats)
         configs = configs_for(args.preset or defaults.preset, args.router, args.capacity_factor)
         token_counts = parse_counts(args.tokens or defaults.script_tokens, "--tokens")
         traffics = parse_traffics(args.traffic, args.zipf_s, args.hot_share)
@@ -732,7 +734,7 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
     for config in configs:
         weights = init_weights(config, device)
         rows += [benchmark(level_cls, config, num_tokens, device, weights=weights, ceilings=ceilings, warmup=warmup,
-                           repeats=args.repeats, time_budget_s=defaults.time_budget_s, traffic=traffic,
+                           repeats=repeats, time_budget_s=defaults.time_budget_s, traffic=traffic,
                            profile=args.profile)
                  for traffic in traffics for num_tokens in token_counts]
         del weights
