@@ -38,8 +38,8 @@ def cpu_intro(env: dict) -> str:
 
 # Levels whose GPU idea does not carry over to the CPU, and what of them a CPU run times instead.
 CPU_COUNTERPARTS = {
-    "2": "its fused SiLU·up is a Triton kernel, which a CPU runs only in the interpreter: timed as two torch ops "
-         "(silu, then multiply), it is level 1 again",
+    "2": "its fused SiLU·up is a Triton kernel, which a CPU runs only in the interpreter: it is timed as two torch "
+         "ops (silu, then multiply), as level 1 does it",
     "5": "no CUDA graph on the CPU: the sync-free code runs eagerly, so only its cost shows, E/K times the "
          "GEMM work on padded buffers",
     "6": "torch.compile makes C++ for the CPU, not the GPU's fused kernels; what it saves or adds here says "
