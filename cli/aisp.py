@@ -34,7 +34,6 @@ from cli.lab import lab
 from cli.options import (
     DEBUG_ENV,
     DEFAULTS,
-    REPEATS,
     UsageError,
     check_timing,
     configs_for,
@@ -219,7 +218,9 @@ def run_command(
     hot_share: float = typer.Option(0.5, help="hot traffic: the share of tokens that pick expert 0"),
     warmup: int = typer.Option(None, help=f"untimed calls before timing (default: {DEFAULTS['cuda'].warmup} on a "
                                           f"GPU, {DEFAULTS['cpu'].warmup} on the CPU)"),
-    repeats: int = typer.Option(REPEATS, help="timed calls (fewer when a call is slow; never under 5)"),
+    repeats: int = typer.Option(None, help=f"timed calls, fewer when a call is slow, never under 5 (default: "
+                                           f"{DEFAULTS['cuda'].repeats} on a GPU, {DEFAULTS['cpu'].repeats} on the "
+                                           "CPU)"),
     profile: bool = typer.Option(False, "--profile", help="also time each level's stages (routing, permute, "
                                                          "expert GEMMs, activation, combine, shared experts)"),
     world_size: str = typer.Option("1", help="level ep: world sizes to launch with torchrun, comma-separated (one "
@@ -242,7 +243,10 @@ def run_command(
         torch_device = bench_mod.resolve_device(device)
         defaults = DEFAULTS[torch_device.type]
         warmup = warmup if warmup is not None else defaults.warmup
+        repeats = repeats if repeats is not None else defaults.repeats
         check_timing(warmup, repeats)
+        if defaults.threads:
+            bench_mod.torch.set_num_threads(defaults.threads)
         available = lab.load_levels()
         level_keys = parse_levels(levels, list(available))
         token_counts = parse_counts(tokens or defaults.tokens, "--tokens")

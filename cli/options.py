@@ -35,17 +35,24 @@ class Defaults:
     preset: str
     tokens: str  # what `aisp bench run` sweeps
     script_tokens: str  # what a level script run alone measures
+    repeats: int  # timed calls per row, when they fit the time budget
     time_budget_s: float  # how long one row's timed calls may take (fewer repeats past it, never under 5)
     warmup: int
+    threads: int | None = None  # torch's intra-op threads (torch.set_num_threads); None leaves PyTorch's choice
 
 
 # Per device type: what a bare `aisp bench run -t moe_journey` or `python levelN_*.py` measures.
 DEFAULTS = {
-    "cuda": Defaults(preset="journey", tokens="2048,8192,16384,32768", script_tokens="8192", time_budget_s=3.0,
-                     warmup=3),
-    "cpu": Defaults(preset="small", tokens="16,64,512", script_tokens="256", time_budget_s=1.0, warmup=1),
+    "cuda": Defaults(preset="journey", tokens="2048,8192,16384,32768", script_tokens="8192", repeats=50,
+                     time_budget_s=3.0, warmup=3),
+    # The CPU run must finish in about 2 minutes on 2 cores and rank levels 0-6 the same run after run: 16 tokens
+    # (per-op overhead decides), 128 and 1024 (the GEMMs do; level 1's weight copies take seconds here). Two runs
+    # agreed within 9% per cell at 128 and 1024 tokens, within 22% at 16 (about 1 ms a call, mostly Python). One
+    # thread: with two, OpenMP's barriers wait on any thread the OS lends to other work, and a busy machine timed
+    # level 4 at 128 tokens 100x slower (456 ms against 4 ms on one thread). NOTES.md, "CPU journey", has more.
+    "cpu": Defaults(preset="small", tokens="16,128,1024", script_tokens="256", repeats=300, time_budget_s=1.5,
+                    warmup=2, threads=1),
 }
-REPEATS = 50
 
 
 def parse_levels(spec: str | None, available: list[str], on_request: tuple[str, ...] = ("ep",)) -> list[str]:
@@ -178,7 +185,8 @@ def script_parser(prog: str, lesson: str, tokens_help: str = "token counts") -> 
     parser.add_argument("--hot-share", type=float, default=0.5)
     parser.add_argument("--warmup", type=int, default=None,
                         help=f"untimed calls (default: {gpu.warmup} on a GPU, {cpu.warmup} on the CPU)")
-    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed calls (fewer when slow; never under 5)")
+    parser.add_argument("--repeats", type=int, default=None, help=f"timed calls, fewer when slow, never under 5 "
+                        f"(default: {gpu.repeats} on a GPU, {cpu.repeats} on the CPU)")
     parser.add_argument("--debug", action="store_true", help="a crash raises with its full traceback")
     return parser
 
@@ -189,6 +197,7 @@ class ScriptCases:
 
     defaults: Defaults
     warmup: int
+    repeats: int
     token_counts: list[int]
     traffics: list
 
@@ -200,8 +209,9 @@ def script_cases(args, device_type: str) -> ScriptCases:
         os.environ[DEBUG_ENV] = "1"
     defaults = DEFAULTS[device_type]
     warmup = args.warmup if args.warmup is not None else defaults.warmup
-    check_timing(warmup, args.repeats)
-    return ScriptCases(defaults, warmup, parse_counts(args.tokens or defaults.script_tokens, "--tokens"),
+    repeats = args.repeats if args.repeats is not None else defaults.repeats
+    check_timing(warmup, repeats)
+    return ScriptCases(defaults, warmup, repeats, parse_counts(args.tokens or defaults.script_tokens, "--tokens"),
                        parse_traffics(args.traffic, args.zipf_s, args.hot_share))
 
 

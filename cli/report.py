@@ -26,7 +26,42 @@ import pandas as pd  # noqa: E402
 from cli.numbers import fmt  # noqa: E402
 from result_row import OUTSIDE_STAGES, ResultRow  # noqa: E402
 
-STATUS_CELL = {"oom": "OOM", "skipped": "skipped", "error": "error"}
+STATUS_CELL = {"oom": "OOM", "skipped": "skipped", "error": "error", "checked": "checked"}
+
+
+def cpu_intro(env: dict) -> str:
+    """The two sentences a CPU run's summary.md and report.html open with: what such a run can and cannot show."""
+    threads = env.get("cpu_threads")
+    on = f" on {threads} thread{'s' if threads != 1 else ''}" if threads else ""
+    return ("This run was on a CPU: it times PyTorch's CPU kernels and Python's overhead" + on + ", so it ranks "
+            "levels 0-6 and the peer on this machine. It cannot show GPU launch overhead, CUDA graphs, tensor cores "
+            "or HBM bandwidth, and levels 7-9 (Triton GEMMs) are checked in Triton's interpreter but not timed.")
+
+
+# Levels whose GPU idea does not carry over to the CPU, and what of them a CPU run times instead.
+CPU_COUNTERPARTS = {
+    "2": "its fused SiLU·up is a Triton kernel, which a CPU runs only in the interpreter: it is timed as two torch "
+         "ops (silu, then multiply), as level 1 does it",
+    "5": "no CUDA graph on the CPU: the sync-free code runs eagerly, so only its cost shows, E/K times the "
+         "GEMM work on padded buffers",
+    "6": "torch.compile makes C++ for the CPU, not the GPU's fused kernels; what it saves or adds here says "
+         "little about a GPU",
+}
+
+
+def cpu_counterpart_notes(df: pd.DataFrame) -> list[str]:
+    """On a CPU run, a line per level present whose GPU idea does not carry over (CPU_COUNTERPARTS)."""
+    if (df["device_type"] == "cuda").any():
+        return []
+    present = dict.fromkeys(zip(df["level"].map(str), df["label"]))
+    return [f"{label}: {CPU_COUNTERPARTS[level]}" for level, label in present if level in CPU_COUNTERPARTS]
+
+
+def timed_levels(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the levels a run could time: a level `checked` (on a CPU, its only form is Triton's
+    interpreter) is left out of the speed tables and plots; the time table and the notes say why."""
+    checked = set(df.loc[df["status"] == "checked", "label"])
+    return df[~df["label"].isin(checked)].reset_index(drop=True)
 
 
 class DamagedFile(ValueError):
@@ -188,6 +223,7 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
     first = df.iloc[0]
     shape = shape_of(first)
     baseline = next((lbl for lbl in df["label"] if lbl.startswith("0 ")), None)
+    all_rows, df = df, timed_levels(df)
 
     def speedup_vs(reference_label_of):
         def render(row):
@@ -199,8 +235,10 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
     on_gpu = (df["device_type"] == "cuda").any()
     parts = [
         f"## {first['case']} ({shape})",
-        "Time per forward, ms (median; `OOM` = ran out of GPU memory):" if on_gpu else "Time per forward, ms (median):",
-        markdown_table(pivot(df, status_or(lambda r: fmt(r["ms"]))), "level \\ tokens"),
+        "Time per forward, ms (median; `OOM` = ran out of GPU memory):" if on_gpu else
+        "Time per forward, ms (median; `checked` = checked in Triton's interpreter, not timed):"
+        if len(df) < len(all_rows) else "Time per forward, ms (median):",
+        markdown_table(pivot(all_rows, status_or(lambda r: fmt(r["ms"]))), "level \\ tokens"),
     ]
     if baseline:
         parts += ["Speedup over level 0:",
@@ -208,6 +246,11 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
     parts += [
         "Speedup over the previous level:",
         markdown_table(pivot(df, speedup_vs(lambda r: previous_level_label(df, r))), "level \\ tokens"),
+    ]
+    if counterparts := cpu_counterpart_notes(df):
+        parts.append("Where the GPU idea does not carry over to the CPU:\n\n"
+                     + "\n".join(f"- {note}" for note in counterparts))
+    parts += [
         "TFLOP/s (useful FLOPs: 2·T·K·3·H·I):",
         markdown_table(pivot(df, status_or(lambda r: fmt(r["tflops"]))), "level \\ tokens"),
     ]
@@ -250,7 +293,7 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
                   "median of the unprofiled timing:",
                   stage_table(df, tokens)]
     notes = [f"- level {r['level']} ({r['level_name']}), {r['tokens']} tokens: {r['status']}: {r['note']}"
-             for _, r in df.iterrows() if r["note"]]
+             for _, r in all_rows.iterrows() if r["note"]]
     if notes:
         parts += ["Notes from the rows:", "\n".join(notes)]
     return "\n\n".join(parts)
@@ -291,11 +334,12 @@ def environment_section(env: dict) -> str:
 
 
 # The plots. Every figure gives a level the same colour, names what it shows in words, keeps its legend off the
-# data, and marks what was not timed (out of memory, skipped) where a reader would look for it.
+# data, and marks what was not timed (out of memory, skipped, checked) where a reader would look for it.
 LEVEL_COLORS = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + list(plt.get_cmap("Dark2").colors)
 PEER_COLOR = "0.45"  # tab10's grey, kept out of LEVEL_COLORS for the peer alone
-STATUS_MARKER = {"oom": "x", "skipped": "o", "error": "D"}
-STATUS_SYMBOL = {"oom": "× out of memory", "skipped": "○ skipped", "error": "◇ error"}  # the markers, in words
+STATUS_MARKER = {"oom": "x", "skipped": "o", "error": "D", "checked": "s"}
+STATUS_SYMBOL = {"oom": "× out of memory", "skipped": "○ skipped", "error": "◇ error",
+                 "checked": "□ checked, not timed"}  # the markers, in words
 
 
 def level_colors(df: pd.DataFrame) -> dict:
@@ -441,8 +485,8 @@ def plot_preset(df: pd.DataFrame, out_dir: Path, preset: str) -> list[str]:
     case, device = case_title(df["case"].iloc[0]), df["device"].iloc[0]
     names = [plot_by_tokens(df, "ms", "ms per forward (median, log)", "log",
                             f"{case}: time per forward ({device})", out_dir / f"time_{preset}.png")]
-    if df["label"].nunique() > 1:
-        names += filter(None, [plot_speedup(df, f"{case}: speedup per level ({device})",
+    if timed_levels(df)["label"].nunique() > 1:
+        names += filter(None, [plot_speedup(timed_levels(df), f"{case}: speedup per level ({device})",
                                             out_dir / f"speedup_{preset}.png")])
     if df["pct_roofline"].notna().any():
         names.append(plot_by_tokens(df, "pct_roofline", "% of the measured roofline", "linear",
@@ -645,7 +689,8 @@ def write_report(run_dir: Path, warn: Callable[[str], None] | None = None) -> Pa
     run_dir = Path(run_dir)
     rows = load_rows(run_dir, skip_damaged_last=warn)
     env = load_environment(run_dir)
-    sections = [f"# moe_journey run `{run_dir.name}`", environment_section(env)]
+    on_cpu = bool(rows) and all(row.get("device_type") == "cpu" for row in rows)
+    sections = [f"# moe_journey run `{run_dir.name}`", cpu_intro(env) if on_cpu else "", environment_section(env)]
     if not rows:
         sections.append("No rows were recorded.")
     else:

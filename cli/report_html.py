@@ -46,6 +46,7 @@ tbody tr:hover { background: #f5f7fa; }
 th a { color: #0b5cad; text-decoration: none; }
 th a:hover { text-decoration: underline; }
 .status { color: #999; }
+p.intro { max-width: 60rem; border-left: 4px solid #0b5cad; padding-left: 0.6rem; }
 .win { color: #0a7a2f; font-weight: 600; }
 tr:has(.mismatch) { background: #fdeaea; }
 .mismatch { color: #b00020; font-weight: 700; }
@@ -63,6 +64,8 @@ def write_html(run_dir: Path, rows: list[dict], env: dict) -> Path:
     drew."""
     run_dir = Path(run_dir)
     contents, body = [], [environment(env)]
+    if rows and all(row.get("device_type") == "cpu" for row in rows):
+        body.insert(0, f'<p class="intro">{esc(report.cpu_intro(env))}</p>')
     if not rows:
         body.append("<p>No rows were recorded.</p>")
     else:
@@ -171,6 +174,7 @@ def section(title: str, caption: str, *blocks: str) -> str:
 
 def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_gpu: bool) -> str:
     first = df.iloc[0]
+    all_rows, df = df, report.timed_levels(df)  # a level checked in the interpreter is in the time table only
     ms = {(r["label"], r["tokens"]): r["ms"] for _, r in df[df["status"] == "ok"].iterrows()}
     peer = next((lbl for lbl in df["label"] if lbl.startswith("peer")), None)
     tokens = sorted(df["tokens"].unique())
@@ -200,8 +204,9 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
         f'<h2 id="{anchor}">{esc(report.case_title(first["case"]))} '
         f'<small>({esc(report.shape_of(first))})</small></h2>',
         section("Time per forward, ms", "The median of the timed repeats. <em>OOM</em>: ran out of GPU memory; "
-                "<em>skipped</em>: not run at this size or on this device (the notes below say why).",
-                table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["ms"]))), links),
+                "<em>skipped</em>: not run at this size or on this device; <em>checked</em>: checked in Triton's "
+                "interpreter, not timed (the notes below say why).",
+                table_html(report.pivot(all_rows, report.status_or(lambda r: report.fmt(r["ms"]))), links),
                 figure(run_dir, f"time_{anchor}.png", "time per forward, per level")),
     ]
     if peer:
@@ -217,6 +222,11 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
     parts += [
         section("Speedup over the previous level", "What each level's one change bought at each size.",
                 table_html(report.pivot(df, times(previous_level)), links)),
+    ]
+    if counterparts := report.cpu_counterpart_notes(df):
+        parts.append("<h3>Where the GPU idea does not carry over to the CPU</h3><ul>"
+                     + "".join(f"<li>{esc(note)}</li>" for note in counterparts) + "</ul>")
+    parts += [
         section("TFLOP/s", "Useful FLOPs (2·T·K·3·H·I) over the measured time.",
                 table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["tflops"]))), links)),
     ]
@@ -240,7 +250,7 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
                              "profiled forward, at the smallest and the largest profiled token count.",
                              figure(run_dir, f"stages_{anchor}.png", "stages per level")))
     notes = [f"<li>{links.get(r['label'], esc(r['label']))}, {r['tokens']} tokens: {esc(r['status'])}: "
-             f"{esc(r['note'])}</li>" for _, r in df.iterrows() if r["note"]]
+             f"{esc(r['note'])}</li>" for _, r in all_rows.iterrows() if r["note"]]
     if notes:
         parts.append("<h3>Notes from the rows</h3><ul>" + "".join(notes) + "</ul>")
     return "\n".join(parts)

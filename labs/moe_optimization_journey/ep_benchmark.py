@@ -322,7 +322,7 @@ def run_ep_script(layer_cls: type) -> None:
         for preset in presets:
             for traffic in cases.traffics:
                 for tokens in cases.token_counts:
-                    row = benchmark_ep(layer_cls, preset, tokens, device, traffic, cases.warmup, args.repeats,
+                    row = benchmark_ep(layer_cls, preset, tokens, device, traffic, cases.warmup, cases.repeats,
                                        budget_s, args.chunks)
                     if row is not None:
                         rows.append(row)

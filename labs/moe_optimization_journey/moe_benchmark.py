@@ -656,6 +656,8 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
     try:
         device = resolve_device(args.device)
         cases = script_cases(args, device.type)
+        if cases.defaults.threads:
+            torch.set_num_threads(cases.defaults.threads)
         configs = configs_for(args.preset or cases.defaults.preset, args.router, args.capacity_factor)
     except (UsageError, ConfigError) as error:
         refuse(parser.prog, error)
@@ -664,7 +666,7 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
     for config in configs:
         weights = init_weights(config, device)
         rows += [benchmark(level_cls, config, num_tokens, device, weights=weights, ceilings=ceilings,
-                           warmup=cases.warmup, repeats=args.repeats, time_budget_s=cases.defaults.time_budget_s,
+                           warmup=cases.warmup, repeats=cases.repeats, time_budget_s=cases.defaults.time_budget_s,
                            traffic=traffic, profile=args.profile)
                  for traffic in cases.traffics for num_tokens in cases.token_counts]
         del weights
