@@ -50,7 +50,7 @@ DEFAULTS = {
     # agreed within 9% per cell at 128 and 1024 tokens, within 22% at 16 (about 1 ms a call, mostly Python). One
     # thread: with two, OpenMP's barriers wait on any thread the OS lends to other work, and a busy machine timed
     # level 4 at 128 tokens 100x slower (456 ms against 4 ms on one thread). NOTES.md, "CPU journey", has more.
-    "cpu": Defaults(preset="small", tokens="16,128,1024", script_tokens="256", repeats=300, time_budget_s=1.5,
+    "cpu": Defaults(preset="small", tokens="128,512,1024", script_tokens="256", repeats=300, time_budget_s=1.5,
                     warmup=2, threads=1),
 }
 
