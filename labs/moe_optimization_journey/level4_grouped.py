@@ -8,7 +8,7 @@ The idea
     weights the sorted results by their routing weights and adds them back into the tokens' rows with one
     `index_add_`. This "permute → grouped GEMM → un-permute" shape is how production MoE layers are built
     (torchtitan, vLLM, Megatron); the later levels change how the grouped GEMM and the permutation run, and
-    levels 6, the peer and the expert-parallel level call these two functions as they are.
+    levels 5 and 6 and the peer call these two functions as they are (the expert-parallel level, `permute`).
 
 Why it should be faster than level 3
     One host sync per forward (`counts_E.tolist()`, needed to cut the slices) instead of E; one gather and one
