@@ -172,12 +172,17 @@ def test_report_of_a_non_run_folder(tmp_path):
     assert result.exit_code == 2 and "not a run folder" in result.output
 
 
-def test_publish_fills_the_readme_block(finished_run, tmp_path):
-    run_dir = tmp_path / "moe_journey" / "20260101T000000Z-nvidia-test"
+def gpu_copy(finished_run, run_dir):
+    """The finished CPU run's rows in a folder whose environment says GPU: what `publish` takes."""
     run_dir.mkdir(parents=True)
     (run_dir / "rows.jsonl").write_text((finished_run / "rows.jsonl").read_text())
     env = json.loads((finished_run / "environment.json").read_text()) | {"device_type": "cuda"}
     (run_dir / "environment.json").write_text(json.dumps(env))
+    return run_dir
+
+
+def test_publish_fills_the_readme_block(finished_run, tmp_path):
+    run_dir = gpu_copy(finished_run, tmp_path / "moe_journey" / "20260101T000000Z-nvidia-test")
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
     result = bench("publish", str(run_dir), "--readme", str(readme))
@@ -254,11 +259,7 @@ def test_publish_several_runs_of_one_sweep(finished_run, tmp_path):
     """A sweep that ran as one process per GPU: both folders in the README block and LATEST.md."""
     names = ["20260101T000000Z-nvidia-test", "20260101T000000Z-nvidia-test-2"]
     for name in names:
-        run_dir = tmp_path / "moe_journey" / name
-        run_dir.mkdir(parents=True)
-        (run_dir / "rows.jsonl").write_text((finished_run / "rows.jsonl").read_text())
-        env = json.loads((finished_run / "environment.json").read_text()) | {"device_type": "cuda"}
-        (run_dir / "environment.json").write_text(json.dumps(env))
+        gpu_copy(finished_run, tmp_path / "moe_journey" / name)
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
     result = bench("publish", *(str(tmp_path / "moe_journey" / name) for name in names), "--readme", str(readme))
