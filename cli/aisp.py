@@ -41,6 +41,7 @@ from cli.options import (
     parse_counts,
     parse_levels,
     parse_traffics,
+    use_threads,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -245,8 +246,6 @@ def run_command(
         warmup = warmup if warmup is not None else defaults.warmup
         repeats = repeats if repeats is not None else defaults.repeats
         check_timing(warmup, repeats)
-        if defaults.threads:
-            bench_mod.torch.set_num_threads(defaults.threads)
         available = lab.load_levels()
         level_keys = parse_levels(levels, list(available))
         token_counts = parse_counts(tokens or defaults.tokens, "--tokens")
@@ -259,6 +258,7 @@ def run_command(
     except (UsageError, ConfigError) as error:
         refuse(error)
 
+    use_threads(defaults)
     ceilings = bench_mod.measure_ceilings(torch_device)
     run_dir = new_run_dir(out_dir / target, bench_mod.device_label(torch_device))
     args = {"levels": level_keys, "tokens": token_counts, "traffic": [t.label for t in traffics], "warmup": warmup,

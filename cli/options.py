@@ -202,6 +202,14 @@ class ScriptCases:
     traffics: list
 
 
+def use_threads(defaults: Defaults) -> None:
+    """Give torch the device's thread count, where the defaults set one (after the request has been checked)."""
+    if defaults.threads:
+        import torch
+
+        torch.set_num_threads(defaults.threads)
+
+
 def script_cases(args, device_type: str) -> ScriptCases:
     """The shared options of `script_parser` read back for this device (its defaults where none is given);
     raises UsageError or ConfigError as `aisp bench run` would. `--debug` is set for the rest of the process."""

@@ -134,9 +134,13 @@ class Claims:
         shape = {"T": T, "H": config.hidden, "I": config.intermediate, "E": E, "K": K,
                  "S": config.num_shared_experts, "B": torch.finfo(config.torch_dtype).bits // 8,
                  "U": E * (1 - (1 - K / E) ** T), "min": min, "max": max, "ceil": math.ceil, "log2": math.log2}
-        value = lambda formula: eval(formula, {"__builtins__": {}}, shape)  # noqa: E731  (the lab's own formulas)
-        span = lambda formula: value(formula) if isinstance(value(formula), tuple) else (value(formula),) * 2  # noqa
-        return {"launches": tuple(round(n) for n in span(self.launches)), "syncs": round(value(self.syncs)),
+
+        def span(formula: str) -> tuple:
+            """(low, high) of a formula that gives one number or a range: the lab's own formulas, evaluated."""
+            value = eval(formula, {"__builtins__": {}}, shape)
+            return value if isinstance(value, tuple) else (value, value)
+
+        return {"launches": tuple(round(n) for n in span(self.launches)), "syncs": round(span(self.syncs)[0]),
                 "extra_mb": tuple(n / 2**20 for n in span(self.extra_bytes))}
 
 
@@ -646,7 +650,7 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
     (the same parsers, in cli/options.py), less the sweep over levels; `--help` prints the level's lesson."""
     from rich.console import Console
 
-    from cli.options import UsageError, configs_for, refuse, script_cases, script_parser
+    from cli.options import UsageError, configs_for, refuse, script_cases, script_parser, use_threads
 
     parser = script_parser(Path(sys.argv[0]).name, sys.modules[level_cls.__module__].__doc__)
     parser.add_argument("--router", default="softmax-topk", help="softmax-topk, sigmoid-bias, switch or expert-choice")
@@ -656,11 +660,10 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
     try:
         device = resolve_device(args.device)
         cases = script_cases(args, device.type)
-        if cases.defaults.threads:
-            torch.set_num_threads(cases.defaults.threads)
         configs = configs_for(args.preset or cases.defaults.preset, args.router, args.capacity_factor)
     except (UsageError, ConfigError) as error:
         refuse(parser.prog, error)
+    use_threads(cases.defaults)
     ceilings = measure_ceilings(device)
     rows = []
     for config in configs:
