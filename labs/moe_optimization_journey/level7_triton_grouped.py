@@ -16,7 +16,7 @@ The idea
     3. Down kernel: the same tiling over the activations [padded rows, I] and w_down; the epilogue multiplies
        each row by its routing weight and writes it back in (token, slot) order, so the combine is one sum over
        K. (fp32 atomic adds straight into the output were measured too, and were slower: NOTES.md.)
-    Tile shapes are autotuned (`triton.autotune`) per (N, K, BLOCK_M, pair-count class).
+    Tile shapes are autotuned (`triton.autotune`) per (cols, depth, BLOCK_M, pair-count class).
 
 Why it should be faster than levels 4-6
     Launches: 2 GEMM kernels, 3 alignment kernels, 2 fills and the sum, against 3·E GEMMs and a dozen more
