@@ -9,6 +9,7 @@ Shape legend, used in every file of the lab (a tensor's name ends in its shape: 
     C  capacity: rows per expert in a fixed-size buffer (level 5: C = T)
     W  world size: the processes of the expert-parallel level
     R  rows an expert-parallel rank receives for its local experts
+    G  groups of FP8_GROUP columns that share one FP8 scale (level 10's hidden rows: G = ⌈I / 128⌉)
 In the GEMM kernels, a program computes a BLOCK_M × BLOCK_N tile of the output (`cols` wide), stepping BLOCK_D at a
 time along the reduction (`depth`: H for gate/up, I for down).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -296,11 +298,15 @@ def reference_forward(
     routing_weights_TK: torch.Tensor,
     expert_ids_TK: torch.Tensor,
     first_expert: int = 0,
+    round_hidden: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The layer in fp32, one expert at a time: the function every level must compute. Returns [T, H] fp32.
 
     `weights` may hold a slice of the routed experts, first_expert onwards (as an expert-parallel rank does): then
-    only the pairs routed to that slice contribute, plus the shared experts `weights` holds."""
+    only the pairs routed to that slice contribute, plus the shared experts `weights` holds. Its expert tensors may
+    be `Fp8Experts`, indexed like a tensor. `round_hidden`, if given, is applied to every expert's fp32 hidden
+    (SiLU·up) before the down projection: what a quantized level stores between its two GEMMs."""
+    keep = round_hidden or (lambda hidden: hidden)
     out_TH = torch.zeros(tokens_TH.shape, dtype=torch.float32, device=tokens_TH.device)
     for local in range(weights.w_gate_EHI.shape[0]):
         token_idx, slot = torch.nonzero(expert_ids_TK == first_expert + local, as_tuple=True)
@@ -308,13 +314,82 @@ def reference_forward(
             continue
         x = tokens_TH[token_idx].float()
         hidden = F.silu(x @ weights.w_gate_EHI[local].float()) * (x @ weights.w_up_EHI[local].float())
-        y = hidden @ weights.w_down_EIH[local].float()
+        y = keep(hidden) @ weights.w_down_EIH[local].float()
         out_TH.index_add_(0, token_idx, y * routing_weights_TK[token_idx, slot, None].float())
     x = tokens_TH.float()
     for shared in range(weights.w_shared_gate_SHI.shape[0]):
         hidden = F.silu(x @ weights.w_shared_gate_SHI[shared].float()) * (x @ weights.w_shared_up_SHI[shared].float())
-        out_TH += hidden @ weights.w_shared_down_SIH[shared].float()
+        out_TH += keep(hidden) @ weights.w_shared_down_SIH[shared].float()
     return out_TH
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FP8 (e4m3): what level 10 and the FP8 peer compute with
+#
+# An e4m3 number has 3 mantissa bits and a largest finite value of 448, so a tensor is stored as e4m3 values times
+# an fp32 scale, one scale per slice: amax(slice) / 448 maps the slice's largest magnitude onto e4m3's. Each
+# element then carries a rounding error of up to 2^-4 of its magnitude (half an e4m3 step), and the scale's slice
+# decides how much range one outlier costs its neighbours: per output channel for weights, per token for the
+# layer's input, per 1×FP8_GROUP block of a hidden row (the row is written tile by tile, so no kernel sees a whole
+# row at once: DeepSeek-V3's activation blocks).
+# ---------------------------------------------------------------------------------------------------------------
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value
+FP8_GROUP = 128  # columns of a hidden row that share one scale
+
+
+def quantize_fp8(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ≈ values · scales, slices along the last dimension: (e4m3 values, x's shape, row-major; fp32 scales [..., G]), one
+    scale per `group` columns (the last group may be short), or per whole row with group None (G = 1). A slice of
+    zeros gets a tiny scale and zero values."""
+    cols = x.shape[-1]
+    group = group or cols
+    G = -(-cols // group)
+    padded = F.pad(x.to(torch.float32, memory_format=torch.contiguous_format), (0, G * group - cols))
+    padded = padded.view(*x.shape[:-1], G, group)
+    scales = padded.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
+    values = (padded / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return values.view(*x.shape[:-1], G * group)[..., :cols], scales
+
+
+def dequantize_fp8(values: torch.Tensor, scales: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """quantize_fp8's inverse, in fp32: each value times its slice's scale."""
+    cols = values.shape[-1]
+    return values.float() * scales.repeat_interleave(group or cols, dim=-1)[..., :cols]
+
+
+def fp8_round_trip(x: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """x as FP8 storage gives it back, in fp32: what a quantized level computes with in place of x."""
+    return dequantize_fp8(*quantize_fp8(x, group), group)
+
+
+@dataclass
+class Fp8Experts:
+    """One projection's experts in FP8, kept as the GEMM kernels want them: values [E, cols, depth] with the
+    reduction (`depth`) contiguous, the layout Hopper's FP8 tensor cores read, and one fp32 scale per output
+    column, [E, cols]. Indexed like the [E, depth, cols] tensor it replaces, it gives an expert's weights dequantized
+    to fp32 [depth, cols], which is how `reference_forward` reads it."""
+
+    values_ECD: torch.Tensor
+    scales_EC: torch.Tensor
+
+    @classmethod
+    def quantize(cls, w_EDC: torch.Tensor) -> Fp8Experts:
+        E, depth, cols = w_EDC.shape
+        values_ECD = torch.empty((E, cols, depth), dtype=FP8_DTYPE, device=w_EDC.device)
+        scales_EC = torch.empty((E, cols), dtype=torch.float32, device=w_EDC.device)
+        for expert in range(E):  # one at a time: quantize_fp8 works in fp32, 2x the bf16 weights if done at once
+            values, scales = quantize_fp8(w_EDC[expert].T)  # each output column's depth is one slice
+            values_ECD[expert], scales_EC[expert] = values, scales[:, 0]
+        return cls(values_ECD, scales_EC)
+
+    @property
+    def shape(self) -> torch.Size:
+        E, cols, depth = self.values_ECD.shape
+        return torch.Size((E, depth, cols))
+
+    def __getitem__(self, expert: int) -> torch.Tensor:
+        return dequantize_fp8(self.values_ECD[expert], self.scales_EC[expert, :, None]).T
 
 
 def flop_count(config: MoEConfig, num_tokens: int) -> int:
@@ -324,12 +399,13 @@ def flop_count(config: MoEConfig, num_tokens: int) -> int:
     return 2 * pairs * 3 * config.hidden * config.intermediate
 
 
-def min_bytes(config: MoEConfig, num_tokens: int, experts_touched: int) -> int:
+def min_bytes(config: MoEConfig, num_tokens: int, experts_touched: int, weight_bytes: int | None = None) -> int:
     """Fewest bytes one forward must move through device memory: the weights of every expert that got a token
-    and of the shared experts, read once, plus the tokens read once and the output written once."""
+    and of the shared experts, read once, plus the tokens read once and the output written once. `weight_bytes`:
+    bytes per weight where the weights are stored in another format than the tokens (1 for FP8)."""
     element = torch.finfo(config.torch_dtype).bits // 8
     experts = experts_touched + config.num_shared_experts
-    weights = experts * 3 * config.hidden * config.intermediate * element
+    weights = experts * 3 * config.hidden * config.intermediate * (weight_bytes or element)
     return weights + 2 * num_tokens * config.hidden * element
 
 

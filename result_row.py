@@ -60,6 +60,9 @@ class ResultRow:
     pct_roofline: float | None = None  # the measured ceilings' floor time / median time, % (GPU only)
     peak_mb: float | None = None  # device memory allocated at the forward's peak, weights included, MiB (GPU only)
     rel_err: float | None = None  # ‖out − ref‖ / ‖ref‖ against the fp32 reference, on the check's inputs
+    # FP8 levels: rel_err is against the reference computed on the same quantized values (the kernels' error);
+    # quant_err is ‖out − ref‖ / ‖ref‖ against the layer's fp32 reference, the quantization's cost.
+    quant_err: float | None = None
     first_call_ms: float | None = None  # the first call, outside the timing: compilation, autotuning, graph capture
 
     # The lesson's counts (MoELevel.claims) and, on a GPU, the same measured (moe_benchmark.measure_counts).

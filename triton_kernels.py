@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from moe_model import FP8_DTYPE, FP8_GROUP, FP8_MAX, Fp8Experts  # noqa: E402
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -553,5 +555,199 @@ def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routi
         alignment.block_expert_ids, alignment.num_padded, E, H, I, T * K, hidden_PI.shape[0],
         triton.next_power_of_2(T * K), hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1), y_NH.stride(0),
         BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
+    )
+    return y_NH.view(T, K, H)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Level 10: level 9's kernels with FP8 (e4m3) operands.
+#
+# - The tokens are quantized once per forward, one scale per token (a small kernel: read T·H·2 bytes, write T·H + 4T),
+#   and gathered by the gate/up kernel as level 9 gathers them, at one byte an element.
+# - Weights are stored e4m3 with one fp32 scale per output column, K-major: [E, cols, depth], the reduction
+#   contiguous. Hopper's FP8 tensor-core instruction reads both operands K-major, so the kernels load a
+#   [BLOCK_N, BLOCK_D] box and multiply by its transpose, which costs nothing (a view of shared memory).
+# - The accumulators stay fp32. A weight scale is constant along the reduction, and so is a token's: both multiply
+#   the finished accumulator, in the epilogue.
+# - The gate/up epilogue quantizes SiLU·up for the down GEMM. A scale per whole hidden row would need the whole
+#   row, which no tile sees; so each tile of FP8_GROUP columns gets its own scale per row (BLOCK_N is FP8_GROUP).
+#   Those scales change along the down GEMM's reduction, so they cannot wait for the epilogue: the down kernel
+#   multiplies each step's partial product by its group's scale before adding it (DeepSeek-V3's recipe), with
+#   BLOCK_D a divisor of FP8_GROUP so that a step never straddles two groups.
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _to_e4m3(x, FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr):
+    """x (fp32) in e4m3, saturated at ±FP8_MAX. Triton's CPU interpreter rounds to e4m3 without carrying into the
+    exponent (125.4 becomes 64 with Triton 3.9), so there x is first rounded to e4m3's 3 mantissa bits in fp32:
+    adding and subtracting 2^(exponent + 20) leaves exactly those bits, rounded to nearest even, and the cast is
+    then exact. On the GPU the hardware's conversion rounds."""
+    x = tl.clamp(x, -FP8_MAX, FP8_MAX)
+    if INTERPRETED:
+        magnitude = tl.abs(x)
+        exponent = tl.maximum(tl.floor(tl.log2(tl.maximum(magnitude, 1e-30))), -6.0)  # e4m3 has no step below 2^-9
+        shift = tl.exp2(exponent + 20.0)
+        x = tl.where(x < 0, -1.0, 1.0) * ((magnitude + shift) - shift)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, cols, stride_x, stride_v, FP8_MAX: tl.constexpr,
+                          INTERPRETED: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row: its amax, its scale amax / FP8_MAX, its values in e4m3."""
+    row = tl.program_id(axis=0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < cols, other=0.0).to(tl.float32)  # read cols·2 bytes
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / FP8_MAX
+    values = _to_e4m3(x / scale, FP8_MAX, INTERPRETED)
+    tl.store(values_ptr + row * stride_v + offs, values, mask=offs < cols)  # write cols bytes
+    tl.store(scales_ptr + row, scale)  # and 4
+
+
+def quantize_rows(x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values [T, H], fp32 scales [T]): moe_model.quantize_fp8 with one scale per row, as one kernel."""
+    _check_device(x_TH)
+    T, H = x_TH.shape
+    values_TH = torch.empty((T, tma_row_elements(H, FP8_DTYPE)), dtype=FP8_DTYPE, device=x_TH.device)[:, :H]
+    scales_T = torch.empty(T, dtype=torch.float32, device=x_TH.device)
+    if T:
+        x_TH = x_TH.contiguous()
+        _quantize_rows_kernel[(T,)](x_TH, values_TH, scales_T, H, x_TH.stride(0), values_TH.stride(0),
+                                    FP8_MAX=FP8_MAX, INTERPRETED=interpreting(), BLOCK=triton.next_power_of_2(H),
+                                    num_warps=8)
+    return values_TH, scales_T
+
+
+def _fp8_configs(interpret: bool, gate_up: bool) -> list:
+    """The gate/up tile is FP8_GROUP columns wide (one hidden scale per tile row); the down tile's depth step divides
+    FP8_GROUP. FP8 steps go 128 deep: an FP8 tensor-core instruction reduces 32 elements where bf16's reduces 16."""
+    if interpret:
+        return [triton.Config({"BLOCK_N": FP8_GROUP if gate_up else 32, "BLOCK_D": 32, "GROUP_M": 2}, num_warps=4,
+                              num_stages=1)]
+    widths = (FP8_GROUP,) if gate_up else (64, 128, 256)
+    shapes = [(n, d, w, s) for n in widths for d, w, s in ((128, 4, 4), (128, 8, 4), (128, 8, 3), (64, 4, 5))
+              if not (n == 256 and w == 4)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_D": d, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for n, d, w, s in shapes]
+
+
+@triton.autotune(configs=_fp8_configs(interpreting(), gate_up=True), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
+@triton.jit
+def _moe_gate_up_fp8_kernel(
+    x_ptr, x_scales_ptr, w13_ptr, w13_scales_ptr, hidden_ptr, hidden_scales_ptr,
+    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    num_experts, cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
+    stride_xt, stride_we, stride_wc, stride_se, stride_hp, stride_sp,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    # x [T, H] e4m3 and x_scales [T]; w13 [E, 2I, H] e4m3, gate and up rows interleaved, and w13_scales [E, 2I];
+    # hidden [P_max, I] e4m3 and hidden_scales [P_max, G]
+    w_desc = tl.make_tensor_descriptor(w13_ptr, shape=[num_experts, 2 * cols, depth],
+                                       strides=[stride_we, stride_wc, 1], block_shape=[1, 2 * BLOCK_N, BLOCK_D])
+    num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
+    num_pid_n = tl.cdiv(cols, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for tile in range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+        pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
+            sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
+        token_rows = (pair_ids // top_k).to(tl.int64)
+        x_ptrs = x_ptr + token_rows[:, None] * stride_xt + offs_d[None, :]  # gathered rows, one byte an element
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)  # gate and up, interleaved
+        for d_start in tl.range(0, depth, BLOCK_D):
+            x = tl.load(x_ptrs, mask=row_valid[:, None] & (offs_d < depth - d_start)[None, :], other=0.0)
+            w = w_desc.load([expert.to(tl.int32), pid_n * 2 * BLOCK_N, d_start]).reshape(2 * BLOCK_N, BLOCK_D)
+            acc = tl.dot(x, w.T, acc)  # read BLOCK_M·BLOCK_D + 2·BLOCK_N·BLOCK_D bytes
+            x_ptrs += BLOCK_D
+        # Dequantize the accumulator: the token's scale along the rows, each weight column's along the columns.
+        offs_2n = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        w_scales = tl.load(w13_scales_ptr + expert * stride_se + offs_2n, mask=offs_2n < 2 * cols, other=0.0)
+        x_scales = tl.load(x_scales_ptr + token_rows, mask=row_valid, other=0.0)
+        gate, up = (acc * x_scales[:, None] * w_scales[None, :]).reshape(BLOCK_M, BLOCK_N, 2).split()
+        hidden = gate * tl.sigmoid(gate) * up  # SiLU·up in fp32
+        # Quantize it for the down GEMM: one scale per row of this tile (padding columns are zeros: no effect).
+        scales = tl.maximum(tl.max(tl.abs(hidden), axis=1), 1e-12) / FP8_MAX
+        values = _to_e4m3(hidden / scales[:, None], FP8_MAX, INTERPRETED)
+        hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_n[None, :]
+        tl.store(hidden_ptrs, values, mask=col_valid[None, :])  # write BLOCK_M·BLOCK_N bytes
+        tl.store(hidden_scales_ptr + offs_m.to(tl.int64) * stride_sp + pid_n, scales)  # and 4·BLOCK_M
+
+
+@triton.autotune(configs=_fp8_configs(interpreting(), gate_up=False), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
+@triton.jit
+def _moe_down_fp8_kernel(
+    hidden_ptr, hidden_scales_ptr, w2_ptr, w2_scales_ptr, out_ptr, routing_weights_ptr,
+    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    num_experts, cols, depth, num_pairs, max_padded, pairs_bucket,  # cols = H, depth = I
+    stride_hp, stride_sp, stride_we, stride_wc, stride_se, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, SCALE_GROUP: tl.constexpr,
+):
+    # hidden [P_max, I] e4m3 and hidden_scales [P_max, G]; w2 [E, H, I] e4m3 and w2_scales [E, H]; out [N, H]
+    hidden_desc = tl.make_tensor_descriptor(hidden_ptr, shape=[max_padded, depth], strides=[stride_hp, 1],
+                                            block_shape=[BLOCK_M, BLOCK_D])
+    w_desc = tl.make_tensor_descriptor(w2_ptr, shape=[num_experts, cols, depth], strides=[stride_we, stride_wc, 1],
+                                       block_shape=[1, BLOCK_N, BLOCK_D])
+    num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
+    num_pid_n = tl.cdiv(cols, BLOCK_N)
+    for tile in range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+        pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
+            sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
+        scales_ptrs = hidden_scales_ptr + offs_m.to(tl.int64) * stride_sp
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for d_start in tl.range(0, depth, BLOCK_D):
+            hidden = hidden_desc.load([pid_m * BLOCK_M, d_start])
+            w = w_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, d_start]).reshape(BLOCK_N, BLOCK_D)
+            group_scales = tl.load(scales_ptrs + d_start // SCALE_GROUP)  # this step's hidden scales, 4·BLOCK_M
+            acc += tl.dot(hidden, w.T) * group_scales[:, None]  # read BLOCK_M·BLOCK_D + BLOCK_N·BLOCK_D bytes
+        w_scales = tl.load(w2_scales_ptr + expert * stride_se + offs_n, mask=col_valid, other=0.0)
+        weight = tl.load(routing_weights_ptr + pair_ids, mask=row_valid, other=0.0).to(tl.float32)
+        acc = acc * w_scales[None, :] * weight[:, None]
+        out_ptrs = out_ptr + pair_ids[:, None].to(tl.int64) * stride_om + offs_n[None, :]  # back to pair order
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
+
+
+def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp8Experts,
+                    alignment: TokenAlignment, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Level 9's moe_gate_up_persistent in FP8: (hidden e4m3 [P_max, I], its scales [P_max, G]), from the tokens'
+    e4m3 values and scales and the gate|up experts (rows interleaved, [E, 2I, H])."""
+    _check_device(x_values_TH, w13.values_ECD)
+    E, two_I, H = w13.values_ECD.shape
+    I = two_I // 2
+    max_padded = alignment.sorted_pair_ids.numel()
+    hidden_PI = torch.empty((max_padded, tma_row_elements(I, FP8_DTYPE)), dtype=FP8_DTYPE,
+                            device=x_values_TH.device)[:, :I]  # rows padded for the down kernel's TMA loads
+    hidden_scales_PG = torch.empty((max_padded, triton.cdiv(I, FP8_GROUP)), dtype=torch.float32,
+                                   device=x_values_TH.device)
+    programs = num_programs(x_values_TH.device)
+    num_pairs = x_values_TH.shape[0] * top_k
+    _moe_gate_up_fp8_kernel[(programs,)](
+        x_values_TH, x_scales_T, w13.values_ECD, w13.scales_EC, hidden_PI, hidden_scales_PG,
+        alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded,
+        E, I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
+        x_values_TH.stride(0), w13.values_ECD.stride(0), w13.values_ECD.stride(1), w13.scales_EC.stride(0),
+        hidden_PI.stride(0), hidden_scales_PG.stride(0),
+        BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, FP8_MAX=FP8_MAX, INTERPRETED=interpreting(),
+    )
+    return hidden_PI, hidden_scales_PG
+
+
+def moe_down_fp8(hidden_PI: torch.Tensor, hidden_scales_PG: torch.Tensor, w_down: Fp8Experts,
+                 routing_weights_TK: torch.Tensor, alignment: TokenAlignment) -> torch.Tensor:
+    """Level 9's moe_down_persistent in FP8: y [T, K, H] in the routing weights' dtype, each row weighted and back
+    in (token, slot) order, from the hidden's e4m3 values and group scales and the down experts ([E, H, I])."""
+    _check_device(hidden_PI, w_down.values_ECD)
+    T, K = routing_weights_TK.shape
+    E, H, I = w_down.values_ECD.shape
+    y_NH = torch.empty((T * K, H), dtype=routing_weights_TK.dtype, device=hidden_PI.device)
+    programs = num_programs(hidden_PI.device)
+    _moe_down_fp8_kernel[(programs,)](
+        hidden_PI, hidden_scales_PG, w_down.values_ECD, w_down.scales_EC, y_NH,
+        routing_weights_TK.contiguous().view(-1), alignment.sorted_pair_ids, alignment.block_expert_ids,
+        alignment.num_padded, E, H, I, T * K, hidden_PI.shape[0], triton.next_power_of_2(T * K),
+        hidden_PI.stride(0), hidden_scales_PG.stride(0), w_down.values_ECD.stride(0), w_down.values_ECD.stride(1),
+        w_down.scales_EC.stride(0), y_NH.stride(0),
+        BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, SCALE_GROUP=FP8_GROUP,
     )
     return y_NH.view(T, K, H)

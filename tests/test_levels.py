@@ -14,16 +14,18 @@ from moe_benchmark import compare_to_reference, make_inputs
 from moe_model import Traffic, init_weights, reference_forward
 
 REPO = Path(__file__).resolve().parents[1]
-LEVELS = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "peer"]
+LEVELS = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "peer"]
 
 
 def run_level(level_cls, config, weights, tokens_TH, routing_weights_TK, expert_ids_TK):
     level = level_cls(config, weights)
     level.prepare()
     out = level.forward(tokens_TH, routing_weights_TK, expert_ids_TK)
-    ref = reference_forward(tokens_TH, weights, routing_weights_TK, expert_ids_TK)
-    check = compare_to_reference(out, ref, config.tolerance)
+    check = compare_to_reference(out, level.reference(tokens_TH, routing_weights_TK, expert_ids_TK), config.tolerance)
     assert check.passed, check.message
+    if level_cls.fp8:  # the kernels match their quantized values; the quantization itself costs a few percent
+        layer_ref = reference_forward(tokens_TH, weights, routing_weights_TK, expert_ids_TK)
+        assert 1e-3 < compare_to_reference(out, layer_ref, 1.0).rel_err < 0.1
     return out
 
 
@@ -245,7 +247,7 @@ def test_level_script_runs_alone(level_file):
         cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ | {"COLUMNS": "200", "TRITON_INTERPRET": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    expected = "checked" if level_file.startswith(("level7", "level8", "level9")) else "ok"  # Triton GEMMs
+    expected = "checked" if level_file.startswith(("level7", "level8", "level9", "level10")) else "ok"  # Triton GEMMs
     assert f"│ {expected}" in result.stdout or f" {expected} " in result.stdout
 
 

@@ -46,9 +46,9 @@ import triton_kernels
 from triton_kernels import align_tokens, choose_block_m, moe_down, moe_gate_up
 
 
-# hidden [P, I] and y [N, H], N = T·(K + S) pairs, P = N + (E + S)·(BLOCK_M − 1), BLOCK_M = choose_block_m's.
-PADDED_HIDDEN_AND_Y_BYTES = ("(T*(K + S) + (E + S)*(min(128, max(16, 2**ceil(log2(max(1, T*(K + S)/(E + S)))))) - 1))"
-                             "*I*B + T*(K + S)*H*B")
+# P = N + (E + S)·(BLOCK_M − 1) padded rows, N = T·(K + S) pairs, BLOCK_M = choose_block_m's; hidden [P, I], y [N, H].
+PADDED_ROWS = "(T*(K + S) + (E + S)*(min(128, max(16, 2**ceil(log2(max(1, T*(K + S)/(E + S)))))) - 1))"
+PADDED_HIDDEN_AND_Y_BYTES = f"{PADDED_ROWS}*I*B + T*(K + S)*H*B"
 
 
 class TritonGroupedLevel(MoELevel):

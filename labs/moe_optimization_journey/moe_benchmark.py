@@ -48,6 +48,7 @@ from moe_model import (  # noqa: E402
     load_metrics,
     make_router,
     min_bytes,
+    quantize_fp8,
     reference_forward,
     router_logits,
     shared_experts_forward,
@@ -169,6 +170,9 @@ class MoELevel:
     # Its only CPU form is Triton's interpreter (its GEMMs are Triton kernels): on the CPU it is checked, not timed.
     interpreter_only: ClassVar[bool] = False
     keeps_buffers: ClassVar[bool] = False  # memory it holds between calls (a CUDA graph's pool) counts as extra
+    # Its GEMMs take FP8 operands: its weights count one byte each, its % of roofline is against the FP8 matmul
+    # ceiling, and its row splits the error in two (the check against `reference()`, and `quant_err`).
+    fp8: ClassVar[bool] = False
 
     def __init__(self, config: MoEConfig, weights: MoEWeights):
         self.config = config
@@ -193,6 +197,13 @@ class MoELevel:
         self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def reference(self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor,
+                  expert_ids_TK: torch.Tensor) -> torch.Tensor:
+        """The fp32 result this level's output is checked against: the layer's reference. A quantized level
+        overrides it with the same reference computed on its quantized values, so that the check measures the
+        kernels, and the base reports the quantization's own error beside it (`quant_err`)."""
+        return reference_forward(tokens_TH, self.weights, routing_weights_TK, expert_ids_TK)
 
     def add_shared_experts(self, out_TH: torch.Tensor, tokens_TH: torch.Tensor) -> torch.Tensor:
         """out_TH plus the config's shared experts, run as a separate dense MLP (not fused with the routed
@@ -422,9 +433,14 @@ class Ceilings:
 
     matmul_tflops: float  # a large bf16 matmul
     copy_gbps: float  # a large device-to-device copy, bytes read plus bytes written
+    fp8_matmul_tflops: float | None = None  # a large FP8 matmul with rowwise scales; None where torch has none
 
-    def floor_ms(self, flops: float, nbytes: float) -> float:
-        return max(flops / (self.matmul_tflops * 1e12), nbytes / (self.copy_gbps * 1e9)) * 1e3
+    def floor_ms(self, flops: float, nbytes: float, fp8: bool = False) -> float | None:
+        """The time a forward of these FLOPs and bytes cannot beat here; None for FP8 GEMMs with no FP8 ceiling."""
+        matmul_tflops = self.fp8_matmul_tflops if fp8 else self.matmul_tflops
+        if matmul_tflops is None:
+            return None
+        return max(flops / (matmul_tflops * 1e12), nbytes / (self.copy_gbps * 1e9)) * 1e3
 
 
 def measure_ceilings(device: torch.device) -> Ceilings | None:
@@ -435,6 +451,16 @@ def measure_ceilings(device: torch.device) -> Ceilings | None:
     a = torch.randn((size, size), generator=generator, device=device, dtype=torch.bfloat16)
     b = torch.randn((size, size), generator=generator, device=device, dtype=torch.bfloat16)
     matmul_ms = statistics.median(time_calls(lambda: a @ b, device, warmup=5, repeats=30))
+    fp8_matmul_ms = None
+    if hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (8, 9):  # FP8 tensor cores
+        # e4m3 operands with one scale per row of a and per column of b (rowwise: what level 10 applies), the
+        # second operand column-major as cuBLAS's FP8 GEMM requires.
+        a8, a_scales = quantize_fp8(a)
+        b8, b_scales = quantize_fp8(b.T)
+        fp8_matmul_ms = statistics.median(time_calls(
+            lambda: torch._scaled_mm(a8, b8.T, scale_a=a_scales, scale_b=b_scales.T, out_dtype=torch.bfloat16),
+            device, warmup=5, repeats=30))
+        del a8, b8
     del a, b
     src = torch.randn((2**28,), generator=generator, device=device, dtype=torch.float32)  # 1 GiB
     dst = torch.empty_like(src)
@@ -443,6 +469,7 @@ def measure_ceilings(device: torch.device) -> Ceilings | None:
     return Ceilings(
         matmul_tflops=2 * size**3 / (matmul_ms * 1e-3) / 1e12,
         copy_gbps=2 * 2**30 / (copy_ms * 1e-3) / 1e9,
+        fp8_matmul_tflops=2 * size**3 / (fp8_matmul_ms * 1e-3) / 1e12 if fp8_matmul_ms else None,
     )
 
 
@@ -522,10 +549,12 @@ def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_to
         out_TH = level.forward(*check_inputs.as_args())
         synchronize(device)
         row.first_call_ms = (time.perf_counter() - begin) * 1e3
-        ref_TH = reference_forward(check_inputs.tokens_TH, weights, check_inputs.routing_weights_TK,
-                                   check_inputs.expert_ids_TK)
-        check = compare_to_reference(out_TH, ref_TH, config.tolerance)
-        del out_TH, ref_TH, check_inputs
+        check = compare_to_reference(out_TH, level.reference(*check_inputs.as_args()), config.tolerance)
+        if level_cls.fp8:  # the quantization's own error: against the layer's reference, as the other levels are
+            tokens_TH, routing_weights_TK, expert_ids_TK = check_inputs.as_args()
+            layer_ref_TH = reference_forward(tokens_TH, weights, routing_weights_TK, expert_ids_TK)
+            row.quant_err = compare_to_reference(out_TH, layer_ref_TH, math.inf).rel_err
+        del out_TH, check_inputs
         row.rel_err = check.rel_err
         if not check.passed:
             row.update(status="error", note=f"wrong result: {check.message}")
@@ -543,7 +572,8 @@ def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_to
             times_ms = time_calls(call, device, warmup, repeats, time_budget_s)
         ms = statistics.median(times_ms)
         flops = flop_count(config, num_tokens)
-        nbytes = min_bytes(config, num_tokens, int(timing_inputs.expert_ids_TK.unique().numel()))
+        nbytes = min_bytes(config, num_tokens, int(timing_inputs.expert_ids_TK.unique().numel()),
+                           weight_bytes=1 if level_cls.fp8 else None)
         row.update(
             ms=ms,
             ms_p20=quantile(times_ms, 0.2),
@@ -552,7 +582,8 @@ def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_to
             tokens_per_s=num_tokens / (ms * 1e-3),
             tflops=flops / (ms * 1e-3) / 1e12,
             gbps=nbytes / (ms * 1e-3) / 1e9,
-            pct_roofline=100 * ceilings.floor_ms(flops, nbytes) / ms if ceilings else None,
+            pct_roofline=100 * floor_ms / ms if ceilings and (floor_ms := ceilings.floor_ms(flops, nbytes, level_cls.fp8))
+            else None,
         )
         if on_gpu:
             counts = measure_counts(call, device, ms, level_cls.keeps_buffers, reserved_before)

@@ -1,0 +1,116 @@
+"""Level 10: FP8 experts. Level 9's layer with e4m3 operands: half the bytes per weight, twice the tensor-core rate.
+
+The idea
+    An H100's tensor cores multiply e4m3 (FP8: 1 sign, 4 exponent, 3 mantissa bits) at twice their bf16 rate
+    (measured, dense 8192³: NOTES.md), and an e4m3 weight is one byte where bf16 is two. Level 9's kernels with
+    FP8 operands, accumulating in fp32:
+    1. Weights, once in prepare(): e4m3 values with one fp32 scale per output column (amax over the reduction /
+       448), stored K-major, [E, cols, depth], the layout Hopper's FP8 instruction reads (moe_model.Fp8Experts).
+       Per column rather than in 128×128 blocks (DeepSeek-V3's checkpoints): a column's scale is constant along
+       the reduction, so it multiplies the finished fp32 accumulator once, in the epilogue, and the main loop stays
+       level 9's; blocks would need a scale per step, and random weights have no outlier blocks to isolate.
+    2. Tokens, every forward: one small kernel quantizes each token row with its own scale (read T·H·2 bytes,
+       write T·H + 4·T); the gate/up kernel gathers the e4m3 rows as level 9 gathers bf16 ones.
+    3. Gate/up epilogue: the fp32 accumulator times the token's scale and the column's, then SiLU·up, then
+       quantized again for the down GEMM, one scale per row of each FP8_GROUP = 128-column tile (a tile never sees
+       a whole hidden row, so a per-row scale is not to be had there).
+    4. Down kernel: those scales vary along its reduction, so each 128-deep step's partial product is scaled
+       before it is added (DeepSeek-V3's fine-grained activation scaling); the weight's column scale and the
+       routing weight go in the epilogue, as in level 9.
+    Everything else is level 9's: alignment, persistent grid, TMA tiles, shared experts fused, one CUDA graph.
+
+Why it should beat level 9, counted
+    Prefill: the same FLOPs at up to twice the rate; the GEMMs' bytes halve too (weights and gathered rows one
+    byte each, hidden written and read at one byte plus a 4-byte scale per 128). Decode: the layer reads the
+    touched experts' weights and little else, and those bytes halve: mixtral at one token reads 2 experts ×
+    3·H·I = 352 M weights, 705 MB in bf16 and 352 MB in e4m3, about 0.23 against 0.12 ms at 3 TB/s.
+    Launches: level 9's 8 (12 with a shared expert) plus the token quantization: 9 (13). Syncs: none.
+
+Why store the weights in FP8 (the seed's "native FP8 weights: works, but no speedup observed at 8K")
+    Converting bf16 weights to e4m3 inside every forward reads 2 bytes and writes 1 per weight before the GEMM
+    reads the byte again: 4 bytes per weight against bf16's 2, so at decode a convert-per-forward layer is
+    slower than plain bf16, and at prefill it adds a full pass over the weights (NOTES.md measures it on
+    mixtral). Stored once in FP8 the weights cost 1 byte per forward: the speedup appears only then, and only
+    where the FP8 GEMM itself is faster, which needs enough rows per expert to be compute-bound.
+
+What it costs
+    Accuracy: each e4m3 value is off by up to half a step, 2^-4 of its magnitude, on the tokens, the weights and
+    the hidden; the row's `quant_err` is the output's error against the bf16 layer's fp32 reference (a few
+    percent on these random weights), while `rel_err` checks the kernels against a reference computed on the same
+    quantized values. Finer scales (a scale per 128 weights along the reduction, or per 32 as MX formats do) cut
+    the error where magnitudes vary inside a column, as in real checkpoints whose outlier channels stretch a
+    per-column scale; they cost a scale multiply per step. Hardware: FP8 tensor cores need sm_89 or newer. Memory:
+    one byte per weight plus 4 per column, beside the bf16 weights the harness keeps for the other levels.
+
+Run: python labs/moe_optimization_journey/level10_fp8.py [--preset mixtral] [--tokens 16384] [--device cuda]
+"""
+
+from functools import partial
+
+import torch
+from level7_triton_grouped import PADDED_ROWS
+from level9_persistent_tma import PersistentTmaLevel
+from moe_benchmark import Claims, LevelUnavailable, run_level_script
+
+import triton_kernels
+from moe_model import FP8_GROUP, Fp8Experts, MoEWeights, fp8_round_trip, reference_forward
+from triton_kernels import moe_down_fp8, moe_gate_up_fp8, quantize_rows, tma_storage
+
+# hidden [P, I] e4m3 and its scales [P, G] fp32, y [N, H], the tokens [T, H] in e4m3 and their scales [T] fp32.
+FP8_INTERMEDIATES_BYTES = f"{PADDED_ROWS}*(I + 4*ceil(I/128)) + T*(K + S)*H*B + T*(H + 4)"
+
+
+class Fp8Level(PersistentTmaLevel):
+    level = 10
+    name = "fp8"
+    summary = "level 9 with FP8 (e4m3) operands: weights per output column, tokens per row, hidden per 128 columns"
+    fp8 = True
+    claims = Claims(launches="9 + 4*min(S, 1)", syncs="0",  # level 9's kernels and the tokens' quantization
+                    extra_bytes=f"({FP8_INTERMEDIATES_BYTES}, 2*({FP8_INTERMEDIATES_BYTES}) + 24*2**20)")
+
+    def prepare(self):
+        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise LevelUnavailable("FP8 tensor cores need compute capability 8.9 or newer")
+        super().prepare()  # level 9: gate|up interleaved [E, H, 2I] and down [E, I, H], shared experts appended
+        self.w13 = self.quantize(self.w13_interleaved_EH2I)  # [E, 2I, H] e4m3 and [E, 2I] scales
+        self.w_down = self.quantize(self.w_down_EIH)  # [E, H, I] e4m3 and [E, H] scales
+        del self.w13_interleaved_EH2I, self.w_down_EIH  # the bf16 copies: not read here
+
+    @staticmethod
+    def quantize(w_EDC: torch.Tensor) -> Fp8Experts:
+        experts = Fp8Experts.quantize(w_EDC)
+        return Fp8Experts(tma_storage(experts.values_ECD), experts.scales_EC)  # TMA: rows of whole 16 bytes
+
+    def gate_up(self, tokens_TH, alignment, K):
+        x_values_TH, x_scales_T = quantize_rows(tokens_TH)  # one launch: the tokens in e4m3, a scale each
+        return moe_gate_up_fp8(x_values_TH, x_scales_T, self.w13, alignment, K)
+
+    def down(self, hidden_PI, routing_weights_TK, alignment):
+        return moe_down_fp8(*hidden_PI, self.w_down, routing_weights_TK, alignment)
+
+    def reference(self, tokens_TH, routing_weights_TK, expert_ids_TK):
+        """The layer in fp32 on the values the kernels multiply: the tokens' e4m3 round trip, the dequantized
+        weights, and SiLU·up rounded through e4m3 in 128-column groups before the down projection."""
+        E = self.config.num_experts  # experts E … E+S−1 of the kernels' tensors are the shared ones
+        gate_rows, up_rows = slice(0, None, 2), slice(1, None, 2)  # gate and up rows are interleaved
+
+        def experts(w: Fp8Experts, which: slice, rows: slice = slice(None)) -> Fp8Experts:
+            return Fp8Experts(w.values_ECD[which, rows], w.scales_EC[which, rows])
+
+        routed, shared = slice(0, E), slice(E, None)
+        weights = MoEWeights(
+            router_HE=self.weights.router_HE,
+            w_gate_EHI=experts(self.w13, routed, gate_rows), w_up_EHI=experts(self.w13, routed, up_rows),
+            w_down_EIH=experts(self.w_down, routed),
+            w_shared_gate_SHI=experts(self.w13, shared, gate_rows), w_shared_up_SHI=experts(self.w13, shared, up_rows),
+            w_shared_down_SIH=experts(self.w_down, shared))
+        return reference_forward(fp8_round_trip(tokens_TH), weights, routing_weights_TK, expert_ids_TK,
+                                 round_hidden=partial(fp8_round_trip, group=FP8_GROUP))
+
+    def after_first_call(self):
+        return triton_kernels.describe_tuned_configs(triton_kernels._moe_gate_up_fp8_kernel,
+                                                     triton_kernels._moe_down_fp8_kernel)
+
+
+if __name__ == "__main__":
+    run_level_script(Fp8Level)
