@@ -10,9 +10,9 @@ The idea
        routing, restricted to that rank: for each of the K slots the expert's id on that rank (E_local where the
        expert lives elsewhere, "not here") and the routing weight. First exchange counts: each rank sends every
        other rank how many rows, and how many (row, slot) pairs for its experts, it will send there, 2 integers
-       a rank and chunk. The counts tell every rank how many rows it will receive and from whom, which the next all-to-alls
-       need up front: they move the token rows themselves, [D, H] out, [U, H] in, then the ids [D, K] and the
-       weights [D, K] beside them.
+       a rank and chunk. The counts tell every rank how many rows it will receive and from whom, which the next
+       all-to-alls need up front: they move the token rows themselves, [D, H] out, [U, H] in, then the ids
+       [D, K] and the weights [D, K] beside them.
     2. Expert compute. Expand: the U received rows into the R (row, slot) pairs whose expert is local, one gather
        in GPU memory (about 15x the link's bandwidth). Then the R rows through the local experts, with the best
        single-GPU formulation that runs here (level 7's Triton grouped GEMM on a GPU, level 4's per-expert GEMMs
