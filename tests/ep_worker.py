@@ -1,7 +1,9 @@
 """Run under torchrun by test_expert_parallel.py: each rank checks the EP layer's output for its own tokens against
 `reference_forward` over the full expert set, on the cases below, unpipelined and in chunks (uneven ones; more chunks
-than tokens on some ranks in `few_tokens`); rank 0 writes, per rank, {case: {"checks": {chunks: [rel. error,
-passed]}, "received": rows received}}."""
+than tokens on some ranks in `few_tokens`), and counts the rows its plan sends; rank 0 writes, per rank, {case:
+{"checks": {chunks: [rel. error, passed]}, "received": rows received, "sent": {chunks: rows sent to other ranks},
+"tokens_out": (token, other rank) pairs where that rank holds at least one of the token's experts, "pairs_out":
+(token, slot) pairs whose expert is on another rank}}."""
 
 import json
 import os
@@ -34,6 +36,9 @@ def main() -> None:
                                          num_shared_experts=1, name="ep"), Traffic()),
         "idle_rank": (MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2, name="ep"), Traffic()),
         "few_tokens": (MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2, name="ep"), Traffic()),
+        # K = E: every token goes to every rank, with two of its slots for each.
+        "every_expert": (MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2 * world, name="ep"),
+                         Traffic()),
     }
     for case, (config, traffic) in cases.items():
         layer = ExpertParallelMoE(config, torch.device("cpu"))
@@ -47,11 +52,17 @@ def main() -> None:
                                                 for _ in range(num_tokens)])
         full = init_weights(config, "cpu")
         ref_TH = reference_forward(inputs.tokens_TH, full, inputs.routing_weights_TK, inputs.expert_ids_TK)
-        checks = {}
+        checks, sent = {}, {}
         for chunks in CHUNKS:
             check = compare_to_reference(layer.forward(*inputs.as_args(), chunks=chunks), ref_TH, config.tolerance)
             checks[chunks] = (check.rel_err, check.passed)
-        results[case] = {"checks": checks, "received": layer.plan(*inputs.as_args(), chunks=1).rows_RH.shape[0]}
+            plan = layer.plan(*inputs.as_args(), chunks=chunks)
+            sent[chunks] = sum(sum(splits) - splits[rank] for splits in plan.send_splits)
+        # Counted here from the routing alone, one token at a time.
+        other_ranks = [{int(e) // layer.experts_per_rank for e in ids} - {rank} for ids in inputs.expert_ids_TK]
+        results[case] = {"checks": checks, "received": plan.rows_UH.shape[0], "sent": sent,
+                         "tokens_out": sum(len(ranks) for ranks in other_ranks),
+                         "pairs_out": int((inputs.expert_ids_TK // layer.experts_per_rank != rank).sum())}
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:

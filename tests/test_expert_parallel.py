@@ -22,11 +22,20 @@ def test_ep_matches_the_reference(tmp_path, world_size):
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == world_size
     for rank, cases in enumerate(per_rank):
-        assert set(cases) == {"uniform", "zipf", "shared_expert_top1", "idle_rank", "few_tokens"}
+        assert set(cases) == {"uniform", "zipf", "shared_expert_top1", "idle_rank", "few_tokens", "every_expert"}
         for case, result in cases.items():
             assert set(result["checks"]) == {"1", "4"}  # chunk counts
             for chunks, (rel_err, passed) in result["checks"].items():
                 assert passed and rel_err < 2e-2, (rank, case, chunks, rel_err)
+            # Each token once to each other rank that holds any of its experts, however many it holds there.
+            assert result["sent"] == {"1": result["tokens_out"], "4": result["tokens_out"]}, (rank, case)
+        # Top-2 of 2·W experts: some tokens have both experts on one other rank, and cross once, not twice.
+        assert cases["uniform"]["tokens_out"] < cases["uniform"]["pairs_out"]
+        # K = E: every token to every other rank, once, with its two slots there.
+        tokens = 37 + 5 * rank
+        assert cases["every_expert"]["tokens_out"] == tokens * (world_size - 1)
+        assert cases["every_expert"]["pairs_out"] == 2 * tokens * (world_size - 1)
+        assert cases["every_expert"]["received"] == sum(37 + 5 * r for r in range(world_size))  # every rank's tokens
     assert per_rank[1]["idle_rank"]["received"] == 0  # rank 1's experts got no rows at all
     assert all(cases["uniform"]["received"] > 0 for cases in per_rank)
 

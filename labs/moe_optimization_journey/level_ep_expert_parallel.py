@@ -1,47 +1,66 @@
 """Level EP: expert parallelism. The experts no longer fit one GPU: deal them out over W ranks, send each token
-to the rank that holds its expert, and bring the result back.
+to the ranks that hold its experts, and bring the results back.
 
 The idea
     Rank r holds a contiguous slice of E_local = E / W experts, r·E_local … (r+1)·E_local − 1, plus a copy of
     the router and of the shared experts. Each rank routes its own T tokens as every level does, then:
-    1. Dispatch (`torch.distributed.all_to_all_single`). Sort the T·K (token, slot) pairs by expert, which also
-       groups them by destination rank. First exchange counts: each rank sends every other rank how many pairs it
-       has for each of that rank's experts, E integers out and E in. The counts tell every rank how many rows it
-       will receive and from whom, which the next all-to-all needs up front: it moves the token rows themselves,
-       [T·K, H] out, [R, H] in, and a third moves each row's routing weight beside it. The rows arrive grouped by
-       sender and, within a sender, by expert, so the counts alone say which local expert each received row is
-       for: no expert ids travel.
-    2. Expert compute: the R received rows through the local experts, with the best single-GPU formulation that
-       runs here (level 7's Triton grouped GEMM on a GPU, level 4's per-expert GEMMs on the CPU), each row a
-       one-slot "token" that carries its routing weight, so level 7 applies it in its down kernel's epilogue.
-    3. Combine, the reverse all-to-all: the [R, H] weighted results go back to the ranks their tokens came
-       from, in the order they left; there each is put back in (token, slot) order and summed over K, as level
-       7 combines. The shared experts run locally: every rank has them.
+    1. Dispatch (`torch.distributed.all_to_all_single`), one row per (token, rank), not per (token, slot): a token
+       goes ONCE to each rank that holds at least one of its K experts, however many it holds there (DeepEP's
+       dispatch does the same). Sort these D rows (D ≤ T·W) by destination rank; beside each travels its token's
+       routing, restricted to that rank: for each of the K slots the expert's id on that rank (E_local where the
+       expert lives elsewhere, "not here") and the routing weight. First exchange counts: each rank sends every
+       other rank how many rows, and how many (row, slot) pairs for its experts, it will send there, 2 integers
+       a rank and chunk. The counts tell every rank how many rows it will receive and from whom, which the next
+       all-to-alls need up front: they move the token rows themselves, [D, H] out, [U, H] in, then the ids
+       [D, K] and the weights [D, K] beside them.
+    2. Expert compute. Expand: the U received rows into the R (row, slot) pairs whose expert is local, one gather
+       in GPU memory (about 15x the link's bandwidth). Then the R rows through the local experts, with the best
+       single-GPU formulation that runs here (level 7's Triton grouped GEMM on a GPU, level 4's per-expert GEMMs
+       on the CPU), each a one-slot "token" that carries its routing weight, so level 7 applies it in its down
+       kernel's epilogue. Reduce: each received row's pair results summed into one row (`index_add_`, a
+       scatter-add in GPU memory), so one row per (token, rank) goes back, not one per pair.
+    3. Combine, the reverse all-to-all: the [U, H] partial sums go back to the ranks their tokens came from, in
+       the order they left; there each token's partial rows (one from each rank that holds any of its experts)
+       are added into its output row, with the shared experts, which run locally: every rank has them.
 
 What it costs, in bytes per token
-    Each (token, slot) pair whose expert lives on another rank crosses the network twice, H elements each way
-    (and its routing weight once): 2·K·H·2 bytes per token in bf16 when no expert is local, (W−1)/W of that on
-    average with uniform routing. On `deepseek-v3` (H=7168, K=8) that is up to 229 KB per token, 1.9 GB per
-    forward at 8192 tokens per rank. The counts exchange is E integers, negligible in bytes but a host sync: the
-    collectives take their split sizes as host integers, so the CPU waits for the device once per forward, as in
-    level 4.
+    A token crosses to each other rank that holds at least one of its experts: its row out and a partial sum
+    back, H·2 bytes each way in bf16, and its routing out, K·(4 + 2) bytes (int32 ids, bf16 weights). With
+    uniform routing a given rank holds at least one of a token's K experts with probability
+    1 − C(E − E_local, K) / C(E, K), so a token sends (W − 1) times that many rows across. The sum is in the
+    compute dtype (bf16): `index_add_` takes one dtype, and an fp32 sum would need an fp32 copy of the R results.
+    As the benchmark runs them at W = 2 (each rank the preset's experts, weak scaling):
+    - deepseek-v3 (H=7168, K=8, 512 experts, 256 a rank): 0.996 rows a token cross instead of K/2 = 4 pairs,
+      28.6 KB a token out and back instead of 114.7 KB (the per-pair dispatch: 2·H·2 bytes and a weight per pair),
+      4.0x fewer; 234 MB a rank per forward at 8192 tokens per rank instead of 940 MB.
+    - mixtral (H=4096, K=2, 16 experts, 8 a rank): 0.767 rows instead of 1 pair, 12.6 KB instead of 16.4 KB,
+      1.3x fewer: with K = 2 the only saving is a token with both experts on the other rank, 7 tokens in 30.
+    What the saving costs: on the receiving rank, the expand (read and write R·H elements) and the reduce (read
+    R·H, add into U·H), in GPU memory. What it saves in memory: two buffers of rows for the whole forward, the
+    sent [D, H] (D ≤ T·W; the partial sums come back over it) and the received [U, H] (the partial sums are
+    written over it), where the per-pair dispatch held four of [T·K, H] (sent, received, results, results back);
+    beside them, per chunk, the expand's [R_b, H] and the local level's own. At deepseek-v3 with 32768 tokens
+    per rank, W = 2: about 2·T rows, 0.94 GB, each, against 3.8 GB each. The counts exchange is 2·W integers a
+    chunk, negligible in bytes but a host sync: the collectives take their split sizes as host integers, so the
+    CPU waits for the device once per forward, as in level 4.
 
 Overlap: the forward in B chunks
     Run in that order, the steps take turns: the SMs idle while rows cross the link, and the link idles while the
-    experts compute (a trial on two H100s, deepseek-v3 at 8192 tokens per rank: dispatch 3.1, compute 12.8,
-    combine 4.8 ms). So split the rank's T tokens into B chunks (micro-batches) of about T/B tokens and pipeline
-    them: chunk i+1's dispatch is on the wire while chunk i's experts compute, and chunk i's combine while chunk
-    i+1's experts compute.
-    - One sort, by (chunk, expert), makes every chunk's rows for every rank one contiguous slice of one send
-      buffer, gathered once; the receive buffers are allocated once and sliced per chunk.
-    - The counts of all chunks travel in one all-to-all up front, [B, E] integers: still one host sync per
+    experts compute (a trial on two H100s with the per-pair dispatch, deepseek-v3 at 8192 tokens per rank:
+    dispatch 3.1, compute 12.8, combine 4.8 ms). So split the rank's T tokens into B chunks (micro-batches) of
+    about T/B tokens and pipeline them: chunk i+1's dispatch is on the wire while chunk i's experts compute, and
+    chunk i's combine while chunk i+1's experts compute.
+    - One sort, by (chunk, destination rank), makes every chunk's rows for every rank one contiguous slice of one
+      send buffer, gathered once; the receive buffers are allocated once and sliced per chunk, and each chunk's
+      results go back over its own rows (the received rows over the reduced ones, the sent over the returned).
+    - The counts of all chunks travel in one all-to-all up front, [B, W, 2] integers: still one host sync per
       forward, not B.
-    - The rows, weights and results travel with `async_op=True`: NCCL runs its collectives on a stream of its own,
-      in the order they were issued, and `work.wait()` makes the compute stream wait for one before its buffer is
-      read (on the CPU, gloo's threads move the bytes and the host waits).
+    - The rows, ids, weights and results travel with `async_op=True`: NCCL runs its collectives on a stream of
+      its own, in the order they were issued, and `work.wait()` makes the compute stream wait for one before its
+      buffer is read (on the CPU, gloo's threads move the bytes and the host waits).
     - The shared experts need nothing from other ranks: they run while the last chunk's combine is on the wire.
-    Per forward: 1 + 3·B collectives, B times the local level's launches (level 7: about 8 kernels), 1 host sync.
-    B = 1 is the plain dispatch, compute, combine.
+    Per forward: 1 + 4·B collectives, B times the local level's launches (level 7: about 8 kernels) and the
+    expand and reduce (about 8 small kernels), 1 host sync. B = 1 is the plain dispatch, compute, combine.
 
 When overlap pays
     Pipelined, only the first chunk's dispatch and the last chunk's combine stay exposed, about 1/B of the
@@ -53,22 +72,29 @@ When overlap pays
     gives each of a rank's 256 experts about 256 rows; in 2 chunks they get 128 each and the rank's 22.5 GB of
     expert weights are read at least twice, about 7 ms each time, against 12.8 ms of compute in one chunk. At
     32768 tokens per rank 4 chunks still leave 256 rows per expert; mixtral (8 experts per rank) gets 2048 rows per
-    expert at 8192 tokens, and chunks cost it little but launches. The collectives also take a few SMs while they
-    run, so overlapped compute runs slower than alone. Hence the benchmark measures instead of assuming: it times
-    B in {1, 2, 4, 8} for a few forwards each, keeps the fastest, and reports the exposed communication (the
-    forward's time minus its expert compute) at B = 1 and at the chosen B.
+    expert at 8192 tokens, and chunks cost it little but launches. With one row per (token, rank) there is less
+    to hide (deepseek-v3: a quarter of the per-pair bytes), so the chunks gain less than they did. The
+    collectives also take a few SMs while they run, so overlapped compute runs slower than alone. Hence the
+    benchmark measures instead of assuming: it times B in {1, 2, 4, 8} for a few forwards each, keeps the
+    fastest, and reports the exposed communication (the forward's time minus its expert compute, the expand and
+    reduce included in the compute) at B = 1 and at the chosen B.
 
 When EP pays
     When the experts do not fit one GPU: deepseek-v3's 256 routed experts are 22.5 GB in bf16, per layer. And
     when the all-to-alls cost less than the expert compute they spread out: per token, the bytes above over the
-    link's bandwidth, against 2·K·3·H·I FLOPs over the GPU's matmul rate. Both grow with K and H, so the ratio is
-    set by the link and by I. Skewed routing hurts twice: the rank that holds the popular experts receives more
-    rows and computes longer, and every other rank waits for it in the combine. The row reports the split.
+    link's bandwidth, against 2·K·3·H·I FLOPs over the GPU's matmul rate. The bytes grow with H and, up to one
+    row per other rank, with K; the FLOPs with K·H·I, so the more experts a token picks, the more each row it
+    sends carries. Skewed routing hurts twice: the rank that holds the popular experts receives more rows and
+    computes longer, and every other rank waits for it in the combine. The row reports the split.
 
 Scaling, as the benchmark runs it (weak scaling)
     At world size W the layer has W·E experts (each rank the preset's E) and W·T tokens (T per rank), so the
     work per rank is constant and any time above the world-size-1 row is communication and imbalance:
     weak-scaling efficiency = time(W = 1) / time(W).
+
+Shapes, beside the legend in moe_model.py: D rows this rank sends, one per (token, rank) where the rank holds at
+least one of the token's experts (D ≤ T·W); U rows it receives, the same from every rank's side; R the (row, slot)
+pairs of those rows whose expert is local, the rows the local experts compute; B chunks.
 
 Run: torchrun --standalone --nproc-per-node 2 labs/moe_optimization_journey/level_ep_expert_parallel.py
          [--preset journey] [--tokens 8192] [--chunks auto] [--device cuda]   (plain `python`: world size 1)
@@ -83,33 +109,33 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from ep_benchmark import measured, run_ep_script
-from level4_grouped import permute
 
 from moe_model import ConfigError, MoEConfig, init_weights, shared_experts_forward
 
 
 @dataclass
 class Plan:
-    """One forward's routing, settled before any row moves: the send order, every chunk's split sizes (host
+    """One forward's routing, settled before any row moves: which rows go where, every chunk's split sizes (host
     integers, from the one counts exchange) and the buffers the all-to-alls read and write, sliced per chunk."""
 
-    order: torch.Tensor  # [T·K] this rank's pairs sorted by chunk, then by expert (hence by destination rank)
-    pair_bounds: list[int]  # chunk b's pairs are sorted positions pair_bounds[b] … pair_bounds[b+1] − 1
-    row_bounds: list[int]  # chunk b's received rows are row_bounds[b] … row_bounds[b+1] − 1
+    token_of_row_D: torch.Tensor  # [D] each sent row's token; sorted by chunk, then destination rank, then token
+    sent_bounds: list[int]  # chunk b's sent rows are sent_bounds[b] … sent_bounds[b+1] − 1
+    received_bounds: list[int]  # chunk b's received rows are received_bounds[b] … received_bounds[b+1] − 1
     send_splits: list[list[int]]  # [B][W] rows this rank sends each rank, per chunk
     recv_splits: list[list[int]]  # [B][W] rows it receives from each rank, per chunk
-    rows_sent: torch.Tensor  # [T·K, H] the token rows in sorted order
-    weights_sent: torch.Tensor  # [T·K] their pairs' routing weights
-    rows_RH: torch.Tensor  # [R, H] the received token rows, all chunks
-    routing_weights_R: torch.Tensor  # [R] their pairs' routing weights
-    local_expert_ids_R: torch.Tensor  # [R] which local expert each received row is for
-    results_back: torch.Tensor  # [T·K, H] the combine's results, in sorted order
+    local_pairs: list[int]  # [B] R_b: the (row, slot) pairs of chunk b's received rows whose expert is here
+    rows_DH: torch.Tensor  # [D, H] the token rows in sent order; the combine brings their partial sums back over them
+    local_ids_DK: torch.Tensor  # [D, K] int32: each slot's expert on the row's destination rank, E_local if elsewhere
+    weights_DK: torch.Tensor  # [D, K] the token's routing weights
+    rows_UH: torch.Tensor  # [U, H] the received rows, all chunks; each chunk's partial sums are written over its own
+    local_ids_UK: torch.Tensor  # [U, K] int32: their slots' local experts (E_local: not here)
+    weights_UK: torch.Tensor  # [U, K] their routing weights
 
-    def pairs(self, chunk: int) -> slice:
-        return slice(self.pair_bounds[chunk], self.pair_bounds[chunk + 1])
+    def sent(self, chunk: int) -> slice:
+        return slice(self.sent_bounds[chunk], self.sent_bounds[chunk + 1])
 
-    def rows(self, chunk: int) -> slice:
-        return slice(self.row_bounds[chunk], self.row_bounds[chunk + 1])
+    def received(self, chunk: int) -> slice:
+        return slice(self.received_bounds[chunk], self.received_bounds[chunk + 1])
 
 
 class ExpertParallelMoE:
@@ -118,7 +144,8 @@ class ExpertParallelMoE:
 
     level = "ep"
     name = "expert_parallel"
-    summary = "experts dealt over W ranks; all-to-all dispatch and combine, pipelined in chunks with expert compute"
+    summary = ("experts dealt over W ranks; each token sent once per rank that holds any of its experts, reduced "
+               "there before it comes back; pipelined in chunks with expert compute")
 
     def __init__(self, config: MoEConfig, device: torch.device):
         self.config = config
@@ -130,8 +157,8 @@ class ExpertParallelMoE:
         self.first_expert = self.rank * self.experts_per_rank
         self.weights = init_weights(config, device, experts=range(self.first_expert,
                                                                   self.first_expert + self.experts_per_rank))
-        # The local experts as a layer of their own: one slot per received row, no shared experts (they run
-        # beside the combine, on each rank's own tokens).
+        # The local experts as a layer of their own: one slot per received (row, slot) pair, no shared experts
+        # (they run beside the combine, on each rank's own tokens).
         local_config = dataclasses.replace(config, num_experts=self.experts_per_rank, top_k=1, num_shared_experts=0,
                                            name=f"{config.name} rank {self.rank}")
         self.local_level = local_level_class(device)(local_config, self.weights.without_shared())
@@ -140,67 +167,85 @@ class ExpertParallelMoE:
     def plan(self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor,
              chunks: int) -> Plan:
         (T, K), H = expert_ids_TK.shape, tokens_TH.shape[1]
-        E, W, B, E_local = self.config.num_experts, self.world, chunks, self.experts_per_rank
+        W, B, E_local = self.world, chunks, self.experts_per_rank
+        device = tokens_TH.device
+        rank_of_slot_TK = expert_ids_TK // E_local  # experts are dealt in contiguous slices
+        # How many of each token's K experts each rank holds: the token goes to every rank where that is ≥ 1, once.
+        pairs_TW = torch.zeros((T, W), dtype=torch.long, device=device).scatter_add_(
+            1, rank_of_slot_TK, torch.ones_like(rank_of_slot_TK))
+        goes_TW = pairs_TW > 0
         # Chunk b holds tokens ⌈b·T/B⌉ … ⌈(b+1)·T/B⌉ − 1: sizes differ by one at most (with T < B some are empty).
-        # Pair p = t·K + k belongs to token t's chunk ⌊t·B/T⌋.
-        chunk_of_pair = torch.arange(T * K, device=tokens_TH.device) // K * B // T
-        # Level 4's permute, with (chunk, expert) as the key: experts are dealt in contiguous slices, so sorted by
-        # key the rows are grouped by chunk, then by destination rank. Its counts stay on the device.
-        sort_key_TK = (chunk_of_pair * E + expert_ids_TK.flatten()).view(T, K)
-        order, _, counts, rows_sent = permute(tokens_TH, sort_key_TK, B * E)
-        send_counts_BWE = counts.view(B, W, E_local)
-        # All-to-all 1, the counts of every chunk at once: rank r sends rank s the counts for s's experts.
-        recv_counts_WBE = torch.empty_like(send_counts_BWE).view(W, B, E_local)
-        dist.all_to_all_single(recv_counts_WBE, send_counts_BWE.transpose(0, 1).contiguous())
-        send_splits, recv_splits = torch.stack([send_counts_BWE.sum(dim=2),
-                                                recv_counts_WBE.sum(dim=2).T]).tolist()  # the one host sync
-        row_bounds = list(itertools.accumulate((sum(splits) for splits in recv_splits), initial=0))
-        # Received rows are grouped by chunk, then sender, then expert: the local expert of each row follows from
-        # the counts, and no expert ids travel.
-        local_expert_ids_R = torch.repeat_interleave(
-            torch.arange(E_local, device=tokens_TH.device).repeat(B * W), recv_counts_WBE.transpose(0, 1).flatten(),
-            output_size=row_bounds[-1])
+        chunk_of_token_T = torch.arange(T, device=device) * B // T
+        # Per chunk and destination rank: the rows that go there, and the (row, slot) pairs they carry for its experts.
+        send_counts_BW2 = torch.zeros((B, W, 2), dtype=torch.long, device=device).index_add_(
+            0, chunk_of_token_T, torch.stack([goes_TW.long(), pairs_TW], dim=2))
+        # All-to-all 1, the counts of every chunk at once: rank r sends rank s the counts of the rows meant for s.
+        recv_counts_WB2 = torch.empty((W, B, 2), dtype=torch.long, device=device)
+        dist.all_to_all_single(recv_counts_WB2, send_counts_BW2.transpose(0, 1).contiguous())
+        # The sort, queued before the host waits: the (token, rank) rows by (chunk, destination rank), stable so that
+        # each keeps its tokens in order; those that go nowhere get the key B·W and sort past the D that leave.
+        key_TW = torch.where(goes_TW, chunk_of_token_T[:, None] * W + torch.arange(W, device=device), B * W)
+        order_TW = torch.argsort(key_TW.flatten(), stable=True)
+        send_splits, recv_splits, recv_pairs = torch.stack(  # the one host sync
+            [send_counts_BW2[..., 0], recv_counts_WB2[..., 0].T, recv_counts_WB2[..., 1].T]).tolist()
+        sent_bounds = list(itertools.accumulate((sum(splits) for splits in send_splits), initial=0))
+        received_bounds = list(itertools.accumulate((sum(splits) for splits in recv_splits), initial=0))
+        D, U = sent_bounds[-1], received_bounds[-1]
+        token_of_row_D, rank_of_row_D = order_TW[:D] // W, order_TW[:D] % W
+        expert_ids_DK = expert_ids_TK.index_select(0, token_of_row_D)
+        local_ids_DK = torch.where(expert_ids_DK // E_local == rank_of_row_D[:, None], expert_ids_DK % E_local,
+                                   E_local).int()
         return Plan(
-            order=order, pair_bounds=[-(-b * T // B) * K for b in range(B + 1)], row_bounds=row_bounds,
-            send_splits=send_splits, recv_splits=recv_splits,
-            rows_sent=rows_sent, weights_sent=routing_weights_TK.flatten()[order],
-            rows_RH=tokens_TH.new_empty((row_bounds[-1], H)),
-            routing_weights_R=routing_weights_TK.new_empty(row_bounds[-1]),
-            local_expert_ids_R=local_expert_ids_R, results_back=tokens_TH.new_empty((T * K, H)))
+            token_of_row_D=token_of_row_D, sent_bounds=sent_bounds, received_bounds=received_bounds,
+            send_splits=send_splits, recv_splits=recv_splits, local_pairs=[sum(pairs) for pairs in recv_pairs],
+            rows_DH=tokens_TH.index_select(0, token_of_row_D),  # read D·H, write D·H elements
+            local_ids_DK=local_ids_DK, weights_DK=routing_weights_TK.index_select(0, token_of_row_D),
+            rows_UH=tokens_TH.new_empty((U, H)), local_ids_UK=local_ids_DK.new_empty((U, K)),
+            weights_UK=routing_weights_TK.new_empty((U, K)))
 
     def dispatch(self, plan: Plan, chunk: int) -> list[dist.Work]:
-        """All-to-alls 2 and 3 of one chunk, started and not waited for: its token rows (each pair's token once
-        per slot) and, beside them, their pairs' routing weights (one element per row), which the receiving
-        expert's down GEMM applies in its epilogue."""
-        sent, received = plan.pairs(chunk), plan.rows(chunk)
+        """All-to-alls 2, 3 and 4 of one chunk, started and not waited for: its token rows (each token once per
+        rank that holds any of its experts) and, beside them, their K slots' experts on that rank and routing
+        weights, which the receiving expert's down GEMM applies in its epilogue."""
+        sent, received = plan.sent(chunk), plan.received(chunk)
         splits = plan.recv_splits[chunk], plan.send_splits[chunk]
-        return [dist.all_to_all_single(plan.rows_RH[received], plan.rows_sent[sent], *splits, async_op=True),
-                dist.all_to_all_single(plan.routing_weights_R[received], plan.weights_sent[sent], *splits,
-                                       async_op=True)]
+        return [dist.all_to_all_single(into[received], out[sent], *splits, async_op=True)
+                for into, out in ((plan.rows_UH, plan.rows_DH), (plan.local_ids_UK, plan.local_ids_DK),
+                                  (plan.weights_UK, plan.weights_DK))]
 
     def compute(self, plan: Plan, chunk: int) -> torch.Tensor:
-        """[R_c, H]: one chunk's received rows, each through its local expert, times its routing weight (nothing to
-        do for a chunk that brought none). To the local level every row is a token with one slot."""
-        rows = plan.rows(chunk)
-        if rows.start == rows.stop:
-            return plan.rows_RH[rows]
-        return self.local_level.forward(plan.rows_RH[rows], plan.routing_weights_R[rows, None],
-                                        plan.local_expert_ids_R[rows, None])
+        """[U_b, H]: for each of one chunk's received rows, the sum of its local experts' results, each times its
+        routing weight, written over the row (nothing to do for a chunk that brought none). To the local level
+        every (row, slot) pair is a token with one slot."""
+        received = plan.received(chunk)
+        rows_UH, local_ids_UK = plan.rows_UH[received], plan.local_ids_UK[received]
+        if rows_UH.shape[0] == 0:
+            return rows_UH
+        # The expand: the (row, slot) pairs whose expert is here, pair u·K + k, grouped by that expert (E_local,
+        # "not here", sorts last).
+        pair_R = torch.argsort(local_ids_UK.flatten(), stable=True)[:plan.local_pairs[chunk]]
+        row_of_pair_R = pair_R // local_ids_UK.shape[1]
+        results_RH = self.local_level.forward(rows_UH.index_select(0, row_of_pair_R),  # read R·H, write R·H
+                                              plan.weights_UK[received].flatten()[pair_R, None],
+                                              local_ids_UK.flatten()[pair_R, None].long())
+        # The reduce: one row per received row, over it (the expand has read it), so one row per token goes back.
+        return rows_UH.zero_().index_add_(0, row_of_pair_R, results_RH)  # read R·H, add into U_b·H
 
-    def combine(self, plan: Plan, chunk: int, results_RH: torch.Tensor) -> dist.Work:
-        """All-to-all 4 of one chunk, the reverse of 2, started and not waited for: every result back to the rank
-        its token came from, into the sorted position its row left from."""
-        return dist.all_to_all_single(plan.results_back[plan.pairs(chunk)], results_RH, plan.send_splits[chunk],
+    def combine(self, plan: Plan, chunk: int, results_UH: torch.Tensor) -> dist.Work:
+        """All-to-all 5 of one chunk, the reverse of 2, started and not waited for: every partial sum back to the
+        rank its token came from, over the row it left from (that chunk's dispatch has finished: it was waited for
+        before the compute, and NCCL runs the collectives in the order they were issued)."""
+        return dist.all_to_all_single(plan.rows_DH[plan.sent(chunk)], results_UH, plan.send_splits[chunk],
                                       plan.recv_splits[chunk], async_op=True)
 
     def forward(self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor,
                 chunks: int = 1, compute_spans: list | None = None) -> torch.Tensor:
         """This rank's output, its tokens in `chunks` pipelined chunks. Given a list, `compute_spans` receives the
-        device-clock span of every expert compute: the chunks' in order, then the shared experts'."""
-        (T, K), H = expert_ids_TK.shape, tokens_TH.shape[1]
+        device-clock span of every expert compute (the expand and reduce included): the chunks' in order, then the
+        shared experts'."""
         plan = self.plan(tokens_TH, routing_weights_TK, expert_ids_TK, chunks)
         arriving = self.dispatch(plan, 0)
-        combining = []  # (collective, the results it reads): a tensor must outlive the collective that reads it
+        combining = []
         for chunk in range(chunks):
             arrived = arriving
             if chunk + 1 < chunks:
@@ -210,23 +255,17 @@ class ExpertParallelMoE:
             for work in arrived:
                 work.wait()  # the compute stream waits for this chunk's rows (on the CPU, the host does)
             with measured(compute_spans, self.device):
-                results_RH = self.compute(plan, chunk)
-            combining.append((self.combine(plan, chunk, results_RH), results_RH))
-        shared_TH = None
+                results_UH = self.compute(plan, chunk)
+            combining.append(self.combine(plan, chunk, results_UH))
         if self.config.num_shared_experts:  # replicated on every rank, nothing to receive: runs under the last combine
             with measured(compute_spans, self.device):
-                shared_TH = shared_experts_forward(tokens_TH, self.weights)
-        for work, _ in combining:
+                out_TH = shared_experts_forward(tokens_TH, self.weights)
+        else:
+            out_TH = torch.zeros_like(tokens_TH)
+        for work in combining:
             work.wait()
-        # Each result to its (token, slot) row, then one sum over K, as level 7 combines: no atomic adds. (With
-        # `index_add_` onto the token rows instead, deepseek-v3's combine took 1.45x as long on an H100: NOTES.md.)
-        # Into the sorted rows' buffer: every dispatch has been waited for, so nothing reads it any more (3.8 GB
-        # at deepseek-v3 with 32768 tokens per rank that need not be allocated again).
-        results_TKH = plan.rows_sent.index_copy_(0, plan.order, plan.results_back)
-        out_TH = results_TKH.view(T, K, H).sum(dim=1)
-        if shared_TH is not None:
-            out_TH += shared_TH
-        return out_TH
+        # Each token's partial sums, one from each rank that holds any of its experts, added into its row.
+        return out_TH.index_add_(0, plan.token_of_row_D, plan.rows_DH)  # read D·H, add into T·H
 
 
 def local_level_class(device: torch.device) -> type:
