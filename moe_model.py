@@ -8,7 +8,9 @@ Shape legend, used in every file of the lab (a tensor's name ends in its shape: 
     P  padded rows: N plus each expert's run rounded up to whole GEMM tiles (levels 7 and 8)
     C  capacity: rows per expert in a fixed-size buffer (level 5: C = T)
     W  world size: the processes of the expert-parallel level
-    R  rows an expert-parallel rank receives for its local experts
+    D  rows an expert-parallel rank sends: one per (token, rank) where that rank holds any of the token's experts
+    U  rows an expert-parallel rank receives (its share of every rank's D)
+    R  (row, slot) pairs of the received rows whose expert is local: the rows a rank's experts compute
     G  groups of FP8_GROUP columns that share one FP8 scale (level 10's hidden rows: G = ⌈I / 128⌉)
 In the GEMM kernels, a program computes a BLOCK_M × BLOCK_N tile of the output (`cols` wide), stepping BLOCK_D at a
 time along the reduction (`depth`: H for gate/up, I for down).
