@@ -347,7 +347,7 @@ def quantize_fp8(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tenso
     cols = x.shape[-1]
     group = group or cols
     G = -(-cols // group)
-    padded = F.pad(x.to(torch.float32, memory_format=torch.contiguous_format), (0, G * group - cols))
+    padded = F.pad(x.float().contiguous(), (0, G * group - cols))
     padded = padded.view(*x.shape[:-1], G, group)
     scales = padded.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
     values = (padded / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)

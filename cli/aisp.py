@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import socket
 import subprocess
@@ -130,13 +131,25 @@ def new_run_dir(target_dir: Path, device_label: str) -> Path:
     raise UsageError(f"could not make a new run folder under {target_dir}")
 
 
-def nvidia_driver() -> str | None:
+def nvidia_smi(*args: str) -> str | None:
+    """nvidia-smi's output for these arguments, or None where it cannot run."""
     try:
-        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=20)
-        return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
+        result = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
+    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else None
+
+
+def nvidia_driver() -> str | None:
+    output = nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader")
+    return output.splitlines()[0] if output else None
+
+
+def gpu_topology() -> str | None:
+    """`nvidia-smi topo -m` less its terminal colours: how the GPUs connect (NV# = # bonded NVLinks; PIX, PHB,
+    SYS: PCIe paths), what the expert-parallel level's collectives cross."""
+    output = nvidia_smi("topo", "-m")
+    return re.sub(r"\x1b\[[0-9;]*m", "", output) if output else None
 
 
 def environment(device, ceilings, configs, args: dict) -> dict:
@@ -154,6 +167,7 @@ def environment(device, ceilings, configs, args: dict) -> dict:
         "device": lab.moe_benchmark.device_label(device),
         "device_type": device.type,
         "driver": nvidia_driver() if device.type == "cuda" else None,
+        "topology": gpu_topology() if device.type == "cuda" else None,
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
         "triton": triton_version,

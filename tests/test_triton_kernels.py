@@ -134,3 +134,15 @@ def test_tma_storage_pads_rows_not_shape():
     assert stored.shape == odd.shape and torch.equal(stored, odd) and stored.stride(1) * 2 % 16 == 0
     even = torch.randn(3, 5, 64).bfloat16()
     assert triton_kernels.tma_storage(even).data_ptr() == even.data_ptr()  # aligned already: no copy
+
+
+def test_gather_sum_skips_missing_rows_and_accumulates():
+    rows = torch.randn(7, 50).bfloat16()
+    index = torch.tensor([[0, -1, 3], [-1, -1, -1], [6, 5, 4]])
+    out = triton_kernels.gather_sum(rows, index, torch.empty(3, 50, dtype=torch.bfloat16))
+    expected = torch.stack([rows[0].float() + rows[3].float(), torch.zeros(50), rows[4:].float().sum(0)])
+    torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
+    base = torch.ones(3, 50, dtype=torch.bfloat16)
+    torch.testing.assert_close(triton_kernels.gather_sum(rows, index, base.clone(), accumulate=True).float(),
+                               expected + 1, atol=1e-2, rtol=1e-2)
+    assert triton_kernels.gather_sum(rows, index[:0], torch.empty(0, 50)).shape == (0, 50)

@@ -17,8 +17,9 @@ The idea
        in GPU memory (about 15x the link's bandwidth). Then the R rows through the local experts, with the best
        single-GPU formulation that runs here (level 7's Triton grouped GEMM on a GPU, level 4's per-expert GEMMs
        on the CPU), each a one-slot "token" that carries its routing weight, so level 7 applies it in its down
-       kernel's epilogue. Reduce: each received row's pair results summed into one row (`index_add_`, a
-       scatter-add in GPU memory), so one row per (token, rank) goes back, not one per pair.
+       kernel's epilogue. Reduce: each received row's pair results summed into one row (`gather_sum`: each output
+       row reads its own few results and writes once, in fp32; `index_add_`'s bf16 atomic adds cost several ms
+       more on an H100, NOTES.md), so one row per (token, rank) goes back, not one per pair.
     3. Combine, the reverse all-to-all: the [U, H] partial sums go back to the ranks their tokens came from, in
        the order they left; there each token's partial rows (one from each rank that holds any of its experts)
        are added into its output row, with the shared experts, which run locally: every rank has them.
@@ -27,8 +28,7 @@ What it costs, in bytes per token
     A token crosses to each other rank that holds at least one of its experts: its row out and a partial sum
     back, H·2 bytes each way in bf16, and its routing out, K·(4 + 2) bytes (int32 ids, bf16 weights). With
     uniform routing a given rank holds at least one of a token's K experts with probability
-    1 − C(E − E_local, K) / C(E, K), so a token sends (W − 1) times that many rows across. The sum is in the
-    compute dtype (bf16): `index_add_` takes one dtype, and an fp32 sum would need an fp32 copy of the R results.
+    1 − C(E − E_local, K) / C(E, K), so a token sends (W − 1) times that many rows across.
     As the benchmark runs them at W = 2 (each rank the preset's experts, weak scaling):
     - deepseek-v3 (H=7168, K=8, 512 experts, 256 a rank): 0.996 rows a token cross instead of K/2 = 4 pairs,
       28.6 KB a token out and back instead of 114.7 KB (the per-pair dispatch: 2·H·2 bytes and a weight per pair),
@@ -36,7 +36,7 @@ What it costs, in bytes per token
     - mixtral (H=4096, K=2, 16 experts, 8 a rank): 0.767 rows instead of 1 pair, 12.6 KB instead of 16.4 KB,
       1.3x fewer: with K = 2 the only saving is a token with both experts on the other rank, 7 tokens in 30.
     What the saving costs: on the receiving rank, the expand (read and write R·H elements) and the reduce (read
-    R·H, add into U·H), in GPU memory. What it saves in memory: two buffers of rows for the whole forward, the
+    R·H, write U·H), in GPU memory, and on the sending rank the sum of each token's partial rows (read D·H). What it saves in memory: two buffers of rows for the whole forward, the
     sent [D, H] (D ≤ T·W; the partial sums come back over it) and the received [U, H] (the partial sums are
     written over it), where the per-pair dispatch held four of [T·K, H] (sent, received, results, results back);
     beside them, per chunk, the expand's [R_b, H] and the local level's own. At deepseek-v3 with 32768 tokens
@@ -111,6 +111,7 @@ import torch.distributed as dist
 from ep_benchmark import measured, run_ep_script
 
 from moe_model import ConfigError, MoEConfig, init_weights, shared_experts_forward
+from triton_kernels import gather_sum
 
 
 @dataclass
@@ -118,7 +119,7 @@ class Plan:
     """One forward's routing, settled before any row moves: which rows go where, every chunk's split sizes (host
     integers, from the one counts exchange) and the buffers the all-to-alls read and write, sliced per chunk."""
 
-    token_of_row_D: torch.Tensor  # [D] each sent row's token; sorted by chunk, then destination rank, then token
+    row_of_token_TW: torch.Tensor  # [T, W] where (token, rank)'s row sits among the D sent, −1 if it goes nowhere
     sent_bounds: list[int]  # chunk b's sent rows are sent_bounds[b] … sent_bounds[b+1] − 1
     received_bounds: list[int]  # chunk b's received rows are received_bounds[b] … received_bounds[b+1] − 1
     send_splits: list[list[int]]  # [B][W] rows this rank sends each rank, per chunk
@@ -191,12 +192,14 @@ class ExpertParallelMoE:
         sent_bounds = list(itertools.accumulate((sum(splits) for splits in send_splits), initial=0))
         received_bounds = list(itertools.accumulate((sum(splits) for splits in recv_splits), initial=0))
         D, U = sent_bounds[-1], received_bounds[-1]
-        token_of_row_D, rank_of_row_D = order_TW[:D] // W, order_TW[:D] % W
+        token_of_row_D, rank_of_row_D = order_TW[:D] // W, order_TW[:D] % W  # sorted by chunk, rank, token
+        row_of_token_TW = torch.full((T * W,), -1, dtype=torch.long, device=device)
+        row_of_token_TW[order_TW[:D]] = torch.arange(D, device=device)
         expert_ids_DK = expert_ids_TK.index_select(0, token_of_row_D)
         local_ids_DK = torch.where(expert_ids_DK // E_local == rank_of_row_D[:, None], expert_ids_DK % E_local,
                                    E_local).int()
         return Plan(
-            token_of_row_D=token_of_row_D, sent_bounds=sent_bounds, received_bounds=received_bounds,
+            row_of_token_TW=row_of_token_TW.view(T, W), sent_bounds=sent_bounds, received_bounds=received_bounds,
             send_splits=send_splits, recv_splits=recv_splits, local_pairs=[sum(pairs) for pairs in recv_pairs],
             rows_DH=tokens_TH.index_select(0, token_of_row_D),  # read D·H, write D·H elements
             local_ids_DK=local_ids_DK, weights_DK=routing_weights_TK.index_select(0, token_of_row_D),
@@ -228,8 +231,11 @@ class ExpertParallelMoE:
         results_RH = self.local_level.forward(rows_UH.index_select(0, row_of_pair_R),  # read R·H, write R·H
                                               plan.weights_UK[received].flatten()[pair_R, None],
                                               local_ids_UK.flatten()[pair_R, None].long())
-        # The reduce: one row per received row, over it (the expand has read it), so one row per token goes back.
-        return rows_UH.zero_().index_add_(0, row_of_pair_R, results_RH)  # read R·H, add into U_b·H
+        # The reduce: each received row's results summed into the row itself (the expand has read it), so one row per
+        # token goes back. position_UK: where each (row, slot) pair's result sits in results_RH, −1 if not here.
+        position_UK = torch.full((local_ids_UK.numel(),), -1, dtype=torch.long, device=rows_UH.device)
+        position_UK[pair_R] = torch.arange(pair_R.numel(), device=rows_UH.device)
+        return gather_sum(results_RH, position_UK.view(local_ids_UK.shape), out=rows_UH)  # read R·H, write U_b·H
 
     def combine(self, plan: Plan, chunk: int, results_UH: torch.Tensor) -> dist.Work:
         """All-to-all 5 of one chunk, the reverse of 2, started and not waited for: every partial sum back to the
@@ -265,7 +271,7 @@ class ExpertParallelMoE:
         for work in combining:
             work.wait()
         # Each token's partial sums, one from each rank that holds any of its experts, added into its row.
-        return out_TH.index_add_(0, plan.token_of_row_D, plan.rows_DH)  # read D·H, add into T·H
+        return gather_sum(plan.rows_DH, plan.row_of_token_TW, out=out_TH, accumulate=True)  # read D·H + T·H, write T·H
 
 
 def local_level_class(device: torch.device) -> type:
