@@ -53,7 +53,8 @@ def unavailable(config: MoEConfig, device: torch.device) -> str | None:
     if config.dtype != "bf16":
         return f"torch._scaled_grouped_mm writes bf16 only; this preset computes in {config.dtype}"
     if config.hidden % 16 or config.intermediate % 16:  # its operands' rows must be whole 16-byte units
-        return f"torch._scaled_grouped_mm needs H and I in multiples of 16, got H={config.hidden} I={config.intermediate}"
+        return (f"torch._scaled_grouped_mm needs H and I in multiples of 16, "
+                f"got H={config.hidden} I={config.intermediate}")
     return None
 
 
