@@ -216,7 +216,7 @@ def list_command() -> None:
 @bench.command("run")
 def run_command(
     target: str = typer.Option(..., "-t", "--target", help="what to run: moe_journey"),
-    levels: str = typer.Option(None, help="e.g. 0-8, 0,4,7,peer (default: every level and the peer)"),
+    levels: str = typer.Option(None, help="e.g. 0-10, 0,4,9,peer,peer-fp8 (default: every level and both peers)"),
     tokens: str = typer.Option(None, help=f"token counts, e.g. 2048,8192 (default: {DEFAULTS['cuda'].tokens} on a "
                                           f"GPU, {DEFAULTS['cpu'].tokens} on the CPU)"),
     preset: str = typer.Option(None, help="preset name(s) comma-separated, an inline shape "

@@ -29,8 +29,9 @@ lab = typer.Typer(help="Step through the journey: each level's lesson, code diff
                   no_args_is_help=True)
 
 # The levels outside the numbered sequence, and the level each is built from: the peer is level 4's permutation
-# around torch._grouped_mm; EP runs level 7 on each rank's share of the experts.
-COMPARED_WITH = {"peer": "4", "ep": "7"}
+# around torch._grouped_mm, the FP8 peer the peer with torch._scaled_grouped_mm; EP runs level 7 on each rank's
+# share of the experts.
+COMPARED_WITH = {"peer": "4", "peer-fp8": "peer", "ep": "7"}
 # The one case the lab shows: the committed runs also hold zipf/hot traffic and other routers.
 SHOWN_CASE = {"traffic": "uniform", "router": "softmax-topk"}
 
@@ -224,7 +225,7 @@ def speedup(reference: dict | None, row: dict) -> str:
 
 def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: int, results: Path) -> None:
     """The level's row in the newest GPU run that has it at (preset, T), beside the level before it and the
-    peer from the same run."""
+    peer from the same run (an FP8 level's beside the FP8 peer too)."""
     from cli.report import STATUS_CELL, fmt
 
     case = f"{preset}, T={num_tokens} ({SHOWN_CASE['traffic']} traffic, {SHOWN_CASE['router']} router)"
@@ -243,9 +244,12 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
         table.add_row("  roofline", f"{fmt(row['pct_roofline'])}%")
         before = previous_key(levels, key)
         if before is not None:
-            table.add_row(f"  × level {before}", speedup(row_of(rows, before, num_tokens), row))
-        if key != "peer":
+            table.add_row(f"  × {'level ' if before.isdigit() else ''}{before}",
+                          speedup(row_of(rows, before, num_tokens), row))
+        if "peer" not in (key, before):
             table.add_row("  × peer", speedup(row_of(rows, "peer", num_tokens), row))
+        if getattr(levels[key], "fp8", False) and key != "peer-fp8":
+            table.add_row("  × FP8 peer", speedup(row_of(rows, "peer-fp8", num_tokens), row))
         if "world_size" in row:
             table.add_row("  world size", str(row["world_size"]))
         console.print(table, highlight=False)
@@ -288,7 +292,7 @@ def print_overview(levels: dict[str, type], preset: str, results: Path) -> None:
 
 @lab.command("show")
 def show_command(
-    level: str = typer.Argument(None, help="a level: 0-8, peer or ep (default: list them all)"),
+    level: str = typer.Argument(None, help="a level: 0-10, peer, peer-fp8 or ep (default: list them all)"),
     preset: str = typer.Option("journey", help="the preset of the claims and the measured row"),
     tokens: int = typer.Option(8192, help="the token count T of the claims and the measured row"),
     results: Path = typer.Option(None, help="where the runs are (default: the repository's results/)"),

@@ -56,8 +56,8 @@ DEFAULTS = {
 
 
 def parse_levels(spec: str | None, available: list[str], on_request: tuple[str, ...] = ("ep",)) -> list[str]:
-    """Level keys from `0-8`, `0,4,7,peer`, ...; the default (or `all`) is every single-GPU level and the peer.
-    Levels in `on_request` (ep: several processes) run only when named."""
+    """Level keys from `0-10`, `0,4,9,peer,peer-fp8`, ...; the default (or `all`) is every single-GPU level and
+    both peers. Levels in `on_request` (ep: several processes) run only when named."""
     if spec is None or spec == "all":
         return list(available)
     available = [*available, *on_request]

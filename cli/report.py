@@ -101,12 +101,23 @@ def load_environment(run_dir: Path) -> dict:
         raise DamagedFile(f"{path}{line}: not valid JSON ({error})") from None
 
 
+PEER, FP8_PEER = "peer", "peer-fp8"  # what PyTorch ships, in bf16 and in FP8: measured beside the levels
+FP8_COMPARED = ("7", "9", "10", PEER, FP8_PEER)  # the FP8 section's levels: Triton bf16, FP8 and both peers
+
+
 def level_sort_key(level) -> tuple:
     return (0, int(level), "") if str(level).isdigit() else (1, 0, str(level))
 
 
 def level_label(row: dict) -> str:
-    return f"peer: {row['level_name']}" if row["level"] == "peer" else f"{row['level']} {row['level_name']}"
+    level = str(row["level"])
+    return f"{level}: {row['level_name']}" if level in (PEER, FP8_PEER) else f"{level} {row['level_name']}"
+
+
+def label_of(df: pd.DataFrame, level: str) -> str | None:
+    """The label of level `level` in these rows, or None where it has none."""
+    labels = df.loc[df["level"].map(str) == level, "label"]
+    return labels.iloc[0] if len(labels) else None
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
@@ -219,18 +230,21 @@ def stage_table(df: pd.DataFrame, tokens: int) -> str:
     return markdown_table(table, "level \\ stage")
 
 
+def speedup_vs(df: pd.DataFrame, reference_label_of):
+    """A table cell renderer: the reference level's ms over the row's at the row's token count (the reference's
+    label a function of the row), `-` where the reference was not timed."""
+    def render(row):
+        reference = reference_label_of(row)
+        reference_ms = ms_of(df, reference, row["tokens"]) if reference else None
+        return f"{reference_ms / row['ms']:.2f}x" if reference_ms else "-"
+    return status_or(render)
+
+
 def preset_section(df: pd.DataFrame, env: dict) -> str:
     first = df.iloc[0]
     shape = shape_of(first)
     baseline = next((lbl for lbl in df["label"] if lbl.startswith("0 ")), None)
     all_rows, df = df, timed_levels(df)
-
-    def speedup_vs(reference_label_of):
-        def render(row):
-            reference = reference_label_of(row)
-            reference_ms = ms_of(df, reference, row["tokens"]) if reference else None
-            return f"{reference_ms / row['ms']:.2f}x" if reference_ms else "-"
-        return status_or(render)
 
     on_gpu = (df["device_type"] == "cuda").any()
     parts = [
@@ -242,10 +256,10 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
     ]
     if baseline:
         parts += ["Speedup over level 0:",
-                  markdown_table(pivot(df, speedup_vs(lambda r: baseline)), "level \\ tokens")]
+                  markdown_table(pivot(df, speedup_vs(df, lambda r: baseline)), "level \\ tokens")]
     parts += [
         "Speedup over the previous level:",
-        markdown_table(pivot(df, speedup_vs(lambda r: previous_level_label(df, r))), "level \\ tokens"),
+        markdown_table(pivot(df, speedup_vs(df, lambda r: previous_level_label(df, r))), "level \\ tokens"),
     ]
     if counterparts := cpu_counterpart_notes(df):
         parts.append("Where the GPU idea does not carry over to the CPU:\n\n"
@@ -299,6 +313,46 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
     return "\n\n".join(parts)
 
 
+def has_fp8(df: pd.DataFrame) -> bool:
+    """Whether some row multiplied FP8 operands: those rows, and only those, carry a quant_err."""
+    return "quant_err" in df and df["quant_err"].notna().any()
+
+
+def fp8_cases(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(case, its rows of levels 7, 9, 10 and both peers) for each case with FP8 rows."""
+    parts = [(case, df[(df["case"] == case) & df["level"].map(str).isin(FP8_COMPARED)].reset_index(drop=True))
+             for case in dict.fromkeys(df["case"])]
+    return [(case, part) for case, part in parts if has_fp8(part)]
+
+
+def quant_err_cell(row) -> str:
+    return "-" if pd.isna(row["quant_err"]) else f"{row['quant_err']:.3f}"
+
+
+FP8_INTRO = ("Level 10 and the FP8 peer multiply e4m3 operands (one byte, twice the bf16 tensor-core rate). Their "
+             "check (*rel err*) is against the fp32 reference on their own quantized values, so it measures the "
+             "kernels; *quant err* is ‖out − ref‖ / ‖ref‖ against the bf16 layer's fp32 reference, the "
+             "quantization's own cost. Their % of the roofline is against the measured FP8 matmul rate.")
+
+
+def fp8_section(df: pd.DataFrame) -> str:
+    """Per case with FP8 rows: levels 7, 9, 10 and both peers side by side, in TFLOP/s, over level 9 and over the
+    FP8 peer, and each FP8 row's quant err."""
+    parts = ["## FP8 (e4m3)", FP8_INTRO]
+    for case, part in fp8_cases(df):
+        timed = timed_levels(part)
+        parts.append(f"### {case} ({shape_of(part.iloc[0])})")
+        if len(timed):
+            parts += ["TFLOP/s:",
+                      markdown_table(pivot(timed, status_or(lambda r: fmt(r["tflops"]))), "level \\ tokens")]
+            for reference in filter(None, (label_of(timed, "9"), label_of(timed, FP8_PEER))):
+                parts += [f"Speedup over {reference} (its ms over the level's):",
+                          markdown_table(pivot(timed, speedup_vs(timed, lambda r: reference)), "level \\ tokens")]
+        parts += ["quant err (against the bf16 layer's fp32 reference):",
+                  markdown_table(pivot(part[part["quant_err"].notna()], quant_err_cell), "level \\ tokens")]
+    return "\n\n".join(parts)
+
+
 def unfinished_banner(env: dict) -> tuple[str, str] | None:
     """(label, text) a run folder's page opens with when its run did not finish: stopped (Ctrl-C), or killed
     before it could record its finish (a time limit, a signal)."""
@@ -308,6 +362,14 @@ def unfinished_banner(env: dict) -> tuple[str, str] | None:
         return ("Did not finish:", "this run's process ended before it recorded its finish (a time limit or a "
                                    "signal); the tables hold the rows it finished.")
     return None
+
+
+def ceilings_text(ceilings: dict) -> str:
+    """The measured ceilings in words; the FP8 matmul's where the run measured one."""
+    fp8 = ceilings.get("fp8_matmul_tflops")
+    return (f"bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, "
+            + (f"FP8 matmul {fp8:.0f} TFLOP/s, " if fp8 is not None else "")
+            + f"device copy {ceilings['copy_gbps']:.0f} GB/s (read + write)")
 
 
 def environment_section(env: dict) -> str:
@@ -326,8 +388,7 @@ def environment_section(env: dict) -> str:
         asked = (env.get("args") or {}).get("repeats", "?")
         lines.append(f"- timed calls per row: {low}–{high} (asked for {asked}; never under 5, fewer when slow)")
     if ceilings:
-        lines.append(f"- measured ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, "
-                     f"device copy {ceilings['copy_gbps']:.0f} GB/s (read + write)")
+        lines.append(f"- measured ceilings: {ceilings_text(ceilings)}")
     else:
         lines.append("- no ceilings measured (CPU run): `pct_roofline` is empty")
     return "\n".join(lines)
@@ -336,16 +397,17 @@ def environment_section(env: dict) -> str:
 # The plots. Every figure gives a level the same colour, names what it shows in words, keeps its legend off the
 # data, and marks what was not timed (out of memory, skipped, checked) where a reader would look for it.
 LEVEL_COLORS = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + list(plt.get_cmap("Dark2").colors)
-PEER_COLOR = "0.45"  # tab10's grey, kept out of LEVEL_COLORS for the peer alone
+PEER_COLOR = "0.45"  # tab10's grey, kept out of LEVEL_COLORS for the peers alone
+PEER_COLORS = {PEER: PEER_COLOR, FP8_PEER: "0.15"}  # the FP8 peer a darker grey, both hatched and dashed
 STATUS_MARKER = {"oom": "x", "skipped": "o", "error": "D", "checked": "s"}
 STATUS_SYMBOL = {"oom": "× out of memory", "skipped": "○ skipped", "error": "◇ error",
                  "checked": "□ checked, not timed"}  # the markers, in words
 
 
 def level_colors(df: pd.DataFrame) -> dict:
-    """label -> colour: level n takes the n-th colour in every figure of every run; the peer is grey."""
-    return {label: LEVEL_COLORS[int(level) % len(LEVEL_COLORS)] if str(level).isdigit() else PEER_COLOR
-            for label, level in zip(df["label"], df["level"])}
+    """label -> colour: level n takes the n-th colour in every figure of every run; the peers are greys."""
+    return {label: LEVEL_COLORS[int(level) % len(LEVEL_COLORS)] if str(level).isdigit()
+            else PEER_COLORS.get(str(level), PEER_COLOR) for label, level in zip(df["label"], df["level"])}
 
 
 def line_style(label: str) -> str:
@@ -652,7 +714,7 @@ def plot_across_presets(df: pd.DataFrame, out_dir: Path) -> str | None:
         tokens = 16384 if (part["tokens"] == 16384).any() else part["tokens"].max()
         at = part[part["tokens"] == tokens]
         levels = at[at["level"].astype(str).str.isdigit()]
-        peers = at[~at["level"].astype(str).str.isdigit()]
+        peers = at[at["level"].astype(str) == PEER]
         top = levels.loc[levels["pct_roofline"].idxmax()] if len(levels) else None
         presets.append(f"{preset}\nat {token_label(tokens)} tokens")
         best.append(top["pct_roofline"] if top is not None else float("nan"))
@@ -700,6 +762,8 @@ def write_report(run_dir: Path, warn: Callable[[str], None] | None = None) -> Pa
             part = df[df["case"] == case].reset_index(drop=True)
             sections.append(preset_section(part, env))
             sections.append("\n".join(f"![{name}]({name})" for name in plot_preset(part, run_dir, slug(case))))
+        if has_fp8(df):
+            sections.append(fp8_section(df))
         for preset in dict.fromkeys(df["preset"]):
             figure = plot_imbalance(df[df["preset"] == preset], run_dir, preset)
             if figure:
@@ -734,6 +798,14 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
         ]
     if (Path(run_dir) / "across_presets.png").exists():
         sections.append(f"![across_presets.png]({link_prefix}/across_presets.png)")
+    for case, part in fp8_cases(df):
+        if not len(timed_levels(part)):
+            continue
+        table = pivot(timed_levels(part), status_or(lambda r: fmt(r["tflops"])))
+        worst = part.groupby("label")["quant_err"].max()
+        table["quant err"] = [f"{worst[label]:.3f}" if pd.notna(worst.get(label)) else "-" for label in table.index]
+        sections += [f"#### {case}, FP8 (e4m3): TFLOP/s, and the largest quant err of each FP8 level",
+                     markdown_table(table, "level \\ tokens")]
     return "\n\n".join(sections)
 
 

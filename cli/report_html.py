@@ -77,6 +77,9 @@ def write_html(run_dir: Path, rows: list[dict], env: dict) -> Path:
             contents.append((anchor, report.case_title(case)))
             part = df[df["case"] == case].reset_index(drop=True)
             body.append(case_section(part, run_dir, anchor, links, on_gpu))
+        if report.has_fp8(df):
+            contents.append(("fp8", "FP8 (e4m3)"))
+            body.append(fp8_html(df, links))
         for preset in dict.fromkeys(df["preset"]):
             name = f"imbalance_{report.slug(preset)}.png"
             if (run_dir / name).exists():
@@ -119,8 +122,7 @@ def environment(env: dict) -> str:
         f"torch {esc(env.get('torch'))}, triton {esc(env.get('triton') or '-')}, python {esc(env.get('python'))}",
         f"started {esc(env.get('started_utc'))} (UTC), host {esc(env.get('host'))}",
         f"command: <code>{esc(env.get('command'))}</code>",
-        f"measured ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, device copy "
-        f"{ceilings['copy_gbps']:.0f} GB/s (read + write)" if ceilings else
+        f"measured ceilings: {esc(report.ceilings_text(ceilings))}" if ceilings else
         "no ceilings measured (CPU run): no % of roofline, and no GPU memory",
     ]
     banner = report.unfinished_banner(env)
@@ -134,7 +136,7 @@ def level_links(df: pd.DataFrame, run_dir: Path) -> dict:
     links = {}
     for label, level, name in zip(df["label"], df["level"], df["level_name"]):
         path = next((LESSONS / f for f in (f"level{level}_{name}.py", f"level_{level}_{name}.py",
-                                           f"{level}_{name}.py") if (LESSONS / f).exists()), None)
+                                           f"{level}_{name}.py", f"peer_{name}.py") if (LESSONS / f).exists()), None)
         if path is None:
             links[label] = esc(label)
             continue
@@ -172,23 +174,26 @@ def section(title: str, caption: str, *blocks: str) -> str:
     return f"<h3>{esc(title)}</h3><p class=\"caption\">{caption}</p>" + "".join(blocks)
 
 
+def speedups(df: pd.DataFrame, reference_of):
+    """A renderer: the reference level's ms over the row's (the reference's label a function of the row),
+    'faster than the reference' in green."""
+    ms = {(r["label"], r["tokens"]): r["ms"] for _, r in df[df["status"] == "ok"].iterrows()}
+
+    def render(row):
+        reference = ms.get((reference_of(row), row["tokens"]))
+        if not reference:
+            return "-"
+        ratio = reference / row["ms"]
+        return f'<span class="win">{ratio:.2f}×</span>' if ratio > 1.005 else f"{ratio:.2f}×"
+    return report.status_or(render)
+
+
 def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_gpu: bool) -> str:
     first = df.iloc[0]
     all_rows, df = df, report.timed_levels(df)  # a level checked in the interpreter is in the time table only
-    ms = {(r["label"], r["tokens"]): r["ms"] for _, r in df[df["status"] == "ok"].iterrows()}
-    peer = next((lbl for lbl in df["label"] if lbl.startswith("peer")), None)
+    peer = report.label_of(df, report.PEER)  # the bf16 peer: the FP8 section compares with the FP8 one
     tokens = sorted(df["tokens"].unique())
     baselines = {t: report.speedup_baseline(df, t) for t in tokens}
-
-    def times(reference_of):
-        """A renderer: the reference's ms over the row's, 'faster than the reference' in green."""
-        def render(row):
-            reference = ms.get((reference_of(row), row["tokens"]))
-            if not reference:
-                return "-"
-            ratio = reference / row["ms"]
-            return f'<span class="win">{ratio:.2f}×</span>' if ratio > 1.005 else f"{ratio:.2f}×"
-        return report.status_or(render)
 
     def previous_level(row):
         level = str(row["level"])
@@ -212,16 +217,17 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
     if peer:
         parts.append(section(
             "× peer", f"The peer's ms over the level's at each token count ({esc(peer)}): above 1× "
-            "(green), the level is faster than the peer.", table_html(report.pivot(df, times(lambda r: peer)), links)))
+            "(green), the level is faster than the peer.",
+            table_html(report.pivot(df, speedups(df, lambda r: peer)), links)))
     if any(baselines.values()):
         parts.append(section(
             "Speedup over level 0" if over_zero else "Speedup over the slowest level",
             f"ms of {over if over_zero else 'the slowest level timed at each token count'} over the level's ms.",
-            table_html(report.pivot(df, times(lambda r: baselines[r["tokens"]])), links),
+            table_html(report.pivot(df, speedups(df, lambda r: baselines[r["tokens"]])), links),
             figure(run_dir, f"speedup_{anchor}.png", "speedup per level")))
     parts += [
         section("Speedup over the previous level", "What each level's one change bought at each size.",
-                table_html(report.pivot(df, times(previous_level)), links)),
+                table_html(report.pivot(df, speedups(df, previous_level)), links)),
     ]
     if counterparts := report.cpu_counterpart_notes(df):
         parts.append("<h3>Where the GPU idea does not carry over to the CPU</h3><ul>"
@@ -253,6 +259,24 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
              f"{esc(r['note'])}</li>" for _, r in all_rows.iterrows() if r["note"]]
     if notes:
         parts.append("<h3>Notes from the rows</h3><ul>" + "".join(notes) + "</ul>")
+    return "\n".join(parts)
+
+
+def fp8_html(df: pd.DataFrame, links: dict) -> str:
+    """summary.md's FP8 section: per case with FP8 rows, levels 7, 9, 10 and both peers in TFLOP/s, over level 9
+    and over the FP8 peer, and each FP8 row's quant err."""
+    parts = ['<h2 id="fp8">FP8 (e4m3)</h2>', f'<p class="caption">{esc(report.FP8_INTRO)}</p>']
+    for case, part in report.fp8_cases(df):
+        timed = report.timed_levels(part)
+        parts.append(f"<h3>{esc(report.case_title(case))} <small>({esc(report.shape_of(part.iloc[0]))})</small></h3>")
+        if len(timed):
+            parts.append(table_html(report.pivot(timed, report.status_or(lambda r: report.fmt(r["tflops"]))), links,
+                                    "TFLOP/s: level \\ tokens"))
+            for reference in filter(None, (report.label_of(timed, "9"), report.label_of(timed, report.FP8_PEER))):
+                parts.append(table_html(report.pivot(timed, speedups(timed, lambda r: reference)), links,
+                                        f"× {reference}: level \\ tokens"))
+        parts.append(table_html(report.pivot(part[part["quant_err"].notna()], report.quant_err_cell), links,
+                                "quant err: level \\ tokens"))
     return "\n".join(parts)
 
 

@@ -121,3 +121,26 @@ def test_help_imports_no_torch():
               "assert result.exit_code == 0 and '--tokens' in result.output, result.output; "
               "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, check=True)
+
+
+def test_show_the_fp8_peer_diffs_it_from_the_peer(h100_results):
+    result = show("peer-fp8", "--results", str(h100_results))
+    assert result.exit_code == 0, result.output
+    assert "--- level peer" in result.output and "+++ level peer-fp8" in result.output
+    assert any(line.startswith("+") and "_scaled_grouped_mm" in line for line in result.output.splitlines())
+    assert "No GPU run" in result.output  # the committed H100 run predates it
+
+
+def test_an_fp8_row_is_compared_with_both_peers(h100_results):
+    """Level 10 beside level 9, the bf16 peer and the FP8 peer, from a run that has all four."""
+    rows_path = next(h100_results.glob("moe_journey/*/rows.jsonl"))
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    eight, peer = journey_row("8", 8192), journey_row("peer", 8192)  # the committed run predates level 9
+    nine = dict(eight, level=9, level_name="persistent_tma")
+    added = [nine, dict(nine, level=10, level_name="fp8", ms=nine["ms"] / 2, quant_err=0.064),
+             dict(peer, level="peer-fp8", level_name="torch_scaled_grouped_mm", ms=nine["ms"], quant_err=0.064)]
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows + added))
+    result = show("10", "--results", str(h100_results))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"× level 9 +2\.00x", result.output) and re.search(r"× FP8 peer +2\.00x", result.output)
+    assert re.search(r"× peer +[0-9.]+x", result.output)

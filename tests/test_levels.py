@@ -15,6 +15,7 @@ from moe_model import Traffic, init_weights, reference_forward
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "peer"]
+GPU_ONLY = ["peer-fp8"]  # torch._scaled_grouped_mm has no CPU kernel: tests/test_fp8.py checks it with an emulation
 
 
 def run_level(level_cls, config, weights, tokens_TH, routing_weights_TK, expert_ids_TK):
@@ -103,9 +104,9 @@ def test_fp32_meets_the_tight_tolerance(levels, level):
 
 
 def test_levels_are_the_journey(levels):
-    assert list(levels) == LEVELS
+    assert list(levels) == LEVELS + GPU_ONLY
     for key, cls in levels.items():
-        if key == "peer":
+        if key.startswith("peer"):
             continue
         module = sys.modules[cls.__module__]
         assert module.__doc__ and "The idea" in module.__doc__ and "What it costs" in module.__doc__, key
@@ -247,7 +248,8 @@ def test_level_script_runs_alone(level_file):
         cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ | {"COLUMNS": "200", "TRITON_INTERPRET": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    expected = "checked" if level_file.startswith(("level7", "level8", "level9", "level10")) else "ok"  # Triton GEMMs
+    expected = ("checked" if level_file.startswith(("level7", "level8", "level9", "level10"))  # Triton GEMMs
+                else "skipped" if level_file == "peer_torch_scaled_grouped_mm.py" else "ok")  # no CPU kernel
     assert f"│ {expected}" in result.stdout or f" {expected} " in result.stdout
 
 

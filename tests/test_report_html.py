@@ -98,3 +98,40 @@ def test_page_renders_in_chromium_with_every_table_and_image(tmp_path, device_ty
         Image.open(io.BytesIO(png)).verify()
     assert 'href="#tiny"' in dom and 'id="tiny"' in dom  # the contents reach the case
     assert "<script" not in dom and not re.search(r'(src|href)="(https?:)?//', dom)  # nothing from the network
+
+
+def fp8_rows():
+    """Levels 9 and 10 and both peers at 8 and 64 tokens; the FP8 rows carry their quant_err."""
+    return [*(row(level, name, t) for level, name in ((9, "persistent_tma"), ("peer", "torch_grouped_mm"))
+              for t in (8, 64)),
+            *(row(level, name, t, quant_err=0.064) for level, name in ((10, "fp8"), ("peer-fp8",
+                                                                                     "torch_scaled_grouped_mm"))
+              for t in (8, 64))]
+
+
+def test_fp8_rows_get_their_section_and_ceiling(tmp_path):
+    rows = fp8_rows()
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ceilings = {"matmul_tflops": 731.0, "copy_gbps": 3000.0, "fp8_matmul_tflops": 1325.0}
+    (tmp_path / "environment.json").write_text(json.dumps({"device": "Test GPU", "device_type": "cuda",
+                                                           "ceilings": ceilings, "command": "aisp bench run"}))
+    summary = report.write_report(tmp_path).read_text()
+    page = (tmp_path / "report.html").read_text()
+    ceiling_line = "bf16 matmul 731 TFLOP/s, FP8 matmul 1325 TFLOP/s, device copy 3000 GB/s"
+    assert ceiling_line in summary and ceiling_line in page
+    fp8 = summary[summary.index("## FP8 (e4m3)"):]
+    assert "Speedup over 9 persistent_tma" in fp8 and "Speedup over peer-fp8: torch_scaled_grouped_mm" in fp8
+    assert re.search(r"\| 10 fp8 +\| +0\.064 \| +0\.064 \|", fp8)  # quant err, FP8 rows only
+    assert "| 9 persistent_tma" not in fp8[fp8.index("quant err (against"):]
+    assert '<h2 id="fp8">' in page and "× peer-fp8: torch_scaled_grouped_mm" in page
+    assert "peer_torch_scaled_grouped_mm.py" in page  # the FP8 peer links to its lesson
+    # "× peer" stays against the bf16 peer
+    assert "The peer's ms over the level's at each token count (peer: torch_grouped_mm)" in page
+    readme = report.readme_summary(tmp_path, "run")
+    assert "FP8 (e4m3): TFLOP/s, and the largest quant err" in readme and re.search(r"quant err \|", readme)
+
+
+def test_no_fp8_section_without_fp8_rows(tmp_path):
+    page = write_run(tmp_path, journey_rows())
+    summary = (tmp_path / "summary.md").read_text()
+    assert "FP8" not in page and "FP8" not in summary and "FP8" not in report.readme_summary(tmp_path, "run")

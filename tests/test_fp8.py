@@ -1,0 +1,148 @@
+"""FP8 (e4m3) on the CPU: the quantizer and its kernel, the quantized reference, level 10's row and the FP8 peer."""
+
+import pytest
+import torch
+from conftest import make_config
+
+import moe_benchmark
+import triton_kernels
+from moe_benchmark import make_inputs
+from moe_model import (
+    FP8_DTYPE,
+    FP8_MAX,
+    Fp8Experts,
+    dequantize_fp8,
+    fp8_round_trip,
+    init_weights,
+    quantize_fp8,
+    reference_forward,
+)
+
+CPU = torch.device("cpu")
+
+
+def assert_within_half_a_step(x, values, scales, group):
+    """Each element within half an e4m3 step of x: 2^-4 of its magnitude where e4m3 is normal, and e4m3's
+    smallest subnormal step (2^-9, in scaled units) below that."""
+    scale_of_element = scales.repeat_interleave(group, dim=-1)[..., :x.shape[-1]]
+    error = (dequantize_fp8(values, scales, group) - x.float()).abs()
+    assert (error <= 2**-4 * x.float().abs() + 2**-10 * scale_of_element).all()
+
+
+def test_round_trip_with_a_ragged_last_group():
+    x = torch.randn(7, 300, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 7)[:, None]
+    values, scales = quantize_fp8(x, group=128)  # groups of 128, 128 and 44 columns
+    assert values.dtype == FP8_DTYPE and values.shape == x.shape and scales.shape == (7, 3)
+    assert torch.equal(scales[:, 2], x[:, 256:].abs().amax(dim=1) / FP8_MAX)
+    assert_within_half_a_step(x, values, scales, 128)
+
+
+def test_zero_rows_and_saturation():
+    x = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    x[1] = 0
+    x[2, 7], x[2, 9] = 1e4, -1e4  # the row's amax, both signs
+    values, scales = quantize_fp8(x)
+    dequantized = dequantize_fp8(values, scales)
+    assert torch.isfinite(scales).all() and torch.isfinite(dequantized).all()
+    assert (values[1].float() == 0).all() and (dequantized[1] == 0).all()
+    assert values[2, 7].float() == FP8_MAX and values[2, 9].float() == -FP8_MAX  # amax lands on e4m3's largest
+    assert values.float().abs().amax() == FP8_MAX  # and nothing beyond it
+
+
+@pytest.mark.parametrize("dtype", [
+    torch.bfloat16,
+    pytest.param(torch.float32, marks=pytest.mark.xfail(strict=True, reason=(
+        "moe_model.quantize_fp8: x.to(float32, memory_format=contiguous_format) returns x itself when x is fp32 "
+        "already, and a zero F.pad keeps its strides; x.to(torch.float32).contiguous() would make it row-major"))),
+])
+def test_values_are_row_major_for_a_transposed_input(dtype):
+    x_T = torch.randn(40, 32, generator=torch.Generator().manual_seed(2)).to(dtype).T  # [32, 40], column-major
+    for group in (None, 16):  # one group per row; groups of 16 with a ragged last one (padded in storage)
+        values, scales = quantize_fp8(x_T, group)
+        assert values.stride(-1) == 1 and values.stride(0) >= 40
+        expected_values, expected_scales = quantize_fp8(x_T.contiguous(), group)
+        assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+        assert torch.equal(scales, expected_scales)
+
+
+def test_fp8_experts_index_as_the_dequantized_weights():
+    w_EDC = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(3)).bfloat16()
+    experts = Fp8Experts.quantize(w_EDC)
+    assert experts.values_ECD.shape == (3, 24, 40) and experts.scales_EC.shape == (3, 24)
+    assert experts.shape == w_EDC.shape
+    for expert in range(3):
+        dequantized = dequantize_fp8(experts.values_ECD[expert], experts.scales_EC[expert, :, None]).T
+        assert torch.equal(experts[expert], dequantized) and experts[expert].shape == (40, 24)
+        assert_within_half_a_step(w_EDC[expert].T, experts.values_ECD[expert], experts.scales_EC[expert, :, None], 40)
+
+
+def test_quantize_rows_kernel_is_bit_equal_to_quantize_fp8():
+    """Through Triton's interpreter, whose own e4m3 cast does not carry a rounding into the exponent: with
+    amax 448 the scale is 1, and 125.5 (125.4 in bf16) must become 128, not 64."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 64, generator=generator) * torch.logspace(-4, 4, 6)[:, None]
+    x[0, :4] = torch.tensor([448.0, 125.4, -125.4, 250.0])
+    x = x.bfloat16()
+    values, scales = triton_kernels.quantize_rows(x)
+    expected_values, expected_scales = quantize_fp8(x)
+    assert expected_values[0, 1].float() == 128 and expected_values[0, 2].float() == -128
+    assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+    assert torch.equal(scales, expected_scales[:, 0])
+
+
+def test_reference_rounds_every_hidden_it_is_given():
+    config = make_config(num_shared_experts=1)
+    weights = init_weights(config, CPU)
+    inputs = make_inputs(config, weights, 9, seed=5)
+    plain = reference_forward(inputs.tokens_TH, weights, inputs.routing_weights_TK, inputs.expert_ids_TK)
+    assert torch.equal(reference_forward(inputs.tokens_TH, weights, inputs.routing_weights_TK, inputs.expert_ids_TK,
+                                         round_hidden=lambda hidden: hidden), plain)
+    zeroed = reference_forward(inputs.tokens_TH, weights, inputs.routing_weights_TK, inputs.expert_ids_TK,
+                               round_hidden=torch.zeros_like)  # routed and shared experts alike
+    assert (zeroed == 0).all()
+    rounded = reference_forward(inputs.tokens_TH, weights, inputs.routing_weights_TK, inputs.expert_ids_TK,
+                                round_hidden=fp8_round_trip)
+    assert 1e-3 < ((rounded - plain).norm() / plain.norm()).item() < 0.1
+
+
+def test_level_10_row_on_the_cpu(levels, tiny):
+    row = moe_benchmark.benchmark(levels["10"], tiny, 13, CPU, warmup=1, repeats=3)
+    assert row["status"] == "checked", row["note"]
+    assert row["rel_err"] < 2e-2 and 1e-3 < row["quant_err"] < 0.1
+
+
+# --- the FP8 peer -----------------------------------------------------------------------------------------------
+def test_fp8_peer_is_skipped_on_the_cpu(levels, tiny):
+    row = moe_benchmark.benchmark(levels["peer-fp8"], tiny, 13, CPU, warmup=1, repeats=3)
+    assert row["status"] == "skipped" and "CUDA" in row["note"] and "\n" not in row["note"]
+    assert row["launches_claimed"] is not None  # the claims are there for the table, even unmeasured
+
+
+def emulated_scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs=None, out_dtype=torch.bfloat16):
+    """torch._scaled_grouped_mm's 2D × 3D rowwise case as torch documents it, with the layout checks its CUDA
+    kernel makes: e4m3 mat_a [rows, depth] row-major with a scale per row; e4m3 mat_b [groups, depth, cols]
+    column-major with a scale per column; int32 group ends; bf16 out."""
+    assert mat_a.dtype == mat_b.dtype == FP8_DTYPE and offs.dtype == torch.int32 and out_dtype == torch.bfloat16
+    assert mat_a.stride(-1) == 1 and mat_b.stride(-2) == 1 and mat_b.stride(-1) > 1
+    assert mat_a.shape[1] % 16 == 0 and mat_b.shape[1] % 16 == 0 and mat_b.shape[2] % 16 == 0
+    assert scale_a.shape == mat_a.shape[:1] and scale_a.is_contiguous() and scale_a.dtype == torch.float32
+    assert scale_b.shape == (mat_b.shape[0], mat_b.shape[2]) and scale_b.stride(-1) == 1
+    out = torch.empty((mat_a.shape[0], mat_b.shape[2]), dtype=out_dtype)
+    start = 0
+    for group, end in enumerate(offs.tolist()):
+        rows = mat_a[start:end].float() * scale_a[start:end, None]
+        out[start:end] = (rows @ (mat_b[group].float() * scale_b[group])).to(out_dtype)
+        start = end
+    return out
+
+
+@pytest.mark.parametrize("num_shared", [0, 1])
+def test_fp8_peer_with_an_emulated_kernel(levels, monkeypatch, num_shared):
+    """The peer's plumbing (quantization, permutation, scales, offsets, shared experts, its own reference) on
+    the CPU, with torch._scaled_grouped_mm replaced by what it computes."""
+    peer = levels["peer-fp8"]
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", emulated_scaled_grouped_mm, raising=False)
+    monkeypatch.setattr(__import__(peer.__module__), "unavailable", lambda config, device: None)
+    row = moe_benchmark.benchmark(peer, make_config(num_shared_experts=num_shared), 21, CPU, warmup=1, repeats=3)
+    assert row["status"] == "ok", row["note"]
+    assert row["rel_err"] < 2e-2 and 1e-3 < row["quant_err"] < 0.1
