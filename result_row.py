@@ -34,7 +34,7 @@ class ResultRow:
 
     # The case: what was measured, where.
     target: str  # the lab, "moe_journey"
-    level: int | str  # the level's key: 0 to 9, "peer" or "ep"
+    level: int | str  # the level's key: 0 to 10, "peer", "peer-fp8" or "ep"
     level_name: str  # the level's short name, "grouped"
     preset: str  # the preset's name (an inline shape's is made of its numbers)
     hidden: int  # H, the model width

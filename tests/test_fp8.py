@@ -49,12 +49,7 @@ def test_zero_rows_and_saturation():
     assert values.float().abs().amax() == FP8_MAX  # and nothing beyond it
 
 
-@pytest.mark.parametrize("dtype", [
-    torch.bfloat16,
-    pytest.param(torch.float32, marks=pytest.mark.xfail(strict=True, reason=(
-        "moe_model.quantize_fp8: x.to(float32, memory_format=contiguous_format) returns x itself when x is fp32 "
-        "already, and a zero F.pad keeps its strides; x.to(torch.float32).contiguous() would make it row-major"))),
-])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_values_are_row_major_for_a_transposed_input(dtype):
     x_T = torch.randn(40, 32, generator=torch.Generator().manual_seed(2)).to(dtype).T  # [32, 40], column-major
     for group in (None, 16):  # one group per row; groups of 16 with a ragged last one (padded in storage)

@@ -656,8 +656,10 @@ def rows_table(rows: list[dict], title: str = ""):
                "% roof": lambda r: fmt(r["pct_roofline"]),
                "MiB": lambda r: fmt(r["peak_mb"]),
                "rel err": lambda r: "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}",
+               "quant err": lambda r: "-" if r.get("quant_err") is None else f"{r['quant_err']:.1e}",
                "status": lambda r: r["status"]}
-    needs = {"W": "world_size", "T/rank": "tokens_per_rank", "% roof": "pct_roofline", "MiB": "peak_mb"}
+    needs = {"W": "world_size", "T/rank": "tokens_per_rank", "% roof": "pct_roofline", "MiB": "peak_mb",
+             "quant err": "quant_err"}
     notes = list(dict.fromkeys(row["note"] for row in rows if row.get("note")))
     parts = [Text(title)] if title else []
     for case in dict.fromkeys(map(row_case, rows)):
