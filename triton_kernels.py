@@ -435,7 +435,9 @@ def describe_tuned_configs(gate_up_kernel=None, down_kernel=None) -> str:
 # Level 9: the same two GEMMs, rebuilt for Hopper.
 #
 # - Persistent: one program per SM (at most) loops over the tiles, so there is no tail of half-empty waves and each
-#   program's set-up (descriptors, first loads) is paid once, not once per tile. The tile count comes from the
+#   program's set-up (descriptors, first loads) is paid once, not once per tile. The loop over tiles is flattened
+#   with the loop over depth into one software pipeline (tl.range's flatten=True): the next tile's loads start
+#   under this tile's epilogue. The tile count comes from the
 #   alignment's padded length on the device, so programs never visit padding-only tiles.
 # - Weights through TMA: a tensor descriptor [E, depth, cols] lets the copy engine fetch each [BLOCK_D, BLOCK_N]
 #   weight tile asynchronously, with no address arithmetic in the threads, and fill zeros past an expert's rows
@@ -506,7 +508,7 @@ def _moe_gate_up_persistent_kernel(
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)  # only the blocks this routing filled
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    for tile in range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+    for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
             sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
@@ -539,7 +541,7 @@ def _moe_down_persistent_kernel(
                                        block_shape=[1, BLOCK_D, BLOCK_N])
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
-    for tile in range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+    for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
             sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
@@ -687,7 +689,7 @@ def _moe_gate_up_fp8_kernel(
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    for tile in range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+    for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
             sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
@@ -734,7 +736,7 @@ def _moe_down_fp8_kernel(
                                        block_shape=[1, BLOCK_N, BLOCK_D])
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
-    for tile in range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+    for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
             sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)

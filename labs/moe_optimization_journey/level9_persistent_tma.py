@@ -6,9 +6,11 @@ The idea
     1. Launch shape and tail. Level 7 launches one program per output tile: at `journey` with 8192 tokens, 128-row
        tiles and 128-wide columns, 136 row blocks × 16 column blocks = 2176 programs over 132 SMs, 16.5 waves; the
        last half-wave leaves half the GPU idle, and every program pays its own prologue. A persistent grid has one
-       program per SM, each looping over tiles (`for tile in range(program, tiles, NUM_PROGRAMS)`): no partial
-       wave of programs, one prologue per SM, and the tile count read on the device from the alignment, so no
-       program even visits padding-only tiles.
+       program per SM, each looping over tiles (`for tile in tl.range(program, tiles, NUM_PROGRAMS, flatten=True)`):
+       no partial wave of programs, one prologue per SM, and the tile count read on the device from the
+       alignment, so no program even visits padding-only tiles. `flatten=True` lets Triton pipeline the loop over
+       tiles and the loop over depth as one, so a tile's epilogue overlaps the next tile's first loads (+6% on
+       qwen3-moe's short reductions, even on mixtral: NOTES.md).
     2. Address arithmetic and no asynchronous copy for the weights. Level 7 computes a pointer per weight element
        and loads through the threads. Here each [BLOCK_D, BLOCK_N] weight tile comes by TMA: a tensor descriptor
        `[E, depth, cols]` made once per program, and the copy engine fetches the box while the warps do the math;

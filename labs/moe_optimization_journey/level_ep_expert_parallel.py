@@ -35,14 +35,14 @@ What it costs, in bytes per token
       4.0x fewer; 234 MB a rank per forward at 8192 tokens per rank instead of 940 MB.
     - mixtral (H=4096, K=2, 16 experts, 8 a rank): 0.767 rows instead of 1 pair, 12.6 KB instead of 16.4 KB,
       1.3x fewer: with K = 2 the only saving is a token with both experts on the other rank, 7 tokens in 30.
-    What the saving costs: on the receiving rank, the expand (read and write R·H elements) and the reduce (read
-    R·H, write U·H), in GPU memory, and on the sending rank the sum of each token's partial rows (read D·H). What it saves in memory: two buffers of rows for the whole forward, the
-    sent [D, H] (D ≤ T·W; the partial sums come back over it) and the received [U, H] (the partial sums are
-    written over it), where the per-pair dispatch held four of [T·K, H] (sent, received, results, results back);
-    beside them, per chunk, the expand's [R_b, H] and the local level's own. At deepseek-v3 with 32768 tokens
-    per rank, W = 2: about 2·T rows, 0.94 GB, each, against 3.8 GB each. The counts exchange is 2·W integers a
-    chunk, negligible in bytes but a host sync: the collectives take their split sizes as host integers, so the
-    CPU waits for the device once per forward, as in level 4.
+    What the saving costs: on the receiving rank, the expand (read and write R·H elements) and the reduce (read R·H,
+    write U·H), in GPU memory, and on the sending rank the sum of each token's partial rows (read D·H). What it
+    saves in memory: two buffers of rows for the whole forward, the sent [D, H] (D ≤ T·W; the partial sums come back
+    over it) and the received [U, H] (the partial sums are written over it), where the per-pair dispatch held four
+    of [T·K, H] (sent, received, results, results back); beside them, per chunk, the expand's [R_b, H] and the local
+    level's own. At deepseek-v3 with 32768 tokens per rank, W = 2: about 2·T rows, 0.94 GB, each, against 3.8 GB
+    each. The counts exchange is 2·W integers a chunk, negligible in bytes but a host sync: the collectives take
+    their split sizes as host integers, so the CPU waits for the device once per forward, as in level 4.
 
 Overlap: the forward in B chunks
     Run in that order, the steps take turns: the SMs idle while rows cross the link, and the link idles while the
@@ -271,7 +271,8 @@ class ExpertParallelMoE:
         for work in combining:
             work.wait()
         # Each token's partial sums, one from each rank that holds any of its experts, added into its row.
-        return gather_sum(plan.rows_DH, plan.row_of_token_TW, out=out_TH, accumulate=True)  # read D·H + T·H, write T·H
+        # read D·H + T·H, write T·H
+        return gather_sum(plan.rows_DH, plan.row_of_token_TW, out=out_TH, accumulate=True)
 
 
 def local_level_class(device: torch.device) -> type:

@@ -582,8 +582,8 @@ def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_to
             tokens_per_s=num_tokens / (ms * 1e-3),
             tflops=flops / (ms * 1e-3) / 1e12,
             gbps=nbytes / (ms * 1e-3) / 1e9,
-            pct_roofline=100 * floor_ms / ms if ceilings and (floor_ms := ceilings.floor_ms(flops, nbytes, level_cls.fp8))
-            else None,
+            pct_roofline=(100 * floor_ms / ms
+                          if ceilings and (floor_ms := ceilings.floor_ms(flops, nbytes, level_cls.fp8)) else None),
         )
         if on_gpu:
             counts = measure_counts(call, device, ms, level_cls.keeps_buffers, reserved_before)
