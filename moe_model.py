@@ -8,6 +8,7 @@ Shape legend, used in every file of the lab (a tensor's name ends in its shape: 
     P  padded rows: N plus each expert's run rounded up to whole GEMM tiles (levels 7 and 8)
     C  capacity: rows per expert in a fixed-size buffer (level 5: C = T)
     W  world size: the processes of the expert-parallel level
+    B  chunks (micro-batches) the expert-parallel forward pipelines a rank's tokens in
     D  rows an expert-parallel rank sends: one per (token, rank) where that rank holds any of the token's experts
     U  rows an expert-parallel rank receives (its share of every rank's D)
     R  (row, slot) pairs of the received rows whose expert is local: the rows a rank's experts compute

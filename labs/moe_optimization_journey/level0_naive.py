@@ -35,8 +35,8 @@ class NaiveLevel(MoELevel):
     # at the lines below. Alive at the peak: one iteration's tokens, gate, up, activation temporaries and result.
     claims = Claims(launches="(E*K + 24*E*K*(1 - (1 - 1/E)**T) + 26*S, E*K + 28*E*K*(1 - (1 - 1/E)**T) + 26*S)",
                     syncs="E*K + 4*E*K*(1 - (1 - 1/E)**T)",
-                    extra_bytes="(max(T/E*(H + 6*I)*B, S*T*(3*I + 2*H)*B), "
-                                "max(2*max(1, T/E)*(2*H + 5*I)*B, S*T*(3*I + 2*H)*B))")
+                    extra_bytes="(max(T/E*(H + 6*I)*bytes, S*T*(3*I + 2*H)*bytes), "
+                                "max(2*max(1, T/E)*(2*H + 5*I)*bytes, S*T*(3*I + 2*H)*bytes))")
 
     @classmethod
     def skip_reason(cls, config, num_tokens):

@@ -62,7 +62,7 @@ from moe_model import FP8_GROUP, Fp8Experts, MoEWeights, fp8_round_trip, referen
 from triton_kernels import moe_down_fp8, moe_gate_up_fp8, quantize_rows, tma_storage
 
 # hidden [P, I] e4m3 and its scales [P, G] fp32, y [N, H], the tokens [T, H] in e4m3 and their scales [T] fp32.
-FP8_INTERMEDIATES_BYTES = f"{PADDED_ROWS}*(I + 4*ceil(I/128)) + T*(K + S)*H*B + T*(H + 4)"
+FP8_INTERMEDIATES_BYTES = f"{PADDED_ROWS}*(I + 4*ceil(I/128)) + T*(K + S)*H*bytes + T*(H + 4)"
 
 
 class Fp8Level(PersistentTmaLevel):

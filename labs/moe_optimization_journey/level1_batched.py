@@ -35,7 +35,7 @@ class BatchedLevel(MoELevel):
     # Three weight gathers, four einsums, the activation: about 9 kernels. Past 2^31 elements per gathered copy
     # the gathers and einsums run in pieces (32-bit indexing): about 30.
     claims = Claims(launches="(9 + 9*S, 11 + 10*S) if T*K*H*I < 2**31 else (30, 33)", syncs="0",
-                    extra_bytes="T*K*(H*I + 3*I + H)*B")
+                    extra_bytes="T*K*(H*I + 3*I + H)*bytes")
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         w = self.weights

@@ -32,7 +32,7 @@ class FusedLevel(BatchedLevel):
     name = "fused"
     summary = "level 1 with the Triton fused SiLU·up kernel"
     claims = Claims(launches="(8 + 9*S, 10 + 10*S) if T*K*H*I < 2**31 else (29, 32)", syncs="0",  # level 1's − 1
-                    extra_bytes="T*K*(H*I + 2*I + H)*B")
+                    extra_bytes="T*K*(H*I + 2*I + H)*bytes")
 
     def activation(self, gate_TKI, up_TKI):
         return silu_mul(gate_TKI, up_TKI)  # one kernel: read gate and up once, write hidden once

@@ -43,7 +43,7 @@ class MemEfficientLevel(MoELevel):
     # matmuls. Python frees an expert's tensors only when the next expert's rebind their names: two experts'
     # worth are alive at the peak.
     claims = Claims(launches="(4*E + 9*U + 1 + 8*S, 4*E + 15*U + 1 + 26*S)", syncs="E",
-                    extra_bytes="max(2*T*K/E*(2*H + 2*I)*B, S*T*(3*I + 2*H)*B)")
+                    extra_bytes="max(2*T*K/E*(2*H + 2*I)*bytes, S*T*(3*I + 2*H)*bytes)")
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         w = self.weights

@@ -62,7 +62,7 @@ class GroupedLevel(MoELevel):
     # permute: a sort and about 8 small kernels; per expert 4 (gate, up, activation, down); combine: 4.
     # permute: a sort and 8 small kernels; per expert that got pairs 4 (gate, up, activation, down), 6 where cuBLAS
     # splits the gate and up GEMMs; combine: 3.
-    claims = Claims(launches="(4*U + 11 + 8*S, 6*U + 11 + 26*S)", syncs="1", extra_bytes="2*T*K*H*B + 24*T*K")
+    claims = Claims(launches="(4*U + 11 + 8*S, 6*U + 11 + 26*S)", syncs="1", extra_bytes="2*T*K*H*bytes + 24*T*K")
 
     permute = staticmethod(permute)  # level 6 swaps these two for their compiled versions
     combine = staticmethod(combine)

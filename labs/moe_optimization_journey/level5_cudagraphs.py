@@ -87,7 +87,7 @@ class CudaGraphLevel(MoELevel):
     # About 30 kernels in the graph, replayed by one launch; every expert padded to T rows.
     # 26 kernels in the graph (9 more per shared expert; up to 38 where the sort of T·K pairs takes more passes),
     # replayed by one launch. Its private pool keeps every intermediate, each expert padded to T rows.
-    claims = Claims(launches="(26 + 9*S, 38 + 9*S)", syncs="0", extra_bytes="(E*T*(2*H + 2*I)*B, E*T*(2*H + 2*I)*B + 80*2**20)")
+    claims = Claims(launches="(26 + 9*S, 38 + 9*S)", syncs="0", extra_bytes="(E*T*(2*H + 2*I)*bytes, E*T*(2*H + 2*I)*bytes + 80*2**20)")
 
     def prepare(self):
         self.graphed_forward = CapturedGraph(self.static_forward)

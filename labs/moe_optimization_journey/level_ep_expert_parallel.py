@@ -92,10 +92,6 @@ Scaling, as the benchmark runs it (weak scaling)
     work per rank is constant and any time above the world-size-1 row is communication and imbalance:
     weak-scaling efficiency = time(W = 1) / time(W).
 
-Shapes, beside the legend in moe_model.py: D rows this rank sends, one per (token, rank) where the rank holds at
-least one of the token's experts (D ≤ T·W); U rows it receives, the same from every rank's side; R the (row, slot)
-pairs of those rows whose expert is local, the rows the local experts compute; B chunks.
-
 Run: torchrun --standalone --nproc-per-node 2 labs/moe_optimization_journey/level_ep_expert_parallel.py
          [--preset journey] [--tokens 8192] [--chunks auto] [--device cuda]   (plain `python`: world size 1)
 """

@@ -121,7 +121,7 @@ class Claims:
     """What a level's lesson says one forward costs, as data the harness measures on a GPU: kernels the GPU runs
     (a CUDA graph's replay counts every kernel in it), host syncs (the CPU waits for the GPU), and device memory
     beyond the inputs, the weights (prepare()'s re-layouts included) and the output. Each is a Python expression
-    of the shape legend's T, H, I, E, K, S, B (bytes per element) and U (experts that get at least one pair under
+    of the shape legend's T, H, I, E, K and S, `bytes` (per element) and U (experts that get at least one pair under
     uniform routing: E·(1 − (1 − K/E)^T)). A launch count may be a range (low, high) where a library chooses
     (cuBLAS splits a GEMM with few rows and a deep reduction into two kernels), and so may the memory where an
     allocator rounds (a CUDA graph's pool reserves whole segments)."""
@@ -133,7 +133,7 @@ class Claims:
     def evaluate(self, config: MoEConfig, num_tokens: int) -> dict:
         T, K, E = num_tokens, config.top_k, config.num_experts
         shape = {"T": T, "H": config.hidden, "I": config.intermediate, "E": E, "K": K,
-                 "S": config.num_shared_experts, "B": torch.finfo(config.torch_dtype).bits // 8,
+                 "S": config.num_shared_experts, "bytes": torch.finfo(config.torch_dtype).bits // 8,
                  "U": E * (1 - (1 - K / E) ** T), "min": min, "max": max, "ceil": math.ceil, "log2": math.log2}
 
         def span(formula: str) -> tuple:
