@@ -43,6 +43,7 @@ import torch
 from moe_benchmark import Claims, MoELevel, run_level_script, stage
 
 import triton_kernels
+from moe_model import MoEConfig
 from triton_kernels import align_tokens, choose_block_m, moe_down, moe_gate_up
 
 
@@ -52,11 +53,24 @@ PADDED_ROWS = "(T*(K + S) + (E + S)*(min(128, max(16, 2**ceil(log2(max(1, T*(K +
 PADDED_HIDDEN_AND_Y_BYTES = f"{PADDED_ROWS}*I*bytes + T*(K + S)*H*bytes"
 
 
+def route_to_shared_experts(routing_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor,
+                            config: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing with S more slots per token, [T, K + S]: every token also picks each shared expert, numbered
+    E … E+S−1 after the routed ones, with weight 1 (4 launches: the ids, the weights and their two joins). Without
+    shared experts the routing is returned as it is."""
+    if not config.num_shared_experts:
+        return routing_weights_TK, expert_ids_TK
+    T, E = expert_ids_TK.shape[0], config.num_experts
+    shared_ids_TS = torch.arange(E, E + config.num_shared_experts, device=expert_ids_TK.device).expand(T, -1)
+    shared_weights_TS = routing_weights_TK.new_ones(shared_ids_TS.shape)
+    return (torch.cat([routing_weights_TK, shared_weights_TS], dim=1),
+            torch.cat([expert_ids_TK, shared_ids_TS], dim=1))
+
+
 class TritonGroupedLevel(MoELevel):
     level = 7
     name = "triton_grouped"
     summary = "device-side token alignment + two Triton grouped-GEMM kernels (fused SiLU·up, weighted combine)"
-    # Alignment: 3 kernels and 2 fills; the two GEMMs; the sum over K. Shared experts: 4 more (the cat of ids).
     # Alignment: 3 kernels and 2 fills; the two GEMMs; the sum over K (8). Shared experts: 4 more (their ids and
     # weights joined to the routing). Memory: hidden [P, I], P = N + (E + S)·(BLOCK_M − 1) padded rows, and y [N, H].
     claims = Claims(launches="8 + 4*min(S, 1)", syncs="0", extra_bytes=PADDED_HIDDEN_AND_Y_BYTES)
@@ -84,11 +98,7 @@ class TritonGroupedLevel(MoELevel):
         T = tokens_TH.shape[0]
         E = self.config.num_experts + self.config.num_shared_experts
         with stage("permute"):
-            if self.config.num_shared_experts:  # every token also picks each shared expert, with weight 1
-                shared_ids_TS = torch.arange(self.config.num_experts, E, device=self.device).expand(T, -1)
-                expert_ids_TK = torch.cat([expert_ids_TK, shared_ids_TS], dim=1)
-                shared_weights_TS = routing_weights_TK.new_ones(shared_ids_TS.shape)
-                routing_weights_TK = torch.cat([routing_weights_TK, shared_weights_TS], dim=1)
+            routing_weights_TK, expert_ids_TK = route_to_shared_experts(routing_weights_TK, expert_ids_TK, self.config)
             K = expert_ids_TK.shape[1]
             alignment = align_tokens(expert_ids_TK, E, choose_block_m(T * K, E))
         # SiLU·up runs in the gate|up kernel's epilogue and the routing weight in the down kernel's: no stage of

@@ -32,6 +32,7 @@ Run: python labs/moe_optimization_journey/peer_torch_scaled_grouped_mm.py [--pre
 
 import torch
 from level4_grouped import combine, permute
+from level7_triton_grouped import route_to_shared_experts
 from moe_benchmark import Claims, LevelUnavailable, MoELevel, run_level_script, stage
 
 from moe_model import FP8_DTYPE, Fp8Experts, MoEConfig, MoEWeights, fp8_round_trip, quantize_fp8, reference_forward
@@ -92,11 +93,7 @@ class TorchScaledGroupedMMPeer(MoELevel):
         T = tokens_TH.shape[0]
         E = self.config.num_experts + self.config.num_shared_experts
         with stage("permute"):
-            if self.config.num_shared_experts:  # every token also picks each shared expert, with weight 1
-                shared_ids_TS = torch.arange(self.config.num_experts, E, device=self.device).expand(T, -1)
-                expert_ids_TK = torch.cat([expert_ids_TK, shared_ids_TS], dim=1)
-                shared_weights_TS = routing_weights_TK.new_ones(shared_ids_TS.shape)
-                routing_weights_TK = torch.cat([routing_weights_TK, shared_weights_TS], dim=1)
+            routing_weights_TK, expert_ids_TK = route_to_shared_experts(routing_weights_TK, expert_ids_TK, self.config)
             x_values_TH, x_scales_T1 = quantize_fp8(tokens_TH)  # read T·H·2 bytes, write T·H + 4·T
             # Gathered as bytes: float8 indexing kernels came late and unevenly to torch (pytorch/pytorch#133605).
             order_N, token_of_sorted_N, counts_E, x_sorted_NH = permute(x_values_TH.view(torch.uint8),
