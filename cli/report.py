@@ -35,7 +35,7 @@ def cpu_intro(env: dict) -> str:
     on = f" on {threads} thread{'s' if threads != 1 else ''}" if threads else ""
     return ("This run was on a CPU: it times PyTorch's CPU kernels and Python's overhead" + on + ", so it ranks "
             "levels 0-6 and the peer on this machine. It cannot show GPU launch overhead, CUDA graphs, tensor cores "
-            "or HBM bandwidth, and levels 7-9 (Triton GEMMs) are checked in Triton's interpreter but not timed.")
+            "or HBM bandwidth, and levels 7-10 (Triton GEMMs) are checked in Triton's interpreter but not timed.")
 
 
 # Levels whose GPU idea does not carry over to the CPU, and what of them a CPU run times instead.
