@@ -145,6 +145,21 @@ def nvidia_driver() -> str | None:
     return output.splitlines()[0] if output else None
 
 
+def code_version() -> str | None:
+    """The commit the run measured, with " + uncommitted changes" where tracked files differed from it; None
+    outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              cwd=REPO_ROOT, timeout=20)
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=REPO_ROOT, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + (" + uncommitted changes" if changes.stdout.strip() else "")
+
+
 def gpu_topology() -> str | None:
     """`nvidia-smi topo -m` less its terminal colours: how the GPUs connect (NV# = # bonded NVLinks; PIX, PHB,
     SYS: PCIe paths), what the expert-parallel level's collectives cross."""
@@ -168,6 +183,7 @@ def environment(device, ceilings, configs, args: dict) -> dict:
         "device_type": device.type,
         "driver": nvidia_driver() if device.type == "cuda" else None,
         "topology": gpu_topology() if device.type == "cuda" else None,
+        "code": code_version(),
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
         "triton": triton_version,

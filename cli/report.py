@@ -383,6 +383,8 @@ def environment_section(env: dict) -> str:
         f"- started {env.get('started_utc')} (UTC), host {env.get('host')}",
         f"- command: `{env.get('command')}`",
     ]
+    if env.get("code"):
+        lines.append(f"- code: commit {env['code']}")
     if env.get("timed_calls"):
         low, high = env["timed_calls"]
         asked = (env.get("args") or {}).get("repeats", "?")

@@ -122,6 +122,7 @@ def environment(env: dict) -> str:
         f"torch {esc(env.get('torch'))}, triton {esc(env.get('triton') or '-')}, python {esc(env.get('python'))}",
         f"started {esc(env.get('started_utc'))} (UTC), host {esc(env.get('host'))}",
         f"command: <code>{esc(env.get('command'))}</code>",
+        *([f"code: commit {esc(env['code'])}"] if env.get("code") else []),
         f"measured ceilings: {esc(report.ceilings_text(ceilings))}" if ceilings else
         "no ceilings measured (CPU run): no % of roofline, and no GPU memory",
     ]

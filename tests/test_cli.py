@@ -49,6 +49,9 @@ def test_run_writes_a_complete_folder(finished_run):
     env = json.loads((finished_run / "environment.json").read_text())
     assert env["device"] == "cpu" and env["torch"] == torch.__version__ and "aisp bench run" in env["command"]
     assert env["interrupted"] is False and env["finished_utc"]
+    # The code the run measured: this checkout's commit (a fresh clone in CI; None outside git), no GPU topology.
+    assert env["code"] is None or len(env["code"].split()[0]) == 12
+    assert env["topology"] is None
     summary = summary_of(finished_run)
     assert "| 4 grouped |" in summary and "Speedup over level 0" in summary and "![time_tiny.png]" in summary
 

@@ -107,12 +107,14 @@ def test_grouped_kernel_matches_reference(case):
     assert check.passed, check.message
 
 
-# --- level 9's persistent TMA kernels: odd shapes, the interpreter runs the tensor descriptors too -----------------
+# --- levels 9 and 10's persistent TMA kernels: odd shapes, the interpreter runs the tensor descriptors too ----------
+@pytest.mark.parametrize("level_key", ["9", "10"])
 @pytest.mark.parametrize("hidden, intermediate", [(200, 72), (100, 36), (72, 40)])
 @pytest.mark.parametrize("num_tokens, top_k", [(1, 2), (37, 4), (61, 1)])
-def test_persistent_tma_level_on_odd_shapes(levels, hidden, intermediate, num_tokens, top_k):
-    """H and I that are not multiples of the tiles, rows whose storage TMA needs padded (100·2 bytes, 36·2 bytes),
-    T = 1, K = E, and experts left without tokens (61 tokens at K=1 over 4 experts: routing picks two)."""
+def test_persistent_tma_level_on_odd_shapes(levels, level_key, hidden, intermediate, num_tokens, top_k):
+    """H and I that are not multiples of the tiles, rows whose storage TMA needs padded (100·2 bytes, 36·2 bytes in
+    bf16; 200, 100, 72 and 36 bytes in e4m3), T = 1, K = E, and experts left without tokens (61 tokens at K=1 over
+    4 experts: routing picks two). Level 10 is checked against its reference on the same quantized values."""
     config = MoEConfig(hidden=hidden, intermediate=intermediate, num_experts=4, top_k=top_k, name="odd")
     weights = init_weights(config, "cpu")
     generator = torch.Generator().manual_seed(num_tokens)
@@ -121,10 +123,10 @@ def test_persistent_tma_level_on_odd_shapes(levels, hidden, intermediate, num_to
     if top_k == 1:
         expert_ids = expert_ids % 2  # experts 2 and 3 get nothing
     routing_weights = torch.softmax(torch.randn((num_tokens, top_k), generator=generator), -1).bfloat16()
-    level = levels["9"](config, weights)
+    level = levels[level_key](config, weights)
     level.prepare()
     out = level.forward(tokens, routing_weights, expert_ids)
-    check = compare_to_reference(out, reference_forward(tokens, weights, routing_weights, expert_ids), 2e-2)
+    check = compare_to_reference(out, level.reference(tokens, routing_weights, expert_ids), 2e-2)
     assert check.passed, check.message
 
 
