@@ -158,14 +158,11 @@ def _count_pairs_kernel(expert_ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constex
 
 
 @triton.jit
-def _pad_offsets_kernel(
-    counts_ptr, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_experts, num_blocks, block_m,
-    EXPERTS: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
-):
-    """One program: each expert's count rounded up to whole blocks, their running sum, and each block's expert."""
+def _store_padded_runs(counts, is_expert, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_blocks,
+                       block_m, EXPERTS: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr):
+    """Each expert's count rounded up to whole blocks, their running sum (each run's first row, stored), the padded
+    length, and each block's expert (−1 past the padded length). Returns the runs' first rows."""
     expert = tl.arange(0, EXPERTS)
-    is_expert = expert < num_experts
-    counts = tl.load(counts_ptr + expert, mask=is_expert, other=0)
     padded = (counts + block_m - 1) // block_m * block_m
     padded_ends = tl.cumsum(padded, axis=0)
     tl.store(padded_starts_ptr + expert, padded_ends - padded, mask=is_expert)
@@ -179,6 +176,20 @@ def _pad_offsets_kernel(
         block_expert = tl.sum(ended.to(tl.int32), axis=1)
         block_expert = tl.where(block_start < num_padded, block_expert, -1)
         tl.store(block_expert_ids_ptr + block, block_expert, mask=block < num_blocks)
+    return padded_ends - padded
+
+
+@triton.jit
+def _pad_offsets_kernel(
+    counts_ptr, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_experts, num_blocks, block_m,
+    EXPERTS: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+):
+    """One program: each expert's count rounded up to whole blocks, their running sum, and each block's expert."""
+    expert = tl.arange(0, EXPERTS)
+    is_expert = expert < num_experts
+    counts = tl.load(counts_ptr + expert, mask=is_expert, other=0)
+    _store_padded_runs(counts, is_expert, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_blocks,
+                       block_m, EXPERTS, BLOCKS_PER_STEP)
 
 
 @triton.jit
@@ -193,6 +204,42 @@ def _place_pairs_kernel(expert_ids_ptr, padded_starts_ptr, cursors_ptr, sorted_p
     tl.store(sorted_pair_ids_ptr + row, pair, mask=valid)
 
 
+@triton.jit
+def _align_one_program_kernel(
+    expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    num_pairs, num_experts, max_padded, num_blocks, block_m,
+    PAIRS: tl.constexpr, EXPERTS: tl.constexpr, FILL: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+):
+    """The three kernels above and the two fills in one program, for decode sizes (all pairs in one block): the
+    steps are the same, and a barrier between them (the program's threads wait for each other) stands where a
+    kernel boundary stood."""
+    pair = tl.arange(0, PAIRS)
+    valid = pair < num_pairs
+    expert_of_pair = tl.load(expert_ids_ptr + pair, mask=valid, other=0)
+    expert = tl.arange(0, EXPERTS)
+    is_expert = expert < num_experts
+    tl.store(cursors_ptr + expert, 0, mask=is_expert)  # the fills: zero counts, every row padding
+    for first_row in range(0, max_padded, FILL):
+        rows = first_row + tl.arange(0, FILL)
+        tl.store(sorted_pair_ids_ptr + rows, num_pairs, mask=rows < max_padded)
+    tl.debug_barrier()
+    tl.atomic_add(cursors_ptr + expert_of_pair, 1, mask=valid)  # count
+    tl.debug_barrier()
+    counts = tl.load(cursors_ptr + expert, mask=is_expert, other=0, volatile=True)
+    padded_starts = _store_padded_runs(counts, is_expert, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr,
+                                       num_blocks, block_m, EXPERTS, BLOCKS_PER_STEP)  # offsets
+    tl.debug_barrier()  # every thread has read the counts before they become cursors
+    tl.store(cursors_ptr + expert, padded_starts, mask=is_expert)
+    tl.debug_barrier()
+    row = tl.atomic_add(cursors_ptr + expert_of_pair, 1, mask=valid)  # place: the next free row of the run
+    tl.store(sorted_pair_ids_ptr + row, pair, mask=valid)
+
+
+# Up to here level 9 aligns in one program (decode: launches cost more than the work). At 4096 pairs the one program
+# was 1.5% slower than the three kernels on an H200 (journey at 2048 tokens, qwen3-moe at 512: NOTES.md).
+ONE_PROGRAM_MAX_PAIRS = 2048
+
+
 class TokenAlignment(NamedTuple):
     """The (token, slot) pairs grouped by expert, each expert's run padded to whole blocks of block_m rows."""
 
@@ -202,31 +249,44 @@ class TokenAlignment(NamedTuple):
     block_m: int
 
 
-def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> TokenAlignment:
+def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int,
+                 one_program: bool = False) -> TokenAlignment:
     """Group (token, slot) pairs by expert and pad each expert's run to a multiple of block_m, on the device.
 
     P_max = T·K + E·(block_m − 1), rounded up to block_m: the most the padding can need, so shapes depend on T only.
     Three small kernels (count, offsets, place) and two fills: a torch-ops version of the same steps took about
-    20 launches and ~0.45 ms of host time per call on an H100 box (NOTES.md). Within an expert the pairs land in
-    the order the atomics grant; each row's result does not depend on it.
+    20 launches and ~0.45 ms of host time per call on an H100 box (NOTES.md). `one_program` (at most
+    ONE_PROGRAM_MAX_PAIRS pairs) runs the same steps as one launch. Within an expert the pairs land in the order the
+    atomics grant; each row's result does not depend on it.
     """
     device = expert_ids_TK.device
     expert_of_pair = expert_ids_TK.flatten().contiguous()
     num_pairs = expert_of_pair.numel()
     max_padded = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
     num_blocks = max_padded // block_m
-
-    counters = torch.zeros((2, num_experts), dtype=torch.int32, device=device)  # counts, then cursors
     padded_starts = torch.empty(num_experts, dtype=torch.int32, device=device)
     block_expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    sorted_pair_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
+    EXPERTS = triton.next_power_of_2(num_experts)
 
+    if one_program:
+        if num_pairs > ONE_PROGRAM_MAX_PAIRS:
+            raise ValueError(f"one-program alignment takes at most {ONE_PROGRAM_MAX_PAIRS} pairs, not {num_pairs}")
+        cursors = torch.empty(num_experts, dtype=torch.int32, device=device)
+        sorted_pair_ids = torch.empty(max_padded, dtype=torch.int32, device=device)  # the kernel fills it
+        _align_one_program_kernel[(1,)](
+            expert_of_pair, cursors, padded_starts, sorted_pair_ids, block_expert_ids, num_padded, num_pairs,
+            num_experts, max_padded, num_blocks, block_m, PAIRS=triton.next_power_of_2(max(num_pairs, 16)),
+            EXPERTS=EXPERTS, FILL=1024, BLOCKS_PER_STEP=64, num_warps=8)
+        return TokenAlignment(sorted_pair_ids, block_expert_ids, num_padded, block_m)
+
+    counters = torch.zeros((2, num_experts), dtype=torch.int32, device=device)  # counts, then cursors
+    sorted_pair_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
     BLOCK = 1024
     pair_grid = (triton.cdiv(num_pairs, BLOCK),)
     _count_pairs_kernel[pair_grid](expert_of_pair, counters[0], num_pairs, BLOCK=BLOCK)
     _pad_offsets_kernel[(1,)](counters[0], padded_starts, block_expert_ids, num_padded, num_experts, num_blocks,
-                              block_m, EXPERTS=triton.next_power_of_2(num_experts), BLOCKS_PER_STEP=64)
+                              block_m, EXPERTS=EXPERTS, BLOCKS_PER_STEP=64)
     _place_pairs_kernel[pair_grid](expert_of_pair, padded_starts, counters[1], sorted_pair_ids, num_pairs,
                                    BLOCK=BLOCK)
     return TokenAlignment(sorted_pair_ids, block_expert_ids, num_padded, block_m)

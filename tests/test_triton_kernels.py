@@ -44,13 +44,14 @@ from moe_benchmark import compare_to_reference  # noqa: E402
 from triton_kernels import align_tokens, moe_down, moe_gate_up  # noqa: E402
 
 
-@pytest.mark.parametrize("block_m, T", [(16, 45), (32, 45), (16, 700)])  # 700·2 pairs: several programs
-def test_alignment_pads_each_expert_to_whole_blocks(block_m, T):
+@pytest.mark.parametrize("one_program", [False, True])  # level 7's three kernels and two fills, or level 9's one
+@pytest.mark.parametrize("block_m, T", [(16, 45), (32, 45), (16, 700), (16, 1)])  # 700·2 pairs: several programs
+def test_alignment_pads_each_expert_to_whole_blocks(block_m, T, one_program):
     generator = torch.Generator().manual_seed(block_m)
     K, E = 2, 6
     expert_ids = torch.stack([torch.randperm(E - 1, generator=generator)[:K] for _ in range(T)])  # expert 5 idle
     expert_ids[:20, 0] = 2  # and expert 2 crowded
-    sorted_pair_ids, block_expert_ids, num_padded, _ = align_tokens(expert_ids, E, block_m)
+    sorted_pair_ids, block_expert_ids, num_padded, _ = align_tokens(expert_ids, E, block_m, one_program)
     num_pairs = T * K
     assert sorted_pair_ids.numel() % block_m == 0
     assert sorted_pair_ids.numel() >= num_pairs + E * (block_m - 1)
@@ -69,6 +70,12 @@ def test_alignment_pads_each_expert_to_whole_blocks(block_m, T):
     counts = torch.bincount(flat, minlength=E)
     assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
     assert 5 not in block_expert_ids.tolist()
+
+
+def test_one_program_alignment_refuses_more_pairs_than_it_was_built_for():
+    too_many = torch.zeros((triton_kernels.ONE_PROGRAM_MAX_PAIRS + 1, 1), dtype=torch.int64)
+    with pytest.raises(ValueError, match="at most"):
+        align_tokens(too_many, 4, 16, one_program=True)
 
 
 def grouped_case(num_tokens, top_k, expert_ids=None, seed=0, sizes=(48, 80)):

@@ -95,12 +95,11 @@ class TritonGroupedLevel(MoELevel):
             else w.w_down_EIH
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
-        T = tokens_TH.shape[0]
         E = self.config.num_experts + self.config.num_shared_experts
         with stage("permute"):
             routing_weights_TK, expert_ids_TK = route_to_shared_experts(routing_weights_TK, expert_ids_TK, self.config)
             K = expert_ids_TK.shape[1]
-            alignment = align_tokens(expert_ids_TK, E, choose_block_m(T * K, E))
+            alignment = self.align(expert_ids_TK, E)
         # SiLU·up runs in the gate|up kernel's epilogue and the routing weight in the down kernel's: no stage of
         # their own.
         with stage("expert GEMMs"):
@@ -109,6 +108,10 @@ class TritonGroupedLevel(MoELevel):
         with stage("combine"):
             out_TH = y_TKH.sum(dim=1) if K > 1 else y_TKH[:, 0]  # a sum over one slot would be a full copy
         return out_TH
+
+    def align(self, expert_ids_TK, num_experts):
+        block_m = choose_block_m(expert_ids_TK.numel(), num_experts)
+        return align_tokens(expert_ids_TK, num_experts, block_m)  # 3 kernels and 2 fills
 
     def gate_up(self, tokens_TH, alignment, K):
         return moe_gate_up(tokens_TH, self.w13_EH2I, alignment, K)  # one launch; 2 accumulators per tile

@@ -20,6 +20,13 @@ The idea
     3. Tile width. Level 7's gate/up tile keeps two fp32 accumulators (gate and up), so it stops at 128 columns of
        each. Interleaving gate and up column by column in one [E, H, 2I] tensor (prepare(), once) makes it one
        accumulator 2·BLOCK_N wide: one wgmma per step on a 256-wide tile, split into gate and up in the epilogue.
+    4. Launches at decode. With a few tokens the layer only has to read the touched experts' weights (journey at
+       T=1: 2 experts × 3·H·I × 2 bytes = 25 MB, about 8 µs at 3.35 TB/s), and level 8's graph spends longer than
+       that on the 5 alignment launches (3 kernels, 2 fills) and the gaps between its 8 nodes. Up to
+       ONE_PROGRAM_MAX_PAIRS (token, slot) pairs the alignment runs as one program (`align_tokens(...,
+       one_program=True)`): the same count, offsets and placement, with a barrier among the program's threads where
+       a kernel boundary stood, and the fills done by the same threads. The graph then holds 4 kernels: align,
+       gate/up, down, the sum over K. Narrow column tiles (16 or 32 wide) keep every SM reading weights.
     Everything else is level 8's: device-side alignment, SiLU·up and the routing weight in the epilogues, shared
     experts as extra experts, no host sync, the whole layer in one CUDA graph.
 
@@ -28,8 +35,9 @@ Why it should be faster than level 8, counted
     1/waves of the time: 3% at 16 waves, up to half at 1.5 waves), weight loads that cost the threads nothing,
     and twice the work per wgmma instruction on the gate/up side. At decode sizes (a few rows per expert) the
     layer is bound by reading weights, and narrow tiles (16-32 columns: the autotuner picks per size class) spread
-    those reads over every SM, where level 7's minimum of 32 columns and no persistence left SMs idle. Launches: the
-    same 8 kernels in the graph (12 with a shared expert), one graph launch, no sync.
+    those reads over every SM, where level 7's minimum of 32 columns and no persistence left SMs idle. Launches:
+    level 8's 8 kernels in the graph (12 with a shared expert) at prefill; 4 (8) up to ONE_PROGRAM_MAX_PAIRS pairs;
+    one graph launch, no sync.
 
 What it costs
     Hopper-only instructions (TMA, wgmma: sm_90; elsewhere Triton lowers descriptors to plain loads); a second
@@ -47,14 +55,16 @@ from level8_triton_graphed import TritonGraphedLevel
 from moe_benchmark import Claims, run_level_script
 
 import triton_kernels
-from triton_kernels import moe_down_persistent, moe_gate_up_persistent, tma_storage
+from triton_kernels import (ONE_PROGRAM_MAX_PAIRS, align_tokens, choose_block_m, moe_down_persistent,
+                            moe_gate_up_persistent, tma_storage)
 
 
 class PersistentTmaLevel(TritonGraphedLevel):
     level = 9
     name = "persistent_tma"
     summary = "level 8 with persistent Hopper GEMMs: TMA weight tiles, gate|up interleaved into one wide accumulator"
-    claims = Claims(launches="8 + 4*min(S, 1)", syncs="0",  # level 8's kernels, one graph launch
+    # Level 8's kernels in one graph launch; up to ONE_PROGRAM_MAX_PAIRS pairs the alignment is 1 of them, not 5.
+    claims = Claims(launches=f"4 + 4*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS}) + 4*min(S, 1)", syncs="0",
                     extra_bytes=f"({PADDED_HIDDEN_AND_Y_BYTES}, 2*({PADDED_HIDDEN_AND_Y_BYTES}) + 24*2**20)")
 
     def prepare(self):
@@ -65,6 +75,11 @@ class PersistentTmaLevel(TritonGraphedLevel):
         self.w13_interleaved_EH2I = tma_storage(torch.stack([gate_EHI, up_EHI], dim=3).reshape(E, H, two_I))
         self.w_down_EIH = tma_storage(self.w_down_EIH)
         del self.w13_EH2I  # level 7's layout: not read here
+
+    def align(self, expert_ids_TK, num_experts):
+        num_pairs = expert_ids_TK.numel()
+        return align_tokens(expert_ids_TK, num_experts, choose_block_m(num_pairs, num_experts),
+                            one_program=num_pairs <= ONE_PROGRAM_MAX_PAIRS)  # 1 launch at decode, not 5
 
     def gate_up(self, tokens_TH, alignment, K):
         return moe_gate_up_persistent(tokens_TH, self.w13_interleaved_EH2I, alignment, K)
