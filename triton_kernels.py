@@ -8,6 +8,7 @@ exactly as the GPU would run them.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import NamedTuple
 
@@ -585,12 +586,13 @@ def _moe_gate_up_persistent_kernel(
         tl.store(hidden_ptrs, hidden.to(hidden_ptr.dtype.element_ty), mask=col_valid[None, :])  # write BM·BN
 
 
-@triton.autotune(configs=_persistent_configs(interpreting()), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
+@triton.autotune(configs=_persistent_configs(interpreting()),
+                 key=["cols", "depth", "BLOCK_M", "pairs_bucket", "split_k"])
 @triton.jit
 def _moe_down_persistent_kernel(
-    hidden_ptr, w2_ptr, out_ptr, routing_weights_ptr,  # hidden [P_max, I], w2 [E, I, H], out [N, H]
+    hidden_ptr, w2_ptr, out_ptr, routing_weights_ptr,  # hidden [P_max, I], w2 [E, I, H], out [N·split_k, H]
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
-    num_experts, cols, depth, num_pairs, max_padded, pairs_bucket,  # cols = H, depth = I
+    num_experts, cols, depth, num_pairs, max_padded, pairs_bucket, split_k,  # cols = H, depth = I
     stride_hp, stride_we, stride_wd, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr,
@@ -601,19 +603,34 @@ def _moe_down_persistent_kernel(
                                        block_shape=[1, BLOCK_D, BLOCK_N])
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
-    for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
-        pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+    depth_per_split = tl.cdiv(tl.cdiv(depth, BLOCK_D), split_k) * BLOCK_D
+    for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n * split_k, NUM_PROGRAMS, flatten=True):
+        # split-K: each output tile is split_k tiles, each over a slice of the reduction, written as its own row
+        split = tile % split_k
+        pid_m, pid_n = _persistent_tile(tile // split_k, num_pid_m, num_pid_n, GROUP_M)
         expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
             sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for d_start in tl.range(0, depth, BLOCK_D):
+        first_d = split * depth_per_split
+        for d_start in tl.range(first_d, tl.minimum(first_d + depth_per_split, depth), BLOCK_D):
             hidden = hidden_desc.load([pid_m * BLOCK_M, d_start])
             w = w_desc.load([expert.to(tl.int32), d_start, pid_n * BLOCK_N]).reshape(BLOCK_D, BLOCK_N)
             acc = _dot(hidden, w, acc, UPCAST)  # read BLOCK_M·BLOCK_D + BLOCK_D·BLOCK_N elements
         weight = tl.load(routing_weights_ptr + pair_ids, mask=row_valid, other=0.0).to(tl.float32)
         acc = acc * weight[:, None]
-        out_ptrs = out_ptr + pair_ids[:, None].to(tl.int64) * stride_om + offs_n[None, :]  # back to pair order
+        out_rows = pair_ids.to(tl.int64) * split_k + split  # back to pair order, a row per slice
+        out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
+
+
+def choose_split_k(num_pairs: int, num_experts: int, cols: int, programs: int) -> int:
+    """Reduction slices for level 9's down GEMM: 1, unless even 32-wide tiles over the row blocks these pairs can
+    fill (at most one per pair, one per expert) would leave over half the SMs idle (journey at one token: 2 × 32
+    tiles for 132 SMs); then the most slices, a power of two up to 4, that still fit in one wave (2 there)."""
+    tiles = min(num_pairs, num_experts) * triton.cdiv(cols, 32)
+    if 2 * tiles > programs:
+        return 1
+    return min(4, 2 ** int(math.log2(programs // tiles)))
 
 
 def num_programs(device: torch.device) -> int:
@@ -646,19 +663,21 @@ def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.
 
 def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routing_weights_TK: torch.Tensor,
                         alignment: TokenAlignment) -> torch.Tensor:
-    """Level 7's moe_down on Hopper: y [T, K, H], each row weighted and back in (token, slot) order."""
+    """Level 7's moe_down on Hopper: y [T, K·split, H], each row weighted and back in (token, slot) order, split in
+    `choose_split_k` partial rows per pair where the grid would be small (the sum over K adds them too)."""
     _check_device(hidden_PI, w_down_EIH)
     T, K = routing_weights_TK.shape
     E, I, H = w_down_EIH.shape
-    y_NH = torch.empty((T * K, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
     programs = num_programs(hidden_PI.device)
+    split_k = choose_split_k(T * K, E, H, programs)
+    y_NH = torch.empty((T * K * split_k, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
     _moe_down_persistent_kernel[(programs,)](
         hidden_PI, w_down_EIH, y_NH, routing_weights_TK.contiguous().view(-1), alignment.sorted_pair_ids,
         alignment.block_expert_ids, alignment.num_padded, E, H, I, T * K, hidden_PI.shape[0],
-        triton.next_power_of_2(T * K), hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1), y_NH.stride(0),
-        BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
+        triton.next_power_of_2(T * K), split_k, hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1),
+        y_NH.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
     )
-    return y_NH.view(T, K, H)
+    return y_NH.view(T, K * split_k, H)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -137,6 +137,30 @@ def test_persistent_tma_level_on_odd_shapes(levels, level_key, hidden, intermedi
     assert check.passed, check.message
 
 
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_level_9_split_k_down_matches_reference(levels, monkeypatch, split_k):
+    """Level 9's down GEMM in split_k slices of the reduction (chosen only where the GPU's grid would be small, so
+    forced here): I = 72 is 3 steps of 32, so 2 slices are uneven and 3 give each one step."""
+    monkeypatch.setattr(triton_kernels, "choose_split_k", lambda *args: split_k)
+    config = MoEConfig(hidden=100, intermediate=72, num_experts=4, top_k=2, name="split")
+    weights = init_weights(config, "cpu")
+    generator = torch.Generator().manual_seed(split_k)
+    tokens = torch.randn((5, 100), generator=generator).bfloat16()
+    expert_ids = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(5)])
+    routing_weights = torch.softmax(torch.randn((5, 2), generator=generator), -1).bfloat16()
+    level = levels["9"](config, weights)
+    level.prepare()
+    out = level.forward(tokens, routing_weights, expert_ids)
+    check = compare_to_reference(out, level.reference(tokens, routing_weights, expert_ids), 2e-2)
+    assert check.passed, check.message
+
+
+@pytest.mark.parametrize("num_pairs, num_experts, cols, split_k", [(2, 8, 1024, 2), (1, 8, 1024, 4), (8, 128, 2048, 1),
+                                                                    (2, 8, 4096, 1), (4096, 8, 1024, 1)])
+def test_split_k_only_where_the_grid_is_small(num_pairs, num_experts, cols, split_k):
+    assert triton_kernels.choose_split_k(num_pairs, num_experts, cols, programs=132) == split_k
+
+
 def test_tma_storage_pads_rows_not_shape():
     odd = torch.randn(3, 5, 36).bfloat16()  # 72-byte rows
     stored = triton_kernels.tma_storage(odd)

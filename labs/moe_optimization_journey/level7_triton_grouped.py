@@ -106,7 +106,9 @@ class TritonGroupedLevel(MoELevel):
             hidden_PI = self.gate_up(tokens_TH, alignment, K)
             y_TKH = self.down(hidden_PI, routing_weights_TK, alignment)
         with stage("combine"):
-            out_TH = y_TKH.sum(dim=1) if K > 1 else y_TKH[:, 0]  # a sum over one slot would be a full copy
+            # A sum over one row per token would be a full copy. (Level 9 may split each slot's row in partial
+            # rows, y [T, K·split, H]: the same sum adds them.)
+            out_TH = y_TKH.sum(dim=1) if y_TKH.shape[1] > 1 else y_TKH[:, 0]
         return out_TH
 
     def align(self, expert_ids_TK, num_experts):

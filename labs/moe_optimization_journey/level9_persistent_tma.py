@@ -26,7 +26,10 @@ The idea
        ONE_PROGRAM_MAX_PAIRS (token, slot) pairs the alignment runs as one program (`align_tokens(...,
        one_program=True)`): the same count, offsets and placement, with a barrier among the program's threads where
        a kernel boundary stood, and the fills done by the same threads. The graph then holds 4 kernels: align,
-       gate/up, down, the sum over K. Narrow column tiles (16 or 32 wide) keep every SM reading weights.
+       gate/up, down, the sum over K. Narrow column tiles (16 or 32 wide) keep every SM reading weights; where
+       even they would leave half the SMs idle (journey's down GEMM at T=1: 2 experts × 1024/32 = 64 tiles for
+       132 SMs), the down GEMM splits its reduction too (`choose_split_k`): each slice writes its own partial row,
+       and the sum over K, which runs anyway, adds them.
     Everything else is level 8's: device-side alignment, SiLU·up and the routing weight in the epilogues, shared
     experts as extra experts, no host sync, the whole layer in one CUDA graph.
 
