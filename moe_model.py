@@ -12,7 +12,6 @@ Shape legend, used in every file of the lab (a tensor's name ends in its shape: 
     D  rows an expert-parallel rank sends: one per (token, rank) where that rank holds any of the token's experts
     U  rows an expert-parallel rank receives (its share of every rank's D)
     R  (row, slot) pairs of the received rows whose expert is local: the rows a rank's experts compute
-    G  groups of FP8_GROUP columns that share one FP8 scale (level 10's hidden rows: G = ⌈I / 128⌉)
 In the GEMM kernels, a program computes a BLOCK_M × BLOCK_N tile of the output (`cols` wide), stepping BLOCK_D at a
 time along the reduction (`depth`: H for gate/up, I for down).
 
@@ -332,38 +331,40 @@ def reference_forward(
 # An e4m3 number has 3 mantissa bits and a largest finite value of 448, so a tensor is stored as e4m3 values times
 # an fp32 scale, one scale per slice: amax(slice) / 448 maps the slice's largest magnitude onto e4m3's. Each
 # element then carries a rounding error of up to 2^-4 of its magnitude (half an e4m3 step), and the scale's slice
-# decides how much range one outlier costs its neighbours: per output channel for weights, per token for the
-# layer's input, per 1×FP8_GROUP block of a hidden row (the row is written tile by tile, so no kernel sees a whole
-# row at once: DeepSeek-V3's activation blocks).
+# decides how much range one outlier costs its neighbours: here per output channel for weights, per row for
+# activations (a token, or a (token, expert) pair's hidden).
 # ---------------------------------------------------------------------------------------------------------------
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value
-FP8_GROUP = 128  # columns of a hidden row that share one scale
 
 
-def quantize_fp8(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x ≈ values · scales, slices along the last dimension: (e4m3 values, x's shape, row-major; fp32 scales [..., G]), one
-    scale per `group` columns (the last group may be short), or per whole row with group None (G = 1). A slice of
-    zeros gets a tiny scale and zero values."""
-    cols = x.shape[-1]
-    group = group or cols
-    G = -(-cols // group)
-    padded = F.pad(x.float().contiguous(), (0, G * group - cols))
-    padded = padded.view(*x.shape[:-1], G, group)
-    scales = padded.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
-    values = (padded / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return values.view(*x.shape[:-1], G * group)[..., :cols], scales
+def power_of_two_at_least(x: torch.Tensor) -> torch.Tensor:
+    """2^⌈log2 x⌉ for positive normal fp32 x, exactly: adding a mantissa's worth of ones to x's bits carries into
+    the exponent unless the mantissa is zero, and the mask keeps the exponent. (Triton's quantize_rows kernel does
+    the same to the same bits.)"""
+    return ((x.float().view(torch.int32) + 0x7FFFFF) & 0x7F800000).view(torch.float32)
 
 
-def dequantize_fp8(values: torch.Tensor, scales: torch.Tensor, group: int | None = None) -> torch.Tensor:
-    """quantize_fp8's inverse, in fp32: each value times its slice's scale."""
-    cols = values.shape[-1]
-    return values.float() * scales.repeat_interleave(group or cols, dim=-1)[..., :cols]
+def quantize_fp8(x: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ≈ values · scales, one scale per row (the last dimension): (e4m3 values, x's shape, row-major; fp32 scales
+    [..., 1]). A row of zeros gets a tiny scale and zero values. With `power_of_two` each scale is rounded up to a
+    power of two (as MX formats store them): dividing by it is exact, and a row's grid stays put when its amax
+    moves by a rounding, so two computations of nearly the same row quantize it alike."""
+    x = x.float().contiguous()
+    scales = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    if power_of_two:
+        scales = power_of_two_at_least(scales)
+    return (x / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scales
 
 
-def fp8_round_trip(x: torch.Tensor, group: int | None = None) -> torch.Tensor:
+def dequantize_fp8(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_fp8's inverse, in fp32: each value times its row's scale."""
+    return values.float() * scales
+
+
+def fp8_round_trip(x: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
     """x as FP8 storage gives it back, in fp32: what a quantized level computes with in place of x."""
-    return dequantize_fp8(*quantize_fp8(x, group), group)
+    return dequantize_fp8(*quantize_fp8(x, power_of_two))
 
 
 @dataclass

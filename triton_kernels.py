@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from moe_model import FP8_DTYPE, FP8_GROUP, FP8_MAX, Fp8Experts  # noqa: E402
+from moe_model import FP8_DTYPE, FP8_MAX, Fp8Experts  # noqa: E402
 
 
 def interpreting() -> bool:
@@ -690,11 +690,13 @@ def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routi
 #   [BLOCK_N, BLOCK_D] box and multiply by its transpose, which costs nothing (a view of shared memory).
 # - The accumulators stay fp32. A weight scale is constant along the reduction, and so is a token's: both multiply
 #   the finished accumulator, in the epilogue.
-# - The gate/up epilogue quantizes SiLU·up for the down GEMM. A scale per whole hidden row would need the whole
-#   row, which no tile sees; so each tile of FP8_GROUP columns gets its own scale per row (BLOCK_N is FP8_GROUP).
-#   Those scales change along the down GEMM's reduction, so they cannot wait for the epilogue: the down kernel
-#   multiplies each step's partial product by its group's scale before adding it (DeepSeek-V3's recipe), with
-#   BLOCK_D a divisor of FP8_GROUP so that a step never straddles two groups.
+# - The hidden (SiLU·up) is quantized as the tokens are: one scale per row, by the same kernel. No gate/up tile
+#   sees a whole row, so the gate/up epilogue writes it in bf16, as level 9's does, and `quantize_rows` reads it
+#   back (read P·I·2 bytes, write P·I + 4P). Then the down GEMM's scales too are constant along its reduction: its
+#   main loop is one unbroken chain on the tensor cores, and all scales wait for the epilogue. (Quantizing in the
+#   gate/up epilogue with a scale per 128-column tile saves that pass, but the down kernel must then scale each
+#   128-deep step's partial product before adding it, a wait on the tensor cores every step: it ran at 780 TF/s
+#   against the gate/up kernel's 1370 on an H100, NOTES.md.)
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _to_e4m3(x, FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -712,41 +714,59 @@ def _to_e4m3(x, FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, cols, stride_x, stride_v, FP8_MAX: tl.constexpr,
-                          INTERPRETED: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per row: its amax, its scale amax / FP8_MAX, its values in e4m3."""
+def _to_bf16(x, INTERPRETED: tl.constexpr):
+    """x (fp32) in bf16, rounded to nearest even as the GPU rounds. Triton's CPU interpreter truncates instead, so
+    there x's bits are rounded first (half a bf16 step added, plus one more where the kept last bit is odd, then the
+    low 16 bits dropped) and the cast is then exact."""
+    if INTERPRETED:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, rows_used_ptr, cols, stride_x, stride_v,
+                          FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK: tl.constexpr,
+                          ALL_ROWS: tl.constexpr):
+    """One program per row: its amax, its scale amax / FP8_MAX rounded up to a power of two
+    (moe_model.power_of_two_at_least, on the same bits), its values in e4m3."""
     row = tl.program_id(axis=0).to(tl.int64)
+    if not ALL_ROWS:
+        if row >= tl.load(rows_used_ptr):
+            return  # past the rows in use (the hidden's padded length): never written, never read
     offs = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * stride_x + offs, mask=offs < cols, other=0.0).to(tl.float32)  # read cols·2 bytes
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / FP8_MAX
+    bits = (tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / FP8_MAX).to(tl.int32, bitcast=True)
+    scale = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
     values = _to_e4m3(x / scale, FP8_MAX, INTERPRETED)
     tl.store(values_ptr + row * stride_v + offs, values, mask=offs < cols)  # write cols bytes
     tl.store(scales_ptr + row, scale)  # and 4
 
 
-def quantize_rows(x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 values [T, H], fp32 scales [T]): moe_model.quantize_fp8 with one scale per row, as one kernel."""
+def quantize_rows(x_TH: torch.Tensor, rows_used: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values [T, H], fp32 scales [T]): moe_model.quantize_fp8(x_TH, power_of_two=True) as one kernel. Level
+    10 quantizes the tokens [T, H] and the hidden [P, I] with it; for the hidden, `rows_used` (on the device: the
+    alignment's padded length) skips the rows past it. The values' rows are padded for TMA."""
     _check_device(x_TH)
     T, H = x_TH.shape
     values_TH = torch.empty((T, tma_row_elements(H, FP8_DTYPE)), dtype=FP8_DTYPE, device=x_TH.device)[:, :H]
     scales_T = torch.empty(T, dtype=torch.float32, device=x_TH.device)
     if T:
         x_TH = x_TH.contiguous()
-        _quantize_rows_kernel[(T,)](x_TH, values_TH, scales_T, H, x_TH.stride(0), values_TH.stride(0),
-                                    FP8_MAX=FP8_MAX, INTERPRETED=interpreting(), BLOCK=triton.next_power_of_2(H),
-                                    num_warps=8)
+        _quantize_rows_kernel[(T,)](x_TH, values_TH, scales_T, scales_T if rows_used is None else rows_used, H,
+                                    x_TH.stride(0), values_TH.stride(0), FP8_MAX=FP8_MAX, INTERPRETED=interpreting(),
+                                    BLOCK=triton.next_power_of_2(H), ALL_ROWS=rows_used is None, num_warps=8)
     return values_TH, scales_T
 
 
 def _fp8_configs(interpret: bool, gate_up: bool) -> list:
-    """The gate/up tile is FP8_GROUP columns wide (one hidden scale per tile row); the down tile's depth step divides
-    FP8_GROUP. FP8 steps go 128 deep: an FP8 tensor-core instruction reduces 32 elements where bf16's reduces 16."""
+    """Level 9's tile shapes in FP8: steps go 128 deep, as an FP8 tensor-core instruction reduces 32 elements where
+    bf16's reduces 16; the gate/up accumulator is twice BLOCK_N wide."""
     if interpret:
-        return [triton.Config({"BLOCK_N": FP8_GROUP if gate_up else 32, "BLOCK_D": 32, "GROUP_M": 2}, num_warps=4,
-                              num_stages=1)]
-    widths = (FP8_GROUP,) if gate_up else (64, 128, 256)
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+    widths = (32, 64, 128) if gate_up else (64, 128, 256)
     shapes = [(n, d, w, s) for n in widths for d, w, s in ((128, 4, 4), (128, 8, 4), (128, 8, 3), (64, 4, 5))
-              if not (n == 256 and w == 4)]
+              if not (n == 256 and w == 4) and not (n == 32 and w == 8)]
     return [triton.Config({"BLOCK_N": n, "BLOCK_D": d, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for n, d, w, s in shapes]
 
@@ -754,15 +774,15 @@ def _fp8_configs(interpret: bool, gate_up: bool) -> list:
 @triton.autotune(configs=_fp8_configs(interpreting(), gate_up=True), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
 @triton.jit
 def _moe_gate_up_fp8_kernel(
-    x_ptr, x_scales_ptr, w13_ptr, w13_scales_ptr, hidden_ptr, hidden_scales_ptr,
+    x_ptr, x_scales_ptr, w13_ptr, w13_scales_ptr, hidden_ptr,
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
     num_experts, cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
-    stride_xt, stride_we, stride_wc, stride_se, stride_hp, stride_sp,
+    stride_xt, stride_we, stride_wc, stride_se, stride_hp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     # x [T, H] e4m3 and x_scales [T]; w13 [E, 2I, H] e4m3, gate and up rows interleaved, and w13_scales [E, 2I];
-    # hidden [P_max, I] e4m3 and hidden_scales [P_max, G]
+    # hidden [P_max, I] bf16
     w_desc = tl.make_tensor_descriptor(w13_ptr, shape=[num_experts, 2 * cols, depth],
                                        strides=[stride_we, stride_wc, 1], block_shape=[1, 2 * BLOCK_N, BLOCK_D])
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
@@ -789,13 +809,9 @@ def _moe_gate_up_fp8_kernel(
         w_scales = tl.load(w13_scales_ptr + expert * stride_se + offs_2n, mask=offs_2n < 2 * cols, other=0.0)
         x_scales = tl.load(x_scales_ptr + token_rows, mask=row_valid, other=0.0)
         gate, up = (acc * x_scales[:, None] * w_scales[None, :]).reshape(BLOCK_M, BLOCK_N, 2).split()
-        hidden = gate * tl.sigmoid(gate) * up  # SiLU·up in fp32
-        # Quantize it for the down GEMM: one scale per row of this tile (padding columns are zeros: no effect).
-        scales = tl.maximum(tl.max(tl.abs(hidden), axis=1), 1e-12) / FP8_MAX
-        values = _to_e4m3(hidden / scales[:, None], FP8_MAX, INTERPRETED)
+        hidden = _to_bf16(gate * tl.sigmoid(gate) * up, INTERPRETED)  # SiLU·up in fp32, written in bf16
         hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_n[None, :]
-        tl.store(hidden_ptrs, values, mask=col_valid[None, :])  # write BLOCK_M·BLOCK_N bytes
-        tl.store(hidden_scales_ptr + offs_m.to(tl.int64) * stride_sp + pid_n, scales)  # and 4·BLOCK_M
+        tl.store(hidden_ptrs, hidden, mask=col_valid[None, :])  # write BLOCK_M·BLOCK_N·2 bytes
 
 
 @triton.autotune(configs=_fp8_configs(interpreting(), gate_up=False), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
@@ -804,11 +820,11 @@ def _moe_down_fp8_kernel(
     hidden_ptr, hidden_scales_ptr, w2_ptr, w2_scales_ptr, out_ptr, routing_weights_ptr,
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
     num_experts, cols, depth, num_pairs, max_padded, pairs_bucket,  # cols = H, depth = I
-    stride_hp, stride_sp, stride_we, stride_wc, stride_se, stride_om,
+    stride_hp, stride_we, stride_wc, stride_se, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, SCALE_GROUP: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
 ):
-    # hidden [P_max, I] e4m3 and hidden_scales [P_max, G]; w2 [E, H, I] e4m3 and w2_scales [E, H]; out [N, H]
+    # hidden [P_max, I] e4m3 and hidden_scales [P_max]; w2 [E, H, I] e4m3 and w2_scales [E, H]; out [N, H]
     hidden_desc = tl.make_tensor_descriptor(hidden_ptr, shape=[max_padded, depth], strides=[stride_hp, 1],
                                             block_shape=[BLOCK_M, BLOCK_D])
     w_desc = tl.make_tensor_descriptor(w2_ptr, shape=[num_experts, cols, depth], strides=[stride_we, stride_wc, 1],
@@ -819,60 +835,56 @@ def _moe_down_fp8_kernel(
         pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
             sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
-        scales_ptrs = hidden_scales_ptr + offs_m.to(tl.int64) * stride_sp
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for d_start in tl.range(0, depth, BLOCK_D):
             hidden = hidden_desc.load([pid_m * BLOCK_M, d_start])
             w = w_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, d_start]).reshape(BLOCK_N, BLOCK_D)
-            group_scales = tl.load(scales_ptrs + d_start // SCALE_GROUP)  # this step's hidden scales, 4·BLOCK_M
-            acc += tl.dot(hidden, w.T) * group_scales[:, None]  # read BLOCK_M·BLOCK_D + BLOCK_N·BLOCK_D bytes
+            acc = tl.dot(hidden, w.T, acc)  # read BLOCK_M·BLOCK_D + BLOCK_N·BLOCK_D bytes
+        # Dequantize: the hidden row's scale along the rows, each weight column's along the columns.
+        hidden_scales = tl.load(hidden_scales_ptr + offs_m)
         w_scales = tl.load(w2_scales_ptr + expert * stride_se + offs_n, mask=col_valid, other=0.0)
         weight = tl.load(routing_weights_ptr + pair_ids, mask=row_valid, other=0.0).to(tl.float32)
-        acc = acc * w_scales[None, :] * weight[:, None]
+        acc = acc * hidden_scales[:, None] * w_scales[None, :] * weight[:, None]
         out_ptrs = out_ptr + pair_ids[:, None].to(tl.int64) * stride_om + offs_n[None, :]  # back to pair order
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
 
 
 def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp8Experts,
-                    alignment: TokenAlignment, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Level 9's moe_gate_up_persistent in FP8: (hidden e4m3 [P_max, I], its scales [P_max, G]), from the tokens'
-    e4m3 values and scales and the gate|up experts (rows interleaved, [E, 2I, H])."""
+                    alignment: TokenAlignment, top_k: int) -> torch.Tensor:
+    """Level 9's moe_gate_up_persistent in FP8: hidden bf16 [P_max, I], from the tokens' e4m3 values and scales and
+    the gate|up experts (rows interleaved, [E, 2I, H])."""
     _check_device(x_values_TH, w13.values_ECD)
     E, two_I, H = w13.values_ECD.shape
     I = two_I // 2
     max_padded = alignment.sorted_pair_ids.numel()
-    hidden_PI = torch.empty((max_padded, tma_row_elements(I, FP8_DTYPE)), dtype=FP8_DTYPE,
-                            device=x_values_TH.device)[:, :I]  # rows padded for the down kernel's TMA loads
-    hidden_scales_PG = torch.empty((max_padded, triton.cdiv(I, FP8_GROUP)), dtype=torch.float32,
-                                   device=x_values_TH.device)
+    hidden_PI = torch.empty((max_padded, I), dtype=torch.bfloat16, device=x_values_TH.device)
     programs = num_programs(x_values_TH.device)
     num_pairs = x_values_TH.shape[0] * top_k
     _moe_gate_up_fp8_kernel[(programs,)](
-        x_values_TH, x_scales_T, w13.values_ECD, w13.scales_EC, hidden_PI, hidden_scales_PG,
+        x_values_TH, x_scales_T, w13.values_ECD, w13.scales_EC, hidden_PI,
         alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded,
         E, I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
         x_values_TH.stride(0), w13.values_ECD.stride(0), w13.values_ECD.stride(1), w13.scales_EC.stride(0),
-        hidden_PI.stride(0), hidden_scales_PG.stride(0),
-        BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, FP8_MAX=FP8_MAX, INTERPRETED=interpreting(),
+        hidden_PI.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, INTERPRETED=interpreting(),
     )
-    return hidden_PI, hidden_scales_PG
+    return hidden_PI
 
 
-def moe_down_fp8(hidden_PI: torch.Tensor, hidden_scales_PG: torch.Tensor, w_down: Fp8Experts,
+def moe_down_fp8(hidden_values_PI: torch.Tensor, hidden_scales_P: torch.Tensor, w_down: Fp8Experts,
                  routing_weights_TK: torch.Tensor, alignment: TokenAlignment) -> torch.Tensor:
     """Level 9's moe_down_persistent in FP8: y [T, K, H] in the routing weights' dtype, each row weighted and back
-    in (token, slot) order, from the hidden's e4m3 values and group scales and the down experts ([E, H, I])."""
-    _check_device(hidden_PI, w_down.values_ECD)
+    in (token, slot) order, from the hidden's e4m3 values (rows padded for TMA) and row scales and the down experts
+    ([E, H, I])."""
+    _check_device(hidden_values_PI, w_down.values_ECD)
     T, K = routing_weights_TK.shape
     E, H, I = w_down.values_ECD.shape
-    y_NH = torch.empty((T * K, H), dtype=routing_weights_TK.dtype, device=hidden_PI.device)
-    programs = num_programs(hidden_PI.device)
+    y_NH = torch.empty((T * K, H), dtype=routing_weights_TK.dtype, device=hidden_values_PI.device)
+    programs = num_programs(hidden_values_PI.device)
     _moe_down_fp8_kernel[(programs,)](
-        hidden_PI, hidden_scales_PG, w_down.values_ECD, w_down.scales_EC, y_NH,
+        hidden_values_PI, hidden_scales_P, w_down.values_ECD, w_down.scales_EC, y_NH,
         routing_weights_TK.contiguous().view(-1), alignment.sorted_pair_ids, alignment.block_expert_ids,
-        alignment.num_padded, E, H, I, T * K, hidden_PI.shape[0], triton.next_power_of_2(T * K),
-        hidden_PI.stride(0), hidden_scales_PG.stride(0), w_down.values_ECD.stride(0), w_down.values_ECD.stride(1),
-        w_down.scales_EC.stride(0), y_NH.stride(0),
-        BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, SCALE_GROUP=FP8_GROUP,
+        alignment.num_padded, E, H, I, T * K, hidden_values_PI.shape[0], triton.next_power_of_2(T * K),
+        hidden_values_PI.stride(0), w_down.values_ECD.stride(0), w_down.values_ECD.stride(1),
+        w_down.scales_EC.stride(0), y_NH.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs,
     )
     return y_NH.view(T, K, H)

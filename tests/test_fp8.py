@@ -21,20 +21,25 @@ from moe_model import (
 CPU = torch.device("cpu")
 
 
-def assert_within_half_a_step(x, values, scales, group):
+def assert_within_half_a_step(x, values, scales):
     """Each element within half an e4m3 step of x: 2^-4 of its magnitude where e4m3 is normal, and e4m3's
     smallest subnormal step (2^-9, in scaled units) below that."""
-    scale_of_element = scales.repeat_interleave(group, dim=-1)[..., :x.shape[-1]]
-    error = (dequantize_fp8(values, scales, group) - x.float()).abs()
-    assert (error <= 2**-4 * x.float().abs() + 2**-10 * scale_of_element).all()
+    error = (dequantize_fp8(values, scales) - x.float()).abs()
+    assert (error <= 2**-4 * x.float().abs() + 2**-10 * scales).all()
 
 
-def test_round_trip_with_a_ragged_last_group():
+@pytest.mark.parametrize("power_of_two", [False, True])
+def test_round_trip_per_row(power_of_two):
     x = torch.randn(7, 300, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 7)[:, None]
-    values, scales = quantize_fp8(x, group=128)  # groups of 128, 128 and 44 columns
-    assert values.dtype == FP8_DTYPE and values.shape == x.shape and scales.shape == (7, 3)
-    assert torch.equal(scales[:, 2], x[:, 256:].abs().amax(dim=1) / FP8_MAX)
-    assert_within_half_a_step(x, values, scales, 128)
+    values, scales = quantize_fp8(x, power_of_two)
+    assert values.dtype == FP8_DTYPE and values.shape == x.shape and scales.shape == (7, 1)
+    amax_scales = x.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    if power_of_two:  # the power of two at or above amax / 448: at most twice it
+        assert (scales >= amax_scales).all() and (scales < 2 * amax_scales).all()
+        assert torch.equal(torch.frexp(scales).mantissa, torch.full_like(scales, 0.5))
+    else:
+        assert torch.equal(scales, amax_scales)
+    assert_within_half_a_step(x, values, scales)
 
 
 def test_zero_rows_and_saturation():
@@ -52,12 +57,11 @@ def test_zero_rows_and_saturation():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_values_are_row_major_for_a_transposed_input(dtype):
     x_T = torch.randn(40, 32, generator=torch.Generator().manual_seed(2)).to(dtype).T  # [32, 40], column-major
-    for group in (None, 16):  # one group per row; groups of 16 with a ragged last one (padded in storage)
-        values, scales = quantize_fp8(x_T, group)
-        assert values.stride(-1) == 1 and values.stride(0) >= 40
-        expected_values, expected_scales = quantize_fp8(x_T.contiguous(), group)
-        assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
-        assert torch.equal(scales, expected_scales)
+    values, scales = quantize_fp8(x_T)
+    assert values.stride(-1) == 1
+    expected_values, expected_scales = quantize_fp8(x_T.contiguous())
+    assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+    assert torch.equal(scales, expected_scales)
 
 
 def test_fp8_experts_index_as_the_dequantized_weights():
@@ -68,18 +72,18 @@ def test_fp8_experts_index_as_the_dequantized_weights():
     for expert in range(3):
         dequantized = dequantize_fp8(experts.values_ECD[expert], experts.scales_EC[expert, :, None]).T
         assert torch.equal(experts[expert], dequantized) and experts[expert].shape == (40, 24)
-        assert_within_half_a_step(w_EDC[expert].T, experts.values_ECD[expert], experts.scales_EC[expert, :, None], 40)
+        assert_within_half_a_step(w_EDC[expert].T, experts.values_ECD[expert], experts.scales_EC[expert, :, None])
 
 
 def test_quantize_rows_kernel_is_bit_equal_to_quantize_fp8():
     """Through Triton's interpreter, whose own e4m3 cast does not carry a rounding into the exponent: with
-    amax 448 the scale is 1, and 125.5 (125.4 in bf16) must become 128, not 64."""
+    amax 448 the scale is 1 (a power of two already), and 125.5 (125.4 in bf16) must become 128, not 64."""
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(6, 64, generator=generator) * torch.logspace(-4, 4, 6)[:, None]
     x[0, :4] = torch.tensor([448.0, 125.4, -125.4, 250.0])
     x = x.bfloat16()
     values, scales = triton_kernels.quantize_rows(x)
-    expected_values, expected_scales = quantize_fp8(x)
+    expected_values, expected_scales = quantize_fp8(x, power_of_two=True)
     assert expected_values[0, 1].float() == 128 and expected_values[0, 2].float() == -128
     assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
     assert torch.equal(scales, expected_scales[:, 0])
