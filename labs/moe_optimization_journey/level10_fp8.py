@@ -24,32 +24,36 @@ The idea
 
 Why it should beat level 9, counted
     Prefill: the same FLOPs at up to twice the rate; the GEMMs' bytes halve (weights, gathered rows and the
-    down GEMM's hidden one byte each), and the hidden's quantization pass adds 4 bytes an element. Decode: the layer reads the
-    touched experts' weights and little else, and those bytes halve: mixtral at one token reads 2 experts ×
-    3·H·I = 352 M weights, 705 MB in bf16 and 352 MB in e4m3, about 0.23 against 0.12 ms at 3 TB/s.
+    down GEMM's hidden one byte each), and the hidden's quantization pass adds 4 bytes an element (written in bf16,
+    read back, written in e4m3). Decode: the layer reads the touched experts' weights and little else, and those
+    bytes halve: mixtral at one token reads 2 experts × 3·H·I = 352 M weights, 705 MB in bf16 and 352 MB in e4m3,
+    about 0.23 against 0.12 ms at 3 TB/s.
     Launches: level 9's plus two quantizations (tokens, hidden): 10 (14 with a shared expert) at prefill, 6 (10)
     when the alignment runs as one program. Syncs: none.
 
 Why store the weights in FP8 (the seed's "native FP8 weights: works, but no speedup observed at 8K")
     Converting bf16 weights to e4m3 inside every forward reads 2 bytes and writes 1 per weight before the GEMM
     reads the byte again: 4 bytes per weight against bf16's 2. On an H100, quantize_fp8 as torch ops took 10.3 ms
-    for mixtral's gate weights alone (0.47 G weights), about 31 ms for all three projections, against 11.7 ms for
+    for mixtral's gate weights alone (0.47 G weights), about 31 ms for all three projections, against 10.4 ms for
     this whole layer at 16384 tokens; even a fused conversion would move 4.2 GB, about 1.4 ms, 8x the one-token
     forward. Stored once in FP8 the weights cost 1 byte per forward, and then FP8 pays twice: at prefill the
-    tensor-core rate (measured 1.45x level 9 on mixtral and deepseek-v3 at 16384 tokens, 1.24x on qwen3-moe, whose
-    short reductions leave the per-tile work a larger share), at decode the halved weight bytes (mixtral at one
-    token 181 µs against level 9's 284). The numbers and what holds them below 2x: NOTES.md ("Level 10").
+    tensor-core rate (1.69x level 9 on mixtral and deepseek-v3 at 16384 tokens on an H100, 1.37x on qwen3-moe, whose
+    short reductions leave the per-tile work and the hidden's pass a larger share), at decode the halved weight
+    bytes (mixtral at one token 179 µs against level 9's 276). The numbers and what holds them below 2x: NOTES.md
+    ("Level 10").
 
 What it costs
     Accuracy: each e4m3 value is off by up to half a step, 2^-4 of its magnitude, on the tokens, the weights and
-    the hidden; the row's `quant_err` is the output's error against the bf16 layer's fp32 reference (6.3-6.8% on
+    the hidden; the row's `quant_err` is the output's error against the bf16 layer's fp32 reference (6.6-7.0% on
     these random weights), while `rel_err` checks the kernels against a reference computed on the same quantized
     values (1-1.5% at prefill: Hopper's FP8 instruction adds at reduced precision across the whole reduction;
     promoting to fp32 after every 128-deep step cut that to 0.4% and cost a third of the speed, so it is not
     done). Finer scales (one per 128 weights along the reduction, or per 32 as MX formats do) cut the error where
     magnitudes vary inside a column, as in real checkpoints whose outlier channels stretch a per-column scale;
-    they cost a scale multiply per step. Hardware: FP8 tensor cores need sm_89 or newer. Memory:
-    one byte per weight plus 4 per column, beside the bf16 weights the harness keeps for the other levels.
+    they cost a scale multiply per step. Hardware: FP8 tensor cores need sm_89 or newer. Memory: one byte per
+    weight plus 4 per column, beside the bf16 weights the harness keeps for the other levels; the hidden twice,
+    in bf16 and in e4m3. Decode: the hidden's pass is one more launch in the graph, so at one token on journey,
+    whose weights are few, level 10 is no faster than level 9 (NOTES.md).
 
 Run: python labs/moe_optimization_journey/level10_fp8.py [--preset mixtral] [--tokens 16384] [--device cuda]
 """
