@@ -11,9 +11,8 @@ What it is
     3. Gate and up: two `torch._scaled_grouped_mm` calls, fp32 accumulation, the row's scale and the column's
        multiplying the accumulator in the epilogue, bf16 out; the slices given by device-side end offsets (`offs`,
        int32), so there is no host sync.
-    4. SiLU·up (the lab's kernel, in place), then the hidden quantized again, one scale per row. This peer writes
-       the whole hidden [N, I] before quantizing it, so a row's scale can see the whole row; level 10 quantizes
-       inside its gate/up kernel, where a tile sees only 128 columns of a row, so it keeps a scale per 128.
+    4. SiLU·up (the lab's kernel, in place), then the hidden quantized again, one scale per row, as level 10 does
+       it too (there in one kernel with power-of-two scales, here in torch ops).
     5. Down: a third scaled grouped GEMM, then level 4's combine.
     Shared experts run in the same FP8 grouped GEMMs, as experts E … E+S−1 that every token picks with weight 1
     (levels 7-10 do the same), so the whole layer is FP8.
