@@ -185,9 +185,11 @@ def init_weights(config: MoEConfig, device: torch.device | str, experts: range |
     )
 
 
-def shared_experts_forward(tokens_TH: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
-    """The always-active experts: dense SwiGLU MLPs that every token goes through, summed. [T, H], tokens' dtype."""
-    out_TH = torch.zeros_like(tokens_TH)
+def shared_experts_forward(tokens_TH: torch.Tensor, weights: MoEWeights, out_TH: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+    """The always-active experts: dense SwiGLU MLPs that every token goes through, summed. [T, H], tokens' dtype,
+    written into `out_TH` if given."""
+    out_TH = torch.zeros_like(tokens_TH) if out_TH is None else out_TH.zero_()
     for shared in range(weights.w_shared_gate_SHI.shape[0]):
         gate = tokens_TH @ weights.w_shared_gate_SHI[shared]
         up = tokens_TH @ weights.w_shared_up_SHI[shared]

@@ -35,7 +35,9 @@ def main() -> None:
         "shared_expert_top1": (MoEConfig(hidden=48, intermediate=80, num_experts=world, top_k=1,
                                          num_shared_experts=1, name="ep"), Traffic()),
         "idle_rank": (MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2, name="ep"), Traffic()),
-        "few_tokens": (MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2, name="ep"), Traffic()),
+        # One token on rank 0: the shared expert's first half (under the dispatch) has no rows there.
+        "few_tokens": (MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2, num_shared_experts=1,
+                                 name="ep"), Traffic()),
         # K = E: every token goes to every rank, with two of its slots for each.
         "every_expert": (MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2 * world, name="ep"),
                          Traffic()),
@@ -43,7 +45,7 @@ def main() -> None:
     for case, (config, traffic) in cases.items():
         layer = ExpertParallelMoE(config, torch.device("cpu"))
         # Uneven across ranks, multiples of nothing; in `few_tokens`, fewer tokens than chunks on ranks 0 and 1.
-        num_tokens = 2 + rank if case == "few_tokens" else 37 + 5 * rank
+        num_tokens = 1 + rank if case == "few_tokens" else 37 + 5 * rank
         inputs = make_inputs(config, layer.weights, num_tokens, seed=100 * rank + len(case), traffic=traffic)
         if case == "idle_rank":  # no token on any rank picks rank 1's experts (2 and 3): rank 1 receives none
             allowed = torch.tensor([e for e in range(config.num_experts) if e // 2 != 1])

@@ -83,8 +83,9 @@ def time_forwards(layer, inputs, chunks: int, device: torch.device, warmup: int,
                   budget_s: float) -> list[dict[str, float]]:
     """Each timed forward in `chunks` chunks, in ms: `ms` in all, `exposed_comm_ms` = ms − all its expert-compute
     spans, and the phases around the routed chunks' compute: `dispatch_ms` (from the start to the first chunk's
-    compute), `compute_ms` (the chunks' compute spans, summed) and `combine_ms` (from the last chunk's compute to
-    the end, the shared experts included); with one chunk they are the plain dispatch, compute and combine. All
+    compute, the first half of the shared experts included), `compute_ms` (the chunks' compute spans, summed) and
+    `combine_ms` (from the last chunk's compute to the end, the second half included); with one chunk and no
+    shared experts they are the plain dispatch, compute and combine. All
     ranks start each forward together (a barrier), after warm-up, with the L2 cache flushed on a GPU; every rank
     runs the same number of forwards."""
     args = inputs.as_args()
@@ -104,7 +105,8 @@ def time_forwards(layer, inputs, chunks: int, device: torch.device, warmup: int,
     synchronize(device)
     times = []
     for begin, spans, end in marks:
-        routed = spans[:chunks]  # then the shared experts' span, if the layer has any
+        shared = 1 if layer.config.num_shared_experts else 0  # a shared half's span before the chunks and after
+        routed = spans[shared:shared + chunks]
         total_ms = elapsed_ms(begin, end)
         times.append({"ms": total_ms, "exposed_comm_ms": total_ms - sum(elapsed_ms(a, b) for a, b in spans),
                       "dispatch_ms": elapsed_ms(begin, routed[0][0]),

@@ -58,7 +58,9 @@ Overlap: the forward in B chunks
     - The rows, ids, weights and results travel with `async_op=True`: NCCL runs its collectives on a stream of
       its own, in the order they were issued, and `work.wait()` makes the compute stream wait for one before its
       buffer is read (on the CPU, gloo's threads move the bytes and the host waits).
-    - The shared experts need nothing from other ranks: they run while the last chunk's combine is on the wire.
+    - The shared experts need nothing from other ranks, so they hide communication too: the first half of the
+      rank's tokens go through them while the first chunk's dispatch is on the wire (where nothing else could run),
+      the second half while the last chunk's combine is.
     Per forward: 1 + 4·B collectives, B times the local level's launches (level 7: about 8 kernels) and the
     expand and reduce (about 8 small kernels), 1 host sync. B = 1 is the plain dispatch, compute, combine.
 
@@ -243,10 +245,17 @@ class ExpertParallelMoE:
     def forward(self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor,
                 chunks: int = 1, compute_spans: list | None = None) -> torch.Tensor:
         """This rank's output, its tokens in `chunks` pipelined chunks. Given a list, `compute_spans` receives the
-        device-clock span of every expert compute (the expand and reduce included): the chunks' in order, then the
-        shared experts'."""
+        device-clock span of every expert compute (the expand and reduce included): the first half of the shared
+        experts', the chunks' in order, then the second half's."""
         plan = self.plan(tokens_TH, routing_weights_TK, expert_ids_TK, chunks)
         arriving = self.dispatch(plan, 0)
+        # The shared experts (replicated on every rank, nothing to receive), half the tokens under the first dispatch
+        # and half under the last combine; without them the output starts at zero.
+        out_TH = torch.zeros_like(tokens_TH) if not self.config.num_shared_experts else torch.empty_like(tokens_TH)
+        halves = (slice(0, tokens_TH.shape[0] // 2), slice(tokens_TH.shape[0] // 2, None))
+        if self.config.num_shared_experts:
+            with measured(compute_spans, self.device):
+                shared_experts_forward(tokens_TH[halves[0]], self.weights, out_TH=out_TH[halves[0]])
         combining = []
         for chunk in range(chunks):
             arrived = arriving
@@ -259,11 +268,9 @@ class ExpertParallelMoE:
             with measured(compute_spans, self.device):
                 results_UH = self.compute(plan, chunk)
             combining.append(self.combine(plan, chunk, results_UH))
-        if self.config.num_shared_experts:  # replicated on every rank, nothing to receive: runs under the last combine
+        if self.config.num_shared_experts:
             with measured(compute_spans, self.device):
-                out_TH = shared_experts_forward(tokens_TH, self.weights)
-        else:
-            out_TH = torch.zeros_like(tokens_TH)
+                shared_experts_forward(tokens_TH[halves[1]], self.weights, out_TH=out_TH[halves[1]])
         for work in combining:
             work.wait()
         # Each token's partial sums, one from each rank that holds any of its experts, added into its row.
