@@ -146,22 +146,18 @@ def nvidia_driver() -> str | None:
 
 
 def code_version() -> str | None:
-    """The commit the run measured, with " + uncommitted changes" where tracked files differed from it, and the
-    tree those tracked files make (`git log --format='%h %T'` finds the commit with that tree even where this
-    checkout's own history is stale, as on a machine the tree was copied to); None outside a git checkout."""
-    def git(*args: str) -> str | None:
-        try:
-            result = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=20)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return result.stdout.strip() if result.returncode == 0 else None
-
-    head = git("rev-parse", "--short=12", "HEAD")
-    if not head:
+    """The commit the run measured, with " + uncommitted changes" where tracked files differed from it; None
+    outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              cwd=REPO_ROOT, timeout=20)
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=REPO_ROOT, timeout=20)
+    except (OSError, subprocess.SubprocessError):
         return None
-    snapshot = git("stash", "create")  # a commit of the tracked files as they are, or nothing where they are clean
-    tree = git("rev-parse", "--short=12", f"{snapshot or 'HEAD'}^{{tree}}")
-    return head + (" + uncommitted changes" if snapshot else "") + (f" (tree {tree})" if tree else "")
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + (" + uncommitted changes" if changes.stdout.strip() else "")
 
 
 def gpu_topology() -> str | None:
