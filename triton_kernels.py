@@ -801,7 +801,7 @@ def _moe_gate_up_fp8_kernel(
             # Hopper's FP8 instruction adds its products at reduced precision (DeepSeek-V3 measured about 14 bits),
             # and Triton lets it run the whole depth that way on sm_90: 1-1.5% error against the quantized
             # reference at H = 1024-7168. Promoting to fp32 every step (max_num_imprecise_acc=BLOCK_D) cut that to
-            # 0.4% and cost a third of the speed (NOTES.md); the down kernel promotes per step for its scales anyway.
+            # 0.4% and cost a third of the speed (NOTES.md). The down kernel's chain is the same.
             acc = tl.dot(x, w.T, acc)  # read BLOCK_M·BLOCK_D + 2·BLOCK_N·BLOCK_D bytes
             x_ptrs += BLOCK_D
         # Dequantize the accumulator: the token's scale along the rows, each weight column's along the columns.
