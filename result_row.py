@@ -97,11 +97,13 @@ class ResultRow:
     tokens_per_rank: int | None = ep_field()  # T/W
     experts_per_rank: int | None = ep_field()  # E/W
     local_level: str | None = ep_field()  # the single-GPU level each rank runs its experts with, "7 triton_grouped"
-    dispatch_ms: float | None = ep_field()  # unpipelined: the start to the experts' compute, slowest rank, ms
+    # unpipelined, slowest rank: the start to the routed experts' compute (the shared experts' first half runs in it)
+    dispatch_ms: float | None = ep_field()
     compute_ms: float | None = ep_field()  # unpipelined: the experts' compute, ms
-    combine_ms: float | None = ep_field()  # unpipelined: the experts' compute to the end, ms
+    combine_ms: float | None = ep_field()  # unpipelined: the experts' compute to the end (the second half), ms
     a2a_bytes: int | None = ep_field()  # bytes crossing between ranks, dispatch and combine, all ranks
-    dispatch_gbps: float | None = ep_field()  # the busiest rank's dispatch bytes / the dispatch time, GB/s
+    # the busiest rank's dispatch bytes / dispatch_ms, GB/s: with shared experts, a floor on the link's rate
+    dispatch_gbps: float | None = ep_field()
     chunks: int | None = ep_field()  # the pipelined forward's chunk count that was timed in full
     chunk_ms: dict[str, float] | None = ep_field()  # the brief timing's median ms per chunk count tried
     ms_c1: float | None = ep_field()  # the unpipelined (one chunk) forward's median, ms

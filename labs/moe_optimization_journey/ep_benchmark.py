@@ -85,9 +85,8 @@ def time_forwards(layer, inputs, chunks: int, device: torch.device, warmup: int,
     spans, and the phases around the routed chunks' compute: `dispatch_ms` (from the start to the first chunk's
     compute, the first half of the shared experts included), `compute_ms` (the chunks' compute spans, summed) and
     `combine_ms` (from the last chunk's compute to the end, the second half included); with one chunk and no
-    shared experts they are the plain dispatch, compute and combine. All
-    ranks start each forward together (a barrier), after warm-up, with the L2 cache flushed on a GPU; every rank
-    runs the same number of forwards."""
+    shared experts they are the plain dispatch, compute and combine. All ranks start each forward together (a
+    barrier), after warm-up, with the L2 cache flushed on a GPU; every rank runs the same number of forwards."""
     args = inputs.as_args()
     calls, _ = warm_up(lambda: layer.forward(*args, chunks=chunks), device, warmup, repeats, budget_s)
     count = torch.tensor([calls], device=device)
@@ -103,9 +102,9 @@ def time_forwards(layer, inputs, chunks: int, device: torch.device, warmup: int,
         layer.forward(*args, chunks=chunks, compute_spans=spans)
         marks.append((begin, spans, device_clock(device)))
     synchronize(device)
+    shared = 1 if layer.config.num_shared_experts else 0  # a shared half's span before the chunks and after
     times = []
     for begin, spans, end in marks:
-        shared = 1 if layer.config.num_shared_experts else 0  # a shared half's span before the chunks and after
         routed = spans[shared:shared + chunks]
         total_ms = elapsed_ms(begin, end)
         times.append({"ms": total_ms, "exposed_comm_ms": total_ms - sum(elapsed_ms(a, b) for a, b in spans),

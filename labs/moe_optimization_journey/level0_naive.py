@@ -28,8 +28,6 @@ class NaiveLevel(MoELevel):
     level = 0
     name = "naive"
     summary = "Python loops over experts and top-k slots with boolean masks"
-    # Per (expert, slot): a compare and an `any` (1 sync); per non-empty one (min(E·K, T·K) of them) three boolean
-    # indexings (a nonzero and a sync each), three matmuls, the activation and the weighted add.
     # E·K (expert, slot) iterations: a compare (1 kernel) and `any` (1 sync) each; the busy ones (uniform routing:
     # E·K·(1 − (1 − 1/E)^T)) 24 kernels more (28 once a nonzero is large enough to take more passes) and 4 syncs,
     # at the lines below. Alive at the peak: one iteration's tokens, gate, up, activation temporaries and result.

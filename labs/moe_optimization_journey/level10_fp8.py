@@ -69,7 +69,7 @@ from triton_kernels import ONE_PROGRAM_MAX_PAIRS, moe_down_fp8, moe_gate_up_fp8,
 
 # hidden [P, I] bf16, its e4m3 values [P, I] and row scales [P] fp32, y [N, H], the tokens [T, H] in e4m3 and their
 # scales [T] fp32.
-FP8_INTERMEDIATES_BYTES = f"{PADDED_ROWS}*(I*bytes + I + 4) + T*(K + S)*H*bytes + T*(H + 4)"
+FP8_INTERMEDIATES_BYTES = f"{PADDED_ROWS}*(2*I + I + 4) + T*(K + S)*H*bytes + T*(H + 4)"
 
 
 class Fp8Level(PersistentTmaLevel):

@@ -11,9 +11,9 @@ Why it should be faster than level 0
 
 What it costs
     Memory and bytes, O(T·K·H·I): every token gets a private copy of two experts' weights. At the `journey` size
-    (H=1024, I=2048) that is H·I·2 bytes = 4 MiB of bf16 per (token, slot) and projection; 8192 tokens with K=2 need 64 GiB for
-    one gathered projection. The einsums become T·K matrix-*vector* products that read those copies once each, so
-    the layer is bound by memory bandwidth, not by the tensor cores: each weight byte is used for one token
+    (H=1024, I=2048) that is H·I·2 bytes = 4 MiB of bf16 per (token, slot) and projection; 8192 tokens with K=2 need
+    64 GiB for one gathered projection. The einsums become T·K matrix-*vector* products that read those copies once
+    each, so the layer is bound by memory bandwidth, not by the tensor cores: each weight byte is used for one token
     instead of being reused across all the tokens an expert gets. At large T it runs out of GPU memory, and the
     benchmark records that as an `OOM` row. Python evaluates each statement's gather, uses it and frees it, so at
     most one [T, K, H, I] copy is alive at a time.

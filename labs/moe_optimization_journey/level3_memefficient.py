@@ -36,8 +36,6 @@ class MemEfficientLevel(MoELevel):
     level = 3
     name = "memefficient"
     summary = "per-expert index_select / index_add_, no weight copies, in-place fused activation"
-    # Per expert a compare and a nonzero (1 sync); per expert that got pairs, a gather, three matmuls, the
-    # activation, the weight lookup, the multiply and the scatter-add. One expert's rows are alive at a time.
     # Per expert a compare and a nonzero (4 kernels, 1 sync); per expert that got pairs, 9 more (a gather, three
     # matmuls, the activation, the weight lookup, the multiply, the scatter-add), 15 where cuBLAS splits the
     # matmuls. Python frees an expert's tensors only when the next expert's rebind their names: two experts'

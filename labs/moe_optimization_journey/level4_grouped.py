@@ -59,7 +59,6 @@ class GroupedLevel(MoELevel):
     level = 4
     name = "grouped"
     summary = "sort pairs by expert (argsort), one GEMM per expert slice, index_add_ combine"
-    # permute: a sort and about 8 small kernels; per expert 4 (gate, up, activation, down); combine: 4.
     # permute: a sort and 8 small kernels; per expert that got pairs 4 (gate, up, activation, down), 6 where cuBLAS
     # splits the gate and up GEMMs; combine: 3.
     claims = Claims(launches="(4*U + 11 + 8*S, 6*U + 11 + 26*S)", syncs="1", extra_bytes="2*T*K*H*bytes + 24*T*K")

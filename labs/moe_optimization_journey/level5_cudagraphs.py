@@ -22,12 +22,13 @@ Why it should be faster than level 4
     at once, back to back.
 
 What it costs
-    Padding. Buffers sized for the worst case make every expert compute T rows, so the GEMMs do E/K times the
-    useful FLOPs (4× on `journey`, 16× on `qwen3-moe`, 32× on `deepseek-v3`) and hold E·T·(2H + I) activations.
-    At large T that loses to level 4 (by up to E/K, once level 4's own GEMMs run near peak); the table keeps it. The lesson is the pair: syncs and launches
-    dominate small batches, padding dominates large ones; level 7's token alignment pads each expert only to a
-    GEMM block instead of to T. The output is a static buffer the next replay overwrites; read it (or copy it)
-    before calling again. On the CPU there are no graphs: the same sync-free code runs eagerly, and the row says so.
+    Padding. Buffers sized for the worst case make every expert compute T rows, so the GEMMs do E/K times the useful
+    FLOPs (4× on `journey`, 16× on `qwen3-moe`, 32× on `deepseek-v3`) and hold E·T·(2H + I) activations. At large T
+    that loses to level 4 (by up to E/K, once level 4's own GEMMs run near peak); the table keeps it. The lesson is
+    the pair: syncs and launches dominate small batches, padding dominates large ones; level 7's token alignment
+    pads each expert only to a GEMM block instead of to T. The output is a static buffer the next replay overwrites;
+    read it (or copy it) before calling again. On the CPU there are no graphs: the same sync-free code runs eagerly,
+    and the row says so.
 
 Shared experts (if the config has any) run as a separate dense MLP inside the same graph: captured, not
 fused.
@@ -84,10 +85,10 @@ class CudaGraphLevel(MoELevel):
     name = "cudagraphs"
     summary = "sync-free fixed-capacity formulation, the whole layer captured in one CUDA graph"
     keeps_buffers = True  # the graph's private memory pool
-    # About 30 kernels in the graph, replayed by one launch; every expert padded to T rows.
     # 26 kernels in the graph (9 more per shared expert; up to 38 where the sort of T·K pairs takes more passes),
     # replayed by one launch. Its private pool keeps every intermediate, each expert padded to T rows.
-    claims = Claims(launches="(26 + 9*S, 38 + 9*S)", syncs="0", extra_bytes="(E*T*(2*H + 2*I)*bytes, E*T*(2*H + 2*I)*bytes + 80*2**20)")
+    claims = Claims(launches="(26 + 9*S, 38 + 9*S)", syncs="0",
+                    extra_bytes="(E*T*(2*H + 2*I)*bytes, E*T*(2*H + 2*I)*bytes + 80*2**20)")
 
     def prepare(self):
         self.graphed_forward = CapturedGraph(self.static_forward)
