@@ -97,7 +97,10 @@ class ResultRow:
     tokens_per_rank: int | None = ep_field()  # T/W
     experts_per_rank: int | None = ep_field()  # E/W
     local_level: str | None = ep_field()  # the single-GPU level each rank runs its experts with, "7 triton_grouped"
-    # unpipelined, slowest rank: the start to the routed experts' compute (the shared experts' first half runs in it)
+    # The rank the phases and exposed times below are read on: "busiest" (the longest compute; from 2026-11-26);
+    # None on older rows, which read them on the slowest rank (under skew a light rank, its wait in the combine).
+    phases_rank: str | None = ep_field()
+    # unpipelined: the start to the routed experts' compute (the shared experts' first half runs in it), ms
     dispatch_ms: float | None = ep_field()
     compute_ms: float | None = ep_field()  # unpipelined: the experts' compute, ms
     combine_ms: float | None = ep_field()  # unpipelined: the experts' compute to the end (the second half), ms

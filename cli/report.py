@@ -631,6 +631,16 @@ def ep_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(table_rows, columns=header).set_index("case")
 
 
+PHASES_RANK_WHY = {"busiest": "the one whose expert compute took longest",
+                   "slowest": "under skewed traffic a light one, whose combine waits for the others"}
+
+
+def phases_rank_text(df: pd.DataFrame, why: bool = True) -> str:
+    """Which rank the rows' phases and exposed times were read on (rows from before 2026-11-26: the slowest)."""
+    ranks = sorted(set(df["phases_rank"].fillna("slowest")) if "phases_rank" in df else {"slowest"})
+    return " or ".join(f"the {rank} rank" + (f" ({PHASES_RANK_WHY[rank]})" if why else "") for rank in ranks)
+
+
 def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
     """The expert-parallel section: ep_table with what its columns mean, the rows' notes, and the phases' figure."""
     local = ", ".join(sorted(set(df["local_level"].dropna())))
@@ -639,7 +649,8 @@ def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
         f"Weak scaling: at world size W each rank holds the preset's E experts (W·E in all) and its own T tokens; "
         f"the local experts run on {local or 'the best single-GPU level'}. ms is the slowest rank's median "
         "forward in the chunk count (*chunks*) that brief timings of the candidates found fastest; the phases "
-        "(ms) are those of the unpipelined forward (one chunk), one after another. *Exposed comm* is a forward's "
+        f"(ms) are those of the unpipelined forward (one chunk), one after another, on {phases_rank_text(df)}. "
+        "*Exposed comm* is that rank's forward's "
         "time minus its expert compute (shared experts included): the communication, and the waits for other "
         "ranks, that no compute hid, unpipelined and in the chosen chunks. *MiB across ranks* is what the dispatch "
         "and the combine sent to other ranks per forward, all ranks together; *dispatch GB/s* is the busiest "
@@ -666,7 +677,7 @@ def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
             ax.barh(labels, ok[column], left=left, label=name, color=color)
             left = [a + b for a, b in zip(left, ok[column])]
         ax.invert_yaxis()
-        ax.set(xlabel="ms per unpipelined forward (slowest rank)")
+        ax.set(xlabel=f"ms per unpipelined forward, on {phases_rank_text(df, why=False)}")
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(True, axis="x", alpha=0.3)
         legend_right(ax)

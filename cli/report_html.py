@@ -318,7 +318,8 @@ def ep_html(df: pd.DataFrame, run_dir: Path) -> str:
              f"{esc(r['status'])}: {esc(r['note'])}</li>" for _, r in df.iterrows() if r["note"]]
     return ('<h2 id="expert-parallel">Expert parallelism (level ep)</h2>'
             '<p class="caption">Weak scaling: at world size W each rank holds the preset\'s E experts and its own T '
-            "tokens. ms is the slowest rank's median forward, split into dispatch, expert compute and combine; "
+            "tokens. ms is the slowest rank's median forward; its phases (dispatch, expert compute and combine) are "
+            f"read on {esc(report.phases_rank_text(df))}; "
             "weak-scaling efficiency is the world-size-1 time over the row's. summary.md spells out every column.</p>"
             '<div class="scroll">' + table.to_html(escape=False, border=0) + "</div>"
             + figure(run_dir, "expert_parallel.png", "each forward's phases, per case and world size")

@@ -58,9 +58,12 @@ def test_cli_runs_ep_on_the_cpu(tmp_path):
     # The full timing decides between the brief timing's pick and one chunk.
     assert two["chunks"] in (brief_pick, 1) and (two["chunks"] == 1) == (two["ms"] == two["ms_c1"])
     assert 0 < two["exposed_comm_ms_c1"] < two["ms_c1"] and 0 < two["exposed_comm_ms"] < two["ms"]
+    # The phases come from the rank that computed longest, whom the others wait for under skew.
+    assert two["phases_rank"] == "busiest"
     summary = re.sub(" +", " ", (run_dir / "summary.md").read_text())  # the tables' padding squeezed out
     assert "## Expert parallelism (level ep)" in summary and "| tiny | 16 | 2 | 8 |" in summary
     assert "| exposed comm, 1 chunk | exposed comm, chunked |" in summary
+    assert "on the busiest rank (the one whose expert compute took longest)" in summary
     assert (run_dir / "expert_parallel.png").exists()
 
 
