@@ -72,6 +72,10 @@ class ResultRow:
     syncs_measured: int | None = None  # the same, from torch.cuda.set_sync_debug_mode
     extra_mb_claimed: tuple[float, float] | None = None  # memory beyond inputs, weights and output, (low, high) MiB
     extra_mb: float | None = None  # the same, measured, MiB
+    # The SM clock right after the timed calls (nvidia-smi), MHz, and whether the software power cap held it down
+    # then: sustained GEMMs at an H100's 700 W cap run at 1400-1600 MHz, not 1980 (GPU only).
+    sm_clock_mhz: int | None = None
+    power_capped: bool | None = None
     gpu_busy_pct: float | None = None  # kernel time / forward time, %
     host_bound: bool | None = None  # gpu_busy_pct under 50: the GPU mostly waits for the host
     claims_contradicted: list[str] | None = None  # which of launches, syncs, extra memory the measurement contradicts

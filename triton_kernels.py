@@ -539,7 +539,7 @@ def _persistent_configs(interpret: bool) -> list:
     if interpret:
         return [triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
     shapes = [(16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (128, 64, 8, 3),
-              (256, 64, 8, 3)]
+              (256, 64, 8, 3), (256, 64, 8, 4)]
     return [triton.Config({"BLOCK_N": n, "BLOCK_D": d, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for n, d, w, s in shapes]
 

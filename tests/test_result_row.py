@@ -108,3 +108,19 @@ def test_ep_script_refuses_like_the_cli(args, message):
     result = subprocess.run([sys.executable, str(script), "--device", "cpu", *args], capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def test_a_gpu_row_names_the_clock_its_median_was_taken_at(monkeypatch):
+    """nvidia-smi's SM clock and software-power-cap flag, read by the GPU's UUID right after the timed calls."""
+    asked = []
+
+    def fake_run(command, **kwargs):
+        asked.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout="1470, Active\n")
+
+    monkeypatch.setattr(moe_benchmark.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(moe_benchmark.subprocess, "run", fake_run)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("Props", (), {"uuid": "1234-abcd"}))
+    assert moe_benchmark.sm_clock_after_load(torch.device("cuda", 0)) == (1470, True)
+    assert asked[0][:3] == ["nvidia-smi", "-i", "GPU-1234-abcd"]
+    assert moe_benchmark.sm_clock_after_load(torch.device("cpu")) is None

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import gc
 import math
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 import zlib
@@ -334,6 +336,23 @@ def time_calls(
     return times_ms
 
 
+def sm_clock_after_load(device: torch.device) -> tuple[int, bool] | None:
+    """(SM clock in MHz, whether the driver's software power cap holds it down) read by nvidia-smi right after
+    the timed calls. An H100 at its 700 W cap runs back-to-back GEMMs at 1400-1600 MHz instead of 1980, 10-16%
+    slower (NOTES.md), so a row says which clock its median was taken at. None off a GPU, without nvidia-smi, or
+    where it cannot answer for this GPU."""
+    if device.type != "cuda" or shutil.which("nvidia-smi") is None:
+        return None
+    gpu = f"GPU-{torch.cuda.get_device_properties(device).uuid}"  # by UUID: indices differ under CUDA_VISIBLE_DEVICES
+    query = ["nvidia-smi", "-i", gpu, "--format=csv,noheader,nounits",
+             "--query-gpu=clocks.sm,clocks_event_reasons.sw_power_cap"]
+    result = subprocess.run(query, capture_output=True, text=True, timeout=10)
+    if result.returncode != 0:
+        return None
+    clock, power_cap = (field.strip() for field in result.stdout.split(","))
+    return int(clock), power_cap == "Active"
+
+
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -573,6 +592,8 @@ def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_to
         call = lambda: level.forward(*timing_inputs.as_args())  # noqa: E731
         with triton_kernels.torch_ops_on_cpu():
             times_ms = time_calls(call, device, warmup, repeats, time_budget_s)
+        if clock := sm_clock_after_load(device):
+            row.sm_clock_mhz, row.power_capped = clock
         ms = statistics.median(times_ms)
         flops = flop_count(config, num_tokens)
         nbytes = min_bytes(config, num_tokens, int(timing_inputs.expert_ids_TK.unique().numel()),
