@@ -604,16 +604,27 @@ def plot_stages(df: pd.DataFrame, out_dir: Path, preset: str) -> str:
     return save(fig, out_dir / f"stages_{preset}.png")
 
 
+def with_efficiency(df: pd.DataFrame) -> pd.DataFrame:
+    """The EP rows with their weak-scaling `efficiency`: the same case's time at world size 1 and the same tokens
+    per rank over the row's time (NaN where either was not timed)."""
+    keys = ["case", "tokens_per_rank"]
+    timed = df[df["status"] == "ok"]
+    alone = timed[timed["world_size"] == 1].drop_duplicates(keys, keep="last")[[*keys, "ms"]]
+    ms_alone = df[keys].merge(alone, on=keys, how="left")["ms"].to_numpy()
+    return df.assign(efficiency=(ms_alone / df["ms"]).where(df["status"] == "ok"))
+
+
+def efficiency_text(efficiency: float) -> str:
+    return "-" if pd.isna(efficiency) else f"{efficiency:.2f}"
+
+
 def ep_table(df: pd.DataFrame) -> pd.DataFrame:
     """The expert-parallel rows: one per (case, tokens per rank, world size), the unpipelined time split into its
     phases, the chosen chunk count and the communication left exposed before and after pipelining, the bytes the
     all-to-alls moved, the bandwidths, and the weak-scaling efficiency against world size 1."""
     table_rows = []
-    for _, row in df.sort_values(["case", "tokens_per_rank", "world_size"]).iterrows():
-        base = df[(df["case"] == row["case"]) & (df["tokens_per_rank"] == row["tokens_per_rank"])
-                  & (df["world_size"] == 1) & (df["status"] == "ok")]
+    for _, row in with_efficiency(df).sort_values(["case", "tokens_per_rank", "world_size"]).iterrows():
         ok = row["status"] == "ok"
-        efficiency = f"{100 * base['ms'].iloc[0] / row['ms']:.0f}%" if ok and len(base) else "-"
         cells = [fmt(row[c]) if ok else "-" for c in ("ms", "dispatch_ms", "compute_ms", "combine_ms")]
         if not ok:
             cells[0] = STATUS_CELL.get(row["status"], row["status"])
@@ -624,7 +635,7 @@ def ep_table(df: pd.DataFrame) -> pd.DataFrame:
                            str(row["experts"]), *cells, chunks, *exposed, mb,
                            *(fmt(row[c]) if ok else "-" for c in ("dispatch_gbps", "a2a_busbw_gbps",
                                                                    "allreduce_busbw_gbps", "rank_load_max_over_mean")),
-                           efficiency])
+                           efficiency_text(row["efficiency"])])
     header = ["case", "tokens / rank", "W", "experts", "ms", "dispatch", "expert compute", "combine", "chunks",
               "exposed comm, 1 chunk", "exposed comm, chunked", "MiB across ranks", "dispatch GB/s",
               "all-to-all busbw GB/s", "all-reduce busbw GB/s", "busiest rank / mean", "weak-scaling eff."]
@@ -684,7 +695,59 @@ def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
         fig.suptitle(f"Expert parallelism: each forward's phases ({df['device'].iloc[0]})")
         name = save(fig, out_dir / "expert_parallel.png")
         parts.append(f"![{name}]({name})")
+    if weak_scaling := plot_weak_scaling(df, out_dir):
+        parts.append(f"![{weak_scaling}]({weak_scaling})")
     return "\n\n".join(parts)
+
+
+def world_size_axis(ax, sizes: list[int]) -> None:
+    """A log2 world-size axis with a labelled tick at each measured W and no others."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(w) for w in sizes])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlim(sizes[0] / 1.3, sizes[-1] * 1.3)
+    ax.set_xlabel("world size W (GPUs, one process each)")
+
+
+def plot_weak_scaling(df: pd.DataFrame, out_dir: Path) -> str | None:
+    """Where the EP rows timed more than one world size: the weak-scaling efficiency against W, a line per (case,
+    tokens per rank), and beside it the all-to-all's and the all-reduce's bus bandwidth on the same processes, at
+    the largest tokens per rank (the collectives run at the dispatch's size, so the smaller count adds lines that
+    say little more). A case keeps its colour in both panels."""
+    timed = with_efficiency(df)
+    timed = timed[timed["status"] == "ok"].sort_values(["case", "tokens_per_rank", "world_size"])
+    sizes = sorted(int(w) for w in timed["world_size"].unique())
+    if len(sizes) < 2:
+        return None
+    palette = plt.get_cmap("tab10").colors
+    colors = {case: palette[i % len(palette)] for i, case in enumerate(dict.fromkeys(timed["case"]))}
+    token_counts = sorted(timed["tokens_per_rank"].unique(), reverse=True)  # the largest drawn solid
+    fig, (scaling, bandwidth) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    for (case, tokens), part in timed.groupby(["case", "tokens_per_rank"], sort=False):
+        style = ["-", "--", ":", "-."][token_counts.index(tokens) % 4]
+        scaling.plot(part["world_size"], part["efficiency"], marker="o", markersize=4, linestyle=style,
+                     color=colors[case], label=f"{case_title(case)}, {token_label(int(tokens))} tokens/rank")
+    scaling.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="ideal: as fast as one GPU alone")
+    world_size_axis(scaling, sizes)
+    scaling.set(ylim=(0, max(1.1, timed["efficiency"].max() * 1.05)), title="weak-scaling efficiency",
+                ylabel="time at W=1 / time at W\n(each GPU: the preset's experts, its own tokens)")
+    scaling.grid(True, alpha=0.3)
+    legend_right(scaling)
+    largest = timed[(timed["tokens_per_rank"] == token_counts[0]) & (timed["world_size"] >= 2)]
+    for case, part in largest.groupby("case", sort=False):
+        for column, collective, style, marker in (("a2a_busbw_gbps", "all-to-all", "-", "o"),
+                                                  ("allreduce_busbw_gbps", "all-reduce", "-.", "s")):
+            bandwidth.plot(part["world_size"], part[column], marker=marker, markersize=4, linestyle=style,
+                           color=colors[case], label=f"{case_title(case)}: {collective}")
+    world_size_axis(bandwidth, [w for w in sizes if w >= 2])
+    peak = largest[["a2a_busbw_gbps", "allreduce_busbw_gbps"]].max().max()
+    bandwidth.set_ylim(0, 1.1 * peak if peak > 0 else 1)  # room above the top marker; no NaN limit when none
+    bandwidth.set(ylabel="bus bandwidth, GB/s\n(a plain collective of the dispatch's size)",
+                  title=f"the collectives' bus bandwidth at {token_label(int(token_counts[0]))} tokens/rank")
+    bandwidth.grid(True, alpha=0.3)
+    legend_right(bandwidth)
+    fig.suptitle(f"Expert parallelism: weak scaling ({df['device'].iloc[0]})")
+    return save(fig, out_dir / "weak_scaling.png")
 
 
 def plot_imbalance(df: pd.DataFrame, out_dir: Path, preset: str) -> str | None:
@@ -821,6 +884,81 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
         sections += [f"#### {case}, FP8 (e4m3): TFLOP/s, and the largest quant err of each FP8 level",
                      markdown_table(table, "level \\ tokens")]
     return "\n\n".join(sections)
+
+
+class OverlappingRuns(ValueError):
+    """EP run folders published together that hold the same case at the same world size and tokens per rank: the
+    README's one table would hold it twice."""
+
+
+def machine_text(env: dict) -> str:
+    """The GPUs and what joins them, read off environment.json's `nvidia-smi topo -m` matrix (NV# = a bonded set
+    of # NVLinks; PIX, PXB, PHB, NODE, SYS: PCIe paths): "4× NVIDIA H200, NVLink NV18 between every pair"."""
+    device = env.get("device", "?")
+    lines = [line.split() for line in (env.get("topology") or "").splitlines()]
+    gpu_rows = [cells for cells in lines if re.fullmatch(r"GPU\d+", cells[0] if cells else "") and "X" in cells]
+    if not gpu_rows:
+        return f"{device} (no GPU topology recorded)"
+    # A GPU's row (X: itself) starts with the GPUs' columns in the rows' order: row a's cell 1 + b joins a and b.
+    links = [gpu_rows[a][1 + b] for a in range(len(gpu_rows)) for b in range(a + 1, len(gpu_rows))]
+    kinds = pd.Series(links).map(lambda link: f"NVLink {link}" if link.startswith("NV") else f"PCIe ({link})")
+    counts = kinds.value_counts()
+    gpus = f"{len(gpu_rows)}× {device}"
+    if len(counts) == 0:
+        return gpus
+    if len(counts) == 1:
+        return f"{gpus}, {counts.index[0]} between {'the two' if len(gpu_rows) == 2 else 'every pair'}"
+    return f"{gpus}: " + ", ".join(f"{kind} between {count} pair{'s' if count > 1 else ''}"
+                                   for kind, count in counts.items())
+
+
+def weak_scaling_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The EP rows, one line per (case, tokens per rank): ms at each world size W and the weak-scaling efficiency
+    at each W above 1; then, at the largest W, the exposed communication (in the chosen chunks), the busiest rank's
+    load over the mean and both collectives' bus bandwidths."""
+    keys = ["case", "tokens_per_rank"]
+    df = with_efficiency(df).drop_duplicates([*keys, "world_size"], keep="last")
+    sizes = sorted(int(w) for w in df["world_size"].unique())
+    cells = df.assign(ms_cell=[status_or(lambda r: fmt(r["ms"]))(row) for _, row in df.iterrows()],
+                      efficiency_cell=df["efficiency"].map(efficiency_text))
+    by_size = cells.pivot(index=keys, columns="world_size", values=["ms_cell", "efficiency_cell"])
+    table = pd.DataFrame({**{f"W={w} ms": by_size["ms_cell"][w] for w in sizes},
+                          **{f"eff. W={w}": by_size["efficiency_cell"][w] for w in sizes[1:]}})
+    largest = cells[cells["world_size"] == sizes[-1]].set_index(keys)
+    for column, name, unit in (("exposed_comm_ms", "exposed comm", ", ms"),
+                               ("rank_load_max_over_mean", "busiest rank / mean", ""),
+                               ("a2a_busbw_gbps", "all-to-all busbw", ", GB/s"),
+                               ("allreduce_busbw_gbps", "all-reduce busbw", ", GB/s")):
+        table[f"{name} at W={sizes[-1]}{unit}"] = largest[column].where(largest["status"] == "ok").map(fmt)
+    table = table.fillna("-").reset_index(level="tokens_per_rank")
+    return table.rename(columns={"tokens_per_rank": "tokens / rank"}).astype({"tokens / rank": int}).astype(str)
+
+
+def ep_readme_summary(run_dirs: list[Path], link_prefixes: list[str]) -> str:
+    """The README's expert-parallel block from EP run folders (one per preset, say): the machine, one weak-scaling
+    table from all their rows, and each folder's weak_scaling.png. Raises OverlappingRuns where two folders hold the
+    same line of the table."""
+    machines = {run_dir.name: machine_text(load_environment(run_dir)) for run_dir in run_dirs}
+    machine = (next(iter(machines.values())) if len(set(machines.values())) == 1
+               else "; ".join(f"{name}: {text}" for name, text in machines.items()))
+    rows_of = {run_dir: load_rows(run_dir) for run_dir in run_dirs}
+    df = split_ep(frame([row for rows in rows_of.values() for row in rows]))[0]
+    twice = df[df.duplicated(["case", "tokens_per_rank", "world_size"])]
+    if len(twice):
+        first = twice.iloc[0]
+        raise OverlappingRuns(f"more than one of the folders holds {first['case']} at W={int(first['world_size'])}, "
+                              f"{int(first['tokens_per_rank'])} tokens per rank; publish one of them")
+    images = [f"![weak scaling, {', '.join(dict.fromkeys(row['preset'] for row in rows_of[run_dir]))}]"
+              f"({prefix}/weak_scaling.png)"
+              for run_dir, prefix in zip(run_dirs, link_prefixes) if (Path(run_dir) / "weak_scaling.png").exists()]
+    return "\n\n".join(filter(None, [
+        f"On {machine}. At world size W each GPU holds the preset's experts and its own tokens; ms is the slowest "
+        "rank's median forward; *eff.* is the weak-scaling efficiency, the time at W=1 over the time at W; *exposed "
+        f"comm* is the time outside expert compute on {phases_rank_text(df, why=False)}; the bus bandwidths are "
+        "NCCL-tests' measure of a plain all-to-all and all-reduce of the dispatch's size on the same processes:",
+        markdown_table(weak_scaling_table(df), "case"),
+        " ".join(images),
+    ]))
 
 
 # Every field that makes a case, as rows name it and as a comparison's header shows it. Rows from before a field

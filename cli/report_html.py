@@ -323,4 +323,6 @@ def ep_html(df: pd.DataFrame, run_dir: Path) -> str:
             "weak-scaling efficiency is the world-size-1 time over the row's. summary.md spells out every column.</p>"
             '<div class="scroll">' + table.to_html(escape=False, border=0) + "</div>"
             + figure(run_dir, "expert_parallel.png", "each forward's phases, per case and world size")
+            + figure(run_dir, "weak_scaling.png", "weak-scaling efficiency and the collectives' bus bandwidth, "
+                     "against the world size")
             + ("<h3>Notes from the rows</h3><ul>" + "".join(notes) + "</ul>" if notes else ""))
