@@ -388,12 +388,26 @@ def environment_section(env: dict) -> str:
     if env.get("timed_calls"):
         low, high = env["timed_calls"]
         asked = (env.get("args") or {}).get("repeats", "?")
-        lines.append(f"- timed calls per row: {low}–{high} (asked for {asked}; never under 5, fewer when slow)")
+        lines.append(f"- timed calls per row: {low}–{high} (asked for {asked}: at least 5 on the CPU; on a GPU "
+                     f"do_bench times for as long as that many warm-up calls took, and counts its calls itself)")
     if ceilings:
         lines.append(f"- measured ceilings: {ceilings_text(ceilings)}")
     else:
         lines.append("- no ceilings measured (CPU run): `pct_roofline` is empty")
     return "\n".join(lines)
+
+
+def clock_text(rows: list[dict]) -> str:
+    """The SM clock the rows' timed calls ended at, and how many ended under the power cap; "" for rows from before
+    the harness read it, or from a CPU."""
+    clocked = [row for row in rows if row.get("sm_clock_mhz") is not None]
+    if not clocked:
+        return ""
+    clocks = [row["sm_clock_mhz"] for row in clocked]
+    capped = sum(bool(row.get("power_capped")) for row in clocked)
+    return (f"SM clock right after each row's timed calls: {min(clocks)}–{max(clocks)} MHz; the software power cap "
+            f"held it down after {capped} of {len(clocked)} rows, whose times are the card's sustained rate at its "
+            "power limit, not its peak clock's")
 
 
 # The plots. Every figure gives a level the same colour, names what it shows in words, keeps its legend off the
@@ -830,6 +844,8 @@ def write_report(run_dir: Path, warn: Callable[[str], None] | None = None) -> Pa
     env = load_environment(run_dir)
     on_cpu = bool(rows) and all(row.get("device_type") == "cpu" for row in rows)
     sections = [f"# moe_journey run `{run_dir.name}`", cpu_intro(env) if on_cpu else "", environment_section(env)]
+    if clock := clock_text(rows):
+        sections[-1] += f"\n- {clock}"
     if not rows:
         sections.append("No rows were recorded.")
     else:

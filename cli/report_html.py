@@ -63,7 +63,7 @@ def write_html(run_dir: Path, rows: list[dict], env: dict) -> Path:
     """report.html beside summary.md, from the same rows and environment; the figures are those write_report
     drew."""
     run_dir = Path(run_dir)
-    contents, body = [], [environment(env)]
+    contents, body = [], [environment(env) + (f"<p>{esc(clock)}.</p>" if (clock := report.clock_text(rows)) else "")]
     if rows and all(row.get("device_type") == "cpu" for row in rows):
         body.insert(0, f'<p class="intro">{esc(report.cpu_intro(env))}</p>')
     if not rows:
@@ -299,17 +299,26 @@ def counts_html(df: pd.DataFrame, links: dict) -> str:
                            report.fmt_span(row["launches_claimed"]), measured(row, row["launches_measured"], "launches"),
                            report.fmt_span(row["syncs_claimed"]), measured(row, row["syncs_measured"], "syncs"),
                            report.fmt_span(row["extra_mb_claimed"]), measured(row, row["extra_mb"], "extra memory"),
-                           report.fmt(row["gpu_busy_pct"]), "yes" if row["host_bound"] else "no"])
+                           report.fmt(row["gpu_busy_pct"]), "yes" if row["host_bound"] else "no",
+                           clock_cell(row)])
     columns = ["level", "tokens", "launches claimed", "launches measured", "syncs claimed", "syncs measured",
-               "extra MiB claimed", "extra MiB measured", "GPU busy %", "host-bound"]
+               "extra MiB claimed", "extra MiB measured", "GPU busy %", "host-bound", "SM MHz after"]
     table = pd.DataFrame(table_rows, columns=columns).set_index(["level", "tokens"])
     return section(
         "Claimed against measured", "Per forward, what the lesson's docstring claims and what the harness "
         "measured: kernels the GPU ran, host syncs, and device memory beyond inputs, weights and output. Red: a claim "
         "the measurement contradicts (syncs within 1%, launches within 10% of the claimed range, memory within 30% "
         "or 8 MiB). <em>host-bound</em>: the GPU was busy under half of the forward, so its time depends on the "
-        "host CPU.",
+        "host CPU. <em>SM MHz after</em>: the clock right after the timed calls, <em>capped</em> where the "
+        "software power cap held it down.",
         '<div class="scroll">' + table.to_html(escape=False, border=0) + "</div>")
+
+
+def clock_cell(row) -> str:
+    """The SM clock after a row's timed calls, and whether the power cap held it; "-" where it was not read."""
+    if "sm_clock_mhz" not in row or pd.isna(row["sm_clock_mhz"]):
+        return "-"
+    return f"{int(row['sm_clock_mhz'])}" + (" capped" if row["power_capped"] is True else "")
 
 
 def ep_html(df: pd.DataFrame, run_dir: Path) -> str:

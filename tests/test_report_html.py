@@ -60,6 +60,15 @@ def test_counts_section_flags_the_contradicted_claims(tmp_path):
     assert "tr:has(.mismatch)" in page  # the whole row turns red, not just the cell
 
 
+def test_rows_say_the_clock_their_calls_ended_at(tmp_path):
+    rows = journey_rows(**COUNTS, sm_clock_mhz=1980, power_capped=False)
+    rows[3].update(sm_clock_mhz=1425, power_capped=True)  # level 4 at 64 tokens, under the power cap
+    page = write_run(tmp_path, rows)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "1425–1980 MHz; the software power cap held it down after 1 of 5 rows" in summary
+    assert "<td>1425 capped</td>" in page and "<td>1980</td>" in page
+
+
 def test_no_counts_section_without_counts(tmp_path):
     assert "Claimed against measured" not in write_run(tmp_path, journey_rows())
 
