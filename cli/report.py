@@ -372,7 +372,7 @@ def ceilings_text(ceilings: dict) -> str:
             + f"device copy {ceilings['copy_gbps']:.0f} GB/s (read + write)")
 
 
-def environment_section(env: dict) -> str:
+def environment_section(env: dict, rows: list[dict]) -> str:
     if not env:
         return ""
     ceilings = env.get("ceilings") or {}
@@ -394,6 +394,8 @@ def environment_section(env: dict) -> str:
         lines.append(f"- measured ceilings: {ceilings_text(ceilings)}")
     else:
         lines.append("- no ceilings measured (CPU run): `pct_roofline` is empty")
+    if clock := clock_text(rows):
+        lines.append(f"- {clock}")
     return "\n".join(lines)
 
 
@@ -843,9 +845,8 @@ def write_report(run_dir: Path, warn: Callable[[str], None] | None = None) -> Pa
     rows = load_rows(run_dir, skip_damaged_last=warn)
     env = load_environment(run_dir)
     on_cpu = bool(rows) and all(row.get("device_type") == "cpu" for row in rows)
-    sections = [f"# moe_journey run `{run_dir.name}`", cpu_intro(env) if on_cpu else "", environment_section(env)]
-    if clock := clock_text(rows):
-        sections[-1] += f"\n- {clock}"
+    sections = [f"# moe_journey run `{run_dir.name}`", cpu_intro(env) if on_cpu else "",
+                environment_section(env, rows)]
     if not rows:
         sections.append("No rows were recorded.")
     else:
@@ -879,7 +880,7 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
     plots; every other table stays in the run's summary.md."""
     rows, env = load_rows(run_dir), load_environment(run_dir)
     df = split_ep(frame(rows))[1]
-    sections = [environment_section(env)]
+    sections = [environment_section(env, rows)]
     for case in dict.fromkeys(df["case"]):
         part = df[df["case"] == case].reset_index(drop=True)
         images = [f"{kind}_{slug(case)}.png" for kind in ("time", "speedup", "roofline")]
