@@ -767,6 +767,9 @@ def _fp8_configs(interpret: bool, gate_up: bool) -> list:
     widths = (32, 64, 128) if gate_up else (64, 128, 256)
     shapes = [(n, d, w, s) for n in widths for d, w, s in ((128, 4, 4), (128, 8, 4), (128, 8, 3), (64, 4, 5))
               if not (n == 256 and w == 4) and not (n == 32 and w == 8)]
+    # Decode reads each weight row in runs of BLOCK_D bytes: 256-deep steps read 256 contiguous bytes, as level 9's
+    # 128-deep bf16 steps do, where 128-deep FP8 steps read half that per row.
+    shapes += [(32, 256, 4, 4), (64, 256, 4, 4), (64, 256, 4, 3)]
     return [triton.Config({"BLOCK_N": n, "BLOCK_D": d, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for n, d, w, s in shapes]
 

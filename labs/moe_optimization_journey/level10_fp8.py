@@ -20,7 +20,10 @@ The idea
        128-column tile quantized in the gate/up epilogue (DeepSeek-V3's activation blocks), saves the pass but
        makes the down kernel scale each 128-deep step's partial product before adding it, and the tensor cores
        wait for every step: that down kernel ran at 780 TF/s on an H100 where the gate/up kernel ran at 1370.
-    Everything else is level 9's: alignment, persistent grid, TMA tiles, shared experts fused, one CUDA graph.
+    Everything else is level 9's: alignment, persistent grid, TMA tiles, shared experts fused, one CUDA graph,
+    with one more tile shape for decode: a K-major weight tile reads each weight row in runs of BLOCK_D bytes, so
+    256-deep steps read 256 contiguous bytes as level 9's 128-deep bf16 steps do (mixtral at one token 179 → 168
+    µs on an H100, NOTES.md).
 
 Why it should beat level 9, counted
     Prefill: the same FLOPs at up to twice the rate; the GEMMs' bytes halve (weights, gathered rows and the
@@ -37,9 +40,9 @@ Why store the weights in FP8 (the seed's "native FP8 weights: works, but no spee
     for mixtral's gate weights alone (0.47 G weights), about 31 ms for all three projections, against 10.4 ms for
     this whole layer at 16384 tokens; even a fused conversion would move 4.2 GB, about 1.4 ms, 8x the one-token
     forward. Stored once in FP8 the weights cost 1 byte per forward, and then FP8 pays twice: at prefill the
-    tensor-core rate (1.69x level 9 on mixtral and deepseek-v3 at 16384 tokens on an H100, 1.37x on qwen3-moe, whose
-    short reductions leave the per-tile work and the hidden's pass a larger share), at decode the halved weight
-    bytes (mixtral at one token 179 µs against level 9's 276). The numbers and what holds them below 2x: NOTES.md
+    tensor-core rate (1.72x and 1.70x level 9 on mixtral and deepseek-v3 at 16384 tokens on an H100, 1.33x on
+    qwen3-moe, whose short reductions leave the per-tile work and the hidden's pass a larger share), at decode the
+    halved weight bytes (mixtral at one token 168 µs against level 9's 273). The numbers and what holds them below 2x: NOTES.md
     ("Level 10").
 
 What it costs
