@@ -252,8 +252,8 @@ def run_command(
     hot_share: float = typer.Option(0.5, help="hot traffic: the share of tokens that pick expert 0"),
     warmup: int = typer.Option(None, help=f"untimed calls before timing (default: {DEFAULTS['cuda'].warmup} on a "
                                           f"GPU, {DEFAULTS['cpu'].warmup} on the CPU)"),
-    repeats: int = typer.Option(None, help=f"timed calls to aim for (on a GPU do_bench times for that many of the warm-up's "
-                                           f"calls, so its count varies; fewer when slow) (default: "
+    repeats: int = typer.Option(None, help=f"timed calls to aim for (on a GPU do_bench times for that many of the "
+                                           f"warm-up's calls, so its count varies; fewer when slow) (default: "
                                            f"{DEFAULTS['cuda'].repeats} on a GPU, {DEFAULTS['cpu'].repeats} on the "
                                            "CPU)"),
     profile: bool = typer.Option(False, "--profile", help="also time each level's stages (routing, permute, "

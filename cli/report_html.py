@@ -63,7 +63,8 @@ def write_html(run_dir: Path, rows: list[dict], env: dict) -> Path:
     """report.html beside summary.md, from the same rows and environment; the figures are those write_report
     drew."""
     run_dir = Path(run_dir)
-    contents, body = [], [environment(env) + (f"<p>{esc(clock)}.</p>" if (clock := report.clock_text(rows)) else "")]
+    clock = report.clock_text(rows)
+    contents, body = [], [environment(env) + (f"<p>{esc(clock)}.</p>" if clock else "")]
     if rows and all(row.get("device_type") == "cpu" for row in rows):
         body.insert(0, f'<p class="intro">{esc(report.cpu_intro(env))}</p>')
     if not rows:

@@ -82,10 +82,11 @@ def measured(spans: list | None, device: torch.device):
 def time_forwards(layer, inputs, chunks: int, device: torch.device, warmup: int, repeats: int,
                   budget_s: float) -> list[dict[str, float]]:
     """Each timed forward in `chunks` chunks, in ms: `ms` in all, `busy_ms` = all its expert-compute spans (shared
-    experts included), `exposed_comm_ms` = ms − busy_ms, and the phases around the routed chunks' compute: `dispatch_ms` (from the start to the first chunk's
-    compute, the first half of the shared experts included), `compute_ms` (the chunks' compute spans, summed) and
-    `combine_ms` (from the last chunk's compute to the end, the second half included); with one chunk and no
-    shared experts they are the plain dispatch, compute and combine. All ranks start each forward together (a
+    experts included), `exposed_comm_ms` = ms − busy_ms, and the phases around the routed chunks' compute:
+    `dispatch_ms` (from the start to the first chunk's compute, the first half of the shared experts included),
+    `compute_ms` (the chunks' compute spans, summed) and `combine_ms` (from the last chunk's compute to the end,
+    the second half included); with one chunk and no shared experts they are the plain dispatch, compute and
+    combine. All ranks start each forward together (a
     barrier), after warm-up, with the L2 cache flushed on a GPU; every rank runs the same number of forwards."""
     args = inputs.as_args()
     calls, _ = warm_up(lambda: layer.forward(*args, chunks=chunks), device, warmup, repeats, budget_s)

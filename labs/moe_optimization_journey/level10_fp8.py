@@ -42,8 +42,8 @@ Why store the weights in FP8 (the seed's "native FP8 weights: works, but no spee
     forward. Stored once in FP8 the weights cost 1 byte per forward, and then FP8 pays twice: at prefill the
     tensor-core rate (1.72x and 1.70x level 9 on mixtral and deepseek-v3 at 16384 tokens on an H100, 1.33x on
     qwen3-moe, whose short reductions leave the per-tile work and the hidden's pass a larger share), at decode the
-    halved weight bytes (mixtral at one token 168 µs against level 9's 273). The numbers and what holds them below 2x: NOTES.md
-    ("Level 10").
+    halved weight bytes (mixtral at one token 168 µs against level 9's 273). The numbers and what holds them below
+    2x: NOTES.md ("Level 10").
 
 What it costs
     Accuracy: each e4m3 value is off by up to half a step, 2^-4 of its magnitude, on the tokens, the weights and

@@ -320,9 +320,10 @@ def time_calls(
     fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, budget_s: float = 3.0
 ) -> list[float]:
     """Milliseconds of each timed call of fn, after warm-up (`warm_up` decides how many calls fit the budget).
-    On a GPU `triton.testing.do_bench` times them, for as long as that many calls took in the warm-up: it counts
-    its own calls by its own estimate, so it may time more or fewer (environment.json records how many): a CUDA event pair around each call, the L2 cache cleared before
-    each so that no call finds the previous one's weights in cache. On the CPU, the host clock."""
+    On a GPU `triton.testing.do_bench` times them, for as long as that many calls took in the warm-up (it counts
+    its own calls by its own estimate, so it may time more or fewer; environment.json records how many): a CUDA
+    event pair around each call, the L2 cache cleared before each so that no call finds the previous one's weights
+    in cache. On the CPU, the host clock."""
     repeats, estimate_ms = warm_up(fn, device, warmup, repeats, budget_s)
     if device.type == "cuda":
         from triton.testing import do_bench
