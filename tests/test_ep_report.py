@@ -168,3 +168,16 @@ def test_publish_refuses_two_ep_folders_of_the_same_case(tmp_path):
     output = one_line_refusal(bench("publish", str(first), str(second), "--readme", str(readme)))
     assert re.search(r"more than one of the folders holds mixtral, \S+ at W=1", output)
     assert readme.read_text() == BLOCKS
+
+
+def test_rows_from_before_phases_rank_say_their_phases_came_from_the_slowest_rank(tmp_path):
+    """Rows written before `phases_rank` read the phases on the slowest rank; the report says so, not "busiest"."""
+    old = ep_copy(MIXTRAL, tmp_path / "old")
+    rows = [json.loads(line) for line in (old / "rows.jsonl").read_text().splitlines()]
+    (old / "rows.jsonl").write_text("".join(json.dumps({k: v for k, v in row.items() if k != "phases_rank"}) + "\n"
+                                            for row in rows))
+    report.write_report(old)
+    assert "on the slowest rank (under skewed traffic a light one" in (old / "summary.md").read_text()
+    new = ep_copy(MIXTRAL, tmp_path / "new")
+    report.write_report(new)
+    assert "on the busiest rank (the one whose expert compute took longest)" in (new / "summary.md").read_text()
