@@ -529,15 +529,17 @@ def publish_command(run_dirs: list[Path] = typer.Argument(..., help="GPU run fol
     for dirs, (start, end) in ((journey_dirs, RESULTS_BLOCK), (ep_dirs, EP_RESULTS_BLOCK)):
         if dirs and (start not in text or end not in text):
             fail(f"{readme} has no {start} … {end} block to fill")
+    if ep_dirs:
+        try:
+            report.ep_rows_of(ep_dirs)  # refused before anything is written
+        except report.OverlappingRuns as error:
+            refuse(error)
     for run_dir in run_dirs:
         report.write_report(run_dir)
     shown = []
     if ep_dirs:
         relatives = [os.path.relpath(run_dir, readme.parent) for run_dir in ep_dirs]
-        try:
-            body = report.ep_readme_summary(ep_dirs, relatives)
-        except report.OverlappingRuns as error:
-            refuse(error)
+        body = report.ep_readme_summary(ep_dirs, relatives)
         text = fill_block(text, EP_RESULTS_BLOCK, relatives, "the phases, chunk counts, bytes moved and each row's "
                           "notes are there", body)
         shown.append(f"the README's expert-parallel block shows {', '.join(relatives)}")

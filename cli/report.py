@@ -951,20 +951,26 @@ def weak_scaling_table(df: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns={"tokens_per_rank": "tokens / rank"}).astype({"tokens / rank": int}).astype(str)
 
 
-def ep_readme_summary(run_dirs: list[Path], link_prefixes: list[str]) -> str:
-    """The README's expert-parallel block from EP run folders (one per preset, say): the machine, one weak-scaling
-    table from all their rows, and each folder's weak_scaling.png. Raises OverlappingRuns where two folders hold the
-    same line of the table."""
-    machines = {run_dir.name: machine_text(load_environment(run_dir)) for run_dir in run_dirs}
-    machine = (next(iter(machines.values())) if len(set(machines.values())) == 1
-               else "; ".join(f"{name}: {text}" for name, text in machines.items()))
-    rows_of = {run_dir: load_rows(run_dir) for run_dir in run_dirs}
-    df = split_ep(frame([row for rows in rows_of.values() for row in rows]))[0]
+def ep_rows_of(run_dirs: list[Path]) -> pd.DataFrame:
+    """The EP rows of several run folders as one frame. Raises OverlappingRuns where two folders hold the same
+    (case, tokens per rank, world size): the README's one table would show it twice."""
+    df = split_ep(frame([row for run_dir in run_dirs for row in load_rows(run_dir)]))[0]
     twice = df[df.duplicated(["case", "tokens_per_rank", "world_size"])]
     if len(twice):
         first = twice.iloc[0]
         raise OverlappingRuns(f"more than one of the folders holds {first['case']} at W={int(first['world_size'])}, "
                               f"{int(first['tokens_per_rank'])} tokens per rank; publish one of them")
+    return df
+
+
+def ep_readme_summary(run_dirs: list[Path], link_prefixes: list[str]) -> str:
+    """The README's expert-parallel block from EP run folders (one per preset, say, checked by ep_rows_of): the
+    machine, one weak-scaling table from all their rows, and each folder's weak_scaling.png."""
+    machines = {run_dir.name: machine_text(load_environment(run_dir)) for run_dir in run_dirs}
+    machine = (next(iter(machines.values())) if len(set(machines.values())) == 1
+               else "; ".join(f"{name}: {text}" for name, text in machines.items()))
+    rows_of = {run_dir: load_rows(run_dir) for run_dir in run_dirs}
+    df = ep_rows_of(run_dirs)
     images = [f"![weak scaling, {', '.join(dict.fromkeys(row['preset'] for row in rows_of[run_dir]))}]"
               f"({prefix}/weak_scaling.png)"
               for run_dir, prefix in zip(run_dirs, link_prefixes) if (Path(run_dir) / "weak_scaling.png").exists()]

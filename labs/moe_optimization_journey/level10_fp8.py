@@ -47,7 +47,7 @@ Why store the weights in FP8 (the seed's "native FP8 weights: works, but no spee
 
 What it costs
     Accuracy: each e4m3 value is off by up to half a step, 2^-4 of its magnitude, on the tokens, the weights and
-    the hidden; the row's `quant_err` is the output's error against the bf16 layer's fp32 reference (6.6-7.0% on
+    the hidden; the row's `quant_err` is the output's error against the bf16 layer's fp32 reference (6.4-7.0% on
     these random weights), while `rel_err` checks the kernels against a reference computed on the same quantized
     values (1-1.5% at prefill: Hopper's FP8 instruction adds at reduced precision across the whole reduction;
     promoting to fp32 after every 128-deep step cut that to 0.4% and cost a third of the speed, so it is not
