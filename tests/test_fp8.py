@@ -1,5 +1,7 @@
 """FP8 (e4m3) on the CPU: the quantizer and its kernel, the quantized reference, level 10's row and the FP8 peer."""
 
+from unittest import mock
+
 import pytest
 import torch
 from conftest import make_config
@@ -87,6 +89,21 @@ def test_quantize_rows_kernel_is_bit_equal_to_quantize_fp8():
     assert expected_values[0, 1].float() == 128 and expected_values[0, 2].float() == -128
     assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
     assert torch.equal(scales, expected_scales[:, 0])
+
+
+def test_quantize_rows_shares_programs_and_stops_at_the_rows_in_use():
+    """Several short rows per program (ROWS), and for the hidden a device-side count of the rows in use: rows at
+    and past it are neither read nor written."""
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.randn(37, 48, generator=generator) * 3).bfloat16()
+    values, scales = triton_kernels.quantize_rows(x)
+    expected_values, expected_scales = quantize_fp8(x, power_of_two=True)
+    assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+    assert torch.equal(scales, expected_scales[:, 0])
+    with mock.patch.object(triton_kernels, "QUANTIZE_ELEMENTS_PER_PROGRAM", 4 * 64):  # 4 rows a program
+        values, scales = triton_kernels.quantize_rows(x, rows_used=torch.tensor([22], dtype=torch.int32))
+    assert torch.equal(values[:22].view(torch.uint8), expected_values[:22].view(torch.uint8))
+    assert torch.equal(scales[:22], expected_scales[:22, 0])
 
 
 def test_reference_rounds_every_hidden_it_is_given():
