@@ -210,10 +210,12 @@ def _align_one_program_kernel(
     expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
     num_pairs, num_experts, max_padded, num_blocks, block_m,
     PAIRS: tl.constexpr, EXPERTS: tl.constexpr, FILL: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """The three kernels above and the two fills in one program, for decode sizes (all pairs in one block): the
     steps are the same, and a barrier between them (the program's threads wait for each other) stands where a
     kernel boundary stood."""
+    _let_next_kernel_start(USE_PDL)  # at once: the GEMM that follows launches while this one program works
     pair = tl.arange(0, PAIRS)
     valid = pair < num_pairs
     expert_of_pair = tl.load(expert_ids_ptr + pair, mask=valid, other=0)
@@ -278,7 +280,7 @@ def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int,
         _align_one_program_kernel[(1,)](
             expert_of_pair, cursors, padded_starts, sorted_pair_ids, block_expert_ids, num_padded, num_pairs,
             num_experts, max_padded, num_blocks, block_m, PAIRS=triton.next_power_of_2(max(num_pairs, 16)),
-            EXPERTS=EXPERTS, FILL=1024, BLOCKS_PER_STEP=64, num_warps=8)
+            EXPERTS=EXPERTS, FILL=1024, BLOCKS_PER_STEP=64, num_warps=8, USE_PDL=dependent_launch(device))
         return TokenAlignment(sorted_pair_ids, block_expert_ids, num_padded, block_m)
 
     counters = torch.zeros((2, num_experts), dtype=torch.int32, device=device)  # counts, then cursors
@@ -562,8 +564,9 @@ def _moe_gate_up_persistent_kernel(
     num_experts, cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
     stride_xt, stride_we, stride_wd, stride_hp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    _wait_for_previous_kernel(USE_PDL)  # first: the descriptors below go to scratch memory the previous kernel may still read
     w_desc = tl.make_tensor_descriptor(w13_ptr, shape=[num_experts, depth, 2 * cols],
                                        strides=[stride_we, stride_wd, 1], block_shape=[1, BLOCK_D, 2 * BLOCK_N])
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)  # only the blocks this routing filled
@@ -584,6 +587,7 @@ def _moe_gate_up_persistent_kernel(
         hidden = gate * tl.sigmoid(gate) * up  # SiLU·up on the fp32 accumulators
         hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_n[None, :]
         tl.store(hidden_ptrs, hidden.to(hidden_ptr.dtype.element_ty), mask=col_valid[None, :])  # write BM·BN
+    _let_next_kernel_start(USE_PDL)
 
 
 @triton.autotune(configs=_persistent_configs(interpreting()),
@@ -595,8 +599,9 @@ def _moe_down_persistent_kernel(
     num_experts, cols, depth, num_pairs, max_padded, pairs_bucket, split_k,  # cols = H, depth = I
     stride_hp, stride_we, stride_wd, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    _wait_for_previous_kernel(USE_PDL)  # first: the descriptors below go to scratch memory the previous kernel may still read
     hidden_desc = tl.make_tensor_descriptor(hidden_ptr, shape=[max_padded, depth], strides=[stride_hp, 1],
                                             block_shape=[BLOCK_M, BLOCK_D])  # sorted rows: no gather, so TMA
     w_desc = tl.make_tensor_descriptor(w2_ptr, shape=[num_experts, depth, cols], strides=[stride_we, stride_wd, 1],
@@ -621,6 +626,7 @@ def _moe_down_persistent_kernel(
         out_rows = pair_ids.to(tl.int64) * split_k + split  # back to pair order, a row per slice
         out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
+    _let_next_kernel_start(USE_PDL)
 
 
 def choose_split_k(num_pairs: int, num_experts: int, cols: int, programs: int) -> int:
@@ -640,6 +646,30 @@ def num_programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def dependent_launch(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper, sm_90+): a kernel launched with it may start while the kernel before it
+    in the stream finishes, up to its `tl.extra.cuda.gdc_wait()`."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def _wait_for_previous_kernel(USE_PDL: tl.constexpr):
+    """With dependent launch, this kernel's launch overlapped the previous kernel's tail up to here; from here on,
+    the previous kernel's writes are visible."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _let_next_kernel_start(USE_PDL: tl.constexpr):
+    """The next kernel may launch once every program of this one has called this (or ended). The short kernels
+    (alignment, quantization) call it first thing, so the GEMM after them launches while they run; the GEMMs call
+    it last: called first, the next kernel's programs took SMs while the GEMM still ran (mixtral at 64 tokens,
+    level 9: 4.7% slower on an H100, NOTES.md)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.Tensor, alignment: TokenAlignment,
                            top_k: int) -> torch.Tensor:
     """Level 7's moe_gate_up on Hopper: hidden [P_max, I] (its storage padded for TMA where I needs it)."""
@@ -657,6 +687,7 @@ def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.
         alignment.num_padded, E, I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
         tokens_TH.stride(0), w13_interleaved_EH2I.stride(0), w13_interleaved_EH2I.stride(1), hidden_PI.stride(0),
         BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
+        USE_PDL=dependent_launch(tokens_TH.device), launch_pdl=dependent_launch(tokens_TH.device),
     )
     return hidden_PI
 
@@ -676,6 +707,7 @@ def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routi
         alignment.block_expert_ids, alignment.num_padded, E, H, I, T * K, hidden_PI.shape[0],
         triton.next_power_of_2(T * K), split_k, hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1),
         y_NH.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
+        USE_PDL=dependent_launch(hidden_PI.device), launch_pdl=dependent_launch(hidden_PI.device),
     )
     return y_NH.view(T, K * split_k, H)
 
@@ -727,9 +759,10 @@ def _to_bf16(x, INTERPRETED: tl.constexpr):
 @triton.jit
 def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, rows_used_ptr, num_rows, cols, stride_x, stride_v,
                           FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                          ALL_ROWS: tl.constexpr):
+                          ALL_ROWS: tl.constexpr, USE_PDL: tl.constexpr):
     """ROWS rows per program: each row's amax, its scale amax / FP8_MAX rounded up to a power of two
     (moe_model.power_of_two_at_least, on the same bits), its values in e4m3."""
+    _wait_for_previous_kernel(USE_PDL)
     rows = tl.program_id(axis=0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     # Past the rows in use (the hidden's padded length) nothing is read or written: no later kernel reads there.
     rows_in_use = num_rows if ALL_ROWS else tl.minimum(tl.load(rows_used_ptr), num_rows)
@@ -742,6 +775,7 @@ def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, rows_used_ptr, num_rows
     values = _to_e4m3(x / scales[:, None], FP8_MAX, INTERPRETED)
     tl.store(values_ptr + rows[:, None] * stride_v + offs[None, :], values, mask=mask)  # write 1 byte each
     tl.store(scales_ptr + rows, scales, mask=row_valid)  # and 4 a row
+    _let_next_kernel_start(USE_PDL)
 
 
 QUANTIZE_ELEMENTS_PER_PROGRAM = 8192
@@ -760,11 +794,12 @@ def quantize_rows(x_TH: torch.Tensor, rows_used: torch.Tensor | None = None) -> 
     if T:
         x_TH = x_TH.contiguous()
         BLOCK = triton.next_power_of_2(H)
+        pdl = dependent_launch(x_TH.device)
         ROWS = max(1, QUANTIZE_ELEMENTS_PER_PROGRAM // BLOCK)
         _quantize_rows_kernel[(triton.cdiv(T, ROWS),)](
             x_TH, values_TH, scales_T, scales_T if rows_used is None else rows_used, T, H, x_TH.stride(0),
             values_TH.stride(0), FP8_MAX=FP8_MAX, INTERPRETED=interpreting(), ROWS=ROWS, BLOCK=BLOCK,
-            ALL_ROWS=rows_used is None, num_warps=8)
+            ALL_ROWS=rows_used is None, num_warps=8, USE_PDL=pdl, launch_pdl=pdl)
     return values_TH, scales_T
 
 
@@ -791,10 +826,11 @@ def _moe_gate_up_fp8_kernel(
     num_experts, cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
     stride_xt, stride_we, stride_wc, stride_se, stride_hp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, INTERPRETED: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, INTERPRETED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # x [T, H] e4m3 and x_scales [T]; w13 [E, 2I, H] e4m3, gate and up rows interleaved, and w13_scales [E, 2I];
     # hidden [P_max, I] bf16
+    _wait_for_previous_kernel(USE_PDL)  # first: the descriptors below go to scratch memory the previous kernel may still read
     w_desc = tl.make_tensor_descriptor(w13_ptr, shape=[num_experts, 2 * cols, depth],
                                        strides=[stride_we, stride_wc, 1], block_shape=[1, 2 * BLOCK_N, BLOCK_D])
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
@@ -824,6 +860,7 @@ def _moe_gate_up_fp8_kernel(
         hidden = _to_bf16(gate * tl.sigmoid(gate) * up, INTERPRETED)  # SiLU·up in fp32, written in bf16
         hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_n[None, :]
         tl.store(hidden_ptrs, hidden, mask=col_valid[None, :])  # write BLOCK_M·BLOCK_N·2 bytes
+    _let_next_kernel_start(USE_PDL)
 
 
 @triton.autotune(configs=_fp8_configs(interpreting(), gate_up=False), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
@@ -834,9 +871,10 @@ def _moe_down_fp8_kernel(
     num_experts, cols, depth, num_pairs, max_padded, pairs_bucket,  # cols = H, depth = I
     stride_hp, stride_we, stride_wc, stride_se, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # hidden [P_max, I] e4m3 and hidden_scales [P_max]; w2 [E, H, I] e4m3 and w2_scales [E, H]; out [N, H]
+    _wait_for_previous_kernel(USE_PDL)  # first: the descriptors below go to scratch memory the previous kernel may still read
     hidden_desc = tl.make_tensor_descriptor(hidden_ptr, shape=[max_padded, depth], strides=[stride_hp, 1],
                                             block_shape=[BLOCK_M, BLOCK_D])
     w_desc = tl.make_tensor_descriptor(w2_ptr, shape=[num_experts, cols, depth], strides=[stride_we, stride_wc, 1],
@@ -859,6 +897,7 @@ def _moe_down_fp8_kernel(
         acc = acc * hidden_scales[:, None] * w_scales[None, :] * weight[:, None]
         out_ptrs = out_ptr + pair_ids[:, None].to(tl.int64) * stride_om + offs_n[None, :]  # back to pair order
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
+    _let_next_kernel_start(USE_PDL)
 
 
 def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp8Experts,
@@ -878,6 +917,7 @@ def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp
         E, I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
         x_values_TH.stride(0), w13.values_ECD.stride(0), w13.values_ECD.stride(1), w13.scales_EC.stride(0),
         hidden_PI.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, INTERPRETED=interpreting(),
+        USE_PDL=dependent_launch(x_values_TH.device), launch_pdl=dependent_launch(x_values_TH.device),
     )
     return hidden_PI
 
@@ -898,5 +938,6 @@ def moe_down_fp8(hidden_values_PI: torch.Tensor, hidden_scales_P: torch.Tensor, 
         alignment.num_padded, E, H, I, T * K, hidden_values_PI.shape[0], triton.next_power_of_2(T * K),
         hidden_values_PI.stride(0), w_down.values_ECD.stride(0), w_down.values_ECD.stride(1),
         w_down.scales_EC.stride(0), y_NH.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs,
+        USE_PDL=dependent_launch(hidden_values_PI.device), launch_pdl=dependent_launch(hidden_values_PI.device),
     )
     return y_NH.view(T, K, H)
