@@ -215,7 +215,10 @@ def _align_one_program_kernel(
     """The three kernels above and the two fills in one program, for decode sizes (all pairs in one block): the
     steps are the same, and a barrier between them (the program's threads wait for each other) stands where a
     kernel boundary stood."""
-    _let_next_kernel_start(USE_PDL)  # at once: the GEMM that follows launches while this one program works
+    if USE_PDL:
+        # Let the next kernel launch at once: it runs up to its gdc_wait() while this one program works. Only this
+        # short kernel does so; a GEMM that did let the next kernel's programs hold SMs it still needed (NOTES.md).
+        tl.extra.cuda.gdc_launch_dependents()
     pair = tl.arange(0, PAIRS)
     valid = pair < num_pairs
     expert_of_pair = tl.load(expert_ids_ptr + pair, mask=valid, other=0)
@@ -500,14 +503,16 @@ def describe_tuned_configs(gate_up_kernel=None, down_kernel=None) -> str:
 # - Persistent: one program per SM (at most) loops over the tiles, so there is no tail of half-empty waves and each
 #   program's set-up (descriptors, first loads) is paid once, not once per tile. The loop over tiles is flattened
 #   with the loop over depth into one software pipeline (tl.range's flatten=True): the next tile's loads start
-#   under this tile's epilogue. The tile count comes from the
-#   alignment's padded length on the device, so programs never visit padding-only tiles.
+#   under this tile's epilogue. The tile count comes from the alignment's padded length on the device, so programs
+#   never visit padding-only tiles.
 # - Weights through TMA: a tensor descriptor [E, depth, cols] lets the copy engine fetch each [BLOCK_D, BLOCK_N]
 #   weight tile asynchronously, with no address arithmetic in the threads, and fill zeros past an expert's rows
 #   (any H or I). The gathered token rows still come by pointer loads: TMA gather is Blackwell-only.
 # - Gate and up interleaved column by column in one [E, H, 2I] tensor: one accumulator 2·BLOCK_N wide, one wgmma
 #   per step, split into gate and up in the epilogue. Level 7 kept two accumulators, so its tiles were half as wide.
 # - The down GEMM's activations [P, I] are already sorted: they come by TMA too.
+# - Dependent launch (sm_90): the kernels are launched with launch_pdl and wait (gdc_wait) before their first read,
+#   so the one-program alignment can let the gate/up GEMM launch while it works (_align_one_program_kernel).
 # TMA needs 16-byte-aligned row strides; `tma_storage` pads a tensor's rows (not its shape) where they are not.
 # ---------------------------------------------------------------------------------------------------------------
 def tma_row_elements(cols: int, dtype: torch.dtype) -> int:
@@ -566,7 +571,7 @@ def _moe_gate_up_persistent_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    _wait_for_previous_kernel(USE_PDL)  # first: the descriptors below go to scratch memory the previous kernel may still read
+    _wait_for_previous_kernel(USE_PDL)  # first: descriptors go to scratch the previous kernel may still read
     w_desc = tl.make_tensor_descriptor(w13_ptr, shape=[num_experts, depth, 2 * cols],
                                        strides=[stride_we, stride_wd, 1], block_shape=[1, BLOCK_D, 2 * BLOCK_N])
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)  # only the blocks this routing filled
@@ -587,7 +592,6 @@ def _moe_gate_up_persistent_kernel(
         hidden = gate * tl.sigmoid(gate) * up  # SiLU·up on the fp32 accumulators
         hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_n[None, :]
         tl.store(hidden_ptrs, hidden.to(hidden_ptr.dtype.element_ty), mask=col_valid[None, :])  # write BM·BN
-    _let_next_kernel_start(USE_PDL)
 
 
 @triton.autotune(configs=_persistent_configs(interpreting()),
@@ -601,7 +605,7 @@ def _moe_down_persistent_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    _wait_for_previous_kernel(USE_PDL)  # first: the descriptors below go to scratch memory the previous kernel may still read
+    _wait_for_previous_kernel(USE_PDL)  # first: descriptors go to scratch the previous kernel may still read
     hidden_desc = tl.make_tensor_descriptor(hidden_ptr, shape=[max_padded, depth], strides=[stride_hp, 1],
                                             block_shape=[BLOCK_M, BLOCK_D])  # sorted rows: no gather, so TMA
     w_desc = tl.make_tensor_descriptor(w2_ptr, shape=[num_experts, depth, cols], strides=[stride_we, stride_wd, 1],
@@ -626,7 +630,6 @@ def _moe_down_persistent_kernel(
         out_rows = pair_ids.to(tl.int64) * split_k + split  # back to pair order, a row per slice
         out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
-    _let_next_kernel_start(USE_PDL)
 
 
 def choose_split_k(num_pairs: int, num_experts: int, cols: int, programs: int) -> int:
@@ -654,20 +657,11 @@ def dependent_launch(device: torch.device) -> bool:
 
 @triton.jit
 def _wait_for_previous_kernel(USE_PDL: tl.constexpr):
-    """With dependent launch, this kernel's launch overlapped the previous kernel's tail up to here; from here on,
-    the previous kernel's writes are visible."""
+    """Launched with `launch_pdl=True`, a kernel may start before the one ahead of it has finished (once that one
+    lets it: only the one-program alignment does); from here on, the previous kernel's writes are visible. Nothing
+    before this call may read or write memory another kernel uses."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def _let_next_kernel_start(USE_PDL: tl.constexpr):
-    """The next kernel may launch once every program of this one has called this (or ended). The short kernels
-    (alignment, quantization) call it first thing, so the GEMM after them launches while they run; the GEMMs call
-    it last: called first, the next kernel's programs took SMs while the GEMM still ran (mixtral at 64 tokens,
-    level 9: 4.7% slower on an H100, NOTES.md)."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.Tensor, alignment: TokenAlignment,
@@ -775,7 +769,6 @@ def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, rows_used_ptr, num_rows
     values = _to_e4m3(x / scales[:, None], FP8_MAX, INTERPRETED)
     tl.store(values_ptr + rows[:, None] * stride_v + offs[None, :], values, mask=mask)  # write 1 byte each
     tl.store(scales_ptr + rows, scales, mask=row_valid)  # and 4 a row
-    _let_next_kernel_start(USE_PDL)
 
 
 QUANTIZE_ELEMENTS_PER_PROGRAM = 8192
@@ -830,7 +823,7 @@ def _moe_gate_up_fp8_kernel(
 ):
     # x [T, H] e4m3 and x_scales [T]; w13 [E, 2I, H] e4m3, gate and up rows interleaved, and w13_scales [E, 2I];
     # hidden [P_max, I] bf16
-    _wait_for_previous_kernel(USE_PDL)  # first: the descriptors below go to scratch memory the previous kernel may still read
+    _wait_for_previous_kernel(USE_PDL)  # first: descriptors go to scratch the previous kernel may still read
     w_desc = tl.make_tensor_descriptor(w13_ptr, shape=[num_experts, 2 * cols, depth],
                                        strides=[stride_we, stride_wc, 1], block_shape=[1, 2 * BLOCK_N, BLOCK_D])
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
@@ -860,7 +853,6 @@ def _moe_gate_up_fp8_kernel(
         hidden = _to_bf16(gate * tl.sigmoid(gate) * up, INTERPRETED)  # SiLU·up in fp32, written in bf16
         hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_n[None, :]
         tl.store(hidden_ptrs, hidden, mask=col_valid[None, :])  # write BLOCK_M·BLOCK_N·2 bytes
-    _let_next_kernel_start(USE_PDL)
 
 
 @triton.autotune(configs=_fp8_configs(interpreting(), gate_up=False), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
@@ -874,7 +866,7 @@ def _moe_down_fp8_kernel(
     NUM_PROGRAMS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # hidden [P_max, I] e4m3 and hidden_scales [P_max]; w2 [E, H, I] e4m3 and w2_scales [E, H]; out [N, H]
-    _wait_for_previous_kernel(USE_PDL)  # first: the descriptors below go to scratch memory the previous kernel may still read
+    _wait_for_previous_kernel(USE_PDL)  # first: descriptors go to scratch the previous kernel may still read
     hidden_desc = tl.make_tensor_descriptor(hidden_ptr, shape=[max_padded, depth], strides=[stride_hp, 1],
                                             block_shape=[BLOCK_M, BLOCK_D])
     w_desc = tl.make_tensor_descriptor(w2_ptr, shape=[num_experts, cols, depth], strides=[stride_we, stride_wc, 1],
@@ -897,7 +889,6 @@ def _moe_down_fp8_kernel(
         acc = acc * hidden_scales[:, None] * w_scales[None, :] * weight[:, None]
         out_ptrs = out_ptr + pair_ids[:, None].to(tl.int64) * stride_om + offs_n[None, :]  # back to pair order
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
-    _let_next_kernel_start(USE_PDL)
 
 
 def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp8Experts,

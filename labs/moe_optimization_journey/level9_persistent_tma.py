@@ -50,14 +50,14 @@ Why it should be faster than level 8, counted
     one graph launch, no sync.
 
 What it costs
-    Hopper-only instructions (TMA, wgmma, griddepcontrol: sm_90; elsewhere Triton lowers descriptors to plain loads); a second
-    copy of the gate and up weights in the interleaved layout, made once; TMA's rule that row strides be 16-byte
-    aligned (`tma_storage` pads a row's storage, not its shape, where H or I needs it); and descriptors made on
-    the device, which need a scratch allocator (`triton.set_allocator`, set once in triton_kernels.py), and which
-    a kernel launched early must make only after its `gdc_wait()`: the scratch is the memory the kernel before it
-    was given, freed when that one was launched, and made earlier the new descriptors overwrote ones still in use
-    (the first try hung). On the CPU
-    it runs in Triton's interpreter, which executes tensor descriptors too: checked there, not timed.
+    Hopper-only instructions (TMA, wgmma, griddepcontrol: sm_90; elsewhere Triton lowers descriptors to plain
+    loads and nothing launches early); a second copy of the gate and up weights in the interleaved layout, made
+    once; TMA's rule that row strides be 16-byte aligned (`tma_storage` pads a row's storage, not its shape, where
+    H or I needs it); and descriptors made on the device, which need a scratch allocator (`triton.set_allocator`,
+    set once in triton_kernels.py), and which a kernel launched early must make only after its `gdc_wait()`: the
+    scratch is the memory the kernel before it was given, freed when that one was launched, and made earlier the
+    new descriptors overwrote ones still in use (the first try hung). On the CPU it runs in Triton's interpreter,
+    which executes tensor descriptors too: checked there, not timed.
 
 Run: python labs/moe_optimization_journey/level9_persistent_tma.py [--preset journey] [--tokens 8192] [--device cuda]
 """
