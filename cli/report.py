@@ -306,11 +306,22 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
                   "forward without routing; the markers cost time of their own, so it can exceed *timed*, the "
                   "median of the unprofiled timing:",
                   stage_table(df, tokens)]
-    notes = [f"- level {r['level']} ({r['level_name']}), {r['tokens']} tokens: {r['status']}: {r['note']}"
-             for _, r in all_rows.iterrows() if r["note"]]
+    notes = [f"- level {r['level']} ({r['level_name']}), {r['tokens']} tokens: {r['status']}: {row_note(r)}"
+             for _, r in all_rows.iterrows() if row_note(r)]
     if notes:
         parts += ["Notes from the rows:", "\n".join(notes)]
     return "\n\n".join(parts)
+
+
+def row_note(row) -> str:
+    """A row's note, led by *host-bound* where the GPU was busy under half of the timed forward."""
+    note = row["note"] or ""
+    host_bound = row.get("host_bound")
+    if pd.notna(host_bound) and bool(host_bound):
+        lead = (f"host-bound (the GPU was busy {row['gpu_busy_pct']:.0f}% of the forward: the time depends on the "
+                "host CPU and the gaps between launches)")
+        note = f"{lead}; {note}" if note else lead
+    return note
 
 
 def has_fp8(df: pd.DataFrame) -> bool:

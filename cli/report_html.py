@@ -258,7 +258,7 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
                              "profiled forward, at the smallest and the largest profiled token count.",
                              figure(run_dir, f"stages_{anchor}.png", "stages per level")))
     notes = [f"<li>{links.get(r['label'], esc(r['label']))}, {r['tokens']} tokens: {esc(r['status'])}: "
-             f"{esc(r['note'])}</li>" for _, r in all_rows.iterrows() if r["note"]]
+             f"{esc(report.row_note(r))}</li>" for _, r in all_rows.iterrows() if report.row_note(r)]
     if notes:
         parts.append("<h3>Notes from the rows</h3><ul>" + "".join(notes) + "</ul>")
     return "\n".join(parts)

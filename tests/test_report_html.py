@@ -69,6 +69,15 @@ def test_rows_say_the_clock_their_calls_ended_at(tmp_path):
     assert "<td>1425 capped</td>" in page and "<td>1980</td>" in page
 
 
+def test_host_bound_rows_say_so_in_the_summary_and_the_page(tmp_path):
+    rows = journey_rows(**COUNTS)
+    rows[2].update(gpu_busy_pct=35.4, host_bound=True)  # level 4 at 8 tokens
+    page = write_run(tmp_path, rows)
+    summary = (tmp_path / "summary.md").read_text()
+    said = "host-bound (the GPU was busy 35% of the forward: the time depends on the host CPU"
+    assert summary.count(said) == 1 and page.count(said) == 1
+
+
 def test_no_counts_section_without_counts(tmp_path):
     assert "Claimed against measured" not in write_run(tmp_path, journey_rows())
 
