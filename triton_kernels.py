@@ -675,13 +675,14 @@ def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.
     hidden_PI = torch.empty((max_padded, tma_row_elements(I, tokens_TH.dtype)), dtype=tokens_TH.dtype,
                             device=tokens_TH.device)[:, :I]  # rows padded for the down kernel's TMA loads
     programs = num_programs(tokens_TH.device)
+    pdl = dependent_launch(tokens_TH.device)
     num_pairs = tokens_TH.shape[0] * top_k
     _moe_gate_up_persistent_kernel[(programs,)](
         tokens_TH, w13_interleaved_EH2I, hidden_PI, alignment.sorted_pair_ids, alignment.block_expert_ids,
         alignment.num_padded, E, I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
         tokens_TH.stride(0), w13_interleaved_EH2I.stride(0), w13_interleaved_EH2I.stride(1), hidden_PI.stride(0),
         BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
-        USE_PDL=dependent_launch(tokens_TH.device), launch_pdl=dependent_launch(tokens_TH.device),
+        USE_PDL=pdl, launch_pdl=pdl,
     )
     return hidden_PI
 
@@ -694,6 +695,7 @@ def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routi
     T, K = routing_weights_TK.shape
     E, I, H = w_down_EIH.shape
     programs = num_programs(hidden_PI.device)
+    pdl = dependent_launch(hidden_PI.device)
     split_k = choose_split_k(T * K, E, H, programs)
     y_NH = torch.empty((T * K * split_k, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
     _moe_down_persistent_kernel[(programs,)](
@@ -701,7 +703,7 @@ def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routi
         alignment.block_expert_ids, alignment.num_padded, E, H, I, T * K, hidden_PI.shape[0],
         triton.next_power_of_2(T * K), split_k, hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1),
         y_NH.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
-        USE_PDL=dependent_launch(hidden_PI.device), launch_pdl=dependent_launch(hidden_PI.device),
+        USE_PDL=pdl, launch_pdl=pdl,
     )
     return y_NH.view(T, K * split_k, H)
 
@@ -901,6 +903,7 @@ def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp
     max_padded = alignment.sorted_pair_ids.numel()
     hidden_PI = torch.empty((max_padded, I), dtype=torch.bfloat16, device=x_values_TH.device)
     programs = num_programs(x_values_TH.device)
+    pdl = dependent_launch(x_values_TH.device)
     num_pairs = x_values_TH.shape[0] * top_k
     _moe_gate_up_fp8_kernel[(programs,)](
         x_values_TH, x_scales_T, w13.values_ECD, w13.scales_EC, hidden_PI,
@@ -908,7 +911,7 @@ def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp
         E, I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
         x_values_TH.stride(0), w13.values_ECD.stride(0), w13.values_ECD.stride(1), w13.scales_EC.stride(0),
         hidden_PI.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, INTERPRETED=interpreting(),
-        USE_PDL=dependent_launch(x_values_TH.device), launch_pdl=dependent_launch(x_values_TH.device),
+        USE_PDL=pdl, launch_pdl=pdl,
     )
     return hidden_PI
 
@@ -923,12 +926,13 @@ def moe_down_fp8(hidden_values_PI: torch.Tensor, hidden_scales_P: torch.Tensor, 
     E, H, I = w_down.values_ECD.shape
     y_NH = torch.empty((T * K, H), dtype=routing_weights_TK.dtype, device=hidden_values_PI.device)
     programs = num_programs(hidden_values_PI.device)
+    pdl = dependent_launch(hidden_values_PI.device)
     _moe_down_fp8_kernel[(programs,)](
         hidden_values_PI, hidden_scales_P, w_down.values_ECD, w_down.scales_EC, y_NH,
         routing_weights_TK.contiguous().view(-1), alignment.sorted_pair_ids, alignment.block_expert_ids,
         alignment.num_padded, E, H, I, T * K, hidden_values_PI.shape[0], triton.next_power_of_2(T * K),
         hidden_values_PI.stride(0), w_down.values_ECD.stride(0), w_down.values_ECD.stride(1),
         w_down.scales_EC.stride(0), y_NH.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs,
-        USE_PDL=dependent_launch(hidden_values_PI.device), launch_pdl=dependent_launch(hidden_values_PI.device),
+        USE_PDL=pdl, launch_pdl=pdl,
     )
     return y_NH.view(T, K, H)
