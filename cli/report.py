@@ -692,8 +692,8 @@ def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
         "time minus its expert compute (shared experts included): the communication, and the waits for other "
         "ranks, that no compute hid, unpipelined and in the chosen chunks. *MiB across ranks* is what the dispatch "
         "and the combine sent to other ranks per forward, all ranks together; *dispatch GB/s* is the busiest "
-        "rank's dispatched bytes over its unpipelined dispatch time (sort and counts exchange included, and with shared "
-        "experts the first half of them, which runs under the dispatch: a floor on the link's rate); the bus "
+        "rank's dispatched bytes over its unpipelined dispatch time (sort and counts exchange included, and with "
+        "shared experts the first half of them, which runs under the dispatch: a floor on the link's rate); the bus "
         "bandwidths are NCCL-tests' measure of a "
         "plain all-to-all and all-reduce of the dispatch's size on the same processes; weak-scaling efficiency "
         "is the world-size-1 time over this row's.",

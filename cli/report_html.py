@@ -319,7 +319,8 @@ def clock_cell(row) -> str:
     """The SM clock after a row's timed calls, and whether the power cap held it; "-" where it was not read."""
     if "sm_clock_mhz" not in row or pd.isna(row["sm_clock_mhz"]):
         return "-"
-    return f"{int(row['sm_clock_mhz'])}" + (" capped" if row["power_capped"] is True else "")
+    capped = pd.notna(row["power_capped"]) and bool(row["power_capped"])  # a numpy bool in a frame of bools
+    return f"{int(row['sm_clock_mhz'])}" + (" capped" if capped else "")
 
 
 def ep_html(df: pd.DataFrame, run_dir: Path) -> str:

@@ -348,11 +348,12 @@ def sm_clock_after_load(device: torch.device) -> tuple[int, bool] | None:
     gpu = f"GPU-{torch.cuda.get_device_properties(device).uuid}"  # by UUID: indices differ under CUDA_VISIBLE_DEVICES
     query = ["nvidia-smi", "-i", gpu, "--format=csv,noheader,nounits",
              "--query-gpu=clocks.sm,clocks_event_reasons.sw_power_cap"]
-    result = subprocess.run(query, capture_output=True, text=True, timeout=10)
-    if result.returncode != 0:
+    try:
+        result = subprocess.run(query, capture_output=True, text=True, timeout=10)
+        clock, power_cap = (field.strip() for field in result.stdout.split(","))
+        return int(clock), power_cap == "Active"
+    except (subprocess.TimeoutExpired, ValueError):  # a hung nvidia-smi, an error, or "[N/A]": no clock, no crash
         return None
-    clock, power_cap = (field.strip() for field in result.stdout.split(","))
-    return int(clock), power_cap == "Active"
 
 
 def quantile(values: list[float], q: float) -> float:
