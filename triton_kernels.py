@@ -206,19 +206,14 @@ def _place_pairs_kernel(expert_ids_ptr, padded_starts_ptr, cursors_ptr, sorted_p
 
 
 @triton.jit
-def _align_one_program_kernel(
+def _align_in_one_program(
     expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
     num_pairs, num_experts, max_padded, num_blocks, block_m,
     PAIRS: tl.constexpr, EXPERTS: tl.constexpr, FILL: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     """The three kernels above and the two fills in one program, for decode sizes (all pairs in one block): the
     steps are the same, and a barrier between them (the program's threads wait for each other) stands where a
     kernel boundary stood."""
-    if USE_PDL:
-        # Let the next kernel launch at once: it runs up to its gdc_wait() while this one program works. Only this
-        # short kernel does so; a GEMM that did let the next kernel's programs hold SMs it still needed (NOTES.md).
-        tl.extra.cuda.gdc_launch_dependents()
     pair = tl.arange(0, PAIRS)
     valid = pair < num_pairs
     expert_of_pair = tl.load(expert_ids_ptr + pair, mask=valid, other=0)
@@ -239,6 +234,22 @@ def _align_one_program_kernel(
     tl.debug_barrier()
     row = tl.atomic_add(cursors_ptr + expert_of_pair, 1, mask=valid)  # place: the next free row of the run
     tl.store(sorted_pair_ids_ptr + row, pair, mask=valid)
+
+
+@triton.jit
+def _align_one_program_kernel(
+    expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    num_pairs, num_experts, max_padded, num_blocks, block_m,
+    PAIRS: tl.constexpr, EXPERTS: tl.constexpr, FILL: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    if USE_PDL:
+        # Let the next kernel launch at once: it runs up to its gdc_wait() while this one program works. Only this
+        # short kernel does so; a GEMM that did let the next kernel's programs hold SMs it still needed (NOTES.md).
+        tl.extra.cuda.gdc_launch_dependents()
+    _align_in_one_program(expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr,
+                          num_padded_ptr, num_pairs, num_experts, max_padded, num_blocks, block_m, PAIRS, EXPERTS,
+                          FILL, BLOCKS_PER_STEP)
 
 
 # Up to here level 9 aligns in one program (decode: launches cost more than the work). At 4096 pairs the one program
@@ -265,37 +276,53 @@ def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     ONE_PROGRAM_MAX_PAIRS pairs) runs the same steps as one launch. Within an expert the pairs land in the order the
     atomics grant; each row's result does not depend on it.
     """
+    if one_program:
+        alignment, args = _one_program_alignment(expert_ids_TK, num_experts, block_m)
+        _align_one_program_kernel[(1,)](*args, num_warps=8, USE_PDL=dependent_launch(expert_ids_TK.device))
+        return alignment
     device = expert_ids_TK.device
     expert_of_pair = expert_ids_TK.flatten().contiguous()
     num_pairs = expert_of_pair.numel()
-    max_padded = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    max_padded = padded_length(num_pairs, num_experts, block_m)
     num_blocks = max_padded // block_m
     padded_starts = torch.empty(num_experts, dtype=torch.int32, device=device)
     block_expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    EXPERTS = triton.next_power_of_2(num_experts)
-
-    if one_program:
-        if num_pairs > ONE_PROGRAM_MAX_PAIRS:
-            raise ValueError(f"one-program alignment takes at most {ONE_PROGRAM_MAX_PAIRS} pairs, not {num_pairs}")
-        cursors = torch.empty(num_experts, dtype=torch.int32, device=device)
-        sorted_pair_ids = torch.empty(max_padded, dtype=torch.int32, device=device)  # the kernel fills it
-        _align_one_program_kernel[(1,)](
-            expert_of_pair, cursors, padded_starts, sorted_pair_ids, block_expert_ids, num_padded, num_pairs,
-            num_experts, max_padded, num_blocks, block_m, PAIRS=triton.next_power_of_2(max(num_pairs, 16)),
-            EXPERTS=EXPERTS, FILL=1024, BLOCKS_PER_STEP=64, num_warps=8, USE_PDL=dependent_launch(device))
-        return TokenAlignment(sorted_pair_ids, block_expert_ids, num_padded, block_m)
-
     counters = torch.zeros((2, num_experts), dtype=torch.int32, device=device)  # counts, then cursors
     sorted_pair_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
     BLOCK = 1024
     pair_grid = (triton.cdiv(num_pairs, BLOCK),)
     _count_pairs_kernel[pair_grid](expert_of_pair, counters[0], num_pairs, BLOCK=BLOCK)
     _pad_offsets_kernel[(1,)](counters[0], padded_starts, block_expert_ids, num_padded, num_experts, num_blocks,
-                              block_m, EXPERTS=EXPERTS, BLOCKS_PER_STEP=64)
+                              block_m, EXPERTS=triton.next_power_of_2(num_experts), BLOCKS_PER_STEP=64)
     _place_pairs_kernel[pair_grid](expert_of_pair, padded_starts, counters[1], sorted_pair_ids, num_pairs,
                                    BLOCK=BLOCK)
     return TokenAlignment(sorted_pair_ids, block_expert_ids, num_padded, block_m)
+
+
+def padded_length(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """P_max: every expert's run padded to whole blocks, at most."""
+    return triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+
+
+def _one_program_alignment(expert_ids_TK: torch.Tensor, num_experts: int,
+                           block_m: int) -> tuple[TokenAlignment, tuple]:
+    """The alignment's tensors, empty, and the arguments of `_align_in_one_program`, which fills them."""
+    device = expert_ids_TK.device
+    expert_of_pair = expert_ids_TK.flatten().contiguous()
+    num_pairs = expert_of_pair.numel()
+    if num_pairs > ONE_PROGRAM_MAX_PAIRS:
+        raise ValueError(f"one-program alignment takes at most {ONE_PROGRAM_MAX_PAIRS} pairs, not {num_pairs}")
+    max_padded = padded_length(num_pairs, num_experts, block_m)
+    alignment = TokenAlignment(
+        sorted_pair_ids=torch.empty(max_padded, dtype=torch.int32, device=device),  # the kernel fills it
+        block_expert_ids=torch.empty(max_padded // block_m, dtype=torch.int32, device=device),
+        num_padded=torch.empty(1, dtype=torch.int32, device=device), block_m=block_m)
+    cursors = torch.empty(num_experts, dtype=torch.int32, device=device)
+    padded_starts = torch.empty(num_experts, dtype=torch.int32, device=device)
+    return alignment, (expert_of_pair, cursors, padded_starts, alignment.sorted_pair_ids, alignment.block_expert_ids,
+                       alignment.num_padded, num_pairs, num_experts, max_padded, max_padded // block_m, block_m,
+                       triton.next_power_of_2(max(num_pairs, 16)), triton.next_power_of_2(num_experts), 1024, 64)
 
 
 def _gemm_configs(interpret: bool, two_accumulators: bool) -> list:
@@ -753,15 +780,11 @@ def _to_bf16(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, rows_used_ptr, num_rows, cols, stride_x, stride_v,
-                          FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                          ALL_ROWS: tl.constexpr, USE_PDL: tl.constexpr):
-    """ROWS rows per program: each row's amax, its scale amax / FP8_MAX rounded up to a power of two
-    (moe_model.power_of_two_at_least, on the same bits), its values in e4m3."""
-    _wait_for_previous_kernel(USE_PDL)
-    rows = tl.program_id(axis=0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    # Past the rows in use (the hidden's padded length) nothing is read or written: no later kernel reads there.
-    rows_in_use = num_rows if ALL_ROWS else tl.minimum(tl.load(rows_used_ptr), num_rows)
+def _quantize_row_block(block, x_ptr, values_ptr, scales_ptr, rows_in_use, stride_x, stride_v, cols,
+                        FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows block·ROWS … of x: each row's amax, its scale amax / FP8_MAX rounded up to a power of two
+    (moe_model.power_of_two_at_least, on the same bits), its values in e4m3. Rows past rows_in_use are not touched."""
+    rows = block.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_valid = rows < rows_in_use
     offs = tl.arange(0, BLOCK)
     mask = row_valid[:, None] & (offs < cols)[None, :]
@@ -771,6 +794,41 @@ def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, rows_used_ptr, num_rows
     values = _to_e4m3(x / scales[:, None], FP8_MAX, INTERPRETED)
     tl.store(values_ptr + rows[:, None] * stride_v + offs[None, :], values, mask=mask)  # write 1 byte each
     tl.store(scales_ptr + rows, scales, mask=row_valid)  # and 4 a row
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, rows_used_ptr, num_rows, cols, stride_x, stride_v,
+                          FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                          ALL_ROWS: tl.constexpr, USE_PDL: tl.constexpr):
+    """ROWS rows per program."""
+    _wait_for_previous_kernel(USE_PDL)
+    # Past the rows in use (the hidden's padded length) nothing is read or written: no later kernel reads there.
+    rows_in_use = num_rows if ALL_ROWS else tl.minimum(tl.load(rows_used_ptr), num_rows)
+    _quantize_row_block(tl.program_id(axis=0), x_ptr, values_ptr, scales_ptr, rows_in_use, stride_x, stride_v, cols,
+                        FP8_MAX, INTERPRETED, ROWS, BLOCK)
+
+
+@triton.jit
+def _align_and_quantize_kernel(
+    expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    num_pairs, num_experts, max_padded, num_blocks, block_m,
+    PAIRS: tl.constexpr, EXPERTS: tl.constexpr, FILL: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+    x_ptr, values_ptr, scales_ptr, num_rows, cols, stride_x, stride_v,
+    FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """Decode: the one-program alignment (program 0) and the tokens' quantization (programs 1 …) in one launch.
+    Neither reads what the other writes, so they need no kernel boundary between them; the gate/up GEMM needs both,
+    and its gdc_wait() waits for every program of this grid."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # as _align_one_program_kernel: the GEMM may launch at once
+    program = tl.program_id(axis=0)
+    if program == 0:
+        _align_in_one_program(expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr,
+                              block_expert_ids_ptr, num_padded_ptr, num_pairs, num_experts, max_padded, num_blocks,
+                              block_m, PAIRS, EXPERTS, FILL, BLOCKS_PER_STEP)
+    else:
+        _quantize_row_block(program - 1, x_ptr, values_ptr, scales_ptr, num_rows, stride_x, stride_v, cols,
+                            FP8_MAX, INTERPRETED, ROWS, BLOCK)
 
 
 QUANTIZE_ELEMENTS_PER_PROGRAM = 8192
@@ -783,19 +841,44 @@ def quantize_rows(x_TH: torch.Tensor, rows_used: torch.Tensor | None = None) -> 
     program, about QUANTIZE_ELEMENTS_PER_PROGRAM elements in all: with one program per row, qwen3-moe's two passes
     (768- and 2048-element rows) took 237 µs of a 16384-token forward on an H100, 140 µs so (NOTES.md)."""
     _check_device(x_TH)
-    T, H = x_TH.shape
-    values_TH = torch.empty((T, tma_row_elements(H, FP8_DTYPE)), dtype=FP8_DTYPE, device=x_TH.device)[:, :H]
-    scales_T = torch.empty(T, dtype=torch.float32, device=x_TH.device)
-    if T:
-        x_TH = x_TH.contiguous()
-        BLOCK = triton.next_power_of_2(H)
+    x_TH, values_TH, scales_T, blocks, args = _quantize_rows_buffers(x_TH)
+    if blocks:
         pdl = dependent_launch(x_TH.device)
-        ROWS = max(1, QUANTIZE_ELEMENTS_PER_PROGRAM // BLOCK)
-        _quantize_rows_kernel[(triton.cdiv(T, ROWS),)](
-            x_TH, values_TH, scales_T, scales_T if rows_used is None else rows_used, T, H, x_TH.stride(0),
-            values_TH.stride(0), FP8_MAX=FP8_MAX, INTERPRETED=interpreting(), ROWS=ROWS, BLOCK=BLOCK,
+        _quantize_rows_kernel[(blocks,)](
+            x_TH, values_TH, scales_T, scales_T if rows_used is None else rows_used, *args, **_quantize_constants(x_TH),
             ALL_ROWS=rows_used is None, num_warps=8, USE_PDL=pdl, launch_pdl=pdl)
     return values_TH, scales_T
+
+
+def align_and_quantize_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int,
+                              tokens_TH: torch.Tensor) -> tuple[TokenAlignment, torch.Tensor, torch.Tensor]:
+    """align_tokens(..., one_program=True) and quantize_rows(tokens_TH) in one launch (decode: up to
+    ONE_PROGRAM_MAX_PAIRS pairs): the alignment, the tokens' e4m3 values [T, H] and their scales [T]."""
+    _check_device(expert_ids_TK, tokens_TH)
+    alignment, alignment_args = _one_program_alignment(expert_ids_TK, num_experts, block_m)
+    tokens_TH, values_TH, scales_T, blocks, args = _quantize_rows_buffers(tokens_TH)
+    _align_and_quantize_kernel[(1 + blocks,)](
+        *alignment_args, tokens_TH, values_TH, scales_T, *args, **_quantize_constants(tokens_TH), num_warps=8,
+        USE_PDL=dependent_launch(tokens_TH.device))
+    return alignment, values_TH, scales_T
+
+
+def _quantize_rows_buffers(x_TH: torch.Tensor) -> tuple:
+    """x contiguous, the e4m3 values (rows padded for TMA) and scales, empty, how many programs fill them, and the
+    kernels' row arguments (rows, cols, strides)."""
+    T, H = x_TH.shape
+    x_TH = x_TH.contiguous()
+    values_TH = torch.empty((T, tma_row_elements(H, FP8_DTYPE)), dtype=FP8_DTYPE, device=x_TH.device)[:, :H]
+    scales_T = torch.empty(T, dtype=torch.float32, device=x_TH.device)
+    rows_per_program = _quantize_constants(x_TH)["ROWS"]
+    return (x_TH, values_TH, scales_T, triton.cdiv(T, rows_per_program),
+            (T, H, x_TH.stride(0), values_TH.stride(0)))
+
+
+def _quantize_constants(x_TH: torch.Tensor) -> dict:
+    BLOCK = triton.next_power_of_2(x_TH.shape[1])
+    return dict(FP8_MAX=FP8_MAX, INTERPRETED=interpreting(), BLOCK=BLOCK,
+                ROWS=max(1, QUANTIZE_ELEMENTS_PER_PROGRAM // BLOCK))
 
 
 def _fp8_configs(interpret: bool, gate_up: bool) -> list:

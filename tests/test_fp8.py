@@ -106,6 +106,23 @@ def test_quantize_rows_shares_programs_and_stops_at_the_rows_in_use():
     assert torch.equal(scales[:22], expected_scales[:22, 0])
 
 
+@pytest.mark.parametrize("T, H, E, K", [(1, 200, 6, 2), (45, 64, 6, 6), (7, 72, 8, 8)])  # K = E: every expert
+def test_align_and_quantize_in_one_launch_equals_the_two_apart(T, H, E, K):
+    """Level 10's decode launch (program 0 aligns, the others quantize) gives what align_tokens(one_program=True)
+    and quantize_rows give, bit for bit; with 4 rows a program, 45 tokens take 12 quantizing programs."""
+    generator = torch.Generator().manual_seed(T)
+    expert_ids = torch.stack([torch.randperm(E, generator=generator)[:K] for _ in range(T)])
+    tokens = (torch.randn(T, H, generator=generator) * 5).bfloat16()
+    with mock.patch.object(triton_kernels, "QUANTIZE_ELEMENTS_PER_PROGRAM", 4 * 64):
+        alignment, values, scales = triton_kernels.align_and_quantize_tokens(expert_ids, E, 16, tokens)
+        expected_values, expected_scales = triton_kernels.quantize_rows(tokens)
+    expected = triton_kernels.align_tokens(expert_ids, E, 16, one_program=True)
+    for got, want in zip(alignment, expected):
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
+    assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+    assert torch.equal(scales, expected_scales)
+
+
 def test_reference_rounds_every_hidden_it_is_given():
     config = make_config(num_shared_experts=1)
     weights = init_weights(config, CPU)

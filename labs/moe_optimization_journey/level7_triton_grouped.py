@@ -99,11 +99,11 @@ class TritonGroupedLevel(MoELevel):
         with stage("permute"):
             routing_weights_TK, expert_ids_TK = route_to_shared_experts(routing_weights_TK, expert_ids_TK, self.config)
             K = expert_ids_TK.shape[1]
-            alignment = self.align(expert_ids_TK, E)
+            alignment, gate_up_input = self.align(tokens_TH, expert_ids_TK, E)
         # SiLU·up runs in the gate|up kernel's epilogue and the routing weight in the down kernel's: no stage of
         # their own.
         with stage("expert GEMMs"):
-            hidden_PI = self.gate_up(tokens_TH, alignment, K)
+            hidden_PI = self.gate_up(gate_up_input, alignment, K)
             y_TKH = self.down(hidden_PI, routing_weights_TK, alignment)
         with stage("combine"):
             # A sum over one row per token would be a full copy. (Level 9 may split each slot's row in partial
@@ -111,9 +111,11 @@ class TritonGroupedLevel(MoELevel):
             out_TH = y_TKH.sum(dim=1) if y_TKH.shape[1] > 1 else y_TKH[:, 0]
         return out_TH
 
-    def align(self, expert_ids_TK, num_experts):
+    def align(self, tokens_TH, expert_ids_TK, num_experts):
+        """The alignment, and the tokens as the gate/up GEMM reads them: here as they are (level 10 quantizes them,
+        at decode in the alignment's launch)."""
         block_m = choose_block_m(expert_ids_TK.numel(), num_experts)
-        return align_tokens(expert_ids_TK, num_experts, block_m)  # 3 kernels and 2 fills
+        return align_tokens(expert_ids_TK, num_experts, block_m), tokens_TH  # 3 kernels and 2 fills
 
     def gate_up(self, tokens_TH, alignment, K):
         return moe_gate_up(tokens_TH, self.w13_EH2I, alignment, K)  # one launch; 2 accumulators per tile

@@ -89,10 +89,10 @@ class PersistentTmaLevel(TritonGraphedLevel):
         self.w_down_EIH = tma_storage(self.w_down_EIH)
         del self.w13_EH2I  # level 7's layout: not read here
 
-    def align(self, expert_ids_TK, num_experts):
+    def align(self, tokens_TH, expert_ids_TK, num_experts):
         num_pairs = expert_ids_TK.numel()
         return align_tokens(expert_ids_TK, num_experts, choose_block_m(num_pairs, num_experts),
-                            one_program=num_pairs <= ONE_PROGRAM_MAX_PAIRS)  # 1 launch at decode, not 5
+                            one_program=num_pairs <= ONE_PROGRAM_MAX_PAIRS), tokens_TH  # 1 launch at decode, not 5
 
     def gate_up(self, tokens_TH, alignment, K):
         return moe_gate_up_persistent(tokens_TH, self.w13_interleaved_EH2I, alignment, K)
