@@ -540,6 +540,8 @@ def describe_tuned_configs(gate_up_kernel=None, down_kernel=None) -> str:
 # - The down GEMM's activations [P, I] are already sorted: they come by TMA too.
 # - Dependent launch (sm_90): the kernels are launched with launch_pdl and wait (gdc_wait) before their first read,
 #   so the one-program alignment can let the gate/up GEMM launch while it works (_align_one_program_kernel).
+# - Decode (given arrival counts): the down GEMM sums each token's rows itself, in the program that stores the last
+#   of them (_sum_if_last), so no kernel of its own follows it.
 # TMA needs 16-byte-aligned row strides; `tma_storage` pads a tensor's rows (not its shape) where they are not.
 # ---------------------------------------------------------------------------------------------------------------
 def tma_row_elements(cols: int, dtype: torch.dtype) -> int:
@@ -627,10 +629,11 @@ def _moe_gate_up_persistent_kernel(
 def _moe_down_persistent_kernel(
     hidden_ptr, w2_ptr, out_ptr, routing_weights_ptr,  # hidden [P_max, I], w2 [E, I, H], out [N·split_k, H]
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    sum_ptr, arrivals_ptr, slots, arrivals_stride,  # SUM_HERE: sum [T, H], arrivals [T, ≥ H / BLOCK_N]
     num_experts, cols, depth, num_pairs, max_padded, pairs_bucket, split_k,  # cols = H, depth = I
-    stride_hp, stride_we, stride_wd, stride_om,
+    stride_hp, stride_we, stride_wd, stride_om, stride_sm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, SUM_HERE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     _wait_for_previous_kernel(USE_PDL)  # first: descriptors go to scratch the previous kernel may still read
     hidden_desc = tl.make_tensor_descriptor(hidden_ptr, shape=[max_padded, depth], strides=[stride_hp, 1],
@@ -657,6 +660,9 @@ def _moe_down_persistent_kernel(
         out_rows = pair_ids.to(tl.int64) * split_k + split  # back to pair order, a row per slice
         out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
+        if SUM_HERE:
+            _sum_if_last(out_ptr, sum_ptr, arrivals_ptr, pair_ids, row_valid, offs_n, col_valid, pid_n, slots,
+                         slots * split_k, arrivals_stride, stride_om, stride_sm, BLOCK_M, BLOCK_N)
 
 
 def choose_split_k(num_pairs: int, num_experts: int, cols: int, programs: int) -> int:
@@ -691,6 +697,33 @@ def _wait_for_previous_kernel(USE_PDL: tl.constexpr):
         tl.extra.cuda.gdc_wait()
 
 
+@triton.jit
+def _sum_if_last(y_ptr, sum_ptr, arrivals_ptr, pair_ids, row_valid, offs_n, col_valid, pid_n, slots,
+                 rows_per_token, arrivals_stride, stride_ym, stride_sm, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Decode: the sum over each token's rows of y (K slots, split_k rows each) in the down GEMM itself, by the
+    program that stores the last of them, so the layer needs no kernel of its own for it. With its tile's rows
+    stored, a program counts one arrival per row at (token, column tile); where its count is the token's last, it
+    reads the token's rows back (from L2: just written) and stores their sum, then sets the count back to 0 for the
+    next forward. The barrier puts every thread's stores before the count, and the count's release and acquire
+    make them visible to the program that reads them."""
+    tl.debug_barrier()
+    tokens = pair_ids // slots
+    counts = arrivals_ptr + tokens * arrivals_stride + pid_n
+    arrived = tl.atomic_add(counts, 1, mask=row_valid, sem="acq_rel", scope="gpu")
+    last = row_valid & (arrived == rows_per_token - 1)
+    tl.debug_barrier()
+    mask = last[:, None] & col_valid[None, :]
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for row in range(rows_per_token):
+        y_rows = tokens.to(tl.int64) * rows_per_token + row
+        total += tl.load(y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0,
+                         volatile=True).to(tl.float32)  # read rows_per_token·BLOCK_N elements, from L2
+    tl.store(sum_ptr + tokens.to(tl.int64)[:, None] * stride_sm + offs_n[None, :],
+             total.to(sum_ptr.dtype.element_ty), mask=mask)
+    tl.store(counts, 0, mask=last)
+
+
 def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.Tensor, alignment: TokenAlignment,
                            top_k: int) -> torch.Tensor:
     """Level 7's moe_gate_up on Hopper: hidden [P_max, I] (its storage padded for TMA where I needs it)."""
@@ -715,9 +748,10 @@ def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.
 
 
 def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routing_weights_TK: torch.Tensor,
-                        alignment: TokenAlignment) -> torch.Tensor:
+                        alignment: TokenAlignment, arrivals: torch.Tensor | None = None) -> torch.Tensor:
     """Level 7's moe_down on Hopper: y [T, K·split, H], each row weighted and back in (token, slot) order, split in
-    `choose_split_k` partial rows per pair where the grid would be small (the sum over K adds them too)."""
+    `choose_split_k` partial rows per pair where the grid would be small (the sum over K adds them too). Given
+    `arrivals` (decode: `arrival_counts`), the kernel sums each token's rows itself and returns [T, 1, H]."""
     _check_device(hidden_PI, w_down_EIH)
     T, K = routing_weights_TK.shape
     E, I, H = w_down_EIH.shape
@@ -725,14 +759,34 @@ def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routi
     pdl = dependent_launch(hidden_PI.device)
     split_k = choose_split_k(T * K, E, H, programs)
     y_NH = torch.empty((T * K * split_k, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
+    sum_TH, sum_args = _sum_in_kernel(y_NH, T, K, arrivals)
     _moe_down_persistent_kernel[(programs,)](
         hidden_PI, w_down_EIH, y_NH, routing_weights_TK.contiguous().view(-1), alignment.sorted_pair_ids,
-        alignment.block_expert_ids, alignment.num_padded, E, H, I, T * K, hidden_PI.shape[0],
+        alignment.block_expert_ids, alignment.num_padded, sum_TH, *sum_args, E, H, I, T * K, hidden_PI.shape[0],
         triton.next_power_of_2(T * K), split_k, hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1),
-        y_NH.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
-        USE_PDL=pdl, launch_pdl=pdl,
+        y_NH.stride(0), sum_TH.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
+        SUM_HERE=arrivals is not None, USE_PDL=pdl, launch_pdl=pdl,
     )
-    return y_NH.view(T, K * split_k, H)
+    return sum_TH.view(T, 1, H) if arrivals is not None else y_NH.view(T, K * split_k, H)
+
+
+NARROWEST_TILE = 16  # the smallest BLOCK_N of every down kernel's configs
+
+
+def arrival_counts(max_tokens: int, cols: int, device: torch.device) -> torch.Tensor:
+    """Zeros [max_tokens, cols / NARROWEST_TILE]: for a down kernel that sums each token's rows itself, one count
+    per token and column tile of how many of its rows have been stored. The kernel sets each back to 0 after use,
+    so one tensor, zeroed once, serves every forward (and a CUDA graph's replays)."""
+    return torch.zeros((max_tokens, triton.cdiv(cols, NARROWEST_TILE)), dtype=torch.int32, device=device)
+
+
+def _sum_in_kernel(y_NH: torch.Tensor, T: int, K: int, arrivals: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
+    """The down kernels' sum [T, H] (y itself where the kernel does not sum) and their arrivals arguments."""
+    if arrivals is None:
+        return y_NH, (y_NH, K, 0)  # not read: SUM_HERE is off
+    if arrivals.shape[0] < T or arrivals.shape[1] * NARROWEST_TILE < y_NH.shape[1]:
+        raise ValueError(f"arrival counts {tuple(arrivals.shape)} are too few for {T} tokens of {y_NH.shape[1]}")
+    return y_NH.new_empty((T, y_NH.shape[1])), (arrivals, K, arrivals.stride(0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -945,10 +999,11 @@ def _moe_gate_up_fp8_kernel(
 def _moe_down_fp8_kernel(
     hidden_ptr, hidden_scales_ptr, w2_ptr, w2_scales_ptr, out_ptr, routing_weights_ptr,
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    sum_ptr, arrivals_ptr, slots, arrivals_stride,  # as level 9's
     num_experts, cols, depth, num_pairs, max_padded, pairs_bucket,  # cols = H, depth = I
-    stride_hp, stride_we, stride_wc, stride_se, stride_om,
+    stride_hp, stride_we, stride_wc, stride_se, stride_om, stride_sm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, SUM_HERE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # hidden [P_max, I] e4m3 and hidden_scales [P_max]; w2 [E, H, I] e4m3 and w2_scales [E, H]; out [N, H]
     _wait_for_previous_kernel(USE_PDL)  # first: descriptors go to scratch the previous kernel may still read
@@ -974,6 +1029,9 @@ def _moe_down_fp8_kernel(
         acc = acc * hidden_scales[:, None] * w_scales[None, :] * weight[:, None]
         out_ptrs = out_ptr + pair_ids[:, None].to(tl.int64) * stride_om + offs_n[None, :]  # back to pair order
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
+        if SUM_HERE:
+            _sum_if_last(out_ptr, sum_ptr, arrivals_ptr, pair_ids, row_valid, offs_n, col_valid, pid_n, slots,
+                         slots, arrivals_stride, stride_om, stride_sm, BLOCK_M, BLOCK_N)
 
 
 def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp8Experts,
@@ -1000,22 +1058,25 @@ def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp
 
 
 def moe_down_fp8(hidden_values_PI: torch.Tensor, hidden_scales_P: torch.Tensor, w_down: Fp8Experts,
-                 routing_weights_TK: torch.Tensor, alignment: TokenAlignment) -> torch.Tensor:
+                 routing_weights_TK: torch.Tensor, alignment: TokenAlignment,
+                 arrivals: torch.Tensor | None = None) -> torch.Tensor:
     """Level 9's moe_down_persistent in FP8: y [T, K, H] in the routing weights' dtype, each row weighted and back
     in (token, slot) order, from the hidden's e4m3 values (rows padded for TMA) and row scales and the down experts
-    ([E, H, I])."""
+    ([E, H, I]). Given `arrivals`, summed over K in the kernel: [T, 1, H]."""
     _check_device(hidden_values_PI, w_down.values_ECD)
     T, K = routing_weights_TK.shape
     E, H, I = w_down.values_ECD.shape
     y_NH = torch.empty((T * K, H), dtype=routing_weights_TK.dtype, device=hidden_values_PI.device)
+    sum_TH, sum_args = _sum_in_kernel(y_NH, T, K, arrivals)
     programs = num_programs(hidden_values_PI.device)
     pdl = dependent_launch(hidden_values_PI.device)
     _moe_down_fp8_kernel[(programs,)](
         hidden_values_PI, hidden_scales_P, w_down.values_ECD, w_down.scales_EC, y_NH,
         routing_weights_TK.contiguous().view(-1), alignment.sorted_pair_ids, alignment.block_expert_ids,
-        alignment.num_padded, E, H, I, T * K, hidden_values_PI.shape[0], triton.next_power_of_2(T * K),
-        hidden_values_PI.stride(0), w_down.values_ECD.stride(0), w_down.values_ECD.stride(1),
-        w_down.scales_EC.stride(0), y_NH.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs,
-        USE_PDL=pdl, launch_pdl=pdl,
+        alignment.num_padded, sum_TH, *sum_args, E, H, I, T * K, hidden_values_PI.shape[0],
+        triton.next_power_of_2(T * K), hidden_values_PI.stride(0), w_down.values_ECD.stride(0),
+        w_down.values_ECD.stride(1), w_down.scales_EC.stride(0), y_NH.stride(0), sum_TH.stride(0),
+        BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, SUM_HERE=arrivals is not None, USE_PDL=pdl,
+        launch_pdl=pdl,
     )
-    return y_NH.view(T, K, H)
+    return sum_TH.view(T, 1, H) if arrivals is not None else y_NH.view(T, K, H)

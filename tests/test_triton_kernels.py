@@ -155,6 +155,34 @@ def test_level_9_split_k_down_matches_reference(levels, monkeypatch, split_k):
     assert check.passed, check.message
 
 
+@pytest.mark.parametrize("level_key", ["9", "10"])
+def test_down_gemm_sums_over_k_at_decode_and_sets_its_counts_back(levels, monkeypatch, level_key):
+    """At decode the down GEMM sums each token's K rows itself (the program storing a token's last row adds them);
+    its counts must be back at 0 for the next forward, and the sum must be the one a separate kernel takes."""
+    config = MoEConfig(hidden=100, intermediate=72, num_experts=4, top_k=3, name="sum")
+    weights = init_weights(config, "cpu")
+    level = levels[level_key](config, weights)
+    level.prepare()
+    for seed in (1, 2):
+        generator = torch.Generator().manual_seed(seed)
+        tokens = torch.randn((9, 100), generator=generator).bfloat16()
+        expert_ids = torch.stack([torch.randperm(4, generator=generator)[:3] for _ in range(9)])
+        routing_weights = torch.softmax(torch.randn((9, 3), generator=generator), -1).bfloat16()
+        summed_in_kernel = level.forward(tokens, routing_weights, expert_ids)
+        assert not level.arrivals.any()
+        with monkeypatch.context() as patch:
+            patch.setattr(level, "decode_arrivals", lambda routing_weights_TK: None)  # y [T, K, H], then a sum
+            summed_apart = level.forward(tokens, routing_weights, expert_ids)
+        # Within one bf16 step: the interpreter's bf16 cast truncates where torch's sum rounds.
+        difference = (summed_in_kernel.float() - summed_apart.float()).abs()
+        assert (difference <= 2**-7 * summed_apart.float().abs()).all()
+
+
+def test_every_down_tile_is_as_wide_as_the_arrival_counts_assume():
+    configs = triton_kernels._persistent_configs(False) + triton_kernels._fp8_configs(False, gate_up=False)
+    assert min(config.kwargs["BLOCK_N"] for config in configs) >= triton_kernels.NARROWEST_TILE
+
+
 @pytest.mark.parametrize("num_pairs, num_experts, cols, split_k", [(2, 8, 1024, 2), (1, 8, 1024, 4), (8, 128, 2048, 1),
                                                                     (2, 8, 4096, 1), (4096, 8, 1024, 1)])
 def test_split_k_only_where_the_grid_is_small(num_pairs, num_experts, cols, split_k):

@@ -33,8 +33,8 @@ Why it should beat level 9, counted
     about 0.23 against 0.12 ms at 3 TB/s.
     Launches: level 9's plus two quantizations (tokens, hidden): 10 (14 with a shared expert) at prefill. At
     decode the tokens' quantization shares the one-program alignment's launch (program 0 aligns, the others
-    quantize: neither reads what the other writes), 5 (9): one graph node fewer, 1-3 µs at one token on an H100
-    (NOTES.md). Syncs: none.
+    quantize: neither reads what the other writes) and the down GEMM sums over K as level 9's does, 4 (8): mixtral
+    at one token 168 → 161 µs on an H100 (NOTES.md). Syncs: none.
 
 Why store the weights in FP8 (the seed's "native FP8 weights: works, but no speedup observed at 8K")
     Converting bf16 weights to e4m3 inside every forward reads 2 bytes and writes 1 per weight before the GEMM
@@ -44,7 +44,7 @@ Why store the weights in FP8 (the seed's "native FP8 weights: works, but no spee
     forward. Stored once in FP8 the weights cost 1 byte per forward, and then FP8 pays twice: at prefill the
     tensor-core rate (1.72x and 1.70x level 9 on mixtral and deepseek-v3 at 16384 tokens on an H100, 1.33x on
     qwen3-moe, whose short reductions leave the per-tile work and the hidden's pass a larger share), at decode the
-    halved weight bytes (mixtral at one token 168 µs against level 9's 273). The numbers and what holds them below
+    halved weight bytes (mixtral at one token 164 µs against level 9's 271). The numbers and what holds them below
     2x: NOTES.md ("Level 10").
 
 What it costs
@@ -85,7 +85,7 @@ class Fp8Level(PersistentTmaLevel):
     fp8 = True
     # Level 9's kernels and two quantizations (the tokens, the hidden); at decode the tokens' rides in the
     # alignment's launch.
-    claims = Claims(launches=f"5 + 5*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS}) + 4*min(S, 1)", syncs="0",
+    claims = Claims(launches=f"4 + 6*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS}) + 4*min(S, 1)", syncs="0",
                     extra_bytes=f"({FP8_INTERMEDIATES_BYTES}, 2*({FP8_INTERMEDIATES_BYTES}) + 24*2**20)")
 
     def prepare(self):
@@ -119,7 +119,8 @@ class Fp8Level(PersistentTmaLevel):
     def down(self, hidden_PI, routing_weights_TK, alignment):
         # One launch, as for the tokens; the rows past the alignment's padded length hold nothing.
         hidden_values_PI, hidden_scales_P = quantize_rows(hidden_PI, rows_used=alignment.num_padded)
-        return moe_down_fp8(hidden_values_PI, hidden_scales_P, self.w_down, routing_weights_TK, alignment)
+        return moe_down_fp8(hidden_values_PI, hidden_scales_P, self.w_down, routing_weights_TK, alignment,
+                            arrivals=self.decode_arrivals(routing_weights_TK))
 
     def reference(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         """The layer in fp32 on the values the kernels multiply: the tokens' e4m3 round trip, the dequantized

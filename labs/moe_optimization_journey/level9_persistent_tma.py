@@ -25,18 +25,23 @@ The idea
        that on the 5 alignment launches (3 kernels, 2 fills) and the gaps between its 8 nodes. Up to
        ONE_PROGRAM_MAX_PAIRS (token, slot) pairs the alignment runs as one program (`align_tokens(...,
        one_program=True)`): the same count, offsets and placement, with a barrier among the program's threads where
-       a kernel boundary stood, and the fills done by the same threads. The graph then holds 4 kernels: align,
-       gate/up, down, the sum over K. Narrow column tiles (16 or 32 wide) keep every SM reading weights; where
-       even they would leave half the SMs idle (journey's down GEMM at T=1: 2 experts × 1024/32 = 64 tiles for
-       132 SMs), the down GEMM splits its reduction too (`choose_split_k`): each slice writes its own partial row,
-       and the sum over K, which runs anyway, adds them. Measured on an H100: journey at T=1 in 44 µs against
-       level 8's 47; of them the graph's replay is 34 (its 4 kernels 19) and copying the inputs into the graph 8.5
-       (NOTES.md, which also says why 30 µs is out of this structure's reach). Last, the gap after the alignment:
-       Hopper's programmatic dependent launch lets a kernel start before the one ahead of it in the stream has
-       finished, up to its `gdc_wait()`, once every program of that one has called `gdc_launch_dependents()`.
-       The one-program alignment calls it first thing, so the gate/up GEMM launches while the alignment works
-       and waits only for its results: journey at T=1 42.8 → 40.3 µs on an H100. The GEMMs do not let their
-       successors in early: those programs then hold SMs the GEMM still needs (NOTES.md).
+       a kernel boundary stood, and the fills done by the same threads. Narrow column tiles (16 or 32 wide) keep
+       every SM reading weights; where even they would leave half the SMs idle (journey's down GEMM at T=1: 2
+       experts × 1024/32 = 64 tiles for 132 SMs), the down GEMM splits its reduction too (`choose_split_k`): each
+       slice writes its own partial row, and the sum over K adds them. Measured on an H100: journey at T=1 in 44
+       µs against level 8's 47; of them the graph's replay is 34 (its 4 kernels 19) and copying the inputs into
+       the graph 8.5 (NOTES.md, which also says why 30 µs is out of this structure's reach). Then the gap after
+       the alignment: Hopper's programmatic dependent launch lets a kernel start before the one ahead of it in the
+       stream has finished, up to its `gdc_wait()`, once every program of that one has called
+       `gdc_launch_dependents()`. The one-program alignment calls it first thing, so the gate/up GEMM launches
+       while the alignment works and waits only for its results: journey at T=1 42.8 → 40.3 µs on an H100. The
+       GEMMs do not let their successors in early: those programs then hold SMs the GEMM still needs (NOTES.md).
+       Last, the sum over K, a 3 µs kernel for journey's 2 rows at T=1: the down GEMM does it. Each program, its
+       tile's rows stored, counts one arrival per row at (token, column tile) with an atomic add; the program
+       whose count is a token's last reads that token's rows back from L2 and stores their sum
+       (`_sum_if_last`; the counts, zeroed once in prepare(), are set back to 0 by the program that used them).
+       The graph holds 3 kernels: align, gate/up, down; journey at T=1 40.8 → 38.3 µs, at T=512 95.5 → 87.2
+       (NOTES.md).
     Everything else is level 8's: device-side alignment, SiLU·up and the routing weight in the epilogues, shared
     experts as extra experts, no host sync, the whole layer in one CUDA graph.
 
@@ -46,7 +51,7 @@ Why it should be faster than level 8, counted
     and twice the work per wgmma instruction on the gate/up side. At decode sizes (a few rows per expert) the
     layer is bound by reading weights, and narrow tiles (16-32 columns: the autotuner picks per size class) spread
     those reads over every SM, where level 7's minimum of 32 columns and no persistence left SMs idle. Launches:
-    level 8's 8 kernels in the graph (12 with a shared expert) at prefill; 4 (8) up to ONE_PROGRAM_MAX_PAIRS pairs;
+    level 8's 8 kernels in the graph (12 with a shared expert) at prefill; 3 (7) up to ONE_PROGRAM_MAX_PAIRS pairs;
     one graph launch, no sync.
 
 What it costs
@@ -56,7 +61,9 @@ What it costs
     H or I needs it); and descriptors made on the device, which need a scratch allocator (`triton.set_allocator`,
     set once in triton_kernels.py), and which a kernel launched early must make only after its `gdc_wait()`: the
     scratch is the memory the kernel before it was given, freed when that one was launched, and made earlier the
-    new descriptors overwrote ones still in use (the first try hung). On the CPU it runs in Triton's interpreter,
+    new descriptors overwrote ones still in use (the first try hung). The decode sum's counts: 4 bytes per token
+    and 16 columns, for up to ONE_PROGRAM_MAX_PAIRS tokens (3.7 MB at H = 7168), kept between calls. On the CPU it
+    runs in Triton's interpreter,
     which executes tensor descriptors too: checked there, not timed.
 
 Run: python labs/moe_optimization_journey/level9_persistent_tma.py [--preset journey] [--tokens 8192] [--device cuda]
@@ -68,16 +75,17 @@ from level8_triton_graphed import TritonGraphedLevel
 from moe_benchmark import Claims, run_level_script
 
 import triton_kernels
-from triton_kernels import (ONE_PROGRAM_MAX_PAIRS, align_tokens, choose_block_m, moe_down_persistent,
-                            moe_gate_up_persistent, tma_storage)
+from triton_kernels import (ONE_PROGRAM_MAX_PAIRS, align_tokens, arrival_counts, choose_block_m,
+                            moe_down_persistent, moe_gate_up_persistent, tma_storage)
 
 
 class PersistentTmaLevel(TritonGraphedLevel):
     level = 9
     name = "persistent_tma"
     summary = "level 8 with persistent Hopper GEMMs: TMA weight tiles, gate|up interleaved into one wide accumulator"
-    # Level 8's kernels in one graph launch; up to ONE_PROGRAM_MAX_PAIRS pairs the alignment is 1 of them, not 5.
-    claims = Claims(launches=f"4 + 4*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS}) + 4*min(S, 1)", syncs="0",
+    # Level 8's kernels in one graph launch; up to ONE_PROGRAM_MAX_PAIRS pairs the alignment is 1 of them, not 5,
+    # and the down GEMM sums over K itself.
+    claims = Claims(launches=f"3 + 5*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS}) + 4*min(S, 1)", syncs="0",
                     extra_bytes=f"({PADDED_HIDDEN_AND_Y_BYTES}, 2*({PADDED_HIDDEN_AND_Y_BYTES}) + 24*2**20)")
 
     def prepare(self):
@@ -88,6 +96,8 @@ class PersistentTmaLevel(TritonGraphedLevel):
         self.w13_interleaved_EH2I = tma_storage(torch.stack([gate_EHI, up_EHI], dim=3).reshape(E, H, two_I))
         self.w_down_EIH = tma_storage(self.w_down_EIH)
         del self.w13_EH2I  # level 7's layout: not read here
+        # Decode: the down GEMM sums each token's rows itself, counting their arrivals here (zeroed once).
+        self.arrivals = arrival_counts(ONE_PROGRAM_MAX_PAIRS, H, self.device)
 
     def align(self, tokens_TH, expert_ids_TK, num_experts):
         num_pairs = expert_ids_TK.numel()
@@ -98,7 +108,13 @@ class PersistentTmaLevel(TritonGraphedLevel):
         return moe_gate_up_persistent(tokens_TH, self.w13_interleaved_EH2I, alignment, K)
 
     def down(self, hidden_PI, routing_weights_TK, alignment):
-        return moe_down_persistent(hidden_PI, self.w_down_EIH, routing_weights_TK, alignment)
+        return moe_down_persistent(hidden_PI, self.w_down_EIH, routing_weights_TK, alignment,
+                                   arrivals=self.decode_arrivals(routing_weights_TK))
+
+    def decode_arrivals(self, routing_weights_TK):
+        """The counts that make the down GEMM sum over K itself (y [T, 1, H]), up to ONE_PROGRAM_MAX_PAIRS pairs:
+        there the sum's own launch costs more than its work. Past that, none: y [T, K, H] and a sum."""
+        return self.arrivals if routing_weights_TK.numel() <= ONE_PROGRAM_MAX_PAIRS else None
 
     def after_first_call(self):
         return triton_kernels.describe_tuned_configs(triton_kernels._moe_gate_up_persistent_kernel,
