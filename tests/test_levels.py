@@ -188,6 +188,17 @@ def test_claims_evaluate_to_numbers(levels, tiny):
         assert 0 < low <= high and claimed["syncs"] >= 0 and 0 <= claimed["extra_mb"][0] <= claimed["extra_mb"][1], key
 
 
+def test_graph_pool_bytes_counts_private_pools_on_the_device_only(monkeypatch):
+    """A graph level's extra memory is its graphs' private pools, read from the allocator's own record: segments of
+    the default pool (0, 0) and of other devices do not count."""
+    segments = [{"device": 0, "segment_pool_id": (0, 0), "total_size": 100},
+                {"device": 0, "segment_pool_id": (3, 0), "total_size": 20},
+                {"device": 0, "segment_pool_id": [3, 0], "total_size": 2},
+                {"device": 1, "segment_pool_id": (4, 0), "total_size": 7}]
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda *args, **kwargs: {"segments": segments})
+    assert moe_benchmark.graph_pool_bytes(torch.device("cuda", 0)) == 22
+
+
 def test_contradicted_claims():
     row = {"launches_claimed": (8, 8), "launches_measured": 8, "syncs_claimed": 100, "syncs_measured": 100,
            "extra_mb_claimed": (20.0, 20.0), "extra_mb": 22.0}

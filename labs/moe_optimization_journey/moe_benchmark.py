@@ -374,10 +374,9 @@ class Counts:
 
 
 def measure_counts(fn: Callable[[], torch.Tensor], device: torch.device, ms: float, keeps_buffers: bool,
-                   reserved_before: int, calls: int = 3) -> Counts:
+                   calls: int = 3) -> Counts:
     """Kernels, syncs and memory of one forward (the mean of `calls` for the kernels). For a level that
-    `keeps_buffers` between calls, what the allocator still reserves over `reserved_before` (measured before its
-    first call) counts too."""
+    `keeps_buffers` between calls, its CUDA graphs' memory pools count too."""
     import warnings
 
     from torch.profiler import ProfilerActivity, profile
@@ -409,12 +408,19 @@ def measure_counts(fn: Callable[[], torch.Tensor], device: torch.device, ms: flo
     peak = torch.cuda.max_memory_allocated(device)
     transient = peak - before - out.numel() * out.element_size()
     del out
-    held = 0
-    if keeps_buffers:  # what stays reserved now is the graph's pool (elsewhere it is the allocator's fragmentation)
-        torch.cuda.empty_cache()
-        held = max(0, torch.cuda.memory_reserved(device) - reserved_before)
+    held = graph_pool_bytes(device) if keeps_buffers else 0
     return Counts(launches=round(len(kernels) / calls), syncs=syncs, extra_mb=(max(0, transient) + held) / 2**20,
                   peak_mb=peak / 2**20, gpu_busy_pct=min(100.0, 100 * busy_us / 1e3 / ms))
+
+
+def graph_pool_bytes(device: torch.device) -> int:
+    """What CUDA graphs' private memory pools hold on the device: the allocator's segments outside its default pool,
+    (0, 0), read from its own record (torch.cuda.memory._snapshot). The growth of `memory_reserved` over the first
+    call, measured before, read 0 MiB at some sizes and 3x the pool at others: segments that the inputs had pinned
+    before the call were released during it (NOTES.md)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sum(segment["total_size"] for segment in torch.cuda.memory._snapshot()["segments"]
+               if segment["device"] == index and tuple(segment["segment_pool_id"]) != (0, 0))
 
 
 def profile_stages(
@@ -566,9 +572,6 @@ def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_to
         level.prepare()
         timing_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "timing"), traffic)
         check_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "check"), traffic)
-        if on_gpu:
-            torch.cuda.empty_cache()
-        reserved_before = torch.cuda.memory_reserved(device) if on_gpu else 0
 
         begin = time.perf_counter()  # the first call: compilation, autotuning and graph capture happen here
         out_TH = level.forward(*check_inputs.as_args())
@@ -613,7 +616,7 @@ def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_to
                           if ceilings and (floor_ms := ceilings.floor_ms(flops, nbytes, level_cls.fp8)) else None),
         )
         if on_gpu:
-            counts = measure_counts(call, device, ms, level_cls.keeps_buffers, reserved_before)
+            counts = measure_counts(call, device, ms, level_cls.keeps_buffers)
             row.update(launches_measured=counts.launches, syncs_measured=counts.syncs, extra_mb=counts.extra_mb,
                        peak_mb=counts.peak_mb, gpu_busy_pct=counts.gpu_busy_pct,
                        host_bound=counts.gpu_busy_pct < 50)
