@@ -42,8 +42,8 @@ Why store the weights in FP8 (the seed's "native FP8 weights: works, but no spee
     for mixtral's gate weights alone (0.47 G weights), about 31 ms for all three projections, against 10.4 ms for
     this whole layer at 16384 tokens; even a fused conversion would move 4.2 GB, about 1.4 ms, 8x the one-token
     forward. Stored once in FP8 the weights cost 1 byte per forward, and then FP8 pays twice: at prefill the
-    tensor-core rate (1.68x and 1.69x level 9 on mixtral and deepseek-v3 at 16384 tokens on an H100, 1.47x on
-    qwen3-moe, whose short reductions leave the bf16 bytes of y, its sum and the hidden's pass a larger share), at
+    tensor-core rate (1.66-1.68x and 1.69x level 9 on mixtral and deepseek-v3 at 16384 tokens on an H100,
+    1.42-1.47x on qwen3-moe, whose short reductions leave the bf16 bytes of y, its sum and the hidden's pass a larger share), at
     decode the halved weight bytes (mixtral at one token 164 µs against level 9's 271). The numbers and what holds
     them below 2x: NOTES.md ("Level 10").
 
