@@ -776,7 +776,8 @@ NARROWEST_TILE = 16  # the smallest BLOCK_N of every down kernel's configs
 def arrival_counts(max_tokens: int, cols: int, device: torch.device) -> torch.Tensor:
     """Zeros [max_tokens, cols / NARROWEST_TILE]: for a down kernel that sums each token's rows itself, one count
     per token and column tile of how many of its rows have been stored. The kernel sets each back to 0 after use,
-    so one tensor, zeroed once, serves every forward (and a CUDA graph's replays)."""
+    so one tensor, zeroed once, serves every forward (and a CUDA graph's replays) as long as they run one after
+    another, on one stream."""
     return torch.zeros((max_tokens, triton.cdiv(cols, NARROWEST_TILE)), dtype=torch.int32, device=device)
 
 
