@@ -896,13 +896,13 @@ def quantize_rows(x_TH: torch.Tensor, rows_used: torch.Tensor | None = None) -> 
     program, about QUANTIZE_ELEMENTS_PER_PROGRAM elements in all: with one program per row, qwen3-moe's two passes
     (768- and 2048-element rows) took 237 µs of a 16384-token forward on an H100, 140 µs so (NOTES.md)."""
     _check_device(x_TH)
-    x_TH, values_TH, scales_T, blocks, args = _quantize_rows_buffers(x_TH)
-    if blocks:
+    rows = _RowsToQuantize.of(x_TH)
+    if rows.programs:
         pdl = dependent_launch(x_TH.device)
-        _quantize_rows_kernel[(blocks,)](
-            x_TH, values_TH, scales_T, scales_T if rows_used is None else rows_used, *args, **_quantize_constants(x_TH),
-            ALL_ROWS=rows_used is None, num_warps=8, USE_PDL=pdl, launch_pdl=pdl)
-    return values_TH, scales_T
+        _quantize_rows_kernel[(rows.programs,)](
+            rows.x, rows.values, rows.scales, rows.scales if rows_used is None else rows_used, *rows.row_args,
+            **rows.constants, ALL_ROWS=rows_used is None, num_warps=8, USE_PDL=pdl, launch_pdl=pdl)
+    return rows.values, rows.scales
 
 
 def align_and_quantize_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int,
@@ -911,29 +911,35 @@ def align_and_quantize_tokens(expert_ids_TK: torch.Tensor, num_experts: int, blo
     ONE_PROGRAM_MAX_PAIRS pairs): the alignment, the tokens' e4m3 values [T, H] and their scales [T]."""
     _check_device(expert_ids_TK, tokens_TH)
     alignment, alignment_args = _one_program_alignment(expert_ids_TK, num_experts, block_m)
-    tokens_TH, values_TH, scales_T, blocks, args = _quantize_rows_buffers(tokens_TH)
-    _align_and_quantize_kernel[(1 + blocks,)](
-        *alignment_args, tokens_TH, values_TH, scales_T, *args, **_quantize_constants(tokens_TH), num_warps=8,
+    rows = _RowsToQuantize.of(tokens_TH)
+    _align_and_quantize_kernel[(1 + rows.programs,)](
+        *alignment_args, rows.x, rows.values, rows.scales, *rows.row_args, **rows.constants, num_warps=8,
         USE_PDL=dependent_launch(tokens_TH.device))
-    return alignment, values_TH, scales_T
+    return alignment, rows.values, rows.scales
 
 
-def _quantize_rows_buffers(x_TH: torch.Tensor) -> tuple:
-    """x contiguous, the e4m3 values (rows padded for TMA) and scales, empty, how many programs fill them, and the
-    kernels' row arguments (rows, cols, strides)."""
-    T, H = x_TH.shape
-    x_TH = x_TH.contiguous()
-    values_TH = torch.empty((T, tma_row_elements(H, FP8_DTYPE)), dtype=FP8_DTYPE, device=x_TH.device)[:, :H]
-    scales_T = torch.empty(T, dtype=torch.float32, device=x_TH.device)
-    rows_per_program = _quantize_constants(x_TH)["ROWS"]
-    return (x_TH, values_TH, scales_T, triton.cdiv(T, rows_per_program),
-            (T, H, x_TH.stride(0), values_TH.stride(0)))
+class _RowsToQuantize(NamedTuple):
+    """A quantization of rows, ready to launch: x (contiguous), its e4m3 values (rows padded for TMA) and scales,
+    empty, how many programs of ROWS rows fill them, and the kernels' row arguments and constants."""
 
+    x: torch.Tensor
+    values: torch.Tensor
+    scales: torch.Tensor
+    programs: int
+    row_args: tuple  # rows, cols, x's row stride, the values' row stride
+    constants: dict
 
-def _quantize_constants(x_TH: torch.Tensor) -> dict:
-    BLOCK = triton.next_power_of_2(x_TH.shape[1])
-    return dict(FP8_MAX=FP8_MAX, INTERPRETED=interpreting(), BLOCK=BLOCK,
-                ROWS=max(1, QUANTIZE_ELEMENTS_PER_PROGRAM // BLOCK))
+    @staticmethod
+    def of(x_TH: torch.Tensor) -> "_RowsToQuantize":
+        T, H = x_TH.shape
+        x_TH = x_TH.contiguous()
+        values_TH = torch.empty((T, tma_row_elements(H, FP8_DTYPE)), dtype=FP8_DTYPE, device=x_TH.device)[:, :H]
+        scales_T = torch.empty(T, dtype=torch.float32, device=x_TH.device)
+        BLOCK = triton.next_power_of_2(H)
+        ROWS = max(1, QUANTIZE_ELEMENTS_PER_PROGRAM // BLOCK)
+        return _RowsToQuantize(x_TH, values_TH, scales_T, triton.cdiv(T, ROWS),
+                               (T, H, x_TH.stride(0), values_TH.stride(0)),
+                               dict(FP8_MAX=FP8_MAX, INTERPRETED=interpreting(), BLOCK=BLOCK, ROWS=ROWS))
 
 
 def _fp8_configs(interpret: bool, gate_up: bool) -> list:

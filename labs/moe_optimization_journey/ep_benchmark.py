@@ -86,8 +86,8 @@ def time_forwards(layer, inputs, chunks: int, device: torch.device, warmup: int,
     `dispatch_ms` (from the start to the first chunk's compute, the first half of the shared experts included),
     `compute_ms` (the chunks' compute spans, summed) and `combine_ms` (from the last chunk's compute to the end,
     the second half included); with one chunk and no shared experts they are the plain dispatch, compute and
-    combine. All ranks start each forward together (a
-    barrier), after warm-up, with the L2 cache flushed on a GPU; every rank runs the same number of forwards."""
+    combine. All ranks start each forward together (a barrier), after warm-up, with the L2 cache flushed on a GPU;
+    every rank runs the same number of forwards."""
     args = inputs.as_args()
     calls, _ = warm_up(lambda: layer.forward(*args, chunks=chunks), device, warmup, repeats, budget_s)
     count = torch.tensor([calls], device=device)
