@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from moe_model import FP8_DTYPE, FP8_MAX, Fp8Experts  # noqa: E402
 
@@ -528,13 +529,13 @@ def describe_tuned_configs(gate_up_kernel=None, down_kernel=None) -> str:
 # Level 9: the same two GEMMs, rebuilt for Hopper.
 #
 # - Persistent: one program per SM (at most) loops over the tiles, so there is no tail of half-empty waves and each
-#   program's set-up (descriptors, first loads) is paid once, not once per tile. The loop over tiles is flattened
+#   program's set-up (its first loads) is paid once, not once per tile. The loop over tiles is flattened
 #   with the loop over depth into one software pipeline (tl.range's flatten=True): the next tile's loads start
 #   under this tile's epilogue. The tile count comes from the alignment's padded length on the device, so programs
 #   never visit padding-only tiles.
-# - Weights through TMA: a tensor descriptor [E, depth, cols] lets the copy engine fetch each [BLOCK_D, BLOCK_N]
-#   weight tile asynchronously, with no address arithmetic in the threads, and fill zeros past an expert's rows
-#   (any H or I). The gathered token rows still come by pointer loads: TMA gather is Blackwell-only.
+# - Weights through TMA: a tensor descriptor [E, depth, cols], made on the host (tma_descriptor), lets the copy
+#   engine fetch each [BLOCK_D, BLOCK_N] weight tile asynchronously, with no address arithmetic in the threads,
+#   and fill zeros past an expert's rows (any H or I). The gathered token rows still come by pointer loads: TMA gather is Blackwell-only.
 # - Gate and up interleaved column by column in one [E, H, 2I] tensor: one accumulator 2·BLOCK_N wide, one wgmma
 #   per step, split into gate and up in the epilogue. Level 7 kept two accumulators, so its tiles were half as wide.
 # - The down GEMM's activations [P, I] are already sorted: they come by TMA too.
@@ -561,22 +562,34 @@ def tma_storage(tensor: torch.Tensor) -> torch.Tensor:
     return padded[..., :cols]
 
 
-def _allocate_descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for descriptors made on the device (tl.make_tensor_descriptor): a few bytes per program."""
-    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+def tma_descriptor(tensor: torch.Tensor) -> TensorDescriptor:
+    """A TMA descriptor made on the host over `tensor`'s real shape and strides, passed to a kernel as an argument
+    (a CUDA graph records it with the launch). Its box depends on the tile, so each kernel's autotune configs set
+    it before every launch (their pre_hook). Made on the device instead (tl.make_tensor_descriptor), each program
+    wrote one to global memory and fenced it before its first load: about 1 µs at every kernel's start on an H100
+    (NOTES.md)."""
+    return TensorDescriptor(tensor, list(tensor.shape), list(tensor.stride()), [1] * tensor.dim())
 
 
-triton.set_allocator(_allocate_descriptor_scratch)
+def _gate_up_boxes(args: dict) -> None:
+    args["w_desc"].block_shape = [1, args["BLOCK_D"], 2 * args["BLOCK_N"]]  # [E, H, 2I]: gate|up interleaved
 
 
-def _persistent_configs(interpret: bool) -> list:
+def _down_boxes(args: dict) -> None:
+    args["hidden_desc"].block_shape = [args["BLOCK_M"], args["BLOCK_D"]]  # [P, I]
+    args["w_desc"].block_shape = [1, args["BLOCK_D"], args["BLOCK_N"]]  # [E, I, H]
+
+
+def _persistent_configs(interpret: bool, boxes) -> list:
     """Narrow tiles for decode (a few rows per expert: spread the weight reads over every SM), wide ones for
-    prefill. BLOCK_N is the output tile's width; the gate/up accumulator is twice that."""
+    prefill. BLOCK_N is the output tile's width; the gate/up accumulator is twice that. `boxes` sets the tensor
+    descriptors' boxes for a config."""
     if interpret:
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "GROUP_M": 2}, num_warps=4, num_stages=1,
+                              pre_hook=boxes)]
     shapes = [(16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (128, 64, 8, 3),
               (256, 64, 8, 3), (256, 64, 8, 4)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_D": d, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    return [triton.Config({"BLOCK_N": n, "BLOCK_D": d, "GROUP_M": 8}, num_warps=w, num_stages=s, pre_hook=boxes)
             for n, d, w, s in shapes]
 
 
@@ -590,19 +603,18 @@ def _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return first_m + (tile % tiles_per_group) % group_size, (tile % tiles_per_group) // group_size
 
 
-@triton.autotune(configs=_persistent_configs(interpreting()), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
+@triton.autotune(configs=_persistent_configs(interpreting(), _gate_up_boxes),
+                 key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
 @triton.jit
 def _moe_gate_up_persistent_kernel(
-    x_ptr, w13_ptr, hidden_ptr,  # x [T, H], w13 [E, H, 2I] gate and up interleaved, hidden [P_max, I]
+    x_ptr, w_desc, hidden_ptr,  # x [T, H], w13 [E, H, 2I] gate and up interleaved (a descriptor), hidden [P_max, I]
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
-    num_experts, cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
-    stride_xt, stride_we, stride_wd, stride_hp,
+    cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
+    stride_xt, stride_hp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    _wait_for_previous_kernel(USE_PDL)  # first: descriptors go to scratch the previous kernel may still read
-    w_desc = tl.make_tensor_descriptor(w13_ptr, shape=[num_experts, depth, 2 * cols],
-                                       strides=[stride_we, stride_wd, 1], block_shape=[1, BLOCK_D, 2 * BLOCK_N])
+    _wait_for_previous_kernel(USE_PDL)
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)  # only the blocks this routing filled
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -623,23 +635,19 @@ def _moe_gate_up_persistent_kernel(
         tl.store(hidden_ptrs, hidden.to(hidden_ptr.dtype.element_ty), mask=col_valid[None, :])  # write BM·BN
 
 
-@triton.autotune(configs=_persistent_configs(interpreting()),
+@triton.autotune(configs=_persistent_configs(interpreting(), _down_boxes),
                  key=["cols", "depth", "BLOCK_M", "pairs_bucket", "split_k"])
 @triton.jit
 def _moe_down_persistent_kernel(
-    hidden_ptr, w2_ptr, out_ptr, routing_weights_ptr,  # hidden [P_max, I], w2 [E, I, H], out [N·split_k, H]
-    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    hidden_desc, w_desc, out_ptr, routing_weights_ptr,  # hidden [P_max, I] (sorted rows: no gather, so TMA too),
+    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,  # w2 [E, I, H]: descriptors; out [N·split_k, H]
     sum_ptr, arrivals_ptr, slots, arrivals_stride,  # SUM_HERE: sum [T, H], arrivals [T, ≥ H / BLOCK_N]
-    num_experts, cols, depth, num_pairs, max_padded, pairs_bucket, split_k,  # cols = H, depth = I
-    stride_hp, stride_we, stride_wd, stride_om, stride_sm,
+    cols, depth, num_pairs, pairs_bucket, split_k,  # cols = H, depth = I
+    stride_om, stride_sm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, SUM_HERE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    _wait_for_previous_kernel(USE_PDL)  # first: descriptors go to scratch the previous kernel may still read
-    hidden_desc = tl.make_tensor_descriptor(hidden_ptr, shape=[max_padded, depth], strides=[stride_hp, 1],
-                                            block_shape=[BLOCK_M, BLOCK_D])  # sorted rows: no gather, so TMA
-    w_desc = tl.make_tensor_descriptor(w2_ptr, shape=[num_experts, depth, cols], strides=[stride_we, stride_wd, 1],
-                                       block_shape=[1, BLOCK_D, BLOCK_N])
+    _wait_for_previous_kernel(USE_PDL)
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     depth_per_split = tl.cdiv(tl.cdiv(depth, BLOCK_D), split_k) * BLOCK_D
@@ -728,7 +736,7 @@ def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.
                            top_k: int) -> torch.Tensor:
     """Level 7's moe_gate_up on Hopper: hidden [P_max, I] (its storage padded for TMA where I needs it)."""
     _check_device(tokens_TH, w13_interleaved_EH2I)
-    E, H, two_I = w13_interleaved_EH2I.shape
+    _, H, two_I = w13_interleaved_EH2I.shape
     I = two_I // 2
     max_padded = alignment.sorted_pair_ids.numel()
     tokens_TH = tokens_TH.contiguous()
@@ -738,9 +746,9 @@ def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.
     pdl = dependent_launch(tokens_TH.device)
     num_pairs = tokens_TH.shape[0] * top_k
     _moe_gate_up_persistent_kernel[(programs,)](
-        tokens_TH, w13_interleaved_EH2I, hidden_PI, alignment.sorted_pair_ids, alignment.block_expert_ids,
-        alignment.num_padded, E, I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
-        tokens_TH.stride(0), w13_interleaved_EH2I.stride(0), w13_interleaved_EH2I.stride(1), hidden_PI.stride(0),
+        tokens_TH, tma_descriptor(w13_interleaved_EH2I), hidden_PI, alignment.sorted_pair_ids,
+        alignment.block_expert_ids, alignment.num_padded, I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
+        tokens_TH.stride(0), hidden_PI.stride(0),
         BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
         USE_PDL=pdl, launch_pdl=pdl,
     )
@@ -761,10 +769,10 @@ def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routi
     y_NH = torch.empty((T * K * split_k, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
     sum_TH, sum_args = _sum_in_kernel(y_NH, T, K, arrivals)
     _moe_down_persistent_kernel[(programs,)](
-        hidden_PI, w_down_EIH, y_NH, routing_weights_TK.contiguous().view(-1), alignment.sorted_pair_ids,
-        alignment.block_expert_ids, alignment.num_padded, sum_TH, *sum_args, E, H, I, T * K, hidden_PI.shape[0],
-        triton.next_power_of_2(T * K), split_k, hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1),
-        y_NH.stride(0), sum_TH.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
+        tma_descriptor(hidden_PI), tma_descriptor(w_down_EIH), y_NH, routing_weights_TK.contiguous().view(-1),
+        alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded, sum_TH, *sum_args, H, I, T * K,
+        triton.next_power_of_2(T * K), split_k, y_NH.stride(0), sum_TH.stride(0), BLOCK_M=alignment.block_m,
+        NUM_PROGRAMS=programs, UPCAST=interpreting(),
         SUM_HERE=arrivals is not None, USE_PDL=pdl, launch_pdl=pdl,
     )
     return sum_TH.view(T, 1, H) if arrivals is not None else y_NH.view(T, K * split_k, H)
@@ -942,36 +950,45 @@ class _RowsToQuantize(NamedTuple):
                                dict(FP8_MAX=FP8_MAX, INTERPRETED=interpreting(), BLOCK=BLOCK, ROWS=ROWS))
 
 
+def _fp8_gate_up_boxes(args: dict) -> None:
+    args["w_desc"].block_shape = [1, 2 * args["BLOCK_N"], args["BLOCK_D"]]  # [E, 2I, H]: K-major
+
+
+def _fp8_down_boxes(args: dict) -> None:
+    args["hidden_desc"].block_shape = [args["BLOCK_M"], args["BLOCK_D"]]  # [P, I]
+    args["w_desc"].block_shape = [1, args["BLOCK_N"], args["BLOCK_D"]]  # [E, H, I]: K-major
+
+
 def _fp8_configs(interpret: bool, gate_up: bool) -> list:
     """Level 9's tile shapes in FP8: steps go 128 deep, as an FP8 tensor-core instruction reduces 32 elements where
     bf16's reduces 16; the gate/up accumulator is twice BLOCK_N wide."""
+    boxes = _fp8_gate_up_boxes if gate_up else _fp8_down_boxes
     if interpret:
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "GROUP_M": 2}, num_warps=4, num_stages=1,
+                              pre_hook=boxes)]
     widths = (32, 64, 128) if gate_up else (64, 128, 256)
     shapes = [(n, d, w, s) for n in widths for d, w, s in ((128, 4, 4), (128, 8, 4), (128, 8, 3), (64, 4, 5))
               if not (n == 256 and w == 4) and not (n == 32 and w == 8)]
     # Decode reads each weight row in runs of BLOCK_D bytes: 256-deep steps read 256 contiguous bytes, as level 9's
     # 128-deep bf16 steps do, where 128-deep FP8 steps read half that per row.
     shapes += [(32, 256, 4, 4), (64, 256, 4, 4), (64, 256, 4, 3)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_D": d, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    return [triton.Config({"BLOCK_N": n, "BLOCK_D": d, "GROUP_M": 8}, num_warps=w, num_stages=s, pre_hook=boxes)
             for n, d, w, s in shapes]
 
 
 @triton.autotune(configs=_fp8_configs(interpreting(), gate_up=True), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
 @triton.jit
 def _moe_gate_up_fp8_kernel(
-    x_ptr, x_scales_ptr, w13_ptr, w13_scales_ptr, hidden_ptr,
+    x_ptr, x_scales_ptr, w_desc, w13_scales_ptr, hidden_ptr,
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
-    num_experts, cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
-    stride_xt, stride_we, stride_wc, stride_se, stride_hp,
+    cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
+    stride_xt, stride_se, stride_hp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, INTERPRETED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    # x [T, H] e4m3 and x_scales [T]; w13 [E, 2I, H] e4m3, gate and up rows interleaved, and w13_scales [E, 2I];
-    # hidden [P_max, I] bf16
-    _wait_for_previous_kernel(USE_PDL)  # first: descriptors go to scratch the previous kernel may still read
-    w_desc = tl.make_tensor_descriptor(w13_ptr, shape=[num_experts, 2 * cols, depth],
-                                       strides=[stride_we, stride_wc, 1], block_shape=[1, 2 * BLOCK_N, BLOCK_D])
+    # x [T, H] e4m3 and x_scales [T]; w13 [E, 2I, H] e4m3 (a descriptor), gate and up rows interleaved, and
+    # w13_scales [E, 2I]; hidden [P_max, I] bf16
+    _wait_for_previous_kernel(USE_PDL)
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -1004,20 +1021,17 @@ def _moe_gate_up_fp8_kernel(
 @triton.autotune(configs=_fp8_configs(interpreting(), gate_up=False), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
 @triton.jit
 def _moe_down_fp8_kernel(
-    hidden_ptr, hidden_scales_ptr, w2_ptr, w2_scales_ptr, out_ptr, routing_weights_ptr,
+    hidden_desc, hidden_scales_ptr, w_desc, w2_scales_ptr, out_ptr, routing_weights_ptr,
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
     sum_ptr, arrivals_ptr, slots, arrivals_stride,  # as level 9's
-    num_experts, cols, depth, num_pairs, max_padded, pairs_bucket,  # cols = H, depth = I
-    stride_hp, stride_we, stride_wc, stride_se, stride_om, stride_sm,
+    cols, depth, num_pairs, pairs_bucket,  # cols = H, depth = I
+    stride_se, stride_om, stride_sm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, SUM_HERE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    # hidden [P_max, I] e4m3 and hidden_scales [P_max]; w2 [E, H, I] e4m3 and w2_scales [E, H]; out [N, H]
-    _wait_for_previous_kernel(USE_PDL)  # first: descriptors go to scratch the previous kernel may still read
-    hidden_desc = tl.make_tensor_descriptor(hidden_ptr, shape=[max_padded, depth], strides=[stride_hp, 1],
-                                            block_shape=[BLOCK_M, BLOCK_D])
-    w_desc = tl.make_tensor_descriptor(w2_ptr, shape=[num_experts, cols, depth], strides=[stride_we, stride_wc, 1],
-                                       block_shape=[1, BLOCK_N, BLOCK_D])
+    # hidden [P_max, I] e4m3 and hidden_scales [P_max]; w2 [E, H, I] e4m3 and w2_scales [E, H] (values: descriptors);
+    # out [N, H]
+    _wait_for_previous_kernel(USE_PDL)
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
@@ -1046,7 +1060,7 @@ def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp
     """Level 9's moe_gate_up_persistent in FP8: hidden bf16 [P_max, I], from the tokens' e4m3 values and scales and
     the gate|up experts (rows interleaved, [E, 2I, H])."""
     _check_device(x_values_TH, w13.values_ECD)
-    E, two_I, H = w13.values_ECD.shape
+    _, two_I, H = w13.values_ECD.shape
     I = two_I // 2
     max_padded = alignment.sorted_pair_ids.numel()
     hidden_PI = torch.empty((max_padded, I), dtype=torch.bfloat16, device=x_values_TH.device)
@@ -1054,11 +1068,11 @@ def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp
     pdl = dependent_launch(x_values_TH.device)
     num_pairs = x_values_TH.shape[0] * top_k
     _moe_gate_up_fp8_kernel[(programs,)](
-        x_values_TH, x_scales_T, w13.values_ECD, w13.scales_EC, hidden_PI,
+        x_values_TH, x_scales_T, tma_descriptor(w13.values_ECD), w13.scales_EC, hidden_PI,
         alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded,
-        E, I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
-        x_values_TH.stride(0), w13.values_ECD.stride(0), w13.values_ECD.stride(1), w13.scales_EC.stride(0),
-        hidden_PI.stride(0), BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, INTERPRETED=interpreting(),
+        I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
+        x_values_TH.stride(0), w13.scales_EC.stride(0), hidden_PI.stride(0), BLOCK_M=alignment.block_m,
+        NUM_PROGRAMS=programs, INTERPRETED=interpreting(),
         USE_PDL=pdl, launch_pdl=pdl,
     )
     return hidden_PI
@@ -1072,17 +1086,16 @@ def moe_down_fp8(hidden_values_PI: torch.Tensor, hidden_scales_P: torch.Tensor, 
     ([E, H, I]). Given `arrivals`, summed over K in the kernel: [T, 1, H]."""
     _check_device(hidden_values_PI, w_down.values_ECD)
     T, K = routing_weights_TK.shape
-    E, H, I = w_down.values_ECD.shape
+    _, H, I = w_down.values_ECD.shape
     y_NH = torch.empty((T * K, H), dtype=routing_weights_TK.dtype, device=hidden_values_PI.device)
     sum_TH, sum_args = _sum_in_kernel(y_NH, T, K, arrivals)
     programs = num_programs(hidden_values_PI.device)
     pdl = dependent_launch(hidden_values_PI.device)
     _moe_down_fp8_kernel[(programs,)](
-        hidden_values_PI, hidden_scales_P, w_down.values_ECD, w_down.scales_EC, y_NH,
+        tma_descriptor(hidden_values_PI), hidden_scales_P, tma_descriptor(w_down.values_ECD), w_down.scales_EC, y_NH,
         routing_weights_TK.contiguous().view(-1), alignment.sorted_pair_ids, alignment.block_expert_ids,
-        alignment.num_padded, sum_TH, *sum_args, E, H, I, T * K, hidden_values_PI.shape[0],
-        triton.next_power_of_2(T * K), hidden_values_PI.stride(0), w_down.values_ECD.stride(0),
-        w_down.values_ECD.stride(1), w_down.scales_EC.stride(0), y_NH.stride(0), sum_TH.stride(0),
+        alignment.num_padded, sum_TH, *sum_args, H, I, T * K, triton.next_power_of_2(T * K),
+        w_down.scales_EC.stride(0), y_NH.stride(0), sum_TH.stride(0),
         BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, SUM_HERE=arrivals is not None, USE_PDL=pdl,
         launch_pdl=pdl,
     )

@@ -84,9 +84,9 @@ class Fp8Level(PersistentTmaLevel):
     name = "fp8"
     summary = "level 9 with FP8 (e4m3) operands: a scale per weight column, per token and per hidden row"
     fp8 = True
-    # Level 9's kernels and two quantizations (the tokens, the hidden); at decode the tokens' rides in the
-    # alignment's launch.
-    claims = Claims(launches=f"4 + 6*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS}) + 4*min(S, 1)", syncs="0",
+    # Level 9's inputs' copy and kernels, and two quantizations (the tokens, the hidden); at decode the tokens'
+    # rides in the alignment's launch.
+    claims = Claims(launches=f"1 + 4 + 6*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS}) + 4*min(S, 1)", syncs="0",
                     extra_bytes=f"({FP8_INTERMEDIATES_BYTES}, 2*({FP8_INTERMEDIATES_BYTES}) + 24*2**20)")
 
     def prepare(self):

@@ -14,7 +14,8 @@ The idea
     `scatter_add_`), and the results go back through level 4's `combine`. With no sync left, the layer is
     captured into one graph the first time a T is seen (outside the timing; the capture is in the row's
     first_call_ms) and replayed (`CapturedGraph` below: warm up on a side stream, record under
-    `torch.cuda.graph`, then for each call copy the new inputs into the recorded input buffers and `replay()`).
+    `torch.cuda.graph`, then for each call copy the new inputs into the recorded input buffers, all three in one
+    launch, and `replay()`).
 
 Why it should be faster than level 4
     No host sync and no launch gaps: level 4 issues about 3·E GEMMs and a dozen other kernels from Python, and
@@ -45,20 +46,53 @@ from moe_benchmark import Claims, MoELevel, run_level_script, stage
 from triton_kernels import silu_mul
 
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
 class CapturedGraph:
     """Record `fn(*inputs)` into a CUDA graph on the first call for a set of input shapes; later calls copy their
     inputs into the graph's static input buffers and replay it with one launch. `fn` must never wait for the host.
-    The result is the graph's static output buffer, which the next replay overwrites. (Level 8 uses it too.)"""
+    The result is the graph's static output buffer, which the next replay overwrites. (Level 8 uses it too.)
+
+    The static inputs are views into one byte buffer, each at a 16-byte-aligned offset, so one `torch.cat` of the
+    inputs' bytes (and of the few bytes of padding between them) fills them all: one launch, where a `copy_` per
+    input was three, 1-2 µs each at one token on an H100 (NOTES.md)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor]):
         self.fn = fn
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_inputs: tuple[torch.Tensor, ...] = ()
+        self.static_bytes: torch.Tensor | None = None  # every static input's bytes, padding between them
+        self.padding: list[torch.Tensor] = []  # what the cat writes between one input's bytes and the next's
         self.static_output: torch.Tensor | None = None
+
+    def lay_out_inputs(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        """One byte buffer for the static inputs; input i starts at offsets[i], a multiple of 16 bytes."""
+        offsets, end = [], 0
+        for t in inputs:
+            offsets.append(-(-end // 16) * 16)
+            end = offsets[-1] + t.numel() * t.element_size()
+        device = inputs[0].device
+        self.static_bytes = torch.empty(end, dtype=torch.uint8, device=device)
+        self.padding = [torch.empty(after - before_end, dtype=torch.uint8, device=device)
+                        for after, before_end in zip(offsets[1:], (o + t.numel() * t.element_size()
+                                                                   for o, t in zip(offsets, inputs)))]
+        self.static_inputs = tuple(
+            self.static_bytes[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            for o, t in zip(offsets, inputs))
+
+    def copy_inputs(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        """Read and write T·H + 2·T·K elements in one launch: the only work besides the replay."""
+        pieces = [as_bytes(inputs[0])]
+        for pad, t in zip(self.padding, inputs[1:]):
+            pieces += [pad, as_bytes(t)]
+        torch.cat(pieces, out=self.static_bytes)
 
     def capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
         self.graph = None  # let the previous graph's memory pool go first
-        self.static_inputs = tuple(t.clone() for t in inputs)
+        self.lay_out_inputs(inputs)
+        self.copy_inputs(inputs)
         # Warm up on a side stream: one-time work (cuBLAS handles, Triton compilation and autotuning) must run
         # before capture, not be recorded.
         side_stream = torch.cuda.Stream()
@@ -72,10 +106,11 @@ class CapturedGraph:
             self.static_output = self.fn(*self.static_inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if self.graph is None or any(s.shape != t.shape for s, t in zip(self.static_inputs, inputs)):
+        if self.graph is None or any(s.shape != t.shape or s.dtype != t.dtype
+                                     for s, t in zip(self.static_inputs, inputs)):
             self.capture(inputs)  # once per T, on the first call: outside the timing (the row's first_call_ms)
-        for static, new in zip(self.static_inputs, inputs):
-            static.copy_(new)  # read and write T·H + 2·T·K elements: the only work besides the replay
+        else:
+            self.copy_inputs(inputs)
         self.graph.replay()
         return self.static_output
 
@@ -85,9 +120,10 @@ class CudaGraphLevel(MoELevel):
     name = "cudagraphs"
     summary = "sync-free fixed-capacity formulation, the whole layer captured in one CUDA graph"
     keeps_buffers = True  # the graph's private memory pool
-    # 26 kernels in the graph (9 more per shared expert; up to 38 where the sort of T·K pairs takes more passes),
-    # replayed by one launch. Its private pool keeps every intermediate, each expert padded to T rows.
-    claims = Claims(launches="(26 + 9*S, 38 + 9*S)", syncs="0",
+    # The inputs' copy, then 26 kernels in the graph (9 more per shared expert; up to 38 where the sort of T·K
+    # pairs takes more passes), replayed by one launch. Its private pool keeps every intermediate, each expert
+    # padded to T rows.
+    claims = Claims(launches="(27 + 9*S, 39 + 9*S)", syncs="0",
                     extra_bytes="(E*T*(2*H + 2*I)*bytes, E*T*(2*H + 2*I)*bytes + 80*2**20)")
 
     def prepare(self):

@@ -13,10 +13,10 @@ The idea
        qwen3-moe's short reductions, even on mixtral: NOTES.md).
     2. Address arithmetic and no asynchronous copy for the weights. Level 7 computes a pointer per weight element
        and loads through the threads. Here each [BLOCK_D, BLOCK_N] weight tile comes by TMA: a tensor descriptor
-       `[E, depth, cols]` made once per program, and the copy engine fetches the box while the warps do the math;
-       past an expert's last row it fills zeros, so any H or I works. The gathered token rows still come by pointer
-       loads (their order is the routing's; TMA gather is Blackwell-only). The down GEMM's activations are already
-       sorted, so they come by TMA too.
+       `[E, depth, cols]`, made once on the host and recorded with the launch (`tma_descriptor`), and the copy
+       engine fetches the box while the warps do the math; past an expert's last row it fills zeros, so any H or I
+       works. The gathered token rows still come by pointer loads (their order is the routing's; TMA gather is
+       Blackwell-only). The down GEMM's activations are already sorted, so they come by TMA too.
     3. Tile width. Level 7's gate/up tile keeps two fp32 accumulators (gate and up), so it stops at 128 columns of
        each. Interleaving gate and up column by column in one [E, H, 2I] tensor (prepare(), once) makes it one
        accumulator 2·BLOCK_N wide: one wgmma per step on a 256-wide tile, split into gate and up in the epilogue.
@@ -30,7 +30,8 @@ The idea
        experts × 1024/32 = 64 tiles for 132 SMs), the down GEMM splits its reduction too (`choose_split_k`): each
        slice writes its own partial row, and the sum over K adds them. Measured on an H100: journey at T=1 in 44
        µs against level 8's 47; of them the graph's replay is 34 (its 4 kernels 19) and copying the inputs into
-       the graph 8.5 (NOTES.md, which also says why 30 µs is out of this structure's reach). Then the gap after
+       the graph 8.5, three copies then (one launch since, level 5's `CapturedGraph`: 4-5 µs less at one token
+       for every graphed level; NOTES.md). Then the gap after
        the alignment: Hopper's programmatic dependent launch lets a kernel start before the one ahead of it in the
        stream has finished, up to its `gdc_wait()`, once every program of that one has called
        `gdc_launch_dependents()`. The one-program alignment calls it first thing, so the gate/up GEMM launches
@@ -41,7 +42,9 @@ The idea
        whose count is a token's last reads that token's rows back from L2 and stores their sum
        (`_sum_if_last`; the counts, zeroed once in prepare(), are set back to 0 by the program that used them).
        The graph holds 3 kernels: align, gate/up, down; journey at T=1 40.8 → 38.3 µs, at T=512 95.5 → 87.2
-       (NOTES.md).
+       (NOTES.md). Last, descriptors made on the host (item 2): a program no longer writes and fences its own
+       before its first load, at every kernel's start; with the inputs' copy in one launch (level 5), journey at
+       T=1 38.5 → 30.2-30.8 µs on an H100 (NOTES.md).
     Everything else is level 8's: device-side alignment, SiLU·up and the routing weight in the epilogues, shared
     experts as extra experts, no host sync, the whole layer in one CUDA graph.
 
@@ -52,19 +55,18 @@ Why it should be faster than level 8, counted
     layer is bound by reading weights, and narrow tiles (16-32 columns: the autotuner picks per size class) spread
     those reads over every SM, where level 7's minimum of 32 columns and no persistence left SMs idle. Launches:
     level 8's 8 kernels in the graph (12 with a shared expert) at prefill; 3 (7) up to ONE_PROGRAM_MAX_PAIRS pairs;
-    one graph launch, no sync.
+    one launch for the inputs' copy, one graph launch, no sync.
 
 What it costs
-    Hopper-only instructions (TMA, wgmma, griddepcontrol: sm_90; elsewhere Triton lowers descriptors to plain
-    loads and nothing launches early); a second copy of the gate and up weights in the interleaved layout, made
-    once; TMA's rule that row strides be 16-byte aligned (`tma_storage` pads a row's storage, not its shape, where
-    H or I needs it); and descriptors made on the device, which need a scratch allocator (`triton.set_allocator`,
-    set once in triton_kernels.py), and which a kernel launched early must make only after its `gdc_wait()`: the
-    scratch is the memory the kernel before it was given, freed when that one was launched, and made earlier the
-    new descriptors overwrote ones still in use (the first try hung). The decode sum's counts: 4 bytes per token
-    and 16 columns, for up to ONE_PROGRAM_MAX_PAIRS tokens (3.7 MB at H = 7168), kept between calls. On the CPU it
-    runs in Triton's interpreter,
-    which executes tensor descriptors too: checked there, not timed.
+    Hopper-only instructions (TMA, wgmma, griddepcontrol: sm_90, the only GPUs it was run on; elsewhere no kernel
+    launches early); a second copy of the gate and up weights in the interleaved layout, made once; TMA's rule
+    that row strides be 16-byte aligned (`tma_storage` pads a row's storage, not its shape, where H or I needs
+    it); a descriptor box per tile shape, which each autotune config sets before it launches (made on the device
+    instead, `tl.make_tensor_descriptor`, every program wrote and fenced its own descriptors at the kernel's
+    start, after its `gdc_wait()`: 3-4 µs of a one-token forward on an H100, NOTES.md). The decode sum's counts:
+    4 bytes per token and 16 columns, for up to ONE_PROGRAM_MAX_PAIRS tokens (3.7 MB at H = 7168), kept between
+    calls. On the CPU it runs in Triton's interpreter, which executes tensor descriptors too: checked there, not
+    timed.
 
 Run: python labs/moe_optimization_journey/level9_persistent_tma.py [--preset journey] [--tokens 8192] [--device cuda]
 """
@@ -83,9 +85,9 @@ class PersistentTmaLevel(TritonGraphedLevel):
     level = 9
     name = "persistent_tma"
     summary = "level 8 with persistent Hopper GEMMs: TMA weight tiles, gate|up interleaved into one wide accumulator"
-    # Level 8's kernels in one graph launch; up to ONE_PROGRAM_MAX_PAIRS pairs the alignment is 1 of them, not 5,
+    # Level 8's inputs' copy and kernels; up to ONE_PROGRAM_MAX_PAIRS pairs the alignment is 1 of them, not 5,
     # and the down GEMM sums over K itself.
-    claims = Claims(launches=f"3 + 5*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS}) + 4*min(S, 1)", syncs="0",
+    claims = Claims(launches=f"1 + 3 + 5*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS}) + 4*min(S, 1)", syncs="0",
                     extra_bytes=f"({PADDED_HIDDEN_AND_Y_BYTES}, 2*({PADDED_HIDDEN_AND_Y_BYTES}) + 24*2**20)")
 
     def prepare(self):
