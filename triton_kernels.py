@@ -94,6 +94,54 @@ def silu_mul(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Three copies in one launch: a CUDA graph's inputs (level 5's CapturedGraph).
+#
+# A graph replays from fixed addresses, so each call first copies the layer's three inputs (tokens, routing weights,
+# expert ids) into the graph's own. A `copy_` each is three launches, 1-2 µs apiece at decode sizes, where the
+# whole layer takes 30; here program p copies block p of the three tensors laid end to end. Each tensor is copied
+# in its own dtype, so that a block's accesses are 16 bytes wide wherever its element count allows (T·H); as
+# bytes, a tensor of 4 (T·K bf16 weights at one token) made its block go one byte at a time: 10 µs (NOTES.md).
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _copy_block(source_ptr, destination_ptr, num_elements, block, BLOCK: tl.constexpr):
+    offsets = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offsets < num_elements
+    tl.store(destination_ptr + offsets, tl.load(source_ptr + offsets, mask=in_bounds), mask=in_bounds)
+
+
+@triton.jit
+def _copy_three_kernel(source0_ptr, destination0_ptr, elements0, source1_ptr, destination1_ptr, elements1,
+                       source2_ptr, destination2_ptr, elements2, BLOCK: tl.constexpr):
+    block = tl.program_id(axis=0)
+    blocks0 = tl.cdiv(elements0, BLOCK)
+    blocks1 = tl.cdiv(elements1, BLOCK)
+    if block < blocks0:
+        _copy_block(source0_ptr, destination0_ptr, elements0, block, BLOCK)
+    elif block < blocks0 + blocks1:
+        _copy_block(source1_ptr, destination1_ptr, elements1, block - blocks0, BLOCK)
+    else:
+        _copy_block(source2_ptr, destination2_ptr, elements2, block - blocks0 - blocks1, BLOCK)
+
+
+def copy_three(sources: tuple[torch.Tensor, ...], destinations: tuple[torch.Tensor, ...]) -> None:
+    """destinations[i][...] = sources[i] for three pairs of tensors of equal shape and dtype, with one launch.
+    The destinations must be contiguous. Read and write each source once."""
+    if len(sources) != 3 or len(destinations) != 3:
+        raise ValueError(f"copy_three takes three sources and three destinations, not {len(sources)} and "
+                         f"{len(destinations)}")
+    for source, destination in zip(sources, destinations):
+        if source.shape != destination.shape or source.dtype != destination.dtype or not destination.is_contiguous():
+            raise ValueError(f"cannot copy {source.dtype} {tuple(source.shape)} into {destination.dtype} "
+                             f"{tuple(destination.shape)} (contiguous: {destination.is_contiguous()})")
+    _check_device(*sources, *destinations)
+    BLOCK = 4096  # elements: 32 a thread with 4 warps, in 16-byte accesses for bf16
+    blocks = sum(triton.cdiv(source.numel(), BLOCK) for source in sources)
+    if blocks:
+        _copy_three_kernel[(blocks,)](*(x for source, destination in zip(sources, destinations)
+                                        for x in (source.reshape(-1), destination, source.numel())), BLOCK=BLOCK)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Gather-sum (the expert-parallel level): out[m] = Σ_j rows[index[m, j]], index −1 skipped.
 #
 # Summing a few scattered rows into each output row is what `index_add_` does with atomic adds, one per element;
@@ -225,7 +273,10 @@ def _align_in_one_program(
         rows = first_row + tl.arange(0, FILL)
         tl.store(sorted_pair_ids_ptr + rows, num_pairs, mask=rows < max_padded)
     tl.debug_barrier()
-    tl.atomic_add(cursors_ptr + expert_of_pair, 1, mask=valid)  # count
+    # Relaxed atomics: the barriers, not the atomics, order this program's steps (a barrier makes every global
+    # access before it visible to the program's threads after it), and the default acquire-release would also make
+    # each thread wait for its fill stores first (journey at one token -0.2 to -0.7 µs on an H100, NOTES.md).
+    tl.atomic_add(cursors_ptr + expert_of_pair, 1, mask=valid, sem="relaxed")  # count
     tl.debug_barrier()
     counts = tl.load(cursors_ptr + expert, mask=is_expert, other=0, volatile=True)
     padded_starts = _store_padded_runs(counts, is_expert, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr,
@@ -233,7 +284,7 @@ def _align_in_one_program(
     tl.debug_barrier()  # every thread has read the counts before they become cursors
     tl.store(cursors_ptr + expert, padded_starts, mask=is_expert)
     tl.debug_barrier()
-    row = tl.atomic_add(cursors_ptr + expert_of_pair, 1, mask=valid)  # place: the next free row of the run
+    row = tl.atomic_add(cursors_ptr + expert_of_pair, 1, mask=valid, sem="relaxed")  # place: the next free row
     tl.store(sorted_pair_ids_ptr + row, pair, mask=valid)
 
 

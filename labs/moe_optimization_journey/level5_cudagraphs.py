@@ -43,56 +43,25 @@ import torch
 from level4_grouped import combine, permute
 from moe_benchmark import Claims, MoELevel, run_level_script, stage
 
-from triton_kernels import silu_mul
-
-
-def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.uint8)
+from triton_kernels import copy_three, silu_mul
 
 
 class CapturedGraph:
-    """Record `fn(*inputs)` into a CUDA graph on the first call for a set of input shapes; later calls copy their
-    inputs into the graph's static input buffers and replay it with one launch. `fn` must never wait for the host.
-    The result is the graph's static output buffer, which the next replay overwrites. (Level 8 uses it too.)
-
-    The static inputs are views into one byte buffer, each at a 16-byte-aligned offset, so one `torch.cat` of the
-    inputs' bytes (and of the few bytes of padding between them) fills them all: one launch, where a `copy_` per
-    input was three, 1-2 µs each at one token on an H100 (NOTES.md)."""
+    """Record `fn(tokens_TH, routing_weights_TK, expert_ids_TK)` into a CUDA graph on the first call for a set of
+    input shapes; later calls copy their inputs into the graph's static input buffers (all three in one launch,
+    `copy_three`, where a `copy_` each was three: 4-5 µs less at one token on an H100, NOTES.md) and replay it with
+    one launch. `fn` must never wait for the host. The result is the graph's static output buffer, which the next
+    replay overwrites. (Level 8 uses it too.)"""
 
     def __init__(self, fn: Callable[..., torch.Tensor]):
         self.fn = fn
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_inputs: tuple[torch.Tensor, ...] = ()
-        self.static_bytes: torch.Tensor | None = None  # every static input's bytes, padding between them
-        self.padding: list[torch.Tensor] = []  # what the cat writes between one input's bytes and the next's
         self.static_output: torch.Tensor | None = None
-
-    def lay_out_inputs(self, inputs: tuple[torch.Tensor, ...]) -> None:
-        """One byte buffer for the static inputs; input i starts at offsets[i], a multiple of 16 bytes."""
-        offsets, end = [], 0
-        for t in inputs:
-            offsets.append(-(-end // 16) * 16)
-            end = offsets[-1] + t.numel() * t.element_size()
-        device = inputs[0].device
-        self.static_bytes = torch.empty(end, dtype=torch.uint8, device=device)
-        self.padding = [torch.empty(after - before_end, dtype=torch.uint8, device=device)
-                        for after, before_end in zip(offsets[1:], (o + t.numel() * t.element_size()
-                                                                   for o, t in zip(offsets, inputs)))]
-        self.static_inputs = tuple(
-            self.static_bytes[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-            for o, t in zip(offsets, inputs))
-
-    def copy_inputs(self, inputs: tuple[torch.Tensor, ...]) -> None:
-        """Read and write T·H + 2·T·K elements in one launch: the only work besides the replay."""
-        pieces = [as_bytes(inputs[0])]
-        for pad, t in zip(self.padding, inputs[1:]):
-            pieces += [pad, as_bytes(t)]
-        torch.cat(pieces, out=self.static_bytes)
 
     def capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
         self.graph = None  # let the previous graph's memory pool go first
-        self.lay_out_inputs(inputs)
-        self.copy_inputs(inputs)
+        self.static_inputs = tuple(t.clone(memory_format=torch.contiguous_format) for t in inputs)
         # Warm up on a side stream: one-time work (cuBLAS handles, Triton compilation and autotuning) must run
         # before capture, not be recorded.
         side_stream = torch.cuda.Stream()
@@ -109,8 +78,7 @@ class CapturedGraph:
         if self.graph is None or any(s.shape != t.shape or s.dtype != t.dtype
                                      for s, t in zip(self.static_inputs, inputs)):
             self.capture(inputs)  # once per T, on the first call: outside the timing (the row's first_call_ms)
-        else:
-            self.copy_inputs(inputs)
+        copy_three(inputs, self.static_inputs)  # read and write T·H + 2·T·K elements: the only work but the replay
         self.graph.replay()
         return self.static_output
 
