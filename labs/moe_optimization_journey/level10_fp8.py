@@ -43,10 +43,10 @@ Why store the weights in FP8 (the seed's "native FP8 weights: works, but no spee
     for mixtral's gate weights alone (0.47 G weights), about 31 ms for all three projections, against 10.4 ms for
     this whole layer at 16384 tokens; even a fused conversion would move 4.2 GB, about 1.4 ms, 8x the one-token
     forward. Stored once in FP8 the weights cost 1 byte per forward, and then FP8 pays twice: at prefill the
-    tensor-core rate (1.66-1.68x and 1.69x level 9 on mixtral and deepseek-v3 at 16384 tokens on an H100,
-    1.42-1.47x on qwen3-moe, whose short reductions leave the bf16 bytes of y, its sum and the hidden's pass a larger share), at
-    decode the halved weight bytes (mixtral at one token 164 µs against level 9's 271). The numbers and what holds
-    them below 2x: NOTES.md ("Level 10").
+    tensor-core rate (1.66-1.78x and 1.69x level 9 on mixtral and deepseek-v3 at 16384 tokens on an H100,
+    1.34-1.47x on qwen3-moe, whose short reductions leave the bf16 bytes of y, its sum and the hidden's pass a
+    larger share), at decode the halved weight bytes (mixtral at one token 154.5 µs against level 9's 263.9). The
+    numbers and what holds them below 2x: NOTES.md ("Level 10").
 
 What it costs
     Accuracy: each e4m3 value is off by up to half a step, 2^-4 of its magnitude, on the tokens, the weights and
@@ -59,7 +59,8 @@ What it costs
     they cost a scale multiply per step. Hardware: FP8 tensor cores need sm_89 or newer. Memory: one byte per
     weight plus 4 per column, beside the bf16 weights the harness keeps for the other levels; the hidden twice,
     in bf16 and in e4m3. Decode: the hidden's pass is one more launch in the graph, so at one token on journey,
-    whose weights are few, level 10 gains only a few µs on level 9 (36-37 against 39-41 µs on an H100, NOTES.md).
+    whose weights are few, level 10 gains only a few µs on level 9 (28.4 against 30.2 µs in one H100's decode
+    run, NOTES.md).
 
 Run: python labs/moe_optimization_journey/level10_fp8.py [--preset mixtral] [--tokens 16384] [--device cuda]
 """
