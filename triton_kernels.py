@@ -196,7 +196,8 @@ def gather_sum(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor, accum
 #                    SiLU·up in the epilogue, so the un-activated projections never reach memory)
 #   down kernel:     y[pair(p), :] = routing_weight[pair(p)] * (hidden[p] @ w_down[e])
 #                    (the routing weight in the epilogue; rows scattered back to pair order, then a sum over K.
-#                    Adding into the output with fp32 atomics instead was slower on an H100 at every size measured: NOTES.md)
+#                    Adding into the output with fp32 atomics instead was slower on an H100 at every size
+#                    measured: NOTES.md)
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _count_pairs_kernel(expert_ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
@@ -586,7 +587,8 @@ def describe_tuned_configs(gate_up_kernel=None, down_kernel=None) -> str:
 #   never visit padding-only tiles.
 # - Weights through TMA: a tensor descriptor [E, depth, cols], made on the host (tma_descriptor), lets the copy
 #   engine fetch each [BLOCK_D, BLOCK_N] weight tile asynchronously, with no address arithmetic in the threads,
-#   and fill zeros past an expert's rows (any H or I). The gathered token rows still come by pointer loads: TMA gather is Blackwell-only.
+#   and fill zeros past an expert's rows (any H or I). The gathered token rows still come by pointer loads: TMA
+#   gather is Blackwell-only.
 # - Gate and up interleaved column by column in one [E, H, 2I] tensor: one accumulator 2·BLOCK_N wide, one wgmma
 #   per step, split into gate and up in the epilogue. Level 7 kept two accumulators, so its tiles were half as wide.
 # - The down GEMM's activations [P, I] are already sorted: they come by TMA too.

@@ -28,15 +28,14 @@ The idea
        a kernel boundary stood, and the fills done by the same threads. Narrow column tiles (16 or 32 wide) keep
        every SM reading weights; where even they would leave half the SMs idle (journey's down GEMM at T=1: 2
        experts × 1024/32 = 64 tiles for 132 SMs), the down GEMM splits its reduction too (`choose_split_k`): each
-       slice writes its own partial row, and the sum over K adds them. Measured on an H100: journey at T=1 in 44
-       µs against level 8's 47; of them the graph's replay is 34 (its 4 kernels 19) and copying the inputs into
-       the graph 8.5, three copies then (one launch since, level 5's `CapturedGraph`: 4-5 µs less at one token
-       for every graphed level; NOTES.md). Then the gap after
-       the alignment: Hopper's programmatic dependent launch lets a kernel start before the one ahead of it in the
-       stream has finished, up to its `gdc_wait()`, once every program of that one has called
-       `gdc_launch_dependents()`. The one-program alignment calls it first thing, so the gate/up GEMM launches
-       while the alignment works and waits only for its results: journey at T=1 42.8 → 40.3 µs on an H100. The
-       GEMMs do not let their successors in early: those programs then hold SMs the GEMM still needs (NOTES.md).
+       slice writes its own partial row, and the sum over K adds them. Measured on an H100: journey at T=1 in 44 µs
+       against level 8's 47; of them the graph's replay is 34 (its 4 kernels 19) and copying the inputs into the graph
+       8.5, three copies then (one launch since, level 5's `CapturedGraph`: 4-5 µs less at one token for every graphed
+       level; NOTES.md). Then the gap after the alignment: Hopper's programmatic dependent launch lets a kernel start
+       before the one ahead of it in the stream has finished, up to its `gdc_wait()`, once every program of that one has
+       called `gdc_launch_dependents()`. The one-program alignment calls it first thing, so the gate/up GEMM launches
+       while the alignment works and waits only for its results: journey at T=1 42.8 → 40.3 µs on an H100. The GEMMs do
+       not let their successors in early: those programs then hold SMs the GEMM still needs (NOTES.md).
        Last, the sum over K, a 3 µs kernel for journey's 2 rows at T=1: the down GEMM does it. Each program, its
        tile's rows stored, counts one arrival per row at (token, column tile) with an atomic add; the program
        whose count is a token's last reads that token's rows back from L2 and stores their sum
