@@ -61,7 +61,8 @@ class CapturedGraph:
 
     def capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
         self.graph = None  # let the previous graph's memory pool go first
-        self.static_inputs = tuple(t.clone(memory_format=torch.contiguous_format) for t in inputs)
+        self.static_inputs = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs)
+        copy_three(inputs, self.static_inputs)
         # Warm up on a side stream: one-time work (cuBLAS handles, Triton compilation and autotuning) must run
         # before capture, not be recorded.
         side_stream = torch.cuda.Stream()
@@ -78,7 +79,8 @@ class CapturedGraph:
         if self.graph is None or any(s.shape != t.shape or s.dtype != t.dtype
                                      for s, t in zip(self.static_inputs, inputs)):
             self.capture(inputs)  # once per T, on the first call: outside the timing (the row's first_call_ms)
-        copy_three(inputs, self.static_inputs)  # read and write T·H + 2·T·K elements: the only work but the replay
+        else:
+            copy_three(inputs, self.static_inputs)  # read and write T·H + 2·T·K elements: all but the replay
         self.graph.replay()
         return self.static_output
 
