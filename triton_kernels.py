@@ -101,6 +101,9 @@ def silu_mul(
 # whole layer takes 30; here program p copies block p of the three tensors laid end to end. Each tensor is copied
 # in its own dtype, so that a block's accesses are 16 bytes wide wherever its element count allows (T·H); as
 # bytes, a tensor of 4 (T·K bf16 weights at one token) made its block go one byte at a time: 10 µs (NOTES.md).
+# At one token the host's side counts as much: Triton's launch path takes about 15 µs of host time on an H100 box,
+# and checking the six tensors in Python took 15 more, longer than the whole layer's 30 µs on the GPU. So the
+# checks run once, when the destinations are chosen, and a call only launches.
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _copy_block(source_ptr, destination_ptr, num_elements, block, BLOCK: tl.constexpr):
@@ -123,22 +126,37 @@ def _copy_three_kernel(source0_ptr, destination0_ptr, elements0, source1_ptr, de
         _copy_block(source2_ptr, destination2_ptr, elements2, block - blocks0 - blocks1, BLOCK)
 
 
-def copy_three(sources: tuple[torch.Tensor, ...], destinations: tuple[torch.Tensor, ...]) -> None:
-    """destinations[i][...] = sources[i] for three pairs of tensors of equal shape and dtype, with one launch.
-    The destinations must be contiguous. Read and write each source once."""
-    if len(sources) != 3 or len(destinations) != 3:
-        raise ValueError(f"copy_three takes three sources and three destinations, not {len(sources)} and "
-                         f"{len(destinations)}")
-    for source, destination in zip(sources, destinations):
-        if source.shape != destination.shape or source.dtype != destination.dtype or not destination.is_contiguous():
-            raise ValueError(f"cannot copy {source.dtype} {tuple(source.shape)} into {destination.dtype} "
-                             f"{tuple(destination.shape)} (contiguous: {destination.is_contiguous()})")
-    _check_device(*sources, *destinations)
+class CopyThree:
+    """`copy(sources)`: destinations[i][...] = sources[i] for three fixed contiguous destinations, with one launch;
+    reads and writes each source once. The destinations, and that sources of these shapes and dtypes fit them, are
+    checked once, here; a call checks nothing, so its caller passes tensors of the checked shapes and dtypes
+    (CapturedGraph compares them anyway, to know whether to capture again). A CPU tensor still fails in Triton's
+    launcher."""
+
     BLOCK = 4096  # elements: 32 a thread with 4 warps, in 16-byte accesses for bf16
-    blocks = sum(triton.cdiv(source.numel(), BLOCK) for source in sources)
-    if blocks:
-        _copy_three_kernel[(blocks,)](*(x for source, destination in zip(sources, destinations)
-                                        for x in (source.reshape(-1), destination, source.numel())), BLOCK=BLOCK)
+
+    def __init__(self, sources: tuple[torch.Tensor, ...], destinations: tuple[torch.Tensor, ...]):
+        if len(sources) != 3 or len(destinations) != 3:
+            raise ValueError(f"CopyThree takes three sources and three destinations, not {len(sources)} and "
+                             f"{len(destinations)}")
+        for source, destination in zip(sources, destinations):
+            if (source.shape != destination.shape or source.dtype != destination.dtype
+                    or not destination.is_contiguous()):
+                raise ValueError(f"cannot copy {source.dtype} {tuple(source.shape)} into {destination.dtype} "
+                                 f"{tuple(destination.shape)} (contiguous: {destination.is_contiguous()})")
+        _check_device(*sources, *destinations)
+        self.flat_destinations = tuple(destination.view(-1) for destination in destinations)
+        self.elements = tuple(destination.numel() for destination in destinations)
+        self.blocks = sum(triton.cdiv(elements, self.BLOCK) for elements in self.elements)
+
+    def __call__(self, sources: tuple[torch.Tensor, ...]) -> None:
+        if not self.blocks:
+            return
+        (source0, source1, source2), (destination0, destination1, destination2) = sources, self.flat_destinations
+        elements0, elements1, elements2 = self.elements
+        _copy_three_kernel[(self.blocks,)](source0.reshape(-1), destination0, elements0, source1.reshape(-1),
+                                           destination1, elements1, source2.reshape(-1), destination2, elements2,
+                                           BLOCK=self.BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -274,14 +274,17 @@ def test_level_script_bad_preset_is_one_line():
 
 
 def test_graph_inputs_are_copied_by_one_launch():
-    """CapturedGraph's three inputs go into its static buffers with one kernel (copy_three, here through Triton's
+    """CapturedGraph's three inputs go into its static buffers with one kernel (CopyThree, here through Triton's
     interpreter): any mix of dtypes and sizes, past one 4096-element block and not a multiple of it, a non-contiguous
-    source included, arrives bit-equal; mismatched shapes are refused."""
+    source included, arrives bit-equal, call after call; mismatched shapes are refused when the copy is made."""
     import triton_kernels
 
     sources = (torch.randn(3, 2731).bfloat16(), torch.rand(2, 3).t(), torch.randint(0, 8, (3, 2)))
     destinations = tuple(torch.empty(s.shape, dtype=s.dtype) for s in sources)
-    triton_kernels.copy_three(sources, destinations)
-    assert all(torch.equal(s, d) for s, d in zip(sources, destinations))
+    copy = triton_kernels.CopyThree(sources, destinations)
+    for _ in range(2):
+        copy(sources)
+        assert all(torch.equal(s, d) for s, d in zip(sources, destinations))
+        sources = tuple(s + 1 for s in sources)
     with pytest.raises(ValueError, match="cannot copy"):
-        triton_kernels.copy_three(sources, (destinations[0], destinations[2], destinations[1]))
+        triton_kernels.CopyThree(sources, (destinations[0], destinations[2], destinations[1]))
