@@ -77,7 +77,10 @@ class ResultRow:
     sm_clock_mhz: int | None = None
     power_capped: bool | None = None
     gpu_busy_pct: float | None = None  # kernel time / forward time, %
-    host_bound: bool | None = None  # gpu_busy_pct under 50: the GPU mostly waits for the host
+    host_ms: float | None = None  # the host's time to issue one timed forward, median (GPU only)
+    # gpu_busy_pct under 50 (the GPU mostly waits for the host), or host_ms above ms (forwards back to back would
+    # run at the host's pace, not the GPU's)
+    host_bound: bool | None = None
     claims_contradicted: list[str] | None = None  # which of launches, syncs, extra memory the measurement contradicts
 
     # How the run went: ok, checked (verified, not timed), oom, skipped or error, and why.

@@ -314,12 +314,18 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
 
 
 def row_note(row) -> str:
-    """A row's note, led by *host-bound* where the GPU was busy under half of the timed forward."""
+    """A row's note, led by *host-bound* where the host took longer to issue a forward than the GPU to run it, or
+    the GPU was busy under half of the timed forward."""
     note = row["note"] or ""
     host_bound = row.get("host_bound")
     if pd.notna(host_bound) and bool(host_bound):
-        lead = (f"host-bound (the GPU was busy {row['gpu_busy_pct']:.0f}% of the forward: the time depends on the "
-                "host CPU and the gaps between launches)")
+        host_ms = row.get("host_ms")
+        if pd.notna(host_ms) and host_ms > row["ms"]:
+            lead = (f"host-bound (the host took {host_ms * 1e3:.1f} µs to issue each forward, the GPU "
+                    f"{row['ms'] * 1e3:.1f} µs to run it: back to back, the host would set the pace)")
+        else:
+            lead = (f"host-bound (the GPU was busy {row['gpu_busy_pct']:.0f}% of the forward: the time depends on the "
+                    "host CPU and the gaps between launches)")
         note = f"{lead}; {note}" if note else lead
     return note
 

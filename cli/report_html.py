@@ -300,19 +300,29 @@ def counts_html(df: pd.DataFrame, links: dict) -> str:
                            report.fmt_span(row["launches_claimed"]), measured(row, row["launches_measured"], "launches"),
                            report.fmt_span(row["syncs_claimed"]), measured(row, row["syncs_measured"], "syncs"),
                            report.fmt_span(row["extra_mb_claimed"]), measured(row, row["extra_mb"], "extra memory"),
-                           report.fmt(row["gpu_busy_pct"]), "yes" if row["host_bound"] else "no",
+                           report.fmt(row["gpu_busy_pct"]), host_cell(row), "yes" if row["host_bound"] else "no",
                            clock_cell(row)])
     columns = ["level", "tokens", "launches claimed", "launches measured", "syncs claimed", "syncs measured",
-               "extra MiB claimed", "extra MiB measured", "GPU busy %", "host-bound", "SM MHz after"]
+               "extra MiB claimed", "extra MiB measured", "GPU busy %", "host µs / GPU µs", "host-bound",
+               "SM MHz after"]
     table = pd.DataFrame(table_rows, columns=columns).set_index(["level", "tokens"])
     return section(
         "Claimed against measured", "Per forward, what the lesson's docstring claims and what the harness "
         "measured: kernels the GPU ran, host syncs, and device memory beyond inputs, weights and output. Red: a claim "
         "the measurement contradicts (syncs within 1%, launches within 10% of the claimed range, memory within 30% "
-        "or 8 MiB). <em>host-bound</em>: the GPU was busy under half of the forward, so its time depends on the "
+        "or 8 MiB). <em>host µs / GPU µs</em>: the host's time to issue one forward against the GPU's median. "
+        "<em>host-bound</em>: the host took longer to issue a forward than the GPU to run it (back to back, the "
+        "host would set the pace), or the GPU was busy under half of the forward; either way the time depends on the "
         "host CPU. <em>SM MHz after</em>: the clock right after the timed calls, <em>capped</em> where the "
         "software power cap held it down.",
         '<div class="scroll">' + table.to_html(escape=False, border=0) + "</div>")
+
+
+def host_cell(row) -> str:
+    """The host's issue time and the GPU's time per forward, µs; "-" where the issue time was not measured."""
+    if "host_ms" not in row or pd.isna(row["host_ms"]):
+        return "-"
+    return f"{row['host_ms'] * 1e3:.1f} / {row['ms'] * 1e3:.1f}"
 
 
 def clock_cell(row) -> str:

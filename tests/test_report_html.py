@@ -78,6 +78,16 @@ def test_host_bound_rows_say_so_in_the_summary_and_the_page(tmp_path):
     assert summary.count(said) == 1 and page.count(said) == 1
 
 
+def test_rows_whose_host_issues_slower_than_the_gpu_runs_are_host_bound(tmp_path):
+    rows = journey_rows(**COUNTS, host_ms=0.01)
+    rows[0].update(ms=0.0298, host_ms=0.0394, host_bound=True)  # busy GPU, but the host takes longer per call
+    page = write_run(tmp_path, rows)
+    summary = (tmp_path / "summary.md").read_text()
+    said = "host-bound (the host took 39.4 µs to issue each forward, the GPU 29.8 µs to run it"
+    assert summary.count(said) == 1 and page.count(said) == 1
+    assert "<td>39.4 / 29.8</td>" in page
+
+
 def test_no_counts_section_without_counts(tmp_path):
     assert "Claimed against measured" not in write_run(tmp_path, journey_rows())
 

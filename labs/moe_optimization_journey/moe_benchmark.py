@@ -338,6 +338,26 @@ def time_calls(
     return times_ms
 
 
+def host_issue_ms(fn: Callable[[], object], device: torch.device, gpu_ms: float) -> float:
+    """The host's time to issue one call of fn on a GPU, the median over a loop of calls, as a decode loop makes
+    them (about 0.1 s of the GPU's time, 20 to 1000 calls; a sync every 20, so no call waits for a full launch
+    queue). do_bench clears L2 before each timed call, and the GPU's time on that (about 0.1 ms) hides a host
+    slower than the GPU; back to back, the slower of the two sets the pace. Measured apart from the timed calls:
+    inside do_bench's loop the same forward took the host up to half as long again (its own launches between
+    calls), NOTES.md."""
+    calls = max(20, min(1000, round(100 / gpu_ms)))
+    issue_s = []
+    torch.cuda.synchronize(device)
+    for call in range(calls):
+        begin = time.perf_counter()
+        fn()
+        issue_s.append(time.perf_counter() - begin)
+        if call % 20 == 19:
+            torch.cuda.synchronize(device)
+    torch.cuda.synchronize(device)
+    return 1e3 * statistics.median(issue_s)
+
+
 def sm_clock_after_load(device: torch.device) -> tuple[int, bool] | None:
     """(SM clock in MHz, whether the driver's software power cap holds it down) read by nvidia-smi right after
     the timed calls. An H100 at its 700 W cap runs back-to-back GEMMs at 1400-1600 MHz instead of 1980, 10-16%
@@ -617,9 +637,10 @@ def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_to
         )
         if on_gpu:
             counts = measure_counts(call, device, ms, level_cls.keeps_buffers)
+            host_ms = host_issue_ms(call, device, ms)
             row.update(launches_measured=counts.launches, syncs_measured=counts.syncs, extra_mb=counts.extra_mb,
-                       peak_mb=counts.peak_mb, gpu_busy_pct=counts.gpu_busy_pct,
-                       host_bound=counts.gpu_busy_pct < 50)
+                       peak_mb=counts.peak_mb, gpu_busy_pct=counts.gpu_busy_pct, host_ms=host_ms,
+                       host_bound=counts.gpu_busy_pct < 50 or host_ms > ms)
             if row.launches_claimed is not None:
                 row.claims_contradicted = contradicted_claims(row.to_json())
         if profile:
