@@ -446,6 +446,9 @@ def compare_command(run_a: Path = typer.Argument(..., help="the baseline run fol
     table, geomean, shared = report.compare_runs(rows_a, rows_b)
     heading = (f"A = {run_a.name} ({env_a.get('device', '?')})\nB = {run_b.name} ({env_b.get('device', '?')})\n"
                f"in every case: {', '.join(f'{k}={v}' for k, v in shared.items()) or '-'}")
+    if table["A ms"].str.endswith(report.HOST_BOUND_MARK).any() or table["B ms"].str.endswith(
+            report.HOST_BOUND_MARK).any():
+        heading += f"\n{report.HOST_BOUND_MARK}: host-bound, the time depends on the host CPU (the row's note says why)"
     console.print(heading, highlight=False)
     for case, part in table.groupby("case", sort=False):
         console.print(text_table(part.drop(columns="case"), title=case))

@@ -1014,18 +1014,23 @@ def key_text(value) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
+HOST_BOUND_MARK = "(h)"  # compare's cells: a host-bound row's time, which depends on the host CPU
+
+
 def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Run B against run A, case by case: (one line per (case, level, T) present in either run, the case named
-    by the fields that vary between cases, with both times and A/B; per level, the geometric mean of A/B over the cases both timed; the fields every
-    case shares)."""
+    by the fields that vary between cases, with both times, a host-bound row's marked HOST_BOUND_MARK, and A/B; per
+    level, the geometric mean of A/B over the cases both timed; the fields every case shares)."""
     a, b = frame(rows_a), frame(rows_b)
     keys = [field for field in CASE_FIELDS if field in a or field in b]
     for df in (a, b):
         df["shared_experts"] = df["shared_experts"].fillna(0) if "shared_experts" in df else 0
         for field in keys:
             df[field] = df[field].map(key_text) if field in df else ""
-    both = a[[*keys, "label", "status", "ms"]].merge(b[[*keys, "label", "status", "ms"]], on=keys, how="outer",
-                                                        suffixes=(" A", " B"))
+    for df in (a, b):  # runs before the flag, and CPU runs, have no host-bound rows
+        df["host_bound"] = df["host_bound"].fillna(False).astype(bool) if "host_bound" in df else False
+    columns = [*keys, "label", "status", "ms", "host_bound"]
+    both = a[columns].merge(b[columns], on=keys, how="outer", suffixes=(" A", " B"))
     both["label"] = both["label A"].fillna(both["label B"])
     both["order"] = [level_sort_key(level) for level in both["level"]]
     both["token_count"] = both["tokens"].astype(int)
@@ -1034,8 +1039,12 @@ def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, 
     timed = (both["status A"] == "ok") & (both["status B"] == "ok")
     both["ratio"] = (both["ms A"] / both["ms B"]).where(timed)
 
-    def ms_cell(status, ms):
-        return "-" if pd.isna(status) else fmt(ms) if status == "ok" else STATUS_CELL.get(status, status)
+    def ms_cell(status, ms, host_bound):
+        if pd.isna(status):
+            return "-"
+        if status != "ok":
+            return STATUS_CELL.get(status, status)
+        return f"{fmt(ms)} {HOST_BOUND_MARK}" if host_bound is True else fmt(ms)
 
     # A field is shown where it tells cases apart; a preset's shape only where one preset name has several.
     within = ("hidden", "intermediate", "experts", "top_k", "shared_experts", "dtype")
@@ -1045,8 +1054,8 @@ def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, 
                                    for _, row in both.iterrows()],
                           "level": both["label"],
                           "T": both["tokens"],
-                          "A ms": [ms_cell(st, ms) for st, ms in zip(both["status A"], both["ms A"])],
-                          "B ms": [ms_cell(st, ms) for st, ms in zip(both["status B"], both["ms B"])],
+                          "A ms": [ms_cell(*cell) for cell in zip(both["status A"], both["ms A"], both["host_bound A"])],
+                          "B ms": [ms_cell(*cell) for cell in zip(both["status B"], both["ms B"], both["host_bound B"])],
                           "A/B": both["ratio"].map(lambda r: "-" if pd.isna(r) else f"{r:.2f}x")})
     per_level = both[timed].groupby("label", sort=False)["ratio"]
     geomean = pd.DataFrame({"cases timed in both": per_level.size(),

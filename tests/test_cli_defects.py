@@ -51,6 +51,16 @@ def test_compare_keeps_every_traffic_shape_of_the_committed_runs(tmp_path):
     assert "geometric mean of A/B" in table.read_text() and "geometric mean of A/B" in result.output
 
 
+def test_compare_marks_host_bound_times(tmp_path):
+    a, b = next(RESULTS.glob("20261126T052421Z-*")), next(RESULTS.glob("20261126T062524Z-*"))
+    table = tmp_path / "compare.md"
+    assert bench("compare", str(a), str(b), "--markdown", str(table), terminal_width=120).exit_code == 0
+    text = table.read_text()
+    level9_one_token = next(line for line in text.splitlines() if "9 persistent_tma |     1 |" in line)
+    assert "0.21 (h)" in level9_one_token  # the sweep's host-bound cell (GPU busy 9%)
+    assert "(h): host-bound" in text
+
+
 # 2. never a traceback ---------------------------------------------------------------------------------------------
 def damaged_copy(tmp_path, rows_cut_at: int | None = None, env_cut: bool = False) -> Path:
     run_dir = tmp_path / "run"
