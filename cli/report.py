@@ -1054,8 +1054,9 @@ def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, 
                                    for _, row in both.iterrows()],
                           "level": both["label"],
                           "T": both["tokens"],
-                          "A ms": [ms_cell(*cell) for cell in zip(both["status A"], both["ms A"], both["host_bound A"])],
-                          "B ms": [ms_cell(*cell) for cell in zip(both["status B"], both["ms B"], both["host_bound B"])],
+                          **{f"{run} ms": [ms_cell(*cell) for cell in zip(both[f"status {run}"], both[f"ms {run}"],
+                                                                            both[f"host_bound {run}"])]
+                             for run in ("A", "B")},
                           "A/B": both["ratio"].map(lambda r: "-" if pd.isna(r) else f"{r:.2f}x")})
     per_level = both[timed].groupby("label", sort=False)["ratio"]
     geomean = pd.DataFrame({"cases timed in both": per_level.size(),

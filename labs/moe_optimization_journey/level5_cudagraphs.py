@@ -50,8 +50,9 @@ class CapturedGraph:
     """Record `fn(tokens_TH, routing_weights_TK, expert_ids_TK)` into a CUDA graph on the first call for a set of
     input shapes; later calls copy their inputs into the graph's static input buffers (all three in one launch,
     `CopyThree`, where a `copy_` each was three: 4-5 µs less at one token on an H100, NOTES.md; its checks run once
-    per capture, since at one token the host's time to issue a call counts too) and replay it with one launch. `fn` must never wait for the host. The result is the graph's static output buffer, which the next
-    replay overwrites. (Level 8 uses it too.)"""
+    per capture, since at one token the host's time to issue a call counts too) and replay it with one launch.
+    `fn` must never wait for the host. The result is the graph's static output buffer, which the next replay
+    overwrites. (Level 8 uses it too.)"""
 
     def __init__(self, fn: Callable[..., torch.Tensor]):
         self.fn = fn

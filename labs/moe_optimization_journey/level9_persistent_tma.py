@@ -34,8 +34,9 @@ The idea
        level; NOTES.md). Then the gap after the alignment: Hopper's programmatic dependent launch lets a kernel start
        before the one ahead of it in the stream has finished, up to its `gdc_wait()`, once every program of that one has
        called `gdc_launch_dependents()`. The one-program alignment calls it first thing, so the gate/up GEMM launches
-       while the alignment works and waits only for its results: journey at T=1 42.8 → 40.3 µs on an H100. The GEMMs do
-       not let their successors in early: those programs then hold SMs the GEMM still needs (NOTES.md).
+       while the alignment works and waits only for its results: journey at T=1 42.8 → 40.3 µs on an H100. The
+       GEMMs do not let their successors in early: those programs then hold SMs the GEMM still needs, and a down
+       GEMM let in to prefetch its weights into L2 made the forward slower, not faster (NOTES.md).
        Last, the sum over K, a 3 µs kernel for journey's 2 rows at T=1: the down GEMM does it. Each program, its
        tile's rows stored, counts one arrival per row at (token, column tile) with an atomic add; the program
        whose count is a token's last reads that token's rows back from L2 and stores their sum
@@ -43,7 +44,10 @@ The idea
        The graph holds 3 kernels: align, gate/up, down; journey at T=1 40.8 → 38.3 µs, at T=512 95.5 → 87.2
        (NOTES.md). Last, descriptors made on the host (item 2): a program no longer writes and fences its own
        before its first load, at every kernel's start; with the inputs' copy in one launch (level 5), journey at
-       T=1 38.5 → 30.2-30.8 µs on an H100 (NOTES.md).
+       T=1 38.5 → 30.2-30.8 µs on an H100 (NOTES.md). Here the host catches up with the GPU: issuing a forward
+       (the inputs' copy through Triton's launcher, then the replay) takes it 24-30 µs, as long as the GPU takes
+       to run it, so back to back the host sets the pace (each row records both: `host_ms`; level 5's copy
+       checks its tensors once per capture, not per call, or it would be 40).
     Everything else is level 8's: device-side alignment, SiLU·up and the routing weight in the epilogues, shared
     experts as extra experts, no host sync, the whole layer in one CUDA graph.
 
