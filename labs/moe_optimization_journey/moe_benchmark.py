@@ -304,15 +304,25 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+GPU_WARM_UP_S = 0.25  # a GPU's least warm-up, in seconds of back-to-back calls
+
+
 def warm_up(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
             budget_s: float) -> tuple[int, float]:
-    """Call fn `warmup` times (at least once); return (how many timed calls fit, ms per call): `repeats`, fewer
-    (never under 5) when the calls are slow enough that `repeats` of them would pass `budget_s`."""
+    """Call fn `warmup` times (at least once), and on a GPU for at least GPU_WARM_UP_S; return (how many timed
+    calls fit, ms per call): `repeats`, fewer (never under 5) when the calls are slow enough that `repeats` of them
+    would pass `budget_s`. A GPU's first tenth of a second of calls can run slow: an H100 read deepseek-v3 at one
+    token in 360-370 µs for its first 40 ms of timed calls and 317-325 from 0.1 s on, for levels 8, 9 and 10 alike
+    (NOTES.md); the timed calls are the sustained rate's."""
     start = time.perf_counter()
-    for _ in range(max(warmup, 1)):
+    calls = 0
+    while calls < max(warmup, 1) or (device.type == "cuda" and time.perf_counter() - start < GPU_WARM_UP_S):
         fn()
+        calls += 1
+        if calls % 20 == 0:
+            synchronize(device)  # the launch queue never fills, and the clock counts finished calls
     synchronize(device)
-    estimate_s = (time.perf_counter() - start) / max(warmup, 1)
+    estimate_s = (time.perf_counter() - start) / calls
     return max(5, min(repeats, int(budget_s / max(estimate_s, 1e-6)))), estimate_s * 1e3
 
 
