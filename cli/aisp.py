@@ -251,7 +251,8 @@ def run_command(
     zipf_s: float = typer.Option(1.2, help="zipf traffic: expert popularity ∝ rank^-s"),
     hot_share: float = typer.Option(0.5, help="hot traffic: the share of tokens that pick expert 0"),
     warmup: int = typer.Option(None, help=f"untimed calls before timing (default: {DEFAULTS['cuda'].warmup} on a "
-                                          f"GPU, {DEFAULTS['cpu'].warmup} on the CPU)"),
+                                          f"GPU, {DEFAULTS['cpu'].warmup} on the CPU; on a GPU at least 0.25 s "
+                                          "of them)"),
     repeats: int = typer.Option(None, help=f"timed calls to aim for (on a GPU do_bench times for that many of the "
                                            f"warm-up's calls, so its count varies; fewer when slow) (default: "
                                            f"{DEFAULTS['cuda'].repeats} on a GPU, {DEFAULTS['cpu'].repeats} on the "
