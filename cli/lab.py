@@ -1,6 +1,7 @@
 """`aisp lab`: step through the journey, one level at a time (what an instructor projects).
 
-    aisp lab show                   every level, one line each, with its speedup over the level before
+    aisp lab show                   every level, one line each, with its speedup over the level before, from
+                                    the published GPU run (results/moe_journey/LATEST.md names it)
     aisp lab show 4 [--preset journey] [--tokens 8192]
                                     level 4's lesson, its code's diff from level 3's, its claimed counts and its
                                     measured row in the newest GPU run under results/moe_journey/
@@ -260,11 +261,22 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
 # ---------------------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------------------
+PUBLISHED = re.compile(r"<!-- copied from (\S+)/summary\.md by aisp")  # LATEST.md's mark of each published run
+
+
+def published_first(runs: list[tuple[Path, dict, list[dict]]], results: Path) -> list[tuple[Path, dict, list[dict]]]:
+    """The runs `aisp bench publish` last chose (LATEST.md names them), then the others, each part newest first:
+    the published sweep, not a newer run of three decode levels that would leave the others blank."""
+    latest = results / "moe_journey" / "LATEST.md"
+    published = set(PUBLISHED.findall(latest.read_text())) if latest.is_file() else set()
+    return sorted(runs, key=lambda run: run[0].name not in published)  # a stable sort keeps newest first
+
+
 def print_overview(levels: dict[str, type], preset: str, results: Path) -> None:
-    """One line per level with its speedup over the level before, at the largest T at which the newest GPU run of
-    this preset ran every level (so every level has a number)."""
+    """One line per level with its speedup over the level before, from the published GPU run of this preset (else
+    the newest), at the largest T at which that run ran every level (so every level it ran has a number)."""
     rows = []
-    for run_dir, env, run_rows in gpu_runs(results):
+    for run_dir, env, run_rows in published_first(gpu_runs(results), results):
         rows = [row for row in shown_rows(run_rows, preset) if str(row["level"]) != "ep"]  # ep runs on its own
         if rows:
             break

@@ -109,6 +109,23 @@ def test_headline_speedups_of_the_h100_run(h100_results):
     assert f"{journey_row('3', 2048)['ms'] / journey_row('4', 2048)['ms']:.2f}x" in line
 
 
+def test_the_overview_reads_the_published_run(h100_results):
+    """A run newer than the published one (a decode run of two levels) does not blank the others' speedups; without
+    a published run, the newest is read."""
+    decode_run = h100_results / "moe_journey" / "20261126T000000Z-nvidia-h100-80gb-hbm3"
+    decode_run.mkdir()
+    shutil.copy(H100_RUN / "environment.json", decode_run / "environment.json")
+    rows = [line for line in (H100_RUN / "rows.jsonl").read_text().splitlines()
+            if json.loads(line)["level"] in (7, 8)]
+    (decode_run / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    assert decode_run.name in show("--results", str(h100_results)).output
+    (h100_results / "moe_journey" / "LATEST.md").write_text(
+        f"<!-- copied from {H100_RUN.name}/summary.md by aisp; do not edit -->\n# the run\n")
+    result = show("--results", str(h100_results))
+    assert result.exit_code == 0, result.output
+    assert H100_RUN.name in result.output and decode_run.name not in result.output
+
+
 def test_unknown_level_is_one_line_and_exit_2():
     result = show("42")
     assert result.exit_code == 2
