@@ -77,7 +77,7 @@ class ResultRow:
     sm_clock_mhz: int | None = None
     power_capped: bool | None = None
     gpu_busy_pct: float | None = None  # kernel time / forward time, %
-    host_ms: float | None = None  # the host's time to issue one timed forward, median (GPU only)
+    host_ms: float | None = None  # the host's time to issue one forward: a loop's median, apart from the timing (GPU)
     # gpu_busy_pct under 50 (the GPU mostly waits for the host), or host_ms above ms (forwards back to back would
     # run at the host's pace, not the GPU's)
     host_bound: bool | None = None

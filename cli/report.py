@@ -1031,6 +1031,8 @@ def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, 
         df["host_bound"] = df["host_bound"].fillna(False).astype(bool) if "host_bound" in df else False
     columns = [*keys, "label", "status", "ms", "host_bound"]
     both = a[columns].merge(b[columns], on=keys, how="outer", suffixes=(" A", " B"))
+    for run in ("A", "B"):  # a case only one run has: not host-bound in the other
+        both[f"host_bound {run}"] = both[f"host_bound {run}"].fillna(False).astype(bool)
     both["label"] = both["label A"].fillna(both["label B"])
     both["order"] = [level_sort_key(level) for level in both["level"]]
     both["token_count"] = both["tokens"].astype(int)
@@ -1044,7 +1046,7 @@ def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, 
             return "-"
         if status != "ok":
             return STATUS_CELL.get(status, status)
-        return f"{fmt(ms)} {HOST_BOUND_MARK}" if host_bound is True else fmt(ms)
+        return f"{fmt(ms)} {HOST_BOUND_MARK}" if host_bound else fmt(ms)
 
     # A field is shown where it tells cases apart; a preset's shape only where one preset name has several.
     within = ("hidden", "intermediate", "experts", "top_k", "shared_experts", "dtype")

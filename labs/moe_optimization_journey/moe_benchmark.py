@@ -357,14 +357,14 @@ def host_issue_ms(fn: Callable[[], object], device: torch.device, gpu_ms: float)
     calls), NOTES.md."""
     calls = max(20, min(1000, round(100 / gpu_ms)))
     issue_s = []
-    torch.cuda.synchronize(device)
+    synchronize(device)
     for call in range(calls):
         begin = time.perf_counter()
         fn()
         issue_s.append(time.perf_counter() - begin)
         if call % 20 == 19:
-            torch.cuda.synchronize(device)
-    torch.cuda.synchronize(device)
+            synchronize(device)
+    synchronize(device)
     return 1e3 * statistics.median(issue_s)
 
 
