@@ -199,6 +199,44 @@ def test_graph_pool_bytes_counts_private_pools_on_the_device_only(monkeypatch):
     assert moe_benchmark.graph_pool_bytes(torch.device("cuda", 0)) == 22
 
 
+def test_a_gpu_row_warms_up_for_a_quarter_second_and_a_cpu_row_for_its_calls(monkeypatch):
+    """On a GPU the warm-up runs at least GPU_WARM_UP_S of calls (the first tenth of a second can run slow); on
+    the CPU, just the calls asked for. The device's sync is stubbed: the logic, not a GPU, is under test."""
+    import time
+
+    monkeypatch.setattr(moe_benchmark, "synchronize", lambda device: None)
+    calls = []
+
+    def forward():
+        calls.append(1)
+        time.sleep(0.01)
+
+    repeats, estimate_ms = moe_benchmark.warm_up(forward, torch.device("cuda"), 3, 20, budget_s=3.0)
+    assert len(calls) > 3 and len(calls) * estimate_ms / 1e3 >= moe_benchmark.GPU_WARM_UP_S
+    assert repeats == 20 and 9 < estimate_ms < 30
+    calls.clear()
+    moe_benchmark.warm_up(forward, torch.device("cpu"), 3, 20, budget_s=3.0)
+    assert len(calls) == 3
+
+
+def test_host_issue_time_is_a_loop_median(monkeypatch):
+    """The host's time to issue a forward: the median over about 0.1 s of the GPU's time, 20 to 1000 calls."""
+    import time
+
+    monkeypatch.setattr(moe_benchmark, "synchronize", lambda device: None)
+    calls = []
+
+    def forward():
+        calls.append(1)
+        time.sleep(0.002)
+
+    assert 1.9 < moe_benchmark.host_issue_ms(forward, torch.device("cuda"), gpu_ms=2.0) < 5
+    assert len(calls) == 50  # 0.1 s at 2 ms a call
+    calls.clear()
+    moe_benchmark.host_issue_ms(forward, torch.device("cuda"), gpu_ms=50.0)
+    assert len(calls) == 20
+
+
 def test_contradicted_claims():
     row = {"launches_claimed": (8, 8), "launches_measured": 8, "syncs_claimed": 100, "syncs_measured": 100,
            "extra_mb_claimed": (20.0, 20.0), "extra_mb": 22.0}
