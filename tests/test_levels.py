@@ -217,6 +217,9 @@ def test_a_gpu_row_warms_up_for_a_quarter_second_and_a_cpu_row_for_its_calls(mon
     calls.clear()
     moe_benchmark.warm_up(forward, torch.device("cpu"), 3, 20, budget_s=3.0)
     assert len(calls) == 3
+    calls.clear()  # the EP level's ranks: a count, never a clock, or their collectives would not pair up
+    moe_benchmark.warm_up(forward, torch.device("cuda"), 3, 20, budget_s=3.0, least_s=0)
+    assert len(calls) == 3
 
 
 def test_host_issue_time_is_a_loop_median(monkeypatch):

@@ -89,7 +89,8 @@ def time_forwards(layer, inputs, chunks: int, device: torch.device, warmup: int,
     combine. All ranks start each forward together (a barrier), after warm-up, with the L2 cache flushed on a GPU;
     every rank runs the same number of forwards."""
     args = inputs.as_args()
-    calls, _ = warm_up(lambda: layer.forward(*args, chunks=chunks), device, warmup, repeats, budget_s)
+    # A count of calls, not a time: every rank must make the same number of forwards (each one is a collective).
+    calls, _ = warm_up(lambda: layer.forward(*args, chunks=chunks), device, warmup, repeats, budget_s, least_s=0)
     count = torch.tensor([calls], device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MIN)
     l2_flush = l2_flush_buffer(device)

@@ -308,15 +308,19 @@ GPU_WARM_UP_S = 0.25  # a GPU's least warm-up, in seconds of back-to-back calls
 
 
 def warm_up(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-            budget_s: float) -> tuple[int, float]:
-    """Call fn `warmup` times (at least once), and on a GPU for at least GPU_WARM_UP_S; return (how many timed
-    calls fit, ms per call): `repeats`, fewer (never under 5) when the calls are slow enough that `repeats` of them
-    would pass `budget_s`. A GPU's first tenth of a second of calls can run slow: an H100 read deepseek-v3 at one
-    token in 360-370 µs for its first 40 ms of timed calls and 317-325 from 0.1 s on, for levels 8, 9 and 10 alike
-    (NOTES.md); the timed calls are the sustained rate's."""
+            budget_s: float, least_s: float | None = None) -> tuple[int, float]:
+    """Call fn `warmup` times (at least once), and for at least `least_s` (on a GPU GPU_WARM_UP_S unless given);
+    return (how many timed calls fit, ms per call): `repeats`, fewer (never under 5) when the calls are slow enough
+    that `repeats` of them would pass `budget_s`. A GPU's first tenth of a second of calls can run slow: an H100
+    read deepseek-v3 at one token in 360-370 µs for its first 40 ms of timed calls and 317-325 from 0.1 s on, for
+    levels 8, 9 and 10 alike (NOTES.md); the timed calls are the sustained rate's. Processes whose calls must match
+    in number (each of the EP level's forwards is a collective) pass least_s=0: a clock would not stop them
+    together."""
+    if least_s is None:
+        least_s = GPU_WARM_UP_S if device.type == "cuda" else 0.0
     start = time.perf_counter()
     calls = 0
-    while calls < max(warmup, 1) or (device.type == "cuda" and time.perf_counter() - start < GPU_WARM_UP_S):
+    while calls < max(warmup, 1) or time.perf_counter() - start < least_s:
         fn()
         calls += 1
         if calls % 20 == 0:
