@@ -431,6 +431,9 @@ def report_command(run_dir: Path = typer.Argument(None, help="a run folder (defa
     console.print(f"wrote {summary}, {summary.parent / 'report.html'} and the plots")
 
 
+GEOMEAN_TITLE = "B's speedup over A, per level (over the cases timed in both runs, host-bound ones left out)"
+
+
 @bench.command("compare")
 def compare_command(run_a: Path = typer.Argument(..., help="the baseline run folder"),
                     run_b: Path = typer.Argument(..., help="the run compared with it"),
@@ -449,16 +452,17 @@ def compare_command(run_a: Path = typer.Argument(..., help="the baseline run fol
                f"in every case: {', '.join(f'{k}={v}' for k, v in shared.items()) or '-'}")
     if table["A ms"].str.endswith(report.HOST_BOUND_MARK).any() or table["B ms"].str.endswith(
             report.HOST_BOUND_MARK).any():
-        heading += f"\n{report.HOST_BOUND_MARK}: host-bound, the time depends on the host CPU (the row's note says why)"
+        heading += (f"\n{report.HOST_BOUND_MARK}: host-bound, the time depends on the host CPU (the row's note says "
+                    "why); left out of the geometric means")
     console.print(heading, highlight=False)
     for case, part in table.groupby("case", sort=False):
         console.print(text_table(part.drop(columns="case"), title=case))
-    console.print(text_table(geomean.rename_axis("level").reset_index(), title="B's speedup over A, per level"))
+    console.print(text_table(geomean.rename_axis("level").reset_index(), title=GEOMEAN_TITLE))
     if markdown:
         try:
             markdown.write_text(f"{heading.replace(chr(10), '  ' + chr(10))}\n\n"
                                 f"{report.markdown_table(table.set_index('case'), 'case')}\n\n"
-                                f"B's speedup over A, per level:\n\n{report.markdown_table(geomean, 'level')}\n")
+                                f"{GEOMEAN_TITLE}:\n\n{report.markdown_table(geomean, 'level')}\n")
         except OSError as error:
             fail(f"cannot write {str(markdown)!r}: {error.strerror}")
         console.print(f"wrote {markdown}")

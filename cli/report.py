@@ -1020,7 +1020,8 @@ HOST_BOUND_MARK = "(h)"  # compare's cells: a host-bound row's time, which depen
 def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Run B against run A, case by case: (one line per (case, level, T) present in either run, the case named
     by the fields that vary between cases, with both times, a host-bound row's marked HOST_BOUND_MARK, and A/B; per
-    level, the geometric mean of A/B over the cases both timed; the fields every case shares)."""
+    level, the geometric mean of A/B over the cases both timed and neither host-bound; the fields every case
+    shares)."""
     a, b = frame(rows_a), frame(rows_b)
     keys = [field for field in CASE_FIELDS if field in a or field in b]
     for df in (a, b):
@@ -1060,9 +1061,13 @@ def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, 
                                                                             both[f"host_bound {run}"])]
                              for run in ("A", "B")},
                           "A/B": both["ratio"].map(lambda r: "-" if pd.isna(r) else f"{r:.2f}x")})
-    per_level = both[timed].groupby("label", sort=False)["ratio"]
-    geomean = pd.DataFrame({"cases timed in both": per_level.size(),
-                            "geometric mean of A/B": per_level.apply(lambda r: f"{np.exp(np.log(r).mean()):.2f}x")})
+    # The mean is the GPU's speedup: a host-bound time (in either run) measures the host CPU, so it stays out.
+    host_bound = both["host_bound A"] | both["host_bound B"]
+    device_bound = both[timed & ~host_bound].groupby("label", sort=False)["ratio"]
+    geomean = pd.DataFrame({"timed": both[timed].groupby("label", sort=False).size(),  # in both runs
+                            "host-bound": both[timed & host_bound].groupby("label", sort=False).size(),
+                            "geometric mean of A/B": device_bound.apply(lambda r: f"{np.exp(np.log(r).mean()):.2f}x")})
+    geomean = geomean.fillna({"host-bound": 0, "geometric mean of A/B": "-"}).astype({"host-bound": int})
     geomean = geomean.loc[sorted(geomean.index, key=lambda label: both.loc[both["label"] == label, "order"].iloc[0])]
     shared = {CASE_FIELDS[field]: both[field].iloc[0] for field in case_keys
               if both[field].nunique() == 1 and both[field].iloc[0]}

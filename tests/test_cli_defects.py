@@ -59,6 +59,9 @@ def test_compare_marks_host_bound_times(tmp_path):
     level9_one_token = next(line for line in text.splitlines() if "9 persistent_tma |     1 |" in line)
     assert "0.21 (h)" in level9_one_token  # the sweep's host-bound cell (GPU busy 9%)
     assert "(h): host-bound" in text
+    # ... and the per-level mean leaves it out: 6.85x there would have made level 9's 1.14x
+    (level9_mean,) = [line for line in text.splitlines() if line.startswith("| 9 persistent_tma ")]
+    assert [cell.strip() for cell in level9_mean.strip("|").split("|")][1:] == ["14", "1", "0.99x"]
 
 
 # 2. never a traceback ---------------------------------------------------------------------------------------------
