@@ -77,10 +77,10 @@ class ResultRow:
     sm_clock_mhz: int | None = None
     power_capped: bool | None = None
     gpu_busy_pct: float | None = None  # kernel time / forward time, %
-    host_ms: float | None = None  # the host's time to issue one forward: a loop's median, apart from the timing (GPU)
-    # gpu_busy_pct under 50 (the GPU mostly waits for the host), or host_ms above ms (forwards back to back would
-    # run at the host's pace, not the GPU's)
-    host_bound: bool | None = None
+    # The host's time to issue one forward: a loop's median, apart from the timing (GPU, levels that never wait for
+    # the GPU: one that waits has its wait in its host time).
+    host_ms: float | None = None
+    host_bound: bool | None = None  # is_host_bound() of the row
     claims_contradicted: list[str] | None = None  # which of launches, syncs, extra memory the measurement contradicts
 
     # How the run went: ok, checked (verified, not timed), oom, skipped or error, and why.
@@ -128,6 +128,17 @@ class ResultRow:
         """Set fields by name; an unknown name is an AttributeError (the slots have no room for it)."""
         for name, value in values.items():
             setattr(self, name, value)
+
+    def is_host_bound(self) -> bool | None:
+        """Whether the row's time depends on the host CPU: the GPU was busy under half of the forward, or a forward
+        that never waits for the GPU took the host longer to issue than the GPU to run (back to back, the host would
+        set the pace). None where the GPU's busy share was not measured (a CPU row). The harness stores it in
+        `host_bound`; the report asks again, so that rows written under an older rule read as this one says (the
+        published sweep of 2026-11-26 06:25 flagged its level-4 rows by a host time that held the level's sync)."""
+        if self.gpu_busy_pct is None:
+            return None
+        issued_slower = self.syncs_measured == 0 and self.host_ms is not None and self.host_ms > self.ms
+        return self.gpu_busy_pct < 50 or issued_slower
 
     def to_json(self) -> dict:
         """The row as rows.jsonl holds it: every field, less the expert-parallel ones on a row of another level."""

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 from typing import Callable
 
@@ -124,7 +125,10 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     """The rows as a table, a column per ResultRow field (a row from before a field existed has its default: no
     traffic shape is uniform), with a `case` per (preset, traffic) that the report gives a section each; the
     traffic is named only when some run was not uniform."""
-    df = pd.DataFrame([dataclasses.asdict(ResultRow.from_json(row)) for row in rows])
+    parsed = [ResultRow.from_json(row) for row in rows]
+    df = pd.DataFrame([dataclasses.asdict(row) for row in parsed])
+    df["host_bound"] = [row.is_host_bound() for row in parsed]  # the current rule, for rows of an older one too
+    df["host_ms"] = [row.host_ms if row.syncs_measured == 0 else None for row in parsed]  # no wait inside it
     df["label"] = [level_label(r) for r in rows]
     df["order"] = [level_sort_key(r["level"]) for r in rows]
     df["case"] = df["preset"]
@@ -413,7 +417,22 @@ def environment_section(env: dict, rows: list[dict]) -> str:
         lines.append("- no ceilings measured (CPU run): `pct_roofline` is empty")
     if clock := clock_text(rows):
         lines.append(f"- {clock}")
+    if host := host_text(rows):
+        lines.append(f"- {host}")
     return "\n".join(lines)
+
+
+def host_text(rows: list[dict]) -> str:
+    """The host's time to issue a forward, over the rows of levels that never wait for the GPU, and how many rows
+    are host-bound; "" for rows from before the harness measured it, or from a CPU."""
+    parsed = [ResultRow.from_json(row) for row in rows]
+    issue_us = sorted(row.host_ms * 1e3 for row in parsed if row.host_ms is not None and row.syncs_measured == 0)
+    if not issue_us:
+        return ""
+    judged = [row.is_host_bound() for row in parsed if row.is_host_bound() is not None]
+    return (f"host's time to issue one forward, for the levels that never wait for the GPU: {issue_us[0]:.0f}–"
+            f"{issue_us[-1]:.0f} µs (median {statistics.median(issue_us):.0f}); host-bound: {sum(judged)} of "
+            f"{len(judged)} rows (the row's note says why)")
 
 
 def clock_text(rows: list[dict]) -> str:

@@ -79,13 +79,19 @@ def test_host_bound_rows_say_so_in_the_summary_and_the_page(tmp_path):
 
 
 def test_rows_whose_host_issues_slower_than_the_gpu_runs_are_host_bound(tmp_path):
-    rows = journey_rows(**COUNTS, host_ms=0.01)
-    rows[0].update(ms=0.0298, host_ms=0.0394, host_bound=True)  # busy GPU, but the host takes longer per call
+    """A level that never waits for the GPU and took the host longer to issue than the GPU to run is host-bound; one
+    that waits has the wait in its host time, so there only the busy share tells (whatever the row's stored flag
+    says: rows of the older rule read as this one)."""
+    rows = journey_rows(**COUNTS)
+    rows[0].update(ms=0.0298, host_ms=0.0394, syncs_measured=0, host_bound=False)  # no sync: issued slower
+    rows[1].update(ms=1.0, host_ms=1.2, syncs_measured=1, host_bound=True)  # its sync's wait is in its host time
     page = write_run(tmp_path, rows)
     summary = (tmp_path / "summary.md").read_text()
     said = "host-bound (the host took 39.4 µs to issue each forward, the GPU 29.8 µs to run it"
     assert summary.count(said) == 1 and page.count(said) == 1
-    assert "<td>39.4 / 29.8</td>" in page
+    assert "<td>39.4 / 29.8</td>" in page and summary.count("host-bound (") == 1
+    assert ("host's time to issue one forward, for the levels that never wait for the GPU: 39–39 µs (median 39); "
+            "host-bound: 1 of 5 rows") in summary
 
 
 def test_no_counts_section_without_counts(tmp_path):

@@ -651,10 +651,10 @@ def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_to
         )
         if on_gpu:
             counts = measure_counts(call, device, ms, level_cls.keeps_buffers)
-            host_ms = host_issue_ms(call, device, ms)
             row.update(launches_measured=counts.launches, syncs_measured=counts.syncs, extra_mb=counts.extra_mb,
-                       peak_mb=counts.peak_mb, gpu_busy_pct=counts.gpu_busy_pct, host_ms=host_ms,
-                       host_bound=counts.gpu_busy_pct < 50 or host_ms > ms)
+                       peak_mb=counts.peak_mb, gpu_busy_pct=counts.gpu_busy_pct,
+                       host_ms=host_issue_ms(call, device, ms) if counts.syncs == 0 else None)
+            row.host_bound = row.is_host_bound()
             if row.launches_claimed is not None:
                 row.claims_contradicted = contradicted_claims(row.to_json())
         if profile:
