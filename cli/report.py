@@ -1047,8 +1047,8 @@ def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, 
         df["shared_experts"] = df["shared_experts"].fillna(0) if "shared_experts" in df else 0
         for field in keys:
             df[field] = df[field].map(key_text) if field in df else ""
-    for df in (a, b):  # runs before the flag, and CPU runs, have no host-bound rows
-        df["host_bound"] = df["host_bound"].fillna(False).astype(bool) if "host_bound" in df else False
+    for df in (a, b):  # CPU rows: not judged (None), not host-bound here
+        df["host_bound"] = df["host_bound"].fillna(False).astype(bool)
     columns = [*keys, "label", "status", "ms", "host_bound"]
     both = a[columns].merge(b[columns], on=keys, how="outer", suffixes=(" A", " B"))
     for run in ("A", "B"):  # a case only one run has: not host-bound in the other
