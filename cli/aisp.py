@@ -485,7 +485,7 @@ def write_latest(run_dirs: list[Path]) -> Path:
     from cli import report
 
     latest = run_dirs[0].parent / "LATEST.md"
-    latest.write_text("".join(f"<!-- copied from {run_dir.name}/summary.md by aisp; do not edit -->\n"
+    latest.write_text("".join(f"{report.published_mark(run_dir.name)}\n"
                               + report.relink((run_dir / "summary.md").read_text(), run_dir.name)
                               for run_dir in run_dirs))
     return latest

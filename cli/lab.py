@@ -261,14 +261,13 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
 # ---------------------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------------------
-PUBLISHED = re.compile(r"<!-- copied from (\S+)/summary\.md by aisp")  # LATEST.md's mark of each published run
-
-
 def published_first(runs: list[tuple[Path, dict, list[dict]]], results: Path) -> list[tuple[Path, dict, list[dict]]]:
     """The runs `aisp bench publish` last chose (LATEST.md names them), then the others, each part newest first:
     the published sweep, not a newer run of three decode levels that would leave the others blank."""
+    from cli import report
+
     latest = results / "moe_journey" / "LATEST.md"
-    published = set(PUBLISHED.findall(latest.read_text())) if latest.is_file() else set()
+    published = report.published_runs(latest.read_text()) if latest.is_file() else set()
     return sorted(runs, key=lambda run: run[0].name not in published)  # a stable sort keeps newest first
 
 

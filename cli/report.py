@@ -128,7 +128,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     parsed = [ResultRow.from_json(row) for row in rows]
     df = pd.DataFrame([dataclasses.asdict(row) for row in parsed])
     df["host_bound"] = [row.is_host_bound() for row in parsed]  # the current rule, for rows of an older one too
-    df["host_ms"] = [row.host_ms if row.syncs_measured == 0 else None for row in parsed]  # no wait inside it
+    df["host_ms"] = [row.issue_ms() for row in parsed]
     df["label"] = [level_label(r) for r in rows]
     df["order"] = [level_sort_key(r["level"]) for r in rows]
     df["case"] = df["preset"]
@@ -422,11 +422,24 @@ def environment_section(env: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PUBLISHED_MARK = ("<!-- copied from ", "/summary.md by aisp; do not edit -->")  # around a run folder's name
+
+
+def published_mark(run_name: str) -> str:
+    """The line LATEST.md opens each published run's summary with (`aisp bench publish`)."""
+    return f"{PUBLISHED_MARK[0]}{run_name}{PUBLISHED_MARK[1]}"
+
+
+def published_runs(latest_md: str) -> set[str]:
+    """The run folders LATEST.md's text was published from."""
+    return set(re.findall(re.escape(PUBLISHED_MARK[0]) + r"(\S+?)" + re.escape(PUBLISHED_MARK[1]), latest_md))
+
+
 def host_text(rows: list[dict]) -> str:
     """The host's time to issue a forward, over the rows of levels that never wait for the GPU, and how many rows
     are host-bound; "" for rows from before the harness measured it, or from a CPU."""
     parsed = [ResultRow.from_json(row) for row in rows]
-    issue_us = sorted(row.host_ms * 1e3 for row in parsed if row.host_ms is not None and row.syncs_measured == 0)
+    issue_us = sorted(row.issue_ms() * 1e3 for row in parsed if row.issue_ms() is not None)
     if not issue_us:
         return ""
     judged = [row.is_host_bound() for row in parsed if row.is_host_bound() is not None]

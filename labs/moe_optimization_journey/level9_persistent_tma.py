@@ -37,7 +37,7 @@ The idea
        while the alignment works and waits only for its results: journey at T=1 42.8 → 40.3 µs on an H100. The
        GEMMs do not let their successors in early: those programs then hold SMs the GEMM still needs, and a down
        GEMM let in to prefetch its weights into L2 made the forward slower, not faster (NOTES.md).
-       Last, the sum over K, a 3 µs kernel for journey's 2 rows at T=1: the down GEMM does it. Each program, its
+       Then the sum over K, a 3 µs kernel for journey's 2 rows at T=1: the down GEMM does it. Each program, its
        tile's rows stored, counts one arrival per row at (token, column tile) with an atomic add; the program
        whose count is a token's last reads that token's rows back from L2 and stores their sum
        (`_sum_if_last`; the counts, zeroed once in prepare(), are set back to 0 by the program that used them).
