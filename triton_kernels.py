@@ -228,37 +228,38 @@ def _count_pairs_kernel(expert_ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constex
 
 @triton.jit
 def _store_padded_runs(counts, is_expert, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_blocks,
-                       block_m, EXPERTS: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr):
+                       block_m, EXPERTS: tl.constexpr, FILL: tl.constexpr):
     """Each expert's count rounded up to whole blocks, their running sum (each run's first row, stored), the padded
     length, and each block's expert (−1 past the padded length). Returns the runs' first rows."""
     expert = tl.arange(0, EXPERTS)
     padded = (counts + block_m - 1) // block_m * block_m
-    padded_ends = tl.cumsum(padded, axis=0)
-    tl.store(padded_starts_ptr + expert, padded_ends - padded, mask=is_expert)
+    padded_starts = tl.cumsum(padded, axis=0) - padded
+    tl.store(padded_starts_ptr + expert, padded_starts, mask=is_expert)
     num_padded = tl.sum(padded, axis=0)
     tl.store(num_padded_ptr, num_padded)
-    for first_block in range(0, num_blocks, BLOCKS_PER_STEP):
-        block = first_block + tl.arange(0, BLOCKS_PER_STEP)
-        block_start = block * block_m
-        # A block's expert is how many experts' padded runs end at or before the block's first row.
-        ended = (padded_ends[None, :] <= block_start[:, None]) & is_expert[None, :]
-        block_expert = tl.sum(ended.to(tl.int32), axis=1)
-        block_expert = tl.where(block_start < num_padded, block_expert, -1)
-        tl.store(block_expert_ids_ptr + block, block_expert, mask=block < num_blocks)
-    return padded_ends - padded
+    # Each expert writes its own blocks' entries, step j its j-th block: as many steps as the fullest expert has
+    # blocks. (Each block searching the runs' ends for its expert instead took [blocks, E] comparisons: 9-12 µs at
+    # deepseek-v3's 257 experts on an H100, where a forward of one token takes 320: NOTES.md.)
+    first_block = padded_starts // block_m
+    for j in range(0, tl.max(padded, axis=0) // block_m):
+        tl.store(block_expert_ids_ptr + first_block + j, expert, mask=is_expert & (j * block_m < padded))
+    for first in range(num_padded // block_m, num_blocks, FILL):
+        blocks = first + tl.arange(0, FILL)
+        tl.store(block_expert_ids_ptr + blocks, -1, mask=blocks < num_blocks)  # past the padded length
+    return padded_starts
 
 
 @triton.jit
 def _pad_offsets_kernel(
     counts_ptr, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_experts, num_blocks, block_m,
-    EXPERTS: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+    EXPERTS: tl.constexpr, FILL: tl.constexpr,
 ):
     """One program: each expert's count rounded up to whole blocks, their running sum, and each block's expert."""
     expert = tl.arange(0, EXPERTS)
     is_expert = expert < num_experts
     counts = tl.load(counts_ptr + expert, mask=is_expert, other=0)
     _store_padded_runs(counts, is_expert, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_blocks,
-                       block_m, EXPERTS, BLOCKS_PER_STEP)
+                       block_m, EXPERTS, FILL)
 
 
 @triton.jit
@@ -277,7 +278,7 @@ def _place_pairs_kernel(expert_ids_ptr, padded_starts_ptr, cursors_ptr, sorted_p
 def _align_in_one_program(
     expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
     num_pairs, num_experts, max_padded, num_blocks, block_m,
-    PAIRS: tl.constexpr, EXPERTS: tl.constexpr, FILL: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+    PAIRS: tl.constexpr, EXPERTS: tl.constexpr, FILL: tl.constexpr,
 ):
     """The three kernels above and the two fills in one program, for decode sizes (all pairs in one block): the
     steps are the same, and a barrier between them (the program's threads wait for each other) stands where a
@@ -299,7 +300,7 @@ def _align_in_one_program(
     tl.debug_barrier()
     counts = tl.load(cursors_ptr + expert, mask=is_expert, other=0, volatile=True)
     padded_starts = _store_padded_runs(counts, is_expert, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr,
-                                       num_blocks, block_m, EXPERTS, BLOCKS_PER_STEP)  # offsets
+                                       num_blocks, block_m, EXPERTS, FILL)  # offsets
     tl.debug_barrier()  # every thread has read the counts before they become cursors
     tl.store(cursors_ptr + expert, padded_starts, mask=is_expert)
     tl.debug_barrier()
@@ -311,7 +312,7 @@ def _align_in_one_program(
 def _align_one_program_kernel(
     expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
     num_pairs, num_experts, max_padded, num_blocks, block_m,
-    PAIRS: tl.constexpr, EXPERTS: tl.constexpr, FILL: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+    PAIRS: tl.constexpr, EXPERTS: tl.constexpr, FILL: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
@@ -320,7 +321,7 @@ def _align_one_program_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     _align_in_one_program(expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr,
                           num_padded_ptr, num_pairs, num_experts, max_padded, num_blocks, block_m, PAIRS, EXPERTS,
-                          FILL, BLOCKS_PER_STEP)
+                          FILL)
 
 
 # Up to here level 9 aligns in one program (decode: launches cost more than the work). At 4096 pairs the one program
@@ -335,6 +336,29 @@ class TokenAlignment(NamedTuple):
     block_expert_ids: torch.Tensor  # [P_max / block_m] the expert of each block of rows, −1 past the padded length
     num_padded: torch.Tensor  # [1] the padded length actually used
     block_m: int
+
+    @property
+    def max_padded(self) -> int:
+        return self.sorted_pair_ids.numel()
+
+
+# Up to here level 9 does not align in a kernel at all: each program of its two GEMMs aligns the pairs itself, in
+# registers ([PAIRS, PAIRS] comparisons), and the one-token graph loses a launch (NOTES.md).
+IN_REGISTERS_MAX_PAIRS = 64
+
+
+class PairsToAlign(NamedTuple):
+    """Decode, up to IN_REGISTERS_MAX_PAIRS pairs: the pairs' experts, left for every program of level 9's GEMMs to
+    align for itself (`_align_in_registers`): the same runs, padded to whole blocks, with nothing in memory."""
+
+    expert_of_pair: torch.Tensor  # [P] the expert of pair t·K + k
+    max_padded: int  # P_max, as in TokenAlignment: the hidden's rows
+    block_m: int
+
+    @staticmethod
+    def of(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> "PairsToAlign":
+        expert_of_pair = expert_ids_TK.contiguous().view(-1)  # a view of the routing: no launch
+        return PairsToAlign(expert_of_pair, padded_length(expert_of_pair.numel(), num_experts, block_m), block_m)
 
 
 def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int,
@@ -365,7 +389,7 @@ def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     pair_grid = (triton.cdiv(num_pairs, BLOCK),)
     _count_pairs_kernel[pair_grid](expert_of_pair, counters[0], num_pairs, BLOCK=BLOCK)
     _pad_offsets_kernel[(1,)](counters[0], padded_starts, block_expert_ids, num_padded, num_experts, num_blocks,
-                              block_m, EXPERTS=triton.next_power_of_2(num_experts), BLOCKS_PER_STEP=64)
+                              block_m, EXPERTS=triton.next_power_of_2(num_experts), FILL=1024)
     _place_pairs_kernel[pair_grid](expert_of_pair, padded_starts, counters[1], sorted_pair_ids, num_pairs,
                                    BLOCK=BLOCK)
     return TokenAlignment(sorted_pair_ids, block_expert_ids, num_padded, block_m)
@@ -393,7 +417,7 @@ def _one_program_alignment(expert_ids_TK: torch.Tensor, num_experts: int,
     padded_starts = torch.empty(num_experts, dtype=torch.int32, device=device)
     return alignment, (expert_of_pair, cursors, padded_starts, alignment.sorted_pair_ids, alignment.block_expert_ids,
                        alignment.num_padded, num_pairs, num_experts, max_padded, max_padded // block_m, block_m,
-                       triton.next_power_of_2(max(num_pairs, 16)), triton.next_power_of_2(num_experts), 1024, 64)
+                       triton.next_power_of_2(max(num_pairs, 16)), triton.next_power_of_2(num_experts), 1024)
 
 
 def _gemm_configs(interpret: bool, two_accumulators: bool) -> list:
@@ -674,25 +698,65 @@ def _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return first_m + (tile % tiles_per_group) % group_size, (tile % tiles_per_group) // group_size
 
 
+@triton.jit
+def _align_in_registers(expert_of_pair_ptr, num_pairs, block_m, PAIRS: tl.constexpr):
+    """The alignment of a few pairs, as each GEMM program can compute it for itself: the same runs as align_tokens
+    (one per expert, in expert order, each padded to whole blocks), found by comparing every pair with every other
+    instead of by counters in memory. Returns each pair's expert and row in the aligned order (−1 past num_pairs),
+    and the padded length."""
+    pair = tl.arange(0, PAIRS)
+    valid = pair < num_pairs
+    expert = tl.load(expert_of_pair_ptr + pair, mask=valid, other=0).to(tl.int32)
+    same = (expert[:, None] == expert[None, :]) & valid[:, None] & valid[None, :]  # [p, q]: one expert
+    count = tl.sum(same.to(tl.int32), axis=1)  # the pairs of p's expert
+    rank = tl.sum((same & (pair[None, :] < pair[:, None])).to(tl.int32), axis=1)  # p's place among them
+    run = (count + block_m - 1) // block_m * block_m  # p's expert's run, padded
+    leads = valid & (rank == 0)  # each run counted once, by its expert's first pair
+    run_start = tl.sum(tl.where(leads[None, :] & (expert[None, :] < expert[:, None]), run[None, :], 0), axis=1)
+    return expert, tl.where(valid, run_start + rank, -1), tl.sum(tl.where(leads, run, 0), axis=0)
+
+
+@triton.jit
+def _tile_rows_in_registers(expert_of_pair, row_of_pair, pid_m, pid_n, num_pairs, cols, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    """_tile_rows from _align_in_registers' result instead of the alignment's tensors."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.arange(0, expert_of_pair.shape[0])
+    pair_ids = tl.min(tl.where(row_of_pair[None, :] == offs_m[:, None], pair[None, :], num_pairs), axis=1)
+    # A block's first row always holds a pair (padding only ends a run), and that pair's expert is the block's.
+    expert = tl.max(tl.where(row_of_pair == pid_m * BLOCK_M, expert_of_pair, -1), axis=0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert.to(tl.int64), offs_m, pair_ids, pair_ids < num_pairs, offs_n, offs_n < cols
+
+
 @triton.autotune(configs=_persistent_configs(interpreting(), _gate_up_boxes),
                  key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
 @triton.jit
 def _moe_gate_up_persistent_kernel(
     x_ptr, w_desc, hidden_ptr,  # x [T, H], w13 [E, H, 2I] gate and up interleaved (a descriptor), hidden [P_max, I]
-    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr, expert_of_pair_ptr,
     cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
     stride_xt, stride_hp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr, PAIRS_IN_REGISTERS: tl.constexpr,
 ):
     _wait_for_previous_kernel(USE_PDL)
-    num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)  # only the blocks this routing filled
+    if PAIRS_IN_REGISTERS:  # decode: no alignment kernel ran; this program aligns the pairs itself
+        expert_of_pair, row_of_pair, num_padded = _align_in_registers(expert_of_pair_ptr, num_pairs, BLOCK_M,
+                                                                      PAIRS_IN_REGISTERS)
+    else:
+        num_padded = tl.load(num_padded_ptr)
+    num_pid_m = tl.cdiv(num_padded, BLOCK_M)  # only the blocks this routing filled
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
-            sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
+        if PAIRS_IN_REGISTERS:
+            expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows_in_registers(
+                expert_of_pair, row_of_pair, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
+        else:
+            expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
+                sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
         x_ptrs = x_ptr + (pair_ids // top_k).to(tl.int64)[:, None] * stride_xt + offs_d[None, :]  # gathered rows
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)  # gate and up, interleaved
         for d_start in tl.range(0, depth, BLOCK_D):
@@ -711,23 +775,33 @@ def _moe_gate_up_persistent_kernel(
 @triton.jit
 def _moe_down_persistent_kernel(
     hidden_desc, w_desc, out_ptr, routing_weights_ptr,  # hidden [P_max, I] (sorted rows: no gather, so TMA too),
-    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,  # w2 [E, I, H]: descriptors; out [N·split_k, H]
-    sum_ptr, arrivals_ptr, slots, arrivals_stride,  # SUM_HERE: sum [T, H], arrivals [T, ≥ H / BLOCK_N]
+    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr, expert_of_pair_ptr,  # w2 [E, I, H]: descriptors
+    sum_ptr, arrivals_ptr, slots, arrivals_stride,  # out [N·split_k, H]; SUM_HERE: sum [T, H], arrivals [T, ≥ H/BLOCK_N]
     cols, depth, num_pairs, pairs_bucket, split_k,  # cols = H, depth = I
     stride_om, stride_sm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, SUM_HERE: tl.constexpr, USE_PDL: tl.constexpr,
+    PAIRS_IN_REGISTERS: tl.constexpr,
 ):
     _wait_for_previous_kernel(USE_PDL)
-    num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
+    if PAIRS_IN_REGISTERS:  # the same rows the gate/up GEMM's programs found
+        expert_of_pair, row_of_pair, num_padded = _align_in_registers(expert_of_pair_ptr, num_pairs, BLOCK_M,
+                                                                      PAIRS_IN_REGISTERS)
+    else:
+        num_padded = tl.load(num_padded_ptr)
+    num_pid_m = tl.cdiv(num_padded, BLOCK_M)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     depth_per_split = tl.cdiv(tl.cdiv(depth, BLOCK_D), split_k) * BLOCK_D
     for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n * split_k, NUM_PROGRAMS, flatten=True):
         # split-K: each output tile is split_k tiles, each over a slice of the reduction, written as its own row
         split = tile % split_k
         pid_m, pid_n = _persistent_tile(tile // split_k, num_pid_m, num_pid_n, GROUP_M)
-        expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
-            sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
+        if PAIRS_IN_REGISTERS:
+            expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows_in_registers(
+                expert_of_pair, row_of_pair, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
+        else:
+            expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
+                sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         first_d = split * depth_per_split
         for d_start in tl.range(first_d, tl.minimum(first_d + depth_per_split, depth), BLOCK_D):
@@ -803,31 +877,40 @@ def _sum_if_last(y_ptr, sum_ptr, arrivals_ptr, pair_ids, row_valid, offs_n, col_
     tl.store(counts, 0, mask=last)
 
 
-def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.Tensor, alignment: TokenAlignment,
-                           top_k: int) -> torch.Tensor:
+def _alignment_args(alignment: TokenAlignment | PairsToAlign) -> tuple[tuple, int]:
+    """A persistent GEMM's alignment arguments, (sorted_pair_ids, block_expert_ids, num_padded, expert_of_pair) and
+    PAIRS_IN_REGISTERS: the alignment's tensors and 0, or, for pairs it aligns in registers, their experts (passed
+    in every place: the kernel then reads only the last) and a power of two ≥ their number."""
+    if isinstance(alignment, PairsToAlign):
+        return (alignment.expert_of_pair,) * 4, triton.next_power_of_2(max(alignment.expert_of_pair.numel(), 16))
+    return (*alignment[:3], alignment.sorted_pair_ids), 0
+
+
+def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.Tensor,
+                           alignment: TokenAlignment | PairsToAlign, top_k: int) -> torch.Tensor:
     """Level 7's moe_gate_up on Hopper: hidden [P_max, I] (its storage padded for TMA where I needs it)."""
     _check_device(tokens_TH, w13_interleaved_EH2I)
     _, H, two_I = w13_interleaved_EH2I.shape
     I = two_I // 2
-    max_padded = alignment.sorted_pair_ids.numel()
+    max_padded = alignment.max_padded
     tokens_TH = tokens_TH.contiguous()
     hidden_PI = torch.empty((max_padded, tma_row_elements(I, tokens_TH.dtype)), dtype=tokens_TH.dtype,
                             device=tokens_TH.device)[:, :I]  # rows padded for the down kernel's TMA loads
     programs = num_programs(tokens_TH.device)
     pdl = dependent_launch(tokens_TH.device)
     num_pairs = tokens_TH.shape[0] * top_k
+    alignment_tensors, pairs_in_registers = _alignment_args(alignment)
     _moe_gate_up_persistent_kernel[(programs,)](
-        tokens_TH, tma_descriptor(w13_interleaved_EH2I), hidden_PI, alignment.sorted_pair_ids,
-        alignment.block_expert_ids, alignment.num_padded, I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
-        tokens_TH.stride(0), hidden_PI.stride(0),
+        tokens_TH, tma_descriptor(w13_interleaved_EH2I), hidden_PI, *alignment_tensors,
+        I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs), tokens_TH.stride(0), hidden_PI.stride(0),
         BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
-        USE_PDL=pdl, launch_pdl=pdl,
+        USE_PDL=pdl, launch_pdl=pdl, PAIRS_IN_REGISTERS=pairs_in_registers,
     )
     return hidden_PI
 
 
 def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routing_weights_TK: torch.Tensor,
-                        alignment: TokenAlignment, arrivals: torch.Tensor | None = None) -> torch.Tensor:
+                        alignment: TokenAlignment | PairsToAlign, arrivals: torch.Tensor | None = None) -> torch.Tensor:
     """Level 7's moe_down on Hopper: y [T, K·split, H], each row weighted and back in (token, slot) order, split in
     `choose_split_k` partial rows per pair where the grid would be small (the sum over K adds them too). Given
     `arrivals` (decode: `arrival_counts`), the kernel sums each token's rows itself and returns [T, 1, H]."""
@@ -839,12 +922,13 @@ def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routi
     split_k = choose_split_k(T * K, E, H, programs)
     y_NH = torch.empty((T * K * split_k, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
     sum_TH, sum_args = _sum_in_kernel(y_NH, T, K, arrivals)
+    alignment_tensors, pairs_in_registers = _alignment_args(alignment)
     _moe_down_persistent_kernel[(programs,)](
         tma_descriptor(hidden_PI), tma_descriptor(w_down_EIH), y_NH, routing_weights_TK.contiguous().view(-1),
-        alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded, sum_TH, *sum_args, H, I, T * K,
+        *alignment_tensors, sum_TH, *sum_args, H, I, T * K,
         triton.next_power_of_2(T * K), split_k, y_NH.stride(0), sum_TH.stride(0), BLOCK_M=alignment.block_m,
         NUM_PROGRAMS=programs, UPCAST=interpreting(),
-        SUM_HERE=arrivals is not None, USE_PDL=pdl, launch_pdl=pdl,
+        SUM_HERE=arrivals is not None, USE_PDL=pdl, launch_pdl=pdl, PAIRS_IN_REGISTERS=pairs_in_registers,
     )
     return sum_TH.view(T, 1, H) if arrivals is not None else y_NH.view(T, K * split_k, H)
 
@@ -946,7 +1030,7 @@ def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, rows_used_ptr, num_rows
 def _align_and_quantize_kernel(
     expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
     num_pairs, num_experts, max_padded, num_blocks, block_m,
-    PAIRS: tl.constexpr, EXPERTS: tl.constexpr, FILL: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+    PAIRS: tl.constexpr, EXPERTS: tl.constexpr, FILL: tl.constexpr,
     x_ptr, values_ptr, scales_ptr, num_rows, cols, stride_x, stride_v,
     FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
@@ -959,7 +1043,7 @@ def _align_and_quantize_kernel(
     if program == 0:
         _align_in_one_program(expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr,
                               block_expert_ids_ptr, num_padded_ptr, num_pairs, num_experts, max_padded, num_blocks,
-                              block_m, PAIRS, EXPERTS, FILL, BLOCKS_PER_STEP)
+                              block_m, PAIRS, EXPERTS, FILL)
     else:
         _quantize_row_block(program - 1, x_ptr, values_ptr, scales_ptr, num_rows, stride_x, stride_v, cols,
                             FP8_MAX, INTERPRETED, ROWS, BLOCK)

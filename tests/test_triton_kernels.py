@@ -137,6 +137,38 @@ def test_persistent_tma_level_on_odd_shapes(levels, level_key, hidden, intermedi
     assert check.passed, check.message
 
 
+@pytest.mark.parametrize("num_tokens, top_k, routing", [
+    (1, 2, "random"),  # one token
+    (16, 4, "random"),  # 64 pairs: the most aligned in registers
+    (13, 4, "all_on_one"),  # 52 pairs on one expert: a run of several blocks, three experts idle
+    (7, 4, "top_k_equals_experts"),
+    (5, 2, "shared"),  # a shared expert: every token's third slot
+])
+def test_level_9_alignment_in_registers_matches_the_aligned_tensors(levels, monkeypatch, num_tokens, top_k, routing):
+    """Up to IN_REGISTERS_MAX_PAIRS pairs each program of level 9's GEMMs aligns the pairs itself; the layer must be
+    the one the alignment kernel's tensors give (forced here by lowering the limit to 0), and the reference's."""
+    import level9_persistent_tma
+
+    config = MoEConfig(hidden=100, intermediate=72, num_experts=4, top_k=top_k, name="registers",
+                       num_shared_experts=int(routing == "shared"))
+    weights = init_weights(config, "cpu")
+    generator = torch.Generator().manual_seed(num_tokens)
+    tokens = torch.randn((num_tokens, 100), generator=generator).bfloat16()
+    expert_ids = torch.stack([torch.randperm(4, generator=generator)[:top_k] for _ in range(num_tokens)])
+    if routing == "all_on_one":
+        expert_ids[:] = 3
+    routing_weights = torch.softmax(torch.randn((num_tokens, top_k), generator=generator), -1).bfloat16()
+    level = levels["9"](config, weights)
+    level.prepare()
+    assert num_tokens * (top_k + config.num_shared_experts) <= triton_kernels.IN_REGISTERS_MAX_PAIRS
+    in_registers = level.forward(tokens, routing_weights, expert_ids)
+    monkeypatch.setattr(level9_persistent_tma, "IN_REGISTERS_MAX_PAIRS", 0)
+    from_tensors = level.forward(tokens, routing_weights, expert_ids)
+    torch.testing.assert_close(in_registers, from_tensors, atol=0, rtol=0)
+    check = compare_to_reference(in_registers, level.reference(tokens, routing_weights, expert_ids), 2e-2)
+    assert check.passed, check.message
+
+
 @pytest.mark.parametrize("split_k", [2, 3])
 def test_level_9_split_k_down_matches_reference(levels, monkeypatch, split_k):
     """Level 9's down GEMM in split_k slices of the reduction (chosen only where the GPU's grid would be small, so

@@ -44,8 +44,14 @@ The idea
        The graph holds 3 kernels: align, gate/up, down; journey at T=1 40.8 → 38.3 µs, at T=512 95.5 → 87.2
        (NOTES.md). Last, descriptors made on the host (item 2): a program no longer writes and fences its own
        before its first load, at every kernel's start; with the inputs' copy in one launch (level 5), journey at
-       T=1 38.5 → 30.2-30.8 µs on an H100 (NOTES.md). Here the host catches up with the GPU: issuing a forward
-       (the inputs' copy through Triton's launcher, then the replay) takes it 24-30 µs, as long as the GPU takes
+       T=1 38.5 → 30.2-30.8 µs on an H100 (NOTES.md). Then the alignment's own launch: up to
+       IN_REGISTERS_MAX_PAIRS pairs (64: up to 32 tokens on journey and mixtral, 7 on qwen3-moe and deepseek-v3)
+       no kernel aligns. Each program of both GEMMs loads the pairs' experts and compares every pair with every
+       other in registers ([64, 64] comparisons, no memory, no barrier): a pair's row is its expert's run start
+       (the padded runs of the smaller expert ids present) plus its rank in the run (`_align_in_registers`). The
+       graph holds 2 kernels; on an H100 journey at T=1 29.0 → 27.5 µs, deepseek-v3 318 → 305 (its one-program
+       alignment spent 12 µs over 257 experts; NOTES.md). Here the host catches up with the GPU: issuing a forward
+       (the inputs' copy through Triton's launcher, then the replay) takes it 24-31 µs, as long as the GPU takes
        to run it, so back to back the host sets the pace (each row records both: `host_ms`; level 5's copy
        checks its tensors once per capture, not per call, or it would be 40).
     Everything else is level 8's: device-side alignment, SiLU·up and the routing weight in the epilogues, shared
@@ -57,8 +63,8 @@ Why it should be faster than level 8, counted
     and twice the work per wgmma instruction on the gate/up side. At decode sizes (a few rows per expert) the
     layer is bound by reading weights, and narrow tiles (16-32 columns: the autotuner picks per size class) spread
     those reads over every SM, where level 7's minimum of 32 columns and no persistence left SMs idle. Launches:
-    level 8's 8 kernels in the graph (12 with a shared expert) at prefill; 3 (7) up to ONE_PROGRAM_MAX_PAIRS pairs;
-    one launch for the inputs' copy, one graph launch, no sync.
+    level 8's 8 kernels in the graph (12 with a shared expert) at prefill; 3 (7) up to ONE_PROGRAM_MAX_PAIRS pairs,
+    2 (6) up to IN_REGISTERS_MAX_PAIRS; one launch for the inputs' copy, one graph launch, no sync.
 
 What it costs
     Hopper-only instructions (TMA, wgmma, griddepcontrol: sm_90, the only GPUs it was run on; elsewhere no kernel
@@ -80,17 +86,18 @@ from level8_triton_graphed import TritonGraphedLevel
 from moe_benchmark import Claims, run_level_script
 
 import triton_kernels
-from triton_kernels import (ONE_PROGRAM_MAX_PAIRS, align_tokens, arrival_counts, choose_block_m,
-                            moe_down_persistent, moe_gate_up_persistent, tma_storage)
+from triton_kernels import (IN_REGISTERS_MAX_PAIRS, ONE_PROGRAM_MAX_PAIRS, PairsToAlign, align_tokens, arrival_counts,
+                            choose_block_m, moe_down_persistent, moe_gate_up_persistent, tma_storage)
 
 
 class PersistentTmaLevel(TritonGraphedLevel):
     level = 9
     name = "persistent_tma"
     summary = "level 8 with persistent Hopper GEMMs: TMA weight tiles, gate|up interleaved into one wide accumulator"
-    # Level 8's inputs' copy and kernels; up to ONE_PROGRAM_MAX_PAIRS pairs the alignment is 1 of them, not 5,
-    # and the down GEMM sums over K itself.
-    claims = Claims(launches=f"1 + 3 + 5*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS}) + 4*min(S, 1)", syncs="0",
+    # Level 8's inputs' copy and kernels; up to ONE_PROGRAM_MAX_PAIRS pairs the alignment is 1 of them, not 5, up to
+    # IN_REGISTERS_MAX_PAIRS none (the GEMMs align), and the down GEMM sums over K itself.
+    claims = Claims(launches=f"1 + 2 + (T*(K + S) > {IN_REGISTERS_MAX_PAIRS}) + 5*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS})"
+                             " + 4*min(S, 1)", syncs="0",
                     extra_bytes=f"({PADDED_HIDDEN_AND_Y_BYTES}, 2*({PADDED_HIDDEN_AND_Y_BYTES}) + 24*2**20)")
 
     def prepare(self):
@@ -106,7 +113,10 @@ class PersistentTmaLevel(TritonGraphedLevel):
 
     def align(self, tokens_TH, expert_ids_TK, num_experts):
         num_pairs = expert_ids_TK.numel()
-        return align_tokens(expert_ids_TK, num_experts, choose_block_m(num_pairs, num_experts),
+        block_m = choose_block_m(num_pairs, num_experts)
+        if num_pairs <= IN_REGISTERS_MAX_PAIRS:  # no launch: each GEMM program aligns the pairs itself
+            return PairsToAlign.of(expert_ids_TK, num_experts, block_m), tokens_TH
+        return align_tokens(expert_ids_TK, num_experts, block_m,
                             one_program=num_pairs <= ONE_PROGRAM_MAX_PAIRS), tokens_TH  # 1 launch at decode, not 5
 
     def gate_up(self, tokens_TH, alignment, K):
