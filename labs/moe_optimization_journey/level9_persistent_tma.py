@@ -22,38 +22,34 @@ The idea
        accumulator 2·BLOCK_N wide: one wgmma per step on a 256-wide tile, split into gate and up in the epilogue.
     4. Launches at decode. With a few tokens the layer only has to read the touched experts' weights (journey at
        T=1: 2 experts × 3·H·I × 2 bytes = 25 MB, about 8 µs at 3.35 TB/s), and level 8's graph spends longer than
-       that on the 5 alignment launches (3 kernels, 2 fills) and the gaps between its 8 nodes. Up to
-       ONE_PROGRAM_MAX_PAIRS (token, slot) pairs the alignment runs as one program (`align_tokens(...,
-       one_program=True)`): the same count, offsets and placement, with a barrier among the program's threads where
-       a kernel boundary stood, and the fills done by the same threads. Narrow column tiles (16 or 32 wide) keep
-       every SM reading weights; where even they would leave half the SMs idle (journey's down GEMM at T=1: 2
-       experts × 1024/32 = 64 tiles for 132 SMs), the down GEMM splits its reduction too (`choose_split_k`): each
-       slice writes its own partial row, and the sum over K adds them. Measured on an H100: journey at T=1 in 44 µs
-       against level 8's 47; of them the graph's replay is 34 (its 4 kernels 19) and copying the inputs into the graph
-       8.5, three copies then (one launch since, level 5's `CapturedGraph`: 4-5 µs less at one token for every graphed
-       level; NOTES.md). Then the gap after the alignment: Hopper's programmatic dependent launch lets a kernel start
-       before the one ahead of it in the stream has finished, up to its `gdc_wait()`, once every program of that one has
-       called `gdc_launch_dependents()`. The one-program alignment calls it first thing, so the gate/up GEMM launches
-       while the alignment works and waits only for its results: journey at T=1 42.8 → 40.3 µs on an H100. The
-       GEMMs do not let their successors in early: those programs then hold SMs the GEMM still needs, and a down
-       GEMM let in to prefetch its weights into L2 made the forward slower, not faster (NOTES.md).
-       Then the sum over K, a 3 µs kernel for journey's 2 rows at T=1: the down GEMM does it. Each program, its
-       tile's rows stored, counts one arrival per row at (token, column tile) with an atomic add; the program
-       whose count is a token's last reads that token's rows back from L2 and stores their sum
-       (`_sum_if_last`; the counts, zeroed once in prepare(), are set back to 0 by the program that used them).
-       The graph holds 3 kernels: align, gate/up, down; journey at T=1 40.8 → 38.3 µs, at T=512 95.5 → 87.2
-       (NOTES.md). Last, descriptors made on the host (item 2): a program no longer writes and fences its own
-       before its first load, at every kernel's start; with the inputs' copy in one launch (level 5), journey at
-       T=1 38.5 → 30.2-30.8 µs on an H100 (NOTES.md). Then the alignment's own launch: up to
-       IN_REGISTERS_MAX_PAIRS pairs (64: up to 32 tokens on journey and mixtral, 7 on qwen3-moe and deepseek-v3)
-       no kernel aligns. Each program of both GEMMs loads the pairs' experts and compares every pair with every
-       other in registers ([64, 64] comparisons, no memory, no barrier): a pair's row is its expert's run start
-       (the padded runs of the smaller expert ids present) plus its rank in the run (`_align_in_registers`). The
-       graph holds 2 kernels; on an H100 journey at T=1 29.0 → 27.5 µs, deepseek-v3 318 → 305 (its one-program
-       alignment spent 12 µs over 257 experts; NOTES.md). Here the host catches up with the GPU: issuing a forward
-       (the inputs' copy through Triton's launcher, then the replay) takes it 24-31 µs, as long as the GPU takes
-       to run it, so back to back the host sets the pace (each row records both: `host_ms`; level 5's copy
-       checks its tensors once per capture, not per call, or it would be 40).
+       that on launching: 5 launches align the pairs, and each of its 8 nodes leaves a gap. Level 9 takes them out
+       one at a time (journey at T=1 on an H100, before → after, each step its own A/B in NOTES.md):
+       - The alignment in one program up to ONE_PROGRAM_MAX_PAIRS pairs (`align_tokens(..., one_program=True)`):
+         the same count, offsets and placement, a barrier among its threads where a kernel boundary stood. With
+         it, narrow column tiles (16-32 wide) that keep every SM reading weights, and split-K in the down GEMM
+         where even those would leave half the SMs idle (`choose_split_k`; journey: 2 experts × 1024/32 = 64
+         tiles for 132 SMs): level 8's 47 → 44 µs.
+       - The gap after the alignment. Hopper's programmatic dependent launch lets a kernel start before the one
+         ahead of it has finished, up to its `gdc_wait()`, once that one has called `gdc_launch_dependents()`.
+         The alignment calls it first thing, so the gate/up GEMM launches while it works: 42.8 → 40.3. The GEMMs
+         do not: a successor's programs would hold SMs they still need (a down GEMM let in early to prefetch its
+         weights into L2 made the forward slower).
+       - The sum over K, a 3 µs kernel for 2 rows: the down GEMM does it. Each program, its tile's rows stored,
+         counts one arrival per row at (token, column tile) with an atomic add; the program whose count is a
+         token's last reads that token's rows back from L2 and stores their sum (`_sum_if_last`; the counts,
+         zeroed once in prepare(), are set back to 0 by the program that used them): 40.8 → 38.3.
+       - The descriptors made on the host (item 2), so that no program writes and fences its own before its
+         first load, and the graph's three inputs copied by one launch (level 5's `CapturedGraph`): 38.5 →
+         30.2-30.8.
+       - No alignment launch at all up to IN_REGISTERS_MAX_PAIRS pairs (64: up to 32 tokens on journey and
+         mixtral, 7 on qwen3-moe and deepseek-v3). Each program of both GEMMs loads the pairs' experts and
+         compares every pair with every other in registers ([64, 64] comparisons, no memory, no barrier): a
+         pair's row is its expert's run start (the padded runs of the smaller expert ids present) plus its rank
+         in the run (`_align_in_registers`). The graph holds 2 kernels: 29.0 → 27.5 (deepseek-v3 318 → 305: its
+         alignment took 12 µs over 257 experts).
+       Now the host is as slow as the GPU: issuing a forward (the inputs' copy through Triton's launcher, then
+       the replay) takes it 24-31 µs, so back to back the host sets the pace (each row records both: `host_ms`;
+       level 5's copy checks its tensors once per capture, not per call, or it would be 40).
     Everything else is level 8's: device-side alignment, SiLU·up and the routing weight in the epilogues, shared
     experts as extra experts, no host sync, the whole layer in one CUDA graph.
 
