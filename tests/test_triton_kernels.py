@@ -45,12 +45,13 @@ from triton_kernels import align_tokens, moe_down, moe_gate_up  # noqa: E402
 
 
 @pytest.mark.parametrize("one_program", [False, True])  # level 7's three kernels and two fills, or level 9's one
-@pytest.mark.parametrize("block_m, T", [(16, 45), (32, 45), (16, 700), (16, 1)])  # 700·2 pairs: several programs
-def test_alignment_pads_each_expert_to_whole_blocks(block_m, T, one_program):
+@pytest.mark.parametrize("block_m, T, E", [(16, 45, 6), (32, 45, 6), (16, 700, 6), (16, 1, 6),  # 700·2 pairs: several
+                                           (16, 45, 257)])  # programs; deepseek-v3's experts (and its shared one)
+def test_alignment_pads_each_expert_to_whole_blocks(block_m, T, E, one_program):
     generator = torch.Generator().manual_seed(block_m)
-    K, E = 2, 6
-    expert_ids = torch.stack([torch.randperm(E - 1, generator=generator)[:K] for _ in range(T)])  # expert 5 idle
-    expert_ids[:20, 0] = 2  # and expert 2 crowded
+    K = 2
+    expert_ids = torch.stack([torch.randperm(E - 1, generator=generator)[:K] for _ in range(T)])  # the last idle
+    expert_ids[:20, 0] = 2  # and expert 2 crowded: several blocks
     sorted_pair_ids, block_expert_ids, num_padded, _ = align_tokens(expert_ids, E, block_m, one_program)
     num_pairs = T * K
     assert sorted_pair_ids.numel() % block_m == 0
@@ -69,7 +70,7 @@ def test_alignment_pads_each_expert_to_whole_blocks(block_m, T, one_program):
         assert len(pairs) > 0 and (flat[pairs.long()] == expert).all()  # a block holds one expert's pairs
     counts = torch.bincount(flat, minlength=E)
     assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
-    assert 5 not in block_expert_ids.tolist()
+    assert E - 1 not in block_expert_ids.tolist()
 
 
 def test_one_program_alignment_refuses_more_pairs_than_it_was_built_for():
