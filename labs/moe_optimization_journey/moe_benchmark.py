@@ -333,16 +333,14 @@ def warm_up(fn: Callable[[], object], device: torch.device, warmup: int, repeats
 
 @functools.cache
 def cache_clear_ms(device: torch.device) -> float:
-    """How long do_bench's L2 clear before each timed call takes on this GPU (a write of its 256 MB buffer: 97 µs on
-    an H100), measured once per process with the buffer do_bench uses."""
-    from triton import runtime
-
-    cache = runtime.driver.active.get_empty_cache_for_benchmark()
+    """How long do_bench's L2 clear before each timed call takes on this GPU, measured once per process: a write of
+    a buffer of the same size as do_bench's (256 MB: 97 µs on an H100)."""
+    flush = l2_flush_buffer(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    cache.zero_()  # what do_bench's clear does
+    flush.zero_()
     start.record()
     for _ in range(10):
-        cache.zero_()
+        flush.zero_()
     end.record()
     synchronize(device)
     return start.elapsed_time(end) / 10
