@@ -24,6 +24,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import typer
 from rich import box
@@ -348,9 +349,8 @@ def run_command(
                 bench_mod.release_memory(torch_device)
             for size in world_sizes:
                 progress.update(task, description=f"level ep: {size} process(es), {cases} case(s)")
-                for row in run_expert_parallel(size, configs, traffics, token_counts, torch_device, warmup, repeats,
-                                               defaults.time_budget_s, ep_chunks, run_dir):
-                    record(row)
+                run_expert_parallel(size, configs, traffics, token_counts, torch_device, warmup, repeats,
+                                    defaults.time_budget_s, ep_chunks, run_dir, record)
         except KeyboardInterrupt:
             interrupted = True
 
@@ -370,13 +370,15 @@ def run_command(
 
 
 def run_expert_parallel(world_size: int, configs: list, traffics: list, token_counts: list[int], device,
-                        warmup: int, repeats: int, time_budget_s: float, chunks: str, run_dir: Path) -> list[dict]:
+                        warmup: int, repeats: int, time_budget_s: float, chunks: str, run_dir: Path,
+                        record: Callable[[dict], None]) -> None:
     """Launch the EP level under torchrun with `world_size` processes, choosing among `chunks` (auto, or chunk
-    counts comma-separated); its rows, and an `error` row for every case it did not finish (with the launch's last
-    error line)."""
+    counts comma-separated). Each row goes to `record` as soon as the launch has written it, so the progress bar
+    moves case by case and an interrupted run keeps every finished row; then an `error` row for every case it did
+    not finish, with the launch's last error line."""
     lab = journey()
     ep = lab.expert_parallel()
-    rows_path = run_dir / f".ep-world-{world_size}.jsonl"
+    rows_path, log_path = run_dir / f".ep-world-{world_size}.jsonl", run_dir / f".ep-world-{world_size}.log"
     rows_path.unlink(missing_ok=True)
     traffic = traffics[0]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
@@ -385,12 +387,40 @@ def run_expert_parallel(world_size: int, configs: list, traffics: list, token_co
                "--traffic", ",".join(t.shape for t in traffics), "--zipf-s", str(traffic.zipf_s),
                "--hot-share", str(traffic.hot_share), "--warmup", str(warmup), "--repeats", str(repeats),
                "--time-budget-s", str(time_budget_s), "--chunks", chunks, "--rows-out", str(rows_path)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
-    rows_path.unlink(missing_ok=True)
-    done = {(row["preset"], row["traffic"], row["tokens_per_rank"]) for row in rows}
-    errors = [line for line in (result.stderr + result.stdout).splitlines() if "Error" in line or "error:" in line]
-    reason = errors[-1].strip()[:300] if errors else f"torchrun exited with code {result.returncode}"
+    done = set()
+    read = 0  # how much of the rows file has been recorded: whole lines only, a row being written waits
+
+    def record_new_rows() -> None:
+        nonlocal read
+        text = rows_path.read_text() if rows_path.exists() else ""
+        whole = text.rfind("\n") + 1
+        for line in text[read:whole].splitlines():
+            row = json.loads(line)
+            done.add((row["preset"], row["traffic"], row["tokens_per_rank"]))
+            record(row)
+        read = max(read, whole)
+
+    try:
+        with open(log_path, "w") as log:
+            launch = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
+            try:
+                while launch.poll() is None:
+                    record_new_rows()
+                    try:
+                        launch.wait(timeout=0.5)
+                    except subprocess.TimeoutExpired:
+                        pass
+            finally:
+                if launch.poll() is None:  # interrupted: torchrun stops its workers
+                    launch.terminate()
+                    launch.wait()
+        output = log_path.read_text()
+    finally:
+        record_new_rows()  # the last rows, also those of an interrupted launch
+        rows_path.unlink(missing_ok=True)
+        log_path.unlink(missing_ok=True)
+    errors = [line for line in output.splitlines() if "Error" in line or "error:" in line]
+    reason = errors[-1].strip()[:300] if errors else f"torchrun exited with code {launch.returncode}"
     for config in configs:
         for shape in traffics:
             for num_tokens in token_counts:
@@ -399,8 +429,7 @@ def run_expert_parallel(world_size: int, configs: list, traffics: list, token_co
                                                      shape)
                     row.update(world_size=world_size, tokens_per_rank=num_tokens, status="error",
                                note=f"ep launch failed: {reason}")
-                    rows.append(row.to_json())
-    return rows
+                    record(row.to_json())
 
 
 def existing_run_dir(path: Path) -> Path:

@@ -74,3 +74,48 @@ def test_cli_runs_ep_on_the_cpu(tmp_path):
 def test_bad_ep_option(tmp_path, args, message):
     result = bench("run", "-t", "moe_journey", "--levels", "ep", *args, "--out", str(tmp_path), *FAST)
     assert result.exit_code == 2 and message in result.output
+
+
+def test_ep_rows_are_recorded_as_the_launch_writes_them(tmp_path, monkeypatch):
+    """The progress bar moves case by case, and an interrupted run keeps every finished row: each row the launch
+    writes is recorded at the next look, before the launch ends; a case it never finished gets an error row. The
+    launch is stubbed: it writes one row per look, then exits."""
+    import subprocess
+
+    import torch
+
+    from cli import aisp
+    from moe_model import Traffic, get_preset
+
+    events = []
+
+    class Launch:
+        def __init__(self, command, **kwargs):
+            self.rows_out = Path(command[command.index("--rows-out") + 1])
+            self.looks, self.returncode = 0, None
+
+        def poll(self):
+            if self.looks < 2:
+                with open(self.rows_out, "a") as rows:
+                    row = {"preset": "tiny", "traffic": "uniform", "tokens_per_rank": 8 * (1 + self.looks)}
+                    rows.write(json.dumps(row) + "\n")
+                events.append(f"wrote {self.looks}")
+                self.looks += 1
+                return None
+            self.returncode = 1
+            return 1
+
+        def wait(self, timeout=None):
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired("torchrun", timeout)
+            return self.returncode
+
+    def record(row):
+        events.append(("recorded", row["tokens_per_rank"], row.get("status")))
+
+    monkeypatch.setattr(aisp.subprocess, "Popen", Launch)
+    aisp.run_expert_parallel(2, [get_preset("tiny")], [Traffic()], [8, 16, 32], torch.device("cpu"), 1, 5, 1.0, "1",
+                             tmp_path, record)
+    assert events[:4] == ["wrote 0", ("recorded", 8, None), "wrote 1", ("recorded", 16, None)]
+    assert events[4][:3] == ("recorded", 32, "error")  # the case the launch never finished
+    assert not list(tmp_path.iterdir())  # the launch's rows file and log are gone
