@@ -357,7 +357,7 @@ class PairsToAlign(NamedTuple):
 
     @staticmethod
     def of(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> "PairsToAlign":
-        expert_of_pair = expert_ids_TK.contiguous().view(-1)  # a view of the routing: no launch
+        expert_of_pair = expert_ids_TK.contiguous().view(-1)  # a view of the graph's contiguous input: no launch
         return PairsToAlign(expert_of_pair, padded_length(expert_of_pair.numel(), num_experts, block_m), block_m)
 
 
@@ -702,8 +702,8 @@ def _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _align_in_registers(expert_of_pair_ptr, num_pairs, block_m, PAIRS: tl.constexpr):
     """The alignment of a few pairs, as each GEMM program can compute it for itself: the same runs as align_tokens
     (one per expert, in expert order, each padded to whole blocks), found by comparing every pair with every other
-    instead of by counters in memory. Returns each pair's expert and row in the aligned order (−1 past num_pairs),
-    and the padded length."""
+    instead of by counters in memory. Returns each pair's expert and row in the aligned order (past num_pairs:
+    expert 0, row −1, matching no row), and the padded length."""
     pair = tl.arange(0, PAIRS)
     valid = pair < num_pairs
     expert = tl.load(expert_of_pair_ptr + pair, mask=valid, other=0).to(tl.int32)
@@ -776,7 +776,7 @@ def _moe_gate_up_persistent_kernel(
 def _moe_down_persistent_kernel(
     hidden_desc, w_desc, out_ptr, routing_weights_ptr,  # hidden [P_max, I] (sorted rows: no gather, so TMA too),
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr, expert_of_pair_ptr,  # w2 [E, I, H]: descriptors
-    sum_ptr, arrivals_ptr, slots, arrivals_stride,  # out [N·split_k, H]; SUM_HERE: sum [T, H], arrivals [T, ≥ H/BLOCK_N]
+    sum_ptr, arrivals_ptr, slots, arrivals_stride,  # out [N·split_k, H]; SUM_HERE: sum [T, H], arrivals [T, H/16]
     cols, depth, num_pairs, pairs_bucket, split_k,  # cols = H, depth = I
     stride_om, stride_sm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
@@ -879,11 +879,13 @@ def _sum_if_last(y_ptr, sum_ptr, arrivals_ptr, pair_ids, row_valid, offs_n, col_
 
 def _alignment_args(alignment: TokenAlignment | PairsToAlign) -> tuple[tuple, int]:
     """A persistent GEMM's alignment arguments, (sorted_pair_ids, block_expert_ids, num_padded, expert_of_pair) and
-    PAIRS_IN_REGISTERS: the alignment's tensors and 0, or, for pairs it aligns in registers, their experts (passed
-    in every place: the kernel then reads only the last) and a power of two ≥ their number."""
+    PAIRS_IN_REGISTERS. The kernel reads either the first three (PAIRS_IN_REGISTERS = 0) or the last (a power of two
+    ≥ the pairs), and the arguments it does not read are filled with a tensor it is given anyway."""
     if isinstance(alignment, PairsToAlign):
-        return (alignment.expert_of_pair,) * 4, triton.next_power_of_2(max(alignment.expert_of_pair.numel(), 16))
-    return (*alignment[:3], alignment.sorted_pair_ids), 0
+        experts = alignment.expert_of_pair
+        return (experts, experts, experts, experts), triton.next_power_of_2(max(experts.numel(), 16))
+    return (alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded,
+            alignment.sorted_pair_ids), 0
 
 
 def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.Tensor,

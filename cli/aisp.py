@@ -393,12 +393,11 @@ def run_expert_parallel(world_size: int, configs: list, traffics: list, token_co
     def record_new_rows() -> None:
         nonlocal read
         text = rows_path.read_text() if rows_path.exists() else ""
-        whole = text.rfind("\n") + 1
-        for line in text[read:whole].splitlines():
+        for line in text[read:text.rfind("\n") + 1].splitlines(keepends=True):
+            read += len(line)  # past it before recording it: never recorded twice
             row = json.loads(line)
             done.add((row["preset"], row["traffic"], row["tokens_per_rank"]))
             record(row)
-        read = max(read, whole)
 
     try:
         with open(log_path, "w") as log:
@@ -411,14 +410,20 @@ def run_expert_parallel(world_size: int, configs: list, traffics: list, token_co
                     except subprocess.TimeoutExpired:
                         pass
             finally:
-                if launch.poll() is None:  # interrupted: torchrun stops its workers
+                if launch.poll() is None:  # interrupted: torchrun stops its workers, or is made to
                     launch.terminate()
-                    launch.wait()
+                    try:
+                        launch.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        launch.kill()
+                        launch.wait()
         output = log_path.read_text()
     finally:
-        record_new_rows()  # the last rows, also those of an interrupted launch
-        rows_path.unlink(missing_ok=True)
-        log_path.unlink(missing_ok=True)
+        try:
+            record_new_rows()  # the last rows, an interrupted launch's too
+        finally:
+            rows_path.unlink(missing_ok=True)
+            log_path.unlink(missing_ok=True)
     errors = [line for line in output.splitlines() if "Error" in line or "error:" in line]
     reason = errors[-1].strip()[:300] if errors else f"torchrun exited with code {launch.returncode}"
     for config in configs:

@@ -410,7 +410,8 @@ def environment_section(env: dict, rows: list[dict]) -> str:
         low, high = env["timed_calls"]
         asked = (env.get("args") or {}).get("repeats", "?")
         lines.append(f"- timed calls per row: {low}–{high} (asked for {asked}: at least 5 on the CPU; on a GPU "
-                     f"do_bench sizes its timed loop by its own estimate of a call, and counts its calls itself)")
+                     f"do_bench sizes its timed loop by its own estimate of a call and its L2 clear, and counts its calls "
+                     f"itself)")
     if ceilings:
         lines.append(f"- measured ceilings: {ceilings_text(ceilings)}")
     else:

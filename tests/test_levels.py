@@ -224,11 +224,10 @@ def test_a_gpu_row_warms_up_for_a_quarter_second_and_a_cpu_row_for_its_calls(mon
 
 def test_gpu_timing_asks_do_bench_for_the_calls_and_their_clears(monkeypatch):
     """do_bench sizes its loop by a call and its L2 clear together: asked for the calls' time alone, graphed forwards
-    of one token beside a 97 µs clear got 5-16 timed calls where 20 were asked. The device's sync, the clear's time
-    and do_bench are stubbed: the sizing, not a GPU, is under test."""
+    of one token beside a 97 µs clear got 5-16 timed calls where 20 were asked. The warm-up, the clear's time and
+    do_bench are stubbed: the sizing, not a GPU, is under test."""
     import triton.testing
 
-    monkeypatch.setattr(moe_benchmark, "synchronize", lambda device: None)
     monkeypatch.setattr(moe_benchmark, "warm_up", lambda *args, **kwargs: (20, 0.03))
     monkeypatch.setattr(moe_benchmark, "cache_clear_ms", lambda device: 0.097)
     asked = {}

@@ -41,12 +41,15 @@ The idea
        - The descriptors made on the host (item 2), so that no program writes and fences its own before its
          first load, and the graph's three inputs copied by one launch (level 5's `CapturedGraph`): 38.5 →
          30.2-30.8.
+       - The alignment's block table written by each expert for its own blocks, where each block searched every
+         expert's run for its own: nothing on journey's 8 experts, but deepseek-v3's one-program alignment took
+         12 µs over 257 experts (318 → 307 µs at one token; levels 7-10 share this code).
        - No alignment launch at all up to IN_REGISTERS_MAX_PAIRS pairs (64: up to 32 tokens on journey and
-         mixtral, 7 on qwen3-moe and deepseek-v3). Each program of both GEMMs loads the pairs' experts and
-         compares every pair with every other in registers ([64, 64] comparisons, no memory, no barrier): a
-         pair's row is its expert's run start (the padded runs of the smaller expert ids present) plus its rank
-         in the run (`_align_in_registers`). The graph holds 2 kernels: 29.0 → 27.5 (deepseek-v3 318 → 305: its
-         alignment took 12 µs over 257 experts).
+         mixtral, 8 on qwen3-moe, 7 on deepseek-v3 with its shared expert). Each program of both GEMMs loads the
+         pairs' experts and compares every pair with every other in registers ([64, 64] comparisons, no memory,
+         no barrier): a pair's row is its expert's run start (the padded runs of the smaller expert ids present)
+         plus its rank in the run (`_align_in_registers`). The graph holds 2 kernels: 30.0 → 27.5 (deepseek-v3
+         307 → 305).
        Now the host is as slow as the GPU: issuing a forward (the inputs' copy through Triton's launcher, then
        the replay) takes it 24-31 µs, so back to back the host sets the pace (each row records both: `host_ms`;
        level 5's copy checks its tensors once per capture, not per call, or it would be 40).
