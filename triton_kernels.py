@@ -729,6 +729,34 @@ def _tile_rows_in_registers(expert_of_pair, row_of_pair, pid_m, pid_n, num_pairs
     return expert.to(tl.int64), offs_m, pair_ids, pair_ids < num_pairs, offs_n, offs_n < cols
 
 
+@triton.jit
+def _alignment_of_program(num_padded_ptr, expert_of_pair_ptr, num_pairs, BLOCK_M: tl.constexpr,
+                          PAIRS_IN_REGISTERS: tl.constexpr):
+    """What a persistent GEMM's program knows of the alignment before its loop over tiles: the pairs' experts and
+    rows and the padded length, aligned here in registers (decode: no alignment kernel ran), or the padded length
+    alone, read from the alignment's tensor (the tiles' rows are then read per tile, and the first two values are
+    the padded length again, unused)."""
+    if PAIRS_IN_REGISTERS:
+        expert_of_pair, row_of_pair, num_padded = _align_in_registers(expert_of_pair_ptr, num_pairs, BLOCK_M,
+                                                                      PAIRS_IN_REGISTERS)
+    else:
+        num_padded = tl.load(num_padded_ptr)
+        expert_of_pair, row_of_pair = num_padded, num_padded
+    return expert_of_pair, row_of_pair, num_padded
+
+
+@triton.jit
+def _persistent_tile_rows(sorted_pair_ids_ptr, block_expert_ids_ptr, expert_of_pair, row_of_pair, pid_m, pid_n,
+                          num_pairs, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PAIRS_IN_REGISTERS: tl.constexpr):
+    """_tile_rows for a persistent GEMM: from the pairs aligned in registers, or from the alignment's tensors."""
+    if PAIRS_IN_REGISTERS:
+        rows = _tile_rows_in_registers(expert_of_pair, row_of_pair, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
+    else:
+        rows = _tile_rows(sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
+    return rows
+
+
 @triton.autotune(configs=_persistent_configs(interpreting(), _gate_up_boxes),
                  key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
 @triton.jit
@@ -741,22 +769,16 @@ def _moe_gate_up_persistent_kernel(
     NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr, PAIRS_IN_REGISTERS: tl.constexpr,
 ):
     _wait_for_previous_kernel(USE_PDL)
-    if PAIRS_IN_REGISTERS:  # decode: no alignment kernel ran; this program aligns the pairs itself
-        expert_of_pair, row_of_pair, num_padded = _align_in_registers(expert_of_pair_ptr, num_pairs, BLOCK_M,
-                                                                      PAIRS_IN_REGISTERS)
-    else:
-        num_padded = tl.load(num_padded_ptr)
+    expert_of_pair, row_of_pair, num_padded = _alignment_of_program(num_padded_ptr, expert_of_pair_ptr, num_pairs,
+                                                                    BLOCK_M, PAIRS_IN_REGISTERS)
     num_pid_m = tl.cdiv(num_padded, BLOCK_M)  # only the blocks this routing filled
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        if PAIRS_IN_REGISTERS:
-            expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows_in_registers(
-                expert_of_pair, row_of_pair, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
-        else:
-            expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
-                sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
+        expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _persistent_tile_rows(
+            sorted_pair_ids_ptr, block_expert_ids_ptr, expert_of_pair, row_of_pair, pid_m, pid_n, num_pairs, cols,
+            BLOCK_M, BLOCK_N, PAIRS_IN_REGISTERS)
         x_ptrs = x_ptr + (pair_ids // top_k).to(tl.int64)[:, None] * stride_xt + offs_d[None, :]  # gathered rows
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)  # gate and up, interleaved
         for d_start in tl.range(0, depth, BLOCK_D):
@@ -784,11 +806,8 @@ def _moe_down_persistent_kernel(
     PAIRS_IN_REGISTERS: tl.constexpr,
 ):
     _wait_for_previous_kernel(USE_PDL)
-    if PAIRS_IN_REGISTERS:  # the same rows the gate/up GEMM's programs found
-        expert_of_pair, row_of_pair, num_padded = _align_in_registers(expert_of_pair_ptr, num_pairs, BLOCK_M,
-                                                                      PAIRS_IN_REGISTERS)
-    else:
-        num_padded = tl.load(num_padded_ptr)
+    expert_of_pair, row_of_pair, num_padded = _alignment_of_program(num_padded_ptr, expert_of_pair_ptr, num_pairs,
+                                                                    BLOCK_M, PAIRS_IN_REGISTERS)  # gate/up's rows
     num_pid_m = tl.cdiv(num_padded, BLOCK_M)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     depth_per_split = tl.cdiv(tl.cdiv(depth, BLOCK_D), split_k) * BLOCK_D
@@ -796,12 +815,9 @@ def _moe_down_persistent_kernel(
         # split-K: each output tile is split_k tiles, each over a slice of the reduction, written as its own row
         split = tile % split_k
         pid_m, pid_n = _persistent_tile(tile // split_k, num_pid_m, num_pid_n, GROUP_M)
-        if PAIRS_IN_REGISTERS:
-            expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows_in_registers(
-                expert_of_pair, row_of_pair, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
-        else:
-            expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
-                sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
+        expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _persistent_tile_rows(
+            sorted_pair_ids_ptr, block_expert_ids_ptr, expert_of_pair, row_of_pair, pid_m, pid_n, num_pairs, cols,
+            BLOCK_M, BLOCK_N, PAIRS_IN_REGISTERS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         first_d = split * depth_per_split
         for d_start in tl.range(first_d, tl.minimum(first_d + depth_per_split, depth), BLOCK_D):
