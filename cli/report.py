@@ -193,6 +193,15 @@ def previous_level_label(df: pd.DataFrame, row) -> str | None:
 DECODE_MAX_TOKENS = 512  # at or below this many tokens the layer is bound by reading the experts' weights
 
 
+HOST_BOUND_MARK = "(h)"  # a host-bound row's time, in the time tables and compare's: it depends on the host CPU
+
+
+def time_cell(row) -> str:
+    """A time table's cell: the row's ms, marked when the row is host-bound (None: not judged, a CPU row)."""
+    host_bound = row["host_bound"]
+    return f"{fmt(row['ms'])} {HOST_BOUND_MARK}" if pd.notna(host_bound) and bool(host_bound) else fmt(row["ms"])
+
+
 def status_or(render):
     """A table cell renderer: `render(row)` for a timed row, `OOM`/`skipped`/`error` for the others."""
     return lambda row: render(row) if row["status"] == "ok" else STATUS_CELL.get(row["status"], row["status"])
@@ -253,10 +262,11 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
     on_gpu = (df["device_type"] == "cuda").any()
     parts = [
         f"## {first['case']} ({shape})",
-        "Time per forward, ms (median; `OOM` = ran out of GPU memory):" if on_gpu else
+        f"Time per forward, ms (median; {HOST_BOUND_MARK} = host-bound, the row's note says why; `OOM` = ran out "
+        "of GPU memory):" if on_gpu else
         "Time per forward, ms (median; `checked` = checked in Triton's interpreter, not timed):"
         if len(df) < len(all_rows) else "Time per forward, ms (median):",
-        markdown_table(pivot(all_rows, status_or(lambda r: fmt(r["ms"]))), "level \\ tokens"),
+        markdown_table(pivot(all_rows, status_or(time_cell)), "level \\ tokens"),
     ]
     if baseline:
         parts += ["Speedup over level 0:",
@@ -410,8 +420,8 @@ def environment_section(env: dict, rows: list[dict]) -> str:
         low, high = env["timed_calls"]
         asked = (env.get("args") or {}).get("repeats", "?")
         lines.append(f"- timed calls per row: {low}–{high} (asked for {asked}: at least 5 on the CPU; on a GPU "
-                     f"do_bench sizes its timed loop by its own estimate of a call and its L2 clear, and counts its calls "
-                     f"itself)")
+                     "do_bench sizes its timed loop by its own estimate of a call and its L2 clear, and counts its "
+                     "calls itself)")
     if ceilings:
         lines.append(f"- measured ceilings: {ceilings_text(ceilings)}")
     else:
@@ -935,8 +945,9 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
         part = df[df["case"] == case].reset_index(drop=True)
         images = [f"{kind}_{slug(case)}.png" for kind in ("time", "speedup", "roofline")]
         sections += [
-            f"#### {case} ({shape_of(part.iloc[0])}): ms per forward, then % of the roofline",
-            markdown_table(pivot(part, status_or(lambda r: fmt(r["ms"]))), "level \\ tokens"),
+            f"#### {case} ({shape_of(part.iloc[0])}): ms per forward ({HOST_BOUND_MARK}: host-bound), then % of the "
+            "roofline",
+            markdown_table(pivot(part, status_or(time_cell)), "level \\ tokens"),
             markdown_table(pivot(part, status_or(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens"),
             " ".join(f"![{name}]({link_prefix}/{name})" for name in images if (Path(run_dir) / name).exists()),
         ]
@@ -1047,9 +1058,6 @@ def key_text(value) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-HOST_BOUND_MARK = "(h)"  # compare's cells: a host-bound row's time, which depends on the host CPU
-
-
 def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Run B against run A, case by case: (one line per (case, level, T) present in either run, the case named
     by the fields that vary between cases, with both times, a host-bound row's marked HOST_BOUND_MARK, and A/B; per
@@ -1080,7 +1088,7 @@ def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, 
             return "-"
         if status != "ok":
             return STATUS_CELL.get(status, status)
-        return f"{fmt(ms)} {HOST_BOUND_MARK}" if host_bound else fmt(ms)
+        return time_cell({"ms": ms, "host_bound": bool(host_bound)})
 
     # A field is shown where it tells cases apart; a preset's shape only where one preset name has several.
     within = ("hidden", "intermediate", "experts", "top_k", "shared_experts", "dtype")
