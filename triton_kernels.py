@@ -339,6 +339,7 @@ class TokenAlignment(NamedTuple):
 
     @property
     def max_padded(self) -> int:
+        """P_max: the rows the hidden needs, whatever this routing filled."""
         return self.sorted_pair_ids.numel()
 
 
@@ -570,7 +571,7 @@ def moe_gate_up(tokens_TH: torch.Tensor, w13_EH2I: torch.Tensor, alignment: Toke
     E, H, two_I = w13_EH2I.shape
     I = two_I // 2
     num_pairs = tokens_TH.shape[0] * top_k
-    max_padded = alignment.sorted_pair_ids.numel()
+    max_padded = alignment.max_padded
     block_m = alignment.block_m
     tokens_TH = tokens_TH.contiguous()
     hidden_PI = torch.empty((max_padded, I), dtype=tokens_TH.dtype, device=tokens_TH.device)
@@ -592,7 +593,7 @@ def moe_down(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routing_weights_
     T, K = routing_weights_TK.shape
     E, I, H = w_down_EIH.shape
     num_pairs = T * K
-    max_padded = alignment.sorted_pair_ids.numel()
+    max_padded = alignment.max_padded
     block_m = alignment.block_m
     y_NH = torch.empty((num_pairs, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
     grid = lambda meta: (triton.cdiv(max_padded, block_m) * triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
@@ -1235,7 +1236,7 @@ def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp
     _check_device(x_values_TH, w13.values_ECD)
     _, two_I, H = w13.values_ECD.shape
     I = two_I // 2
-    max_padded = alignment.sorted_pair_ids.numel()
+    max_padded = alignment.max_padded
     hidden_PI = torch.empty((max_padded, I), dtype=torch.bfloat16, device=x_values_TH.device)
     programs = num_programs(x_values_TH.device)
     pdl = dependent_launch(x_values_TH.device)
