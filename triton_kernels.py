@@ -219,11 +219,14 @@ def gather_sum(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor, accum
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _count_pairs_kernel(expert_ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
-    """counts[e] = how many (token, slot) pairs chose expert e: a histogram with atomic adds."""
+    """counts[e] = how many (token, slot) pairs chose expert e: a histogram with atomic adds. Relaxed: nothing in
+    this kernel reads the counts (the next kernel starts after every add), so each add compiles to a `red` that no
+    thread waits on, where the default acquire-release made it an ordered `atom` that waits for its answer:
+    7.1 → 3.7 µs at journey's 8192 tokens on an H100 (NOTES.md)."""
     offsets = tl.program_id(axis=0) * BLOCK + tl.arange(0, BLOCK)
     valid = offsets < num_pairs
     expert = tl.load(expert_ids_ptr + offsets, mask=valid, other=0)
-    tl.atomic_add(counts_ptr + expert, 1, mask=valid)
+    tl.atomic_add(counts_ptr + expert, 1, mask=valid, sem="relaxed")
 
 
 @triton.jit
@@ -265,11 +268,12 @@ def _pad_offsets_kernel(
 @triton.jit
 def _place_pairs_kernel(expert_ids_ptr, padded_starts_ptr, cursors_ptr, sorted_pair_ids_ptr, num_pairs,
                         BLOCK: tl.constexpr):
-    """Each pair takes the next free row of its expert's padded run (an atomic counter per expert)."""
+    """Each pair takes the next free row of its expert's padded run (an atomic counter per expert). Relaxed: a
+    pair's row needs the add to be atomic, not ordered against other memory (7.9 → 5.1 µs at journey's 8192 tokens)."""
     pair = tl.program_id(axis=0) * BLOCK + tl.arange(0, BLOCK)
     valid = pair < num_pairs
     expert = tl.load(expert_ids_ptr + pair, mask=valid, other=0)
-    rank = tl.atomic_add(cursors_ptr + expert, 1, mask=valid)
+    rank = tl.atomic_add(cursors_ptr + expert, 1, mask=valid, sem="relaxed")
     row = tl.load(padded_starts_ptr + expert, mask=valid, other=0) + rank
     tl.store(sorted_pair_ids_ptr + row, pair, mask=valid)
 
