@@ -160,15 +160,18 @@ class CopyThree:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Gather-sum (the expert-parallel level): out[m] = Σ_j rows[index[m, j]], index −1 skipped.
+# Gather-sum: out[m] = Σ_j rows[index[m, j]], index −1 skipped (the expert-parallel level), or the sum of each
+# token's consecutive rows (levels 7-10's combine over K).
 #
 # Summing a few scattered rows into each output row is what `index_add_` does with atomic adds, one per element;
 # with bf16 on an H100 those cost the EP level several ms a forward (NOTES.md). Here each program owns one output
 # row's block of columns, reads its (at most `slots`) rows and writes once: no atomics, and the sum in fp32.
+# For consecutive rows, torch's `y.sum(dim=1)` does the same sum, but reducing across a middle dimension of 2 it
+# ran at 1.3 TB/s on an H100 (journey, 8192 tokens: 38 µs of a 417 µs forward, NOTES.md).
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _gather_sum_kernel(rows_ptr, index_ptr, out_ptr, cols, slots, stride_r, stride_i, stride_o,
-                       ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+                       ACCUMULATE: tl.constexpr, CONSECUTIVE: tl.constexpr, BLOCK: tl.constexpr):
     m = tl.program_id(axis=0).to(tl.int64)
     offs = tl.program_id(axis=1) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < cols
@@ -178,10 +181,23 @@ def _gather_sum_kernel(rows_ptr, index_ptr, out_ptr, cols, slots, stride_r, stri
     else:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for j in range(slots):
-        row = tl.load(index_ptr + m * stride_i + j)
+        row = m * slots + j if CONSECUTIVE else tl.load(index_ptr + m * stride_i + j).to(tl.int64)
         if row >= 0:
-            acc += tl.load(rows_ptr + row.to(tl.int64) * stride_r + offs, mask=valid, other=0.0).to(tl.float32)
+            acc += tl.load(rows_ptr + row * stride_r + offs, mask=valid, other=0.0).to(tl.float32)  # read BLOCK
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid)  # write BLOCK elements
+
+
+def _launch_gather_sum(rows: torch.Tensor, index: torch.Tensor | None, out: torch.Tensor, slots: int,
+                       accumulate: bool) -> torch.Tensor:
+    M, cols = out.shape
+    if M == 0:
+        return out
+    BLOCK = min(1024, triton.next_power_of_2(cols))
+    _gather_sum_kernel[(M, triton.cdiv(cols, BLOCK))](
+        rows, rows if index is None else index, out, cols, slots, rows.stride(0),
+        0 if index is None else index.stride(0), out.stride(0),
+        ACCUMULATE=accumulate, CONSECUTIVE=index is None, BLOCK=BLOCK, num_warps=4)
+    return out
 
 
 def gather_sum(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
@@ -189,14 +205,15 @@ def gather_sum(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor, accum
     `out` plus the rows with `accumulate`, else their sum alone (zero where a row gets none). rows [*, cols],
     index [M, slots] integers, out [M, cols], not overlapping `rows`."""
     _check_device(rows, index, out)
-    (M, slots), cols = index.shape, rows.shape[1]
-    if M == 0:
-        return out
-    BLOCK = min(1024, triton.next_power_of_2(cols))
-    _gather_sum_kernel[(M, triton.cdiv(cols, BLOCK))](
-        rows, index, out, cols, slots, rows.stride(0), index.stride(0), out.stride(0),
-        ACCUMULATE=accumulate, BLOCK=BLOCK, num_warps=4)
-    return out
+    return _launch_gather_sum(rows, index, out, index.shape[1], accumulate)
+
+
+def sum_slots(y_TSH: torch.Tensor) -> torch.Tensor:
+    """out[t] = Σ_s y[t, s] in fp32, one read of y and one write of out: the combine over K (and split rows) of
+    levels 7-10, y [T, slots, H] with contiguous rows."""
+    _check_device(y_TSH)
+    T, slots, H = y_TSH.shape
+    return _launch_gather_sum(y_TSH.view(T * slots, H), None, y_TSH.new_empty((T, H)), slots, False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,7 +286,8 @@ def _pad_offsets_kernel(
 def _place_pairs_kernel(expert_ids_ptr, padded_starts_ptr, cursors_ptr, sorted_pair_ids_ptr, num_pairs,
                         BLOCK: tl.constexpr):
     """Each pair takes the next free row of its expert's padded run (an atomic counter per expert). Relaxed: a
-    pair's row needs the add to be atomic, not ordered against other memory (7.9 → 5.1 µs at journey's 8192 tokens)."""
+    pair's row needs the add to be atomic, not ordered against other memory (7.9 → 5.1 µs at journey's 8192
+    tokens)."""
     pair = tl.program_id(axis=0) * BLOCK + tl.arange(0, BLOCK)
     valid = pair < num_pairs
     expert = tl.load(expert_ids_ptr + pair, mask=valid, other=0)

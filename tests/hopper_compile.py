@@ -1,9 +1,10 @@
-"""Compiles level 9's and level 10's kernels and level 9's alignment for Hopper (sm_90) with Triton's own compiler and
-its bundled ptxas, on any machine: no GPU is needed to compile, only to run. test_hopper_compile runs it in a
-process of its own, because the test process runs Triton in interpreter mode. Each kernel is compiled with one
-decode tile and one prefill tile from its autotune list, and with each constexpr branch that picks other code (the
-alignment in registers or from the alignment's tensors, the sum over K in the kernel or apart). Example arguments
-are CPU tensors: only their types and the descriptors' boxes reach the compiler.
+"""Compiles level 9's and level 10's kernels, level 9's alignment and the combine's sum for Hopper (sm_90) with
+Triton's own compiler and its bundled ptxas, on any machine: no GPU is needed to compile, only to run.
+test_hopper_compile runs it in a process of its own, because the test process runs Triton in interpreter mode. Each
+kernel is compiled with one decode tile and one prefill tile from its autotune list, and with each constexpr branch
+that picks other code (the alignment in registers or from the alignment's tensors, the sum over K in the kernel or
+apart, consecutive rows or listed ones). Example arguments are CPU tensors: only their types and the descriptors'
+boxes reach the compiler.
 
 Prints one line per compiled kernel; exits 3 when this Triton has no API for compiling without a device."""
 
@@ -41,7 +42,7 @@ def compile_for_hopper(kernel, args: dict, constexprs: dict, num_warps: int, num
     print(f"{fn.__name__} ({shown}): {len(compiled.asm['cubin'])} bytes of sm_90 code")
 
 
-SHOWN = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PAIRS_IN_REGISTERS", "SUM_HERE", "EXPERTS")
+SHOWN = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PAIRS_IN_REGISTERS", "SUM_HERE", "EXPERTS", "CONSECUTIVE")
 
 
 def descriptor(tensor: torch.Tensor, box: list[int]) -> TensorDescriptor:
@@ -98,6 +99,13 @@ for BLOCK_M, BLOCK_N, BLOCK_D, warps, stages in tiles:
              arrivals_ptr=empty(T, H // 16, dtype=torch.int32), slots=2, arrivals_stride=H // 16, cols=H, depth=I,
              num_pairs=2 * T, pairs_bucket=2 * T, stride_se=H, stride_om=H, stride_sm=H),
         dict(fp8, SUM_HERE=BLOCK_M == 16), warps, stages)
+
+# The sum over a token's rows, consecutive (levels 7-10's combine over K) or listed (the EP level).
+for consecutive in (True, False):
+    compile_for_hopper(tk._gather_sum_kernel,
+                       dict(rows_ptr=empty(2 * T, H), index_ptr=empty(T, 2, dtype=torch.int64), out_ptr=empty(T, H),
+                            cols=H, slots=2, stride_r=H, stride_i=2, stride_o=H),
+                       dict(ACCUMULATE=False, CONSECUTIVE=consecutive, BLOCK=1024), 4, 1)
 
 # The alignment: level 9's one program (decode), and the offsets kernel of level 7's three; deepseek-v3's 257
 # experts and journey's 8.

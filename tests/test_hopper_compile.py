@@ -1,4 +1,4 @@
-"""Level 9's and level 10's kernels, and level 9's alignment, compiled for Hopper (sm_90) without a GPU: the
+"""Level 9's and level 10's kernels, level 9's alignment and the combine's sum, compiled for Hopper (sm_90) without a GPU: the
 interpreter checks what the kernels compute, but it runs them as Python, so code that the GPU's compiler rejects
 could pass there. hopper_compile.py compiles them with Triton's own compiler and bundled ptxas, in a process of its
 own (this one runs Triton in interpreter mode), into an empty cache so that nothing is reused."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 KERNELS = ["_moe_gate_up_persistent_kernel", "_moe_down_persistent_kernel", "_moe_gate_up_fp8_kernel",
-           "_moe_down_fp8_kernel", "_align_one_program_kernel", "_pad_offsets_kernel"]
+           "_moe_down_fp8_kernel", "_align_one_program_kernel", "_pad_offsets_kernel", "_gather_sum_kernel"]
 
 
 def test_kernels_compile_for_hopper(tmp_path):

@@ -241,3 +241,12 @@ def test_gather_sum_skips_missing_rows_and_accumulates():
     torch.testing.assert_close(triton_kernels.gather_sum(rows, index, base.clone(), accumulate=True).float(),
                                expected + 1, atol=1e-2, rtol=1e-2)
     assert triton_kernels.gather_sum(rows, index[:0], torch.empty(0, 50)).shape == (0, 50)
+
+
+@pytest.mark.parametrize("T, slots, H", [(1, 2, 64), (7, 9, 200), (33, 3, 1500)])  # H past one 1024-wide block
+def test_sum_slots_is_the_fp32_sum_of_each_tokens_rows(T, slots, H):
+    y = torch.randn(T, slots, H).bfloat16()
+    out = triton_kernels.sum_slots(y)
+    assert out.shape == (T, H) and out.dtype == torch.bfloat16
+    # fp32 accumulation and one rounding to bf16 (the interpreter truncates where the GPU rounds: one bf16 step)
+    torch.testing.assert_close(out.float(), y.float().sum(dim=1), atol=1e-2, rtol=2 ** -7)
