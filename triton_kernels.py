@@ -167,7 +167,7 @@ class CopyThree:
 # with bf16 on an H100 those cost the EP level several ms a forward (NOTES.md). Here each program owns one output
 # row's block of columns, reads its (at most `slots`) rows and writes once: no atomics, and the sum in fp32.
 # For consecutive rows, torch's `y.sum(dim=1)` does the same sum, but reducing across a middle dimension of 2 it
-# ran at 1.3 TB/s on an H100 (journey, 8192 tokens: 38 µs of a 417 µs forward, NOTES.md).
+# ran at 1.3 TB/s on an H100 (journey, 8192 tokens: 38 µs of a 417 µs forward; this kernel 14.5, NOTES.md).
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _gather_sum_kernel(rows_ptr, index_ptr, out_ptr, cols, slots, stride_r, stride_i, stride_o,

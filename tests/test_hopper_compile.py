@@ -1,7 +1,7 @@
-"""Level 9's and level 10's kernels, level 9's alignment and the combine's sum, compiled for Hopper (sm_90) without a GPU: the
-interpreter checks what the kernels compute, but it runs them as Python, so code that the GPU's compiler rejects
-could pass there. hopper_compile.py compiles them with Triton's own compiler and bundled ptxas, in a process of its
-own (this one runs Triton in interpreter mode), into an empty cache so that nothing is reused."""
+"""Level 9's and level 10's kernels, level 9's alignment and the combine's sum, compiled for Hopper (sm_90) without
+a GPU: the interpreter checks what the kernels compute, but it runs them as Python, so code that the GPU's compiler
+rejects could pass there. hopper_compile.py compiles them with Triton's own compiler and bundled ptxas, in a
+process of its own (this one runs Triton in interpreter mode), into an empty cache so that nothing is reused."""
 
 import os
 import subprocess
