@@ -235,15 +235,18 @@ def sum_slots(y_TSH: torch.Tensor) -> torch.Tensor:
 #                    measured: NOTES.md)
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _count_pairs_kernel(expert_ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
-    """counts[e] = how many (token, slot) pairs chose expert e: a histogram with atomic adds. Relaxed: nothing in
-    this kernel reads the counts (the next kernel starts after every add), so each add compiles to a `red` that no
-    thread waits on, where the default acquire-release made it an ordered `atom` that waits for its answer:
-    7.1 → 3.7 µs at journey's 8192 tokens on an H100 (NOTES.md)."""
-    offsets = tl.program_id(axis=0) * BLOCK + tl.arange(0, BLOCK)
-    valid = offsets < num_pairs
-    expert = tl.load(expert_ids_ptr + offsets, mask=valid, other=0)
-    tl.atomic_add(counts_ptr + expert, 1, mask=valid, sem="relaxed")
+def _count_pairs_kernel(expert_ids_ptr, counts_ptr, num_pairs, num_experts, BLOCK: tl.constexpr,
+                        EXPERTS: tl.constexpr):
+    """counts[e] = how many (token, slot) pairs chose expert e. Each program counts its BLOCK pairs in a histogram
+    of its own (in shared memory) and adds one count per expert to memory. An add per pair queued on the few
+    counters in L2: 25.9 µs at qwen3-moe's 16384 tokens on an H100, where this takes 2.8 (NOTES.md). Relaxed:
+    nothing in this kernel reads the counts, so each add is a `red` that no thread waits on."""
+    pair = tl.program_id(axis=0) * BLOCK + tl.arange(0, BLOCK)
+    valid = pair < num_pairs
+    expert = tl.load(expert_ids_ptr + pair, mask=valid, other=EXPERTS).to(tl.int32)  # past the pairs: bin EXPERTS
+    bins = tl.arange(0, 2 * EXPERTS)  # EXPERTS ≥ num_experts: the bins from there on are never added
+    block_counts = tl.histogram(expert, 2 * EXPERTS)
+    tl.atomic_add(counts_ptr + bins, block_counts, mask=(bins < num_experts) & (block_counts > 0), sem="relaxed")
 
 
 @triton.jit
@@ -410,7 +413,8 @@ def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     sorted_pair_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
     BLOCK = 1024
     pair_grid = (triton.cdiv(num_pairs, BLOCK),)
-    _count_pairs_kernel[pair_grid](expert_of_pair, counters[0], num_pairs, BLOCK=BLOCK)
+    _count_pairs_kernel[pair_grid](expert_of_pair, counters[0], num_pairs, num_experts, BLOCK=BLOCK,
+                                   EXPERTS=triton.next_power_of_2(num_experts))
     _pad_offsets_kernel[(1,)](counters[0], padded_starts, block_expert_ids, num_padded, num_experts, num_blocks,
                               block_m, EXPERTS=triton.next_power_of_2(num_experts), FILL=1024)
     _place_pairs_kernel[pair_grid](expert_of_pair, padded_starts, counters[1], sorted_pair_ids, num_pairs,
