@@ -12,7 +12,7 @@ import pytest
 
 KERNELS = ["_moe_gate_up_persistent_kernel", "_moe_down_persistent_kernel", "_moe_gate_up_fp8_kernel",
            "_moe_down_fp8_kernel", "_align_one_program_kernel", "_count_pairs_kernel", "_pad_offsets_kernel",
-           "_gather_sum_kernel"]
+           "_place_pairs_kernel", "_gather_sum_kernel"]
 
 
 def test_kernels_compile_for_hopper(tmp_path):

@@ -45,8 +45,9 @@ from triton_kernels import align_tokens, moe_down, moe_gate_up  # noqa: E402
 
 
 @pytest.mark.parametrize("one_program", [False, True])  # level 7's three kernels and two fills, or level 9's one
-# 700·2 pairs: several programs; 257 experts: deepseek-v3's routed ones and its shared one
-@pytest.mark.parametrize("block_m, T, E", [(16, 45, 6), (32, 45, 6), (16, 700, 6), (16, 1, 6), (16, 45, 257)])
+# 700·2 pairs: several programs of each kernel; 257 experts: deepseek-v3's routed ones and its shared one
+@pytest.mark.parametrize("block_m, T, E", [(16, 45, 6), (32, 45, 6), (16, 700, 6), (16, 1, 6), (16, 45, 257),
+                                            (16, 700, 257)])
 def test_alignment_pads_each_expert_to_whole_blocks(block_m, T, E, one_program):
     generator = torch.Generator().manual_seed(block_m)
     K = 2
