@@ -370,8 +370,13 @@ class TokenAlignment(NamedTuple):
 
     sorted_pair_ids: torch.Tensor  # [P_max] pair index t·K + k of each sorted row; T·K on padding rows
     block_expert_ids: torch.Tensor  # [P_max / block_m] the expert of each block of rows, −1 past the padded length
-    num_padded: torch.Tensor  # [1] the padded length actually used
+    padded_starts: torch.Tensor  # [E + 1] each expert's first sorted row, then the padded length actually used
     block_m: int
+
+    @property
+    def num_padded(self) -> torch.Tensor:
+        """[1] the padded length actually used: padded_starts' last entry (a view)."""
+        return self.padded_starts[-1:]
 
     @property
     def max_padded(self) -> int:
@@ -417,24 +422,23 @@ def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     num_pairs = expert_of_pair.numel()
     max_padded = padded_length(num_pairs, num_experts, block_m)
     num_blocks = max_padded // block_m
-    padded_starts = torch.empty(num_experts, dtype=torch.int32, device=device)
+    padded_starts = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
     block_expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
-    num_padded = torch.empty(1, dtype=torch.int32, device=device)
     counters = torch.zeros((2, num_experts), dtype=torch.int32, device=device)  # counts, then cursors
     sorted_pair_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
     EXPERTS = triton.next_power_of_2(num_experts)
     COUNT_BLOCK = 1024
     _count_pairs_kernel[(triton.cdiv(num_pairs, COUNT_BLOCK),)](expert_of_pair, counters[0], num_pairs, num_experts,
                                                                 BLOCK=COUNT_BLOCK, EXPERTS=EXPERTS)
-    _pad_offsets_kernel[(1,)](counters[0], padded_starts, block_expert_ids, num_padded, num_experts, num_blocks,
-                              block_m, EXPERTS=EXPERTS, FILL=1024)
+    _pad_offsets_kernel[(1,)](counters[0], padded_starts, block_expert_ids, padded_starts[num_experts:], num_experts,
+                              num_blocks, block_m, EXPERTS=EXPERTS, FILL=1024)
     # The place kernel's sort grows with its block: 512 pairs and 8 warps were within 1 µs of the best of 128-1024
     # pairs and 2-8 warps at every preset measured (NOTES.md).
     PLACE_BLOCK = 512
     _place_pairs_kernel[(triton.cdiv(num_pairs, PLACE_BLOCK),)](expert_of_pair, padded_starts, counters[1],
                                                                 sorted_pair_ids, num_pairs, num_experts,
                                                                 BLOCK=PLACE_BLOCK, EXPERTS=EXPERTS, num_warps=8)
-    return TokenAlignment(sorted_pair_ids, block_expert_ids, num_padded, block_m)
+    return TokenAlignment(sorted_pair_ids, block_expert_ids, padded_starts, block_m)
 
 
 def padded_length(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -451,15 +455,15 @@ def _one_program_alignment(expert_ids_TK: torch.Tensor, num_experts: int,
     if num_pairs > ONE_PROGRAM_MAX_PAIRS:
         raise ValueError(f"one-program alignment takes at most {ONE_PROGRAM_MAX_PAIRS} pairs, not {num_pairs}")
     max_padded = padded_length(num_pairs, num_experts, block_m)
-    alignment = TokenAlignment(
-        sorted_pair_ids=torch.empty(max_padded, dtype=torch.int32, device=device),  # the kernel fills it
+    alignment = TokenAlignment(  # the kernel fills them
+        sorted_pair_ids=torch.empty(max_padded, dtype=torch.int32, device=device),
         block_expert_ids=torch.empty(max_padded // block_m, dtype=torch.int32, device=device),
-        num_padded=torch.empty(1, dtype=torch.int32, device=device), block_m=block_m)
+        padded_starts=torch.empty(num_experts + 1, dtype=torch.int32, device=device), block_m=block_m)
     cursors = torch.empty(num_experts, dtype=torch.int32, device=device)
-    padded_starts = torch.empty(num_experts, dtype=torch.int32, device=device)
-    return alignment, (expert_of_pair, cursors, padded_starts, alignment.sorted_pair_ids, alignment.block_expert_ids,
-                       alignment.num_padded, num_pairs, num_experts, max_padded, max_padded // block_m, block_m,
-                       triton.next_power_of_2(max(num_pairs, 16)), triton.next_power_of_2(num_experts), 1024)
+    return alignment, (expert_of_pair, cursors, alignment.padded_starts, alignment.sorted_pair_ids,
+                       alignment.block_expert_ids, alignment.num_padded, num_pairs, num_experts, max_padded,
+                       max_padded // block_m, block_m, triton.next_power_of_2(max(num_pairs, 16)),
+                       triton.next_power_of_2(num_experts), 1024)
 
 
 def _gemm_configs(interpret: bool, two_accumulators: bool) -> list:
@@ -731,13 +735,27 @@ def _persistent_configs(interpret: bool, boxes) -> list:
 
 
 @triton.jit
-def _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Tile index → (row block, column block) in GROUP_M-row groups, so that programs running at once share
-    weight tiles in L2 (the same order as level 7's _tile_position, for a loop instead of a grid)."""
-    tiles_per_group = GROUP_M * num_pid_n
-    first_m = (tile // tiles_per_group) * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    return first_m + (tile % tiles_per_group) % group_size, (tile % tiles_per_group) // group_size
+def _persistent_tile(tile, num_pid_m, num_pid_n, block_expert_ids_ptr, padded_starts_ptr, BLOCK_M: tl.constexpr,
+                     GROUP_M: tl.constexpr, PAIRS_IN_REGISTERS: tl.constexpr):
+    """Tile index → (row block, column block), walking groups of up to GROUP_M row blocks of one expert column by
+    column, so that the programs running at once share each weight tile in L2. A group never crosses from one
+    expert's run to the next: where it did (level 7's _tile_position, which numbers groups from row 0), the next
+    expert's weight tiles were read again by the next group, and deepseek-v3's down kernel at 16384 tokens (5 row
+    blocks an expert) swung between 6.9 and 15 ms from one forward to the next on an H100, against 6.4-7.6 ms
+    with groups in runs (NOTES.md). A run starts at a multiple of num_pid_n in tile order, so the row block
+    tile // num_pid_n names the run. With the pairs aligned in registers (decode: a few blocks) there is no
+    table of runs, and groups count from row 0."""
+    if PAIRS_IN_REGISTERS:
+        first_m = tile // (GROUP_M * num_pid_n) * GROUP_M
+        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    else:
+        expert = tl.load(block_expert_ids_ptr + tile // num_pid_n)
+        run_first = tl.load(padded_starts_ptr + expert) // BLOCK_M
+        run_end = tl.load(padded_starts_ptr + expert + 1) // BLOCK_M
+        first_m = run_first + (tile // num_pid_n - run_first) // GROUP_M * GROUP_M
+        group_size = tl.minimum(run_end - first_m, GROUP_M)
+    in_group = tile - first_m * num_pid_n
+    return first_m + in_group % group_size, in_group // group_size
 
 
 @triton.jit
@@ -804,7 +822,7 @@ def _persistent_tile_rows(sorted_pair_ids_ptr, block_expert_ids_ptr, expert_of_p
 @triton.jit
 def _moe_gate_up_persistent_kernel(
     x_ptr, w_desc, hidden_ptr,  # x [T, H], w13 [E, H, 2I] gate and up interleaved (a descriptor), hidden [P_max, I]
-    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr, expert_of_pair_ptr,
+    sorted_pair_ids_ptr, block_expert_ids_ptr, padded_starts_ptr, num_padded_ptr, expert_of_pair_ptr,
     cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
     stride_xt, stride_hp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
@@ -817,7 +835,8 @@ def _moe_gate_up_persistent_kernel(
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
-        pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, block_expert_ids_ptr, padded_starts_ptr, BLOCK_M,
+                                        GROUP_M, PAIRS_IN_REGISTERS)
         expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _persistent_tile_rows(
             sorted_pair_ids_ptr, block_expert_ids_ptr, expert_of_pair, row_of_pair, pid_m, pid_n, num_pairs, cols,
             BLOCK_M, BLOCK_N, PAIRS_IN_REGISTERS)
@@ -839,7 +858,8 @@ def _moe_gate_up_persistent_kernel(
 @triton.jit
 def _moe_down_persistent_kernel(
     hidden_desc, w_desc, out_ptr, routing_weights_ptr,  # hidden [P_max, I] (sorted rows: no gather, so TMA too),
-    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr, expert_of_pair_ptr,  # w2 [E, I, H]: descriptors
+    sorted_pair_ids_ptr, block_expert_ids_ptr, padded_starts_ptr, num_padded_ptr,  # w2 [E, I, H]: descriptors
+    expert_of_pair_ptr,
     sum_ptr, arrivals_ptr, slots, arrivals_stride,  # out [N·split_k, H]; SUM_HERE: sum [T, H], arrivals [T, H/16]
     cols, depth, num_pairs, pairs_bucket, split_k,  # cols = H, depth = I
     stride_om, stride_sm,
@@ -856,7 +876,8 @@ def _moe_down_persistent_kernel(
     for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n * split_k, NUM_PROGRAMS, flatten=True):
         # split-K: each output tile is split_k tiles, each over a slice of the reduction, written as its own row
         split = tile % split_k
-        pid_m, pid_n = _persistent_tile(tile // split_k, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = _persistent_tile(tile // split_k, num_pid_m, num_pid_n, block_expert_ids_ptr, padded_starts_ptr,
+                                        BLOCK_M, GROUP_M, PAIRS_IN_REGISTERS)
         expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _persistent_tile_rows(
             sorted_pair_ids_ptr, block_expert_ids_ptr, expert_of_pair, row_of_pair, pid_m, pid_n, num_pairs, cols,
             BLOCK_M, BLOCK_N, PAIRS_IN_REGISTERS)
@@ -936,13 +957,14 @@ def _sum_if_last(y_ptr, sum_ptr, arrivals_ptr, pair_ids, row_valid, offs_n, col_
 
 
 def _alignment_args(alignment: TokenAlignment | PairsToAlign) -> tuple[tuple, int]:
-    """A persistent GEMM's alignment arguments, (sorted_pair_ids, block_expert_ids, num_padded, expert_of_pair) and
-    PAIRS_IN_REGISTERS. The kernel reads either the first three (PAIRS_IN_REGISTERS = 0) or the last (a power of two
-    ≥ the pairs), and the arguments it does not read are filled with a tensor it is given anyway."""
+    """A persistent GEMM's alignment arguments, (sorted_pair_ids, block_expert_ids, padded_starts, num_padded,
+    expert_of_pair) and PAIRS_IN_REGISTERS. The kernel reads either the first four (PAIRS_IN_REGISTERS = 0) or the
+    last (a power of two ≥ the pairs), and the arguments it does not read are filled with a tensor it is given
+    anyway."""
     if isinstance(alignment, PairsToAlign):
         experts = alignment.expert_of_pair
-        return (experts, experts, experts, experts), triton.next_power_of_2(max(experts.numel(), 16))
-    return (alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded,
+        return (experts,) * 5, triton.next_power_of_2(max(experts.numel(), 16))
+    return (alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.padded_starts, alignment.num_padded,
             alignment.sorted_pair_ids), 0
 
 
@@ -1195,7 +1217,7 @@ def _fp8_configs(interpret: bool, gate_up: bool) -> list:
 @triton.jit
 def _moe_gate_up_fp8_kernel(
     x_ptr, x_scales_ptr, w_desc, w13_scales_ptr, hidden_ptr,
-    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    sorted_pair_ids_ptr, block_expert_ids_ptr, padded_starts_ptr, num_padded_ptr,
     cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
     stride_xt, stride_se, stride_hp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
@@ -1208,7 +1230,8 @@ def _moe_gate_up_fp8_kernel(
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
-        pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, block_expert_ids_ptr, padded_starts_ptr, BLOCK_M,
+                                        GROUP_M, PAIRS_IN_REGISTERS=0)
         expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
             sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
         token_rows = (pair_ids // top_k).to(tl.int64)
@@ -1237,7 +1260,7 @@ def _moe_gate_up_fp8_kernel(
 @triton.jit
 def _moe_down_fp8_kernel(
     hidden_desc, hidden_scales_ptr, w_desc, w2_scales_ptr, out_ptr, routing_weights_ptr,
-    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    sorted_pair_ids_ptr, block_expert_ids_ptr, padded_starts_ptr, num_padded_ptr,
     sum_ptr, arrivals_ptr, slots, arrivals_stride,  # as level 9's
     cols, depth, num_pairs, pairs_bucket,  # cols = H, depth = I
     stride_se, stride_om, stride_sm,
@@ -1250,7 +1273,8 @@ def _moe_down_fp8_kernel(
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
-        pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, block_expert_ids_ptr, padded_starts_ptr, BLOCK_M,
+                                        GROUP_M, PAIRS_IN_REGISTERS=0)
         expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
             sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -1284,7 +1308,7 @@ def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp
     num_pairs = x_values_TH.shape[0] * top_k
     _moe_gate_up_fp8_kernel[(programs,)](
         x_values_TH, x_scales_T, tma_descriptor(w13.values_ECD), w13.scales_EC, hidden_PI,
-        alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded,
+        alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.padded_starts, alignment.num_padded,
         I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
         x_values_TH.stride(0), w13.scales_EC.stride(0), hidden_PI.stride(0), BLOCK_M=alignment.block_m,
         NUM_PROGRAMS=programs, INTERPRETED=interpreting(),
@@ -1309,7 +1333,7 @@ def moe_down_fp8(hidden_values_PI: torch.Tensor, hidden_scales_P: torch.Tensor, 
     _moe_down_fp8_kernel[(programs,)](
         tma_descriptor(hidden_values_PI), hidden_scales_P, tma_descriptor(w_down.values_ECD), w_down.scales_EC, y_NH,
         routing_weights_TK.contiguous().view(-1), alignment.sorted_pair_ids, alignment.block_expert_ids,
-        alignment.num_padded, sum_TH, *sum_args, H, I, T * K, triton.next_power_of_2(T * K),
+        alignment.padded_starts, alignment.num_padded, sum_TH, *sum_args, H, I, T * K, triton.next_power_of_2(T * K),
         w_down.scales_EC.stride(0), y_NH.stride(0), sum_TH.stride(0),
         BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, SUM_HERE=arrivals is not None, USE_PDL=pdl,
         launch_pdl=pdl,

@@ -66,9 +66,9 @@ for BLOCK_M, BLOCK_N, BLOCK_D, warps, stages in tiles:
         compile_for_hopper(
             tk._moe_gate_up_persistent_kernel,
             dict(x_ptr=empty(T, H), w_desc=descriptor(empty(E, H, 2 * I), [1, BLOCK_D, 2 * BLOCK_N]),
-                 hidden_ptr=empty(P, I), sorted_pair_ids_ptr=ids, block_expert_ids_ptr=ids, num_padded_ptr=ids,
-                 expert_of_pair_ptr=routing_ids, cols=I, depth=H, num_pairs=2 * T, top_k=2, pairs_bucket=2 * T,
-                 stride_xt=H, stride_hp=I),
+                 hidden_ptr=empty(P, I), sorted_pair_ids_ptr=ids, block_expert_ids_ptr=ids, padded_starts_ptr=ids,
+                 num_padded_ptr=ids, expert_of_pair_ptr=routing_ids, cols=I, depth=H, num_pairs=2 * T, top_k=2,
+                 pairs_bucket=2 * T, stride_xt=H, stride_hp=I),
             dict(shape, UPCAST=False), warps, stages)
         for sum_here in (False, True):
             compile_for_hopper(
@@ -76,7 +76,7 @@ for BLOCK_M, BLOCK_N, BLOCK_D, warps, stages in tiles:
                 dict(hidden_desc=descriptor(empty(P, I), [BLOCK_M, BLOCK_D]),
                      w_desc=descriptor(empty(E, I, H), [1, BLOCK_D, BLOCK_N]), out_ptr=empty(2 * T, H),
                      routing_weights_ptr=empty(2 * T), sorted_pair_ids_ptr=ids, block_expert_ids_ptr=ids,
-                     num_padded_ptr=ids, expert_of_pair_ptr=routing_ids, sum_ptr=empty(T, H),
+                     padded_starts_ptr=ids, num_padded_ptr=ids, expert_of_pair_ptr=routing_ids, sum_ptr=empty(T, H),
                      arrivals_ptr=empty(T, H // 16, dtype=torch.int32), slots=2, arrivals_stride=H // 16, cols=H,
                      depth=I, num_pairs=2 * T, pairs_bucket=2 * T, split_k=2, stride_om=H, stride_sm=H),
                 dict(shape, UPCAST=False, SUM_HERE=sum_here), warps, stages)
@@ -86,8 +86,8 @@ for BLOCK_M, BLOCK_N, BLOCK_D, warps, stages in tiles:
         dict(x_ptr=empty(T, H, dtype=tk.FP8_DTYPE), x_scales_ptr=empty(T, dtype=torch.float32),
              w_desc=descriptor(empty(E, 2 * I, H, dtype=tk.FP8_DTYPE), [1, 2 * BLOCK_N, 128]),
              w13_scales_ptr=empty(E, 2 * I, dtype=torch.float32), hidden_ptr=empty(P, I), sorted_pair_ids_ptr=ids,
-             block_expert_ids_ptr=ids, num_padded_ptr=ids, cols=I, depth=H, num_pairs=2 * T, top_k=2,
-             pairs_bucket=2 * T, stride_xt=H, stride_se=2 * I, stride_hp=I),
+             block_expert_ids_ptr=ids, padded_starts_ptr=ids, num_padded_ptr=ids, cols=I, depth=H, num_pairs=2 * T,
+             top_k=2, pairs_bucket=2 * T, stride_xt=H, stride_se=2 * I, stride_hp=I),
         dict(fp8, INTERPRETED=False), warps, stages)
     compile_for_hopper(
         tk._moe_down_fp8_kernel,
@@ -95,9 +95,9 @@ for BLOCK_M, BLOCK_N, BLOCK_D, warps, stages in tiles:
              hidden_scales_ptr=empty(P, dtype=torch.float32),
              w_desc=descriptor(empty(E, H, I, dtype=tk.FP8_DTYPE), [1, BLOCK_N, 128]),
              w2_scales_ptr=empty(E, H, dtype=torch.float32), out_ptr=empty(2 * T, H), routing_weights_ptr=empty(2 * T),
-             sorted_pair_ids_ptr=ids, block_expert_ids_ptr=ids, num_padded_ptr=ids, sum_ptr=empty(T, H),
-             arrivals_ptr=empty(T, H // 16, dtype=torch.int32), slots=2, arrivals_stride=H // 16, cols=H, depth=I,
-             num_pairs=2 * T, pairs_bucket=2 * T, stride_se=H, stride_om=H, stride_sm=H),
+             sorted_pair_ids_ptr=ids, block_expert_ids_ptr=ids, padded_starts_ptr=ids, num_padded_ptr=ids,
+             sum_ptr=empty(T, H), arrivals_ptr=empty(T, H // 16, dtype=torch.int32), slots=2, arrivals_stride=H // 16,
+             cols=H, depth=I, num_pairs=2 * T, pairs_bucket=2 * T, stride_se=H, stride_om=H, stride_sm=H),
         dict(fp8, SUM_HERE=BLOCK_M == 16), warps, stages)
 
 # The sum over a token's rows, consecutive (levels 7-10's combine over K) or listed (the EP level).

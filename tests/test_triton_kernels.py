@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import triton_kernels
 from triton_kernels import silu_mul
@@ -53,13 +55,13 @@ def test_alignment_pads_each_expert_to_whole_blocks(block_m, T, E, one_program):
     K = 2
     expert_ids = torch.stack([torch.randperm(E - 1, generator=generator)[:K] for _ in range(T)])  # the last idle
     expert_ids[:20, 0] = 2  # and expert 2 crowded: several blocks
-    sorted_pair_ids, block_expert_ids, num_padded, _ = align_tokens(expert_ids, E, block_m, one_program)
+    sorted_pair_ids, block_expert_ids, padded_starts, _ = align_tokens(expert_ids, E, block_m, one_program)
     num_pairs = T * K
     assert sorted_pair_ids.numel() % block_m == 0
     assert sorted_pair_ids.numel() >= num_pairs + E * (block_m - 1)
     real = sorted_pair_ids[sorted_pair_ids < num_pairs]
     assert sorted(real.tolist()) == list(range(num_pairs))  # every pair exactly once
-    used = int(num_padded)
+    used = int(padded_starts[-1])  # the padded length
     assert used % block_m == 0 and (sorted_pair_ids[used:] == num_pairs).all()
     flat = expert_ids.flatten()
     for block, expert in enumerate(block_expert_ids.tolist()):
@@ -70,8 +72,38 @@ def test_alignment_pads_each_expert_to_whole_blocks(block_m, T, E, one_program):
         pairs = rows[rows < num_pairs]
         assert len(pairs) > 0 and (flat[pairs.long()] == expert).all()  # a block holds one expert's pairs
     counts = torch.bincount(flat, minlength=E)
-    assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
+    padded_counts = (counts + block_m - 1) // block_m * block_m
+    assert used == int(padded_counts.sum())
+    assert padded_starts.tolist() == [0] + padded_counts.cumsum(0).tolist()  # each run's first row, then the end
     assert E - 1 not in block_expert_ids.tolist()
+
+
+@triton.jit
+def _tile_order_kernel(block_expert_ids_ptr, padded_starts_ptr, out_ptr, num_pid_m, num_pid_n,
+                       BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    for tile in range(0, num_pid_m * num_pid_n):
+        pid_m, pid_n = triton_kernels._persistent_tile(tile, num_pid_m, num_pid_n, block_expert_ids_ptr,
+                                                       padded_starts_ptr, BLOCK_M, GROUP_M, 0)
+        tl.store(out_ptr + 2 * tile, pid_m)
+        tl.store(out_ptr + 2 * tile + 1, pid_n)
+
+
+@pytest.mark.parametrize("group_m", [1, 2, 4])
+def test_persistent_tile_order_visits_every_tile_once_in_groups_within_one_expert(group_m):
+    """Levels 9 and 10 walk their tiles in groups of row blocks that never cross from one expert's run to the
+    next: runs of 1, 2, 3 and 5 blocks, an idle expert, and 3 column blocks."""
+    block_m, num_pid_n = 16, 3
+    expert_ids = torch.tensor([0] * 16 + [1] * 20 + [3] * 40 + [4] * 70).view(-1, 1)  # expert 2 idle
+    alignment = align_tokens(expert_ids, 5, block_m)
+    num_pid_m = int(alignment.num_padded) // block_m
+    assert num_pid_m == 1 + 2 + 3 + 5
+    order = torch.empty((num_pid_m * num_pid_n, 2), dtype=torch.int32)
+    _tile_order_kernel[(1,)](alignment.block_expert_ids, alignment.padded_starts, order, num_pid_m, num_pid_n,
+                             BLOCK_M=block_m, GROUP_M=group_m)
+    assert sorted(map(tuple, order.tolist())) == [(m, n) for m in range(num_pid_m) for n in range(num_pid_n)]
+    experts = alignment.block_expert_ids
+    tile = torch.arange(num_pid_m * num_pid_n)
+    assert torch.equal(experts[order[:, 0].long()], experts[tile // num_pid_n])  # in the run tile // num_pid_n names
 
 
 def test_one_program_alignment_refuses_more_pairs_than_it_was_built_for():
