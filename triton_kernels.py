@@ -253,7 +253,8 @@ def _count_pairs_kernel(expert_ids_ptr, counts_ptr, num_pairs, num_experts, BLOC
 def _store_padded_runs(counts, is_expert, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_blocks,
                        block_m, EXPERTS: tl.constexpr, FILL: tl.constexpr):
     """Each expert's count rounded up to whole blocks, their running sum (each run's first row, stored), the padded
-    length, and each block's expert (−1 past the padded length). Returns the runs' first rows."""
+    length, and each block's expert (−1 past the padded length). Returns the runs' first rows. num_padded_ptr is
+    padded_starts' entry E (`TokenAlignment.num_padded`), so that level 9's tile order finds every run's end."""
     expert = tl.arange(0, EXPERTS)
     padded = (counts + block_m - 1) // block_m * block_m
     padded_starts = tl.cumsum(padded, axis=0) - padded
@@ -422,23 +423,24 @@ def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     num_pairs = expert_of_pair.numel()
     max_padded = padded_length(num_pairs, num_experts, block_m)
     num_blocks = max_padded // block_m
-    padded_starts = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
-    block_expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    alignment = TokenAlignment(  # the kernels fill them
+        sorted_pair_ids=torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device),
+        block_expert_ids=torch.empty(num_blocks, dtype=torch.int32, device=device),
+        padded_starts=torch.empty(num_experts + 1, dtype=torch.int32, device=device), block_m=block_m)
     counters = torch.zeros((2, num_experts), dtype=torch.int32, device=device)  # counts, then cursors
-    sorted_pair_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
     EXPERTS = triton.next_power_of_2(num_experts)
     COUNT_BLOCK = 1024
     _count_pairs_kernel[(triton.cdiv(num_pairs, COUNT_BLOCK),)](expert_of_pair, counters[0], num_pairs, num_experts,
                                                                 BLOCK=COUNT_BLOCK, EXPERTS=EXPERTS)
-    _pad_offsets_kernel[(1,)](counters[0], padded_starts, block_expert_ids, padded_starts[num_experts:], num_experts,
-                              num_blocks, block_m, EXPERTS=EXPERTS, FILL=1024)
+    _pad_offsets_kernel[(1,)](counters[0], alignment.padded_starts, alignment.block_expert_ids, alignment.num_padded,
+                              num_experts, num_blocks, block_m, EXPERTS=EXPERTS, FILL=1024)
     # The place kernel's sort grows with its block: 512 pairs and 8 warps were within 1 µs of the best of 128-1024
     # pairs and 2-8 warps at every preset measured (NOTES.md).
     PLACE_BLOCK = 512
-    _place_pairs_kernel[(triton.cdiv(num_pairs, PLACE_BLOCK),)](expert_of_pair, padded_starts, counters[1],
-                                                                sorted_pair_ids, num_pairs, num_experts,
+    _place_pairs_kernel[(triton.cdiv(num_pairs, PLACE_BLOCK),)](expert_of_pair, alignment.padded_starts, counters[1],
+                                                                alignment.sorted_pair_ids, num_pairs, num_experts,
                                                                 BLOCK=PLACE_BLOCK, EXPERTS=EXPERTS, num_warps=8)
-    return TokenAlignment(sorted_pair_ids, block_expert_ids, padded_starts, block_m)
+    return alignment
 
 
 def padded_length(num_pairs: int, num_experts: int, block_m: int) -> int:
