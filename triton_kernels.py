@@ -723,17 +723,21 @@ def _down_boxes(args: dict) -> None:
     args["w_desc"].block_shape = [1, args["BLOCK_D"], args["BLOCK_N"]]  # [E, I, H]
 
 
-def _persistent_configs(interpret: bool, boxes) -> list:
+def _persistent_configs(interpret: bool, gate_up: bool) -> list:
     """Narrow tiles for decode (a few rows per expert: spread the weight reads over every SM), wide ones for
-    prefill. BLOCK_N is the output tile's width; the gate/up accumulator is twice that. `boxes` sets the tensor
-    descriptors' boxes for a config."""
+    prefill. BLOCK_N is the output tile's width; the gate/up accumulator is twice that."""
+    boxes = _gate_up_boxes if gate_up else _down_boxes  # sets the tensor descriptors' boxes for a config
     if interpret:
         return [triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "GROUP_M": 2}, num_warps=4, num_stages=1,
                               pre_hook=boxes)]
-    # No 256-wide tile with 4 stages: the autotuner picked it for the down GEMM at prefill, and recaptured with it
-    # pinned the layer was 0.4-12% slower than with 3 stages in each of 12 A/B rounds on an H100 (NOTES.md).
-    shapes = [(16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (128, 64, 8, 3),
-              (256, 64, 8, 3)]
+    # The autotuner times each kernel alone, and two of its picks lose inside the layer's graph, where each tile was
+    # pinned and the graph captured again (one H100, NOTES.md). No 256-wide tile with 4 stages: the down GEMM's
+    # pick at prefill, 0.4-12% slower than with 3 stages in each of 12 rounds. And no 128-wide gate/up tile with 4
+    # stages: its pick at decode sizes in some processes, 3.6-6.6% slower there than with 3 stages (mixtral 64 and
+    # 512 tokens, deepseek-v3 64), equal at prefill.
+    shapes = [(16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (256, 64, 8, 3)]
+    if not gate_up:
+        shapes.append((128, 64, 8, 4))
     return [triton.Config({"BLOCK_N": n, "BLOCK_D": d, "GROUP_M": 8}, num_warps=w, num_stages=s, pre_hook=boxes)
             for n, d, w, s in shapes]
 
@@ -821,7 +825,7 @@ def _persistent_tile_rows(sorted_pair_ids_ptr, block_expert_ids_ptr, expert_of_p
     return rows
 
 
-@triton.autotune(configs=_persistent_configs(interpreting(), _gate_up_boxes),
+@triton.autotune(configs=_persistent_configs(interpreting(), gate_up=True),
                  key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
 @triton.jit
 def _moe_gate_up_persistent_kernel(
@@ -857,7 +861,7 @@ def _moe_gate_up_persistent_kernel(
         tl.store(hidden_ptrs, hidden.to(hidden_ptr.dtype.element_ty), mask=col_valid[None, :])  # write BM·BN
 
 
-@triton.autotune(configs=_persistent_configs(interpreting(), _down_boxes),
+@triton.autotune(configs=_persistent_configs(interpreting(), gate_up=False),
                  key=["cols", "depth", "BLOCK_M", "pairs_bucket", "split_k"])
 @triton.jit
 def _moe_down_persistent_kernel(

@@ -245,7 +245,7 @@ def test_down_gemm_sums_over_k_at_decode_and_sets_its_counts_back(levels, monkey
 
 
 def test_every_down_tile_is_as_wide_as_the_arrival_counts_assume():
-    configs = (triton_kernels._persistent_configs(False, triton_kernels._down_boxes)
+    configs = (triton_kernels._persistent_configs(False, gate_up=False)
                + triton_kernels._fp8_configs(False, gate_up=False))
     assert min(config.kwargs["BLOCK_N"] for config in configs) >= triton_kernels.NARROWEST_TILE
 
