@@ -350,12 +350,7 @@ def _align_one_program_kernel(
     expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
     num_pairs, num_experts, max_padded, num_blocks, block_m,
     PAIRS: tl.constexpr, EXPERTS: tl.constexpr, FILL: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:
-        # Let the next kernel launch at once: it runs up to its gdc_wait() while this one program works. Only this
-        # short kernel does so; a GEMM that did let the next kernel's programs hold SMs it still needed (NOTES.md).
-        tl.extra.cuda.gdc_launch_dependents()
     _align_in_one_program(expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr,
                           num_padded_ptr, num_pairs, num_experts, max_padded, num_blocks, block_m, PAIRS, EXPERTS,
                           FILL)
@@ -416,7 +411,7 @@ def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     """
     if one_program:
         alignment, args = _one_program_alignment(expert_ids_TK, num_experts, block_m)
-        _align_one_program_kernel[(1,)](*args, num_warps=8, USE_PDL=dependent_launch(expert_ids_TK.device))
+        _align_one_program_kernel[(1,)](*args, num_warps=8)
         return alignment
     device = expert_ids_TK.device
     expert_of_pair = expert_ids_TK.flatten().contiguous()
@@ -682,8 +677,6 @@ def describe_tuned_configs(gate_up_kernel=None, down_kernel=None) -> str:
 # - Gate and up interleaved column by column in one [E, H, 2I] tensor: one accumulator 2·BLOCK_N wide, one wgmma
 #   per step, split into gate and up in the epilogue. Level 7 kept two accumulators, so its tiles were half as wide.
 # - The down GEMM's activations [P, I] are already sorted: they come by TMA too.
-# - Dependent launch (sm_90): the kernels are launched with launch_pdl and wait (gdc_wait) before their first read,
-#   so the one-program alignment can let the gate/up GEMM launch while it works (_align_one_program_kernel).
 # - Decode (given arrival counts): the down GEMM sums each token's rows itself, in the program that stores the last
 #   of them (_sum_if_last), so no kernel of its own follows it.
 # TMA needs 16-byte-aligned row strides; `tma_storage` pads a tensor's rows (not its shape) where they are not.
@@ -834,9 +827,8 @@ def _moe_gate_up_persistent_kernel(
     cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
     stride_xt, stride_hp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr, PAIRS_IN_REGISTERS: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, PAIRS_IN_REGISTERS: tl.constexpr,
 ):
-    _wait_for_previous_kernel(USE_PDL)
     expert_of_pair, row_of_pair, num_padded = _alignment_of_program(num_padded_ptr, expert_of_pair_ptr, num_pairs,
                                                                     BLOCK_M, PAIRS_IN_REGISTERS)
     num_pid_m = tl.cdiv(num_padded, BLOCK_M)  # only the blocks this routing filled
@@ -872,10 +864,8 @@ def _moe_down_persistent_kernel(
     cols, depth, num_pairs, pairs_bucket, split_k,  # cols = H, depth = I
     stride_om, stride_sm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, SUM_HERE: tl.constexpr, USE_PDL: tl.constexpr,
-    PAIRS_IN_REGISTERS: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, SUM_HERE: tl.constexpr, PAIRS_IN_REGISTERS: tl.constexpr,
 ):
-    _wait_for_previous_kernel(USE_PDL)
     expert_of_pair, row_of_pair, num_padded = _alignment_of_program(num_padded_ptr, expert_of_pair_ptr, num_pairs,
                                                                     BLOCK_M, PAIRS_IN_REGISTERS)  # gate/up's rows
     num_pid_m = tl.cdiv(num_padded, BLOCK_M)
@@ -920,21 +910,6 @@ def num_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def dependent_launch(device: torch.device) -> bool:
-    """Programmatic dependent launch (Hopper, sm_90+): a kernel launched with it may start while the kernel before it
-    in the stream finishes, up to its `tl.extra.cuda.gdc_wait()`."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-@triton.jit
-def _wait_for_previous_kernel(USE_PDL: tl.constexpr):
-    """Launched with `launch_pdl=True`, a kernel may start before the one ahead of it has finished (once that one
-    lets it: only the one-program alignment does); from here on, the previous kernel's writes are visible. Nothing
-    before this call may read or write memory another kernel uses."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -987,14 +962,12 @@ def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.
     hidden_PI = torch.empty((max_padded, tma_row_elements(I, tokens_TH.dtype)), dtype=tokens_TH.dtype,
                             device=tokens_TH.device)[:, :I]  # rows padded for the down kernel's TMA loads
     programs = num_programs(tokens_TH.device)
-    pdl = dependent_launch(tokens_TH.device)
     num_pairs = tokens_TH.shape[0] * top_k
     alignment_tensors, pairs_in_registers = _alignment_args(alignment)
     _moe_gate_up_persistent_kernel[(programs,)](
         tokens_TH, tma_descriptor(w13_interleaved_EH2I), hidden_PI, *alignment_tensors,
         I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs), tokens_TH.stride(0), hidden_PI.stride(0),
-        BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(),
-        USE_PDL=pdl, launch_pdl=pdl, PAIRS_IN_REGISTERS=pairs_in_registers,
+        BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(), PAIRS_IN_REGISTERS=pairs_in_registers,
     )
     return hidden_PI
 
@@ -1008,7 +981,6 @@ def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routi
     T, K = routing_weights_TK.shape
     E, I, H = w_down_EIH.shape
     programs = num_programs(hidden_PI.device)
-    pdl = dependent_launch(hidden_PI.device)
     split_k = choose_split_k(T * K, E, H, programs)
     y_NH = torch.empty((T * K * split_k, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
     sum_TH, sum_args = _sum_in_kernel(y_NH, T, K, arrivals)
@@ -1017,8 +989,8 @@ def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routi
         tma_descriptor(hidden_PI), tma_descriptor(w_down_EIH), y_NH, routing_weights_TK.contiguous().view(-1),
         *alignment_tensors, sum_TH, *sum_args, H, I, T * K,
         triton.next_power_of_2(T * K), split_k, y_NH.stride(0), sum_TH.stride(0), BLOCK_M=alignment.block_m,
-        NUM_PROGRAMS=programs, UPCAST=interpreting(),
-        SUM_HERE=arrivals is not None, USE_PDL=pdl, launch_pdl=pdl, PAIRS_IN_REGISTERS=pairs_in_registers,
+        NUM_PROGRAMS=programs, UPCAST=interpreting(), SUM_HERE=arrivals is not None,
+        PAIRS_IN_REGISTERS=pairs_in_registers,
     )
     return sum_TH.view(T, 1, H) if arrivals is not None else y_NH.view(T, K * split_k, H)
 
@@ -1107,9 +1079,8 @@ def _quantize_row_block(block, x_ptr, values_ptr, scales_ptr, rows_in_use, strid
 @triton.jit
 def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, rows_used_ptr, num_rows, cols, stride_x, stride_v,
                           FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                          ALL_ROWS: tl.constexpr, USE_PDL: tl.constexpr):
+                          ALL_ROWS: tl.constexpr):
     """ROWS rows per program."""
-    _wait_for_previous_kernel(USE_PDL)
     # Past the rows in use (the hidden's padded length) nothing is read or written: no later kernel reads there.
     rows_in_use = num_rows if ALL_ROWS else tl.minimum(tl.load(rows_used_ptr), num_rows)
     _quantize_row_block(tl.program_id(axis=0), x_ptr, values_ptr, scales_ptr, rows_in_use, stride_x, stride_v, cols,
@@ -1122,13 +1093,10 @@ def _align_and_quantize_kernel(
     num_pairs, num_experts, max_padded, num_blocks, block_m,
     PAIRS: tl.constexpr, EXPERTS: tl.constexpr, FILL: tl.constexpr,
     x_ptr, values_ptr, scales_ptr, num_rows, cols, stride_x, stride_v,
-    FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+    FP8_MAX: tl.constexpr, INTERPRETED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Decode: the one-program alignment (program 0) and the tokens' quantization (programs 1 …) in one launch.
-    Neither reads what the other writes, so they need no kernel boundary between them; the gate/up GEMM needs both,
-    and its gdc_wait() waits for every program of this grid."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # as _align_one_program_kernel: the GEMM may launch at once
+    Neither reads what the other writes, so they need no kernel boundary between them."""
     program = tl.program_id(axis=0)
     if program == 0:
         _align_in_one_program(expert_ids_ptr, cursors_ptr, padded_starts_ptr, sorted_pair_ids_ptr,
@@ -1151,10 +1119,9 @@ def quantize_rows(x_TH: torch.Tensor, rows_used: torch.Tensor | None = None) -> 
     _check_device(x_TH)
     rows = _RowsToQuantize.of(x_TH)
     if rows.programs:
-        pdl = dependent_launch(x_TH.device)
         _quantize_rows_kernel[(rows.programs,)](
             rows.x, rows.values, rows.scales, rows.scales if rows_used is None else rows_used, *rows.row_args,
-            **rows.constants, ALL_ROWS=rows_used is None, num_warps=8, USE_PDL=pdl, launch_pdl=pdl)
+            **rows.constants, ALL_ROWS=rows_used is None, num_warps=8)
     return rows.values, rows.scales
 
 
@@ -1166,8 +1133,7 @@ def align_and_quantize_tokens(expert_ids_TK: torch.Tensor, num_experts: int, blo
     alignment, alignment_args = _one_program_alignment(expert_ids_TK, num_experts, block_m)
     rows = _RowsToQuantize.of(tokens_TH)
     _align_and_quantize_kernel[(1 + rows.programs,)](
-        *alignment_args, rows.x, rows.values, rows.scales, *rows.row_args, **rows.constants, num_warps=8,
-        USE_PDL=dependent_launch(tokens_TH.device))
+        *alignment_args, rows.x, rows.values, rows.scales, *rows.row_args, **rows.constants, num_warps=8)
     return alignment, rows.values, rows.scales
 
 
@@ -1229,11 +1195,10 @@ def _moe_gate_up_fp8_kernel(
     cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
     stride_xt, stride_se, stride_hp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, INTERPRETED: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     # x [T, H] e4m3 and x_scales [T]; w13 [E, 2I, H] e4m3 (a descriptor), gate and up rows interleaved, and
     # w13_scales [E, 2I]; hidden [P_max, I] bf16
-    _wait_for_previous_kernel(USE_PDL)
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -1273,11 +1238,10 @@ def _moe_down_fp8_kernel(
     cols, depth, num_pairs, pairs_bucket,  # cols = H, depth = I
     stride_se, stride_om, stride_sm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, SUM_HERE: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, SUM_HERE: tl.constexpr,
 ):
     # hidden [P_max, I] e4m3 and hidden_scales [P_max]; w2 [E, H, I] e4m3 and w2_scales [E, H] (values: descriptors);
     # out [N, H]
-    _wait_for_previous_kernel(USE_PDL)
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
@@ -1312,7 +1276,6 @@ def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp
     max_padded = alignment.max_padded
     hidden_PI = torch.empty((max_padded, I), dtype=torch.bfloat16, device=x_values_TH.device)
     programs = num_programs(x_values_TH.device)
-    pdl = dependent_launch(x_values_TH.device)
     num_pairs = x_values_TH.shape[0] * top_k
     _moe_gate_up_fp8_kernel[(programs,)](
         x_values_TH, x_scales_T, tma_descriptor(w13.values_ECD), w13.scales_EC, hidden_PI,
@@ -1320,7 +1283,6 @@ def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp
         I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
         x_values_TH.stride(0), w13.scales_EC.stride(0), hidden_PI.stride(0), BLOCK_M=alignment.block_m,
         NUM_PROGRAMS=programs, INTERPRETED=interpreting(),
-        USE_PDL=pdl, launch_pdl=pdl,
     )
     return hidden_PI
 
@@ -1337,13 +1299,11 @@ def moe_down_fp8(hidden_values_PI: torch.Tensor, hidden_scales_P: torch.Tensor, 
     y_NH = torch.empty((T * K, H), dtype=routing_weights_TK.dtype, device=hidden_values_PI.device)
     sum_TH, sum_args = _sum_in_kernel(y_NH, T, K, arrivals)
     programs = num_programs(hidden_values_PI.device)
-    pdl = dependent_launch(hidden_values_PI.device)
     _moe_down_fp8_kernel[(programs,)](
         tma_descriptor(hidden_values_PI), hidden_scales_P, tma_descriptor(w_down.values_ECD), w_down.scales_EC, y_NH,
         routing_weights_TK.contiguous().view(-1), alignment.sorted_pair_ids, alignment.block_expert_ids,
         alignment.padded_starts, alignment.num_padded, sum_TH, *sum_args, H, I, T * K, triton.next_power_of_2(T * K),
         w_down.scales_EC.stride(0), y_NH.stride(0), sum_TH.stride(0),
-        BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, SUM_HERE=arrivals is not None, USE_PDL=pdl,
-        launch_pdl=pdl,
+        BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, SUM_HERE=arrivals is not None,
     )
     return sum_TH.view(T, 1, H) if arrivals is not None else y_NH.view(T, K, H)

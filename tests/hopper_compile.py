@@ -55,7 +55,7 @@ def empty(*shape, dtype=torch.bfloat16) -> torch.Tensor:
 
 ids = empty(P, dtype=torch.int32)
 routing_ids = empty(T * 2, dtype=torch.int64)
-common = dict(GROUP_M=8, NUM_PROGRAMS=132, USE_PDL=True)
+common = dict(GROUP_M=8, NUM_PROGRAMS=132)
 # (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages): a decode tile and a prefill tile of the autotune lists
 tiles = [(16, 32, 128, 4, 4), (128, 128, 64, 8, 3)]
 
@@ -114,7 +114,7 @@ for experts in (8, 512):
                      block_expert_ids_ptr=ids, num_padded_ptr=ids, num_pairs=2 * T, num_experts=experts - 1,
                      max_padded=P, num_blocks=P // 16, block_m=16)
     compile_for_hopper(tk._align_one_program_kernel, alignment,
-                       dict(PAIRS=2 * T, EXPERTS=experts, FILL=1024, USE_PDL=True), 8, 1)
+                       dict(PAIRS=2 * T, EXPERTS=experts, FILL=1024), 8, 1)
     compile_for_hopper(tk._count_pairs_kernel,
                        dict(expert_ids_ptr=routing_ids, counts_ptr=ids, num_pairs=2 * T, num_experts=experts - 1),
                        dict(BLOCK=1024, EXPERTS=experts), 4, 1)
