@@ -36,10 +36,11 @@ The idea
          tiles for 132 SMs): level 8's 47 → 44 µs.
        - Not kept: Hopper's programmatic dependent launch, which let the gate/up GEMM launch while the
          alignment's program worked (up to its `gdc_wait()`): 42.8 → 40.3 when journey's one token still had an
-         alignment kernel. Launched early, though, a GEMM whose programs fill most of an SM's shared memory ran 10%
-         slower than alone (mixtral at 64 tokens, 256-wide gate/up tiles: 1085 µs a forward with it, 1016 without,
-         level 8's time; level 10 there 622 → 551), for 1-3 µs it still saved level 10 at one token and nothing
-         level 9's, which has no alignment kernel left there. Every launch is plain.
+         alignment kernel. Launched early, though, the 256-wide gate/up GEMM (the autotuner's pick at mixtral's 64
+         tokens) ran 10% slower than alone, and the 128-wide one did not; why is open (NOTES.md). Mixtral at 64
+         tokens: 1085 µs a forward with it, 1016 without, level 8's time; level 10 there 622 → 551. It still saved
+         level 10 1-3 µs at one token, and level 9 nothing (no alignment kernel is left there). Every launch is
+         plain.
        - The sum over K, a 3 µs kernel for 2 rows: the down GEMM does it. Each program, its tile's rows stored,
          counts one arrival per row at (token, column tile) with an atomic add; the program whose count is a
          token's last reads that token's rows back from L2 and stores their sum (`_sum_if_last`; the counts,
@@ -72,14 +73,14 @@ Why it should be faster than level 8, counted
     2 (6) up to IN_REGISTERS_MAX_PAIRS; one launch for the inputs' copy, one graph launch, no sync.
 
 What it costs
-    Hopper-only instructions (TMA and wgmma: sm_90, the only GPUs it was run on); a second copy of the gate and up weights in the interleaved layout, made once; TMA's rule
-    that row strides be 16-byte aligned (`tma_storage` pads a row's storage, not its shape, where H or I needs
-    it); a descriptor box per tile shape, which each autotune config sets before it launches (made on the device
-    instead, `tl.make_tensor_descriptor`, every program wrote and fenced its own descriptors at the kernel's
-    start: 3-4 µs of a one-token forward on an H100, NOTES.md). The decode sum's counts:
-    4 bytes per token and 16 columns, for up to ONE_PROGRAM_MAX_PAIRS tokens (3.7 MB at H = 7168), kept between
-    calls. On the CPU it runs in Triton's interpreter, which executes tensor descriptors too: checked there, not
-    timed.
+    Hopper-only instructions (TMA and wgmma: sm_90, the only GPUs it was run on); a second copy of the gate and up
+    weights in the interleaved layout, made once; TMA's rule that row strides be 16-byte aligned (`tma_storage` pads
+    a row's storage, not its shape, where H or I needs it); a descriptor box per tile shape, which each autotune
+    config sets before it launches (made on the device instead, `tl.make_tensor_descriptor`, every program wrote and
+    fenced its own descriptors at the kernel's start: 3-4 µs of a one-token forward on an H100, NOTES.md). The
+    decode sum's counts: 4 bytes per token and 16 columns, for up to ONE_PROGRAM_MAX_PAIRS tokens (3.7 MB at
+    H = 7168), kept between calls. On the CPU it runs in Triton's interpreter, which executes tensor descriptors
+    too: checked there, not timed.
 
 Run: python labs/moe_optimization_journey/level9_persistent_tma.py [--preset journey] [--tokens 8192] [--device cuda]
 """
