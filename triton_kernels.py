@@ -235,18 +235,28 @@ def sum_slots(y_TSH: torch.Tensor) -> torch.Tensor:
 #                    measured: NOTES.md)
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _block_histogram(expert_ids_ptr, first_pair, num_pairs, num_experts, BLOCK: tl.constexpr,
+                     EXPERTS: tl.constexpr):
+    """The experts of the BLOCK pairs from first_pair, their histogram over 2·EXPERTS bins (in shared memory), and
+    the bins that are experts with pairs here: the count and the place each add to memory once per such expert, not
+    once per pair."""
+    pair = first_pair + tl.arange(0, BLOCK)
+    expert = tl.load(expert_ids_ptr + pair, mask=pair < num_pairs, other=EXPERTS).to(tl.int32)  # past them: EXPERTS
+    bins = tl.arange(0, 2 * EXPERTS)  # EXPERTS ≥ num_experts: the bins from there on are never added
+    block_counts = tl.histogram(expert, 2 * EXPERTS)
+    return expert, bins, block_counts, (bins < num_experts) & (block_counts > 0)
+
+
+@triton.jit
 def _count_pairs_kernel(expert_ids_ptr, counts_ptr, num_pairs, num_experts, BLOCK: tl.constexpr,
                         EXPERTS: tl.constexpr):
     """counts[e] = how many (token, slot) pairs chose expert e. Each program counts its BLOCK pairs in a histogram
-    of its own (in shared memory) and adds one count per expert to memory. An add per pair queued on the few
-    counters in L2: 25.9 µs at qwen3-moe's 16384 tokens on an H100, where this takes 2.8 (NOTES.md). Relaxed:
-    nothing in this kernel reads the counts, so each add is a `red` that no thread waits on."""
-    pair = tl.program_id(axis=0) * BLOCK + tl.arange(0, BLOCK)
-    valid = pair < num_pairs
-    expert = tl.load(expert_ids_ptr + pair, mask=valid, other=EXPERTS).to(tl.int32)  # past the pairs: bin EXPERTS
-    bins = tl.arange(0, 2 * EXPERTS)  # EXPERTS ≥ num_experts: the bins from there on are never added
-    block_counts = tl.histogram(expert, 2 * EXPERTS)
-    tl.atomic_add(counts_ptr + bins, block_counts, mask=(bins < num_experts) & (block_counts > 0), sem="relaxed")
+    of its own and adds one count per expert to memory. An add per pair queued on the few counters in L2: 25.9 µs
+    at qwen3-moe's 16384 tokens on an H100, where this takes 2.8 (NOTES.md). Relaxed: nothing in this kernel reads
+    the counts, so each add is a `red` that no thread waits on."""
+    _, bins, block_counts, has_pairs = _block_histogram(expert_ids_ptr, tl.program_id(axis=0) * BLOCK, num_pairs,
+                                                        num_experts, BLOCK, EXPERTS)
+    tl.atomic_add(counts_ptr + bins, block_counts, mask=has_pairs, sem="relaxed")
 
 
 @triton.jit
@@ -294,11 +304,8 @@ def _place_pairs_kernel(expert_ids_ptr, padded_starts_ptr, cursors_ptr, sorted_p
     instead: 28.3 µs at qwen3-moe's 16384 tokens on an H100, where this takes 5.4 (NOTES.md)."""
     first_pair = tl.program_id(axis=0) * BLOCK
     index = tl.arange(0, BLOCK)
-    valid = first_pair + index < num_pairs
-    expert = tl.load(expert_ids_ptr + first_pair + index, mask=valid, other=EXPERTS).to(tl.int32)
-    bins = tl.arange(0, 2 * EXPERTS)
-    block_counts = tl.histogram(expert, 2 * EXPERTS)
-    takes_rows = (bins < num_experts) & (block_counts > 0)
+    expert, bins, block_counts, takes_rows = _block_histogram(expert_ids_ptr, first_pair, num_pairs, num_experts,
+                                                              BLOCK, EXPERTS)
     first_taken = tl.atomic_add(cursors_ptr + bins, block_counts, mask=takes_rows, sem="relaxed")
     first_taken = tl.where(takes_rows, first_taken, 0)  # a masked add returns nothing defined
     first_sorted = tl.cumsum(block_counts, 0) - block_counts  # where each expert's pairs begin once sorted
