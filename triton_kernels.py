@@ -730,14 +730,11 @@ def _persistent_configs(interpret: bool, gate_up: bool) -> list:
     if interpret:
         return [triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "GROUP_M": 2}, num_warps=4, num_stages=1,
                               pre_hook=boxes)]
-    # The autotuner times each kernel alone, and two of its picks lose inside the layer's graph, where each tile was
-    # pinned and the graph captured again (one H100, NOTES.md). No 256-wide tile with 4 stages: the down GEMM's
-    # pick at prefill, 0.4-12% slower than with 3 stages in each of 12 rounds. And no 128-wide gate/up tile with 4
-    # stages: its pick at decode sizes in some processes, 3.6-6.6% slower there than with 3 stages (mixtral 64 and
-    # 512 tokens, deepseek-v3 64; measured while the GEMMs were still launched early), equal at prefill.
-    shapes = [(16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (256, 64, 8, 3)]
-    if not gate_up:
-        shapes.append((128, 64, 8, 4))
+    # The autotuner times each kernel alone, and one of its picks loses inside the layer's graph, where each tile was
+    # pinned and the graph captured again (one H100, NOTES.md): no 256-wide tile with 4 stages, the down GEMM's pick
+    # at prefill, 0.4-12% slower than with 3 stages in each of 12 rounds.
+    shapes = [(16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4),
+              (256, 64, 8, 3)]
     return [triton.Config({"BLOCK_N": n, "BLOCK_D": d, "GROUP_M": 8}, num_warps=w, num_stages=s, pre_hook=boxes)
             for n, d, w, s in shapes]
 
