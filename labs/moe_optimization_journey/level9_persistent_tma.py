@@ -37,10 +37,10 @@ The idea
        - Not kept: Hopper's programmatic dependent launch, which let the gate/up GEMM launch while the
          alignment's program worked (up to its `gdc_wait()`): 42.8 → 40.3 when journey's one token still had an
          alignment kernel. Launched early, though, the 256-wide gate/up GEMM (the autotuner's pick at mixtral's 64
-         tokens) ran 10% slower than alone, and the 128-wide one did not; why is open (NOTES.md). Mixtral at 64
-         tokens: 1085 µs a forward with it, 1016 without, level 8's time; level 10 there 622 → 551. It still saved
-         level 10 1-3 µs at one token, and level 9 nothing (no alignment kernel is left there). Every launch is
-         plain.
+         tokens) ran 10% slower than alone, and the 128-wide 4-stage one 4-7% slower than the 3-stage one, which
+         it ties or leads when launched plainly; why is open (NOTES.md). Mixtral at 64 tokens: 1085 µs a forward
+         with it, 1016 without, level 8's time; level 10 there 622 → 551. It still saved level 10 1-3 µs at one
+         token, and level 9 nothing (no alignment kernel is left there). Every launch is plain.
        - The sum over K, a 3 µs kernel for 2 rows: the down GEMM does it. Each program, its tile's rows stored,
          counts one arrival per row at (token, column tile) with an atomic add; the program whose count is a
          token's last reads that token's rows back from L2 and stores their sum (`_sum_if_last`; the counts,
