@@ -2,11 +2,13 @@
 
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_cli import FAST, bench, run_dirs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,3 +121,39 @@ def test_ep_rows_are_recorded_as_the_launch_writes_them(tmp_path, monkeypatch):
     assert events[:4] == ["wrote 0", ("recorded", 8, None), "wrote 1", ("recorded", 16, None)]
     assert events[4][:3] == ("recorded", 32, "error")  # the case the launch never finished
     assert not list(tmp_path.iterdir())  # the launch's rows file and log are gone
+
+
+def test_chunk_counts_are_timed_in_turn():
+    """The candidates' forwards alternate, each round in an order rotated by one, so that a card heating through
+    the timed calls favours no count; the phases come back per count."""
+    sys.path.insert(0, str(REPO / "labs" / "moe_optimization_journey"))
+    import torch.distributed as dist
+    from ep_benchmark import time_forwards
+
+    class Layer:  # records the order of its forwards; one compute span each, as a layer without shared experts
+        config = type("Config", (), {"num_shared_experts": 0})()
+
+        def __init__(self):
+            self.order = []
+
+        def forward(self, *args, chunks, compute_spans=None):
+            if compute_spans is not None:
+                self.order.append(chunks)
+                compute_spans.extend([(0.0, 0.0)] * chunks)
+
+    class Inputs:
+        def as_args(self):
+            return ()
+
+    with socket.socket() as free:  # a port no other group uses
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        layer = Layer()
+        times = time_forwards(layer, Inputs(), [1, 2, 4], torch.device("cpu"), warmup=1, repeats=6, budget_s=60)
+    finally:
+        dist.destroy_process_group()
+    assert layer.order == [1, 2, 4, 2, 4, 1, 4, 1, 2, 1, 2, 4, 2, 4, 1, 4, 1, 2]
+    assert {chunks: len(forwards) for chunks, forwards in times.items()} == {1: 6, 2: 6, 4: 6}
+    assert set(times[2][0]) == {"ms", "busy_ms", "exposed_comm_ms", "dispatch_ms", "compute_ms", "combine_ms"}

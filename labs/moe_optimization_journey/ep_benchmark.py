@@ -79,40 +79,48 @@ def measured(spans: list | None, device: torch.device):
     spans.append((begin, device_clock(device)))
 
 
-def time_forwards(layer, inputs, chunks: int, device: torch.device, warmup: int, repeats: int,
-                  budget_s: float) -> list[dict[str, float]]:
-    """Each timed forward in `chunks` chunks, in ms: `ms` in all, `busy_ms` = all its expert-compute spans (shared
-    experts included), `exposed_comm_ms` = ms − busy_ms, and the phases around the routed chunks' compute:
-    `dispatch_ms` (from the start to the first chunk's compute, the first half of the shared experts included),
-    `compute_ms` (the chunks' compute spans, summed) and `combine_ms` (from the last chunk's compute to the end,
-    the second half included); with one chunk and no shared experts they are the plain dispatch, compute and
-    combine. All ranks start each forward together (a barrier), after warm-up, with the L2 cache flushed on a GPU;
-    every rank runs the same number of forwards."""
+def time_forwards(layer, inputs, counts: list[int], device: torch.device, warmup: int, repeats: int,
+                  budget_s: float) -> dict[int, list[dict[str, float]]]:
+    """Timed forwards in each of the chunk counts `counts`, interleaved: round i runs one forward in every count,
+    in an order rotated by i. Under the power cap a card heats through its timed calls, and an A/B timed one side
+    after the other gives the later side the hotter card (on an H100 the last of a round of pins ran up to 5%
+    slower than the first, NOTES.md); interleaved, every count meets the same card. Each forward in ms: `ms` in
+    all, `busy_ms` = all its expert-compute spans (shared experts included), `exposed_comm_ms` = ms − busy_ms, and
+    the phases around the routed chunks' compute: `dispatch_ms` (from the start to the first chunk's compute, the
+    first half of the shared experts included), `compute_ms` (the chunks' compute spans, summed) and `combine_ms`
+    (from the last chunk's compute to the end, the second half included); with one chunk and no shared experts
+    they are the plain dispatch, compute and combine. All ranks start each forward together (a barrier), after
+    warm-up, with the L2 cache flushed on a GPU; every rank runs the same number of forwards. `budget_s` is per
+    count."""
     args = inputs.as_args()
     # A count of calls, not a time: every rank must make the same number of forwards (each one is a collective).
-    calls, _ = warm_up(lambda: layer.forward(*args, chunks=chunks), device, warmup, repeats, budget_s, least_s=0)
-    count = torch.tensor([calls], device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MIN)
+    calls = min(warm_up(lambda chunks=chunks: layer.forward(*args, chunks=chunks), device, warmup, repeats, budget_s,
+                        least_s=0)[0] for chunks in counts)
+    rounds = torch.tensor([calls], device=device)
+    dist.all_reduce(rounds, op=dist.ReduceOp.MIN)
     l2_flush = l2_flush_buffer(device)
-    marks = []
-    for _ in range(int(count)):
-        if l2_flush is not None:
-            l2_flush.zero_()
-        dist.barrier()
-        spans = []
-        begin = device_clock(device)
-        layer.forward(*args, chunks=chunks, compute_spans=spans)
-        marks.append((begin, spans, device_clock(device)))
+    marks = {chunks: [] for chunks in counts}
+    for i in range(int(rounds)):
+        for chunks in counts[i % len(counts):] + counts[:i % len(counts)]:
+            if l2_flush is not None:
+                l2_flush.zero_()
+            dist.barrier()
+            spans = []
+            begin = device_clock(device)
+            layer.forward(*args, chunks=chunks, compute_spans=spans)
+            marks[chunks].append((begin, spans, device_clock(device)))
     synchronize(device)
     shared = 1 if layer.config.num_shared_experts else 0  # a shared half's span before the chunks and after
-    times = []
-    for begin, spans, end in marks:
-        routed = spans[shared:shared + chunks]
-        total_ms, busy_ms = elapsed_ms(begin, end), sum(elapsed_ms(a, b) for a, b in spans)
-        times.append({"ms": total_ms, "busy_ms": busy_ms, "exposed_comm_ms": total_ms - busy_ms,
-                      "dispatch_ms": elapsed_ms(begin, routed[0][0]),
-                      "compute_ms": sum(elapsed_ms(a, b) for a, b in routed),
-                      "combine_ms": elapsed_ms(routed[-1][1], end)})
+    times = {}
+    for chunks, forwards in marks.items():
+        times[chunks] = []
+        for begin, spans, end in forwards:
+            routed = spans[shared:shared + chunks]
+            total_ms, busy_ms = elapsed_ms(begin, end), sum(elapsed_ms(a, b) for a, b in spans)
+            times[chunks].append({"ms": total_ms, "busy_ms": busy_ms, "exposed_comm_ms": total_ms - busy_ms,
+                                  "dispatch_ms": elapsed_ms(begin, routed[0][0]),
+                                  "compute_ms": sum(elapsed_ms(a, b) for a, b in routed),
+                                  "combine_ms": elapsed_ms(routed[-1][1], end)})
     return times
 
 
@@ -128,24 +136,19 @@ def chunk_candidates(spec: str, tokens_per_rank: int) -> list[int]:
     the comma-separated counts given (a count above the tokens leaves some chunks empty, which works)."""
     if spec == "auto":
         return [chunks for chunks in AUTO_CHUNKS if chunks <= tokens_per_rank]
-    return [int(part) for part in spec.split(",")]
+    return sorted({int(part) for part in spec.split(",")})
 
 
 def time_chunk_counts(layer, inputs, candidates: list[int], device: torch.device, warmup: int,
-                      budget_s: float, stop_when_slower: bool) -> dict[int, float]:
-    """A brief look at each chunk count, to choose one: the median ms of a few forwards, the slowest rank's (the
-    same numbers on every rank, so every rank chooses the same count). With `stop_when_slower` (`auto`, counts in
-    increasing order) the look stops at the first count slower than the one before: past it, more chunks only
-    add launches and re-reads of the experts' weights, and each new chunk size costs the local level an autotune."""
-    chosen = {}
-    for chunks in candidates:
-        median = torch.tensor([statistics.median(t["ms"] for t in time_forwards(
-            layer, inputs, chunks, device, warmup, CHOICE_REPEATS, budget_s))], dtype=torch.float64, device=device)
-        dist.all_reduce(median, op=dist.ReduceOp.MAX)
-        chosen[chunks] = median.item()
-        if stop_when_slower and len(chosen) > 1 and chosen[chunks] > min(list(chosen.values())[:-1]):
-            break
-    return chosen
+                      budget_s: float) -> dict[int, float]:
+    """A brief look at every candidate chunk count, to choose one: the median ms of a few forwards of each, timed
+    interleaved (time_forwards), the slowest rank's (the same numbers on every rank, so every rank chooses the same
+    count). The check has already run every candidate once, so none costs the local level an autotune here."""
+    times = time_forwards(layer, inputs, candidates, device, warmup, CHOICE_REPEATS, budget_s)
+    medians = torch.tensor([statistics.median(t["ms"] for t in times[chunks]) for chunks in candidates],
+                           dtype=torch.float64, device=device)
+    dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+    return dict(zip(candidates, medians.tolist()))
 
 
 def bus_bandwidth_gbps(device: torch.device, nbytes: int) -> dict[str, float | None]:
@@ -221,11 +224,11 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
                              input_seed(config, tokens_per_rank, f"timing rank {rank}"), traffic)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the peak of the timed forwards, not of the check
-        chunk_ms = time_chunk_counts(layer, inputs, candidates, device, warmup, budget_s, chunks == "auto")
+        chunk_ms = time_chunk_counts(layer, inputs, candidates, device, warmup, budget_s)
         chosen = min(chunk_ms, key=chunk_ms.get)
-        unpipelined = summarize(time_forwards(layer, inputs, 1, device, warmup, repeats, budget_s))
-        pipelined = unpipelined if chosen == 1 else summarize(time_forwards(layer, inputs, chosen, device, warmup,
-                                                                            repeats, budget_s))
+        # Without overlap and with it, timed interleaved: the row's before and after.
+        timed = time_forwards(layer, inputs, sorted({1, chosen}), device, warmup, repeats, budget_s)
+        unpipelined, pipelined = summarize(timed[1]), summarize(timed[chosen])
         # One row per (token, rank) where the rank holds any of the token's experts; those to this rank stay here.
         goes_TW = torch.zeros((tokens_per_rank, world), dtype=torch.bool, device=device).scatter_(
             1, inputs.expert_ids_TK // layer.experts_per_rank, True)

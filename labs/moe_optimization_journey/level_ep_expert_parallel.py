@@ -80,7 +80,9 @@ When overlap pays
     benchmark measures instead of assuming: it times B in {1, 2, 4, 8} for a few forwards each, keeps the
     fastest, and reports the exposed communication (the forward's time minus its expert compute, the expand and
     reduce included in the compute) at B = 1 and at the chosen B, read on the busiest rank: under skew the others
-    spend their combine waiting for it, and their "exposed" time would be that wait.
+    spend their combine waiting for it, and their "exposed" time would be that wait. The counts are timed
+    interleaved, forward by forward: a GPU under its power cap heats through a run of calls, and timed one after
+    the other the later count would meet the hotter card.
 
 When EP pays
     When the experts do not fit one GPU: deepseek-v3's 256 routed experts are 22.5 GB in bf16, per layer. And
