@@ -5,13 +5,17 @@ Shape legend, used in every file of the lab (a tensor's name ends in its shape: 
     E  routed experts    K  experts per token (top-k)
     S  shared experts (every token goes through each)
     N  (token, slot) pairs, T·K: the rows a permutation sorts by expert
-    P  padded rows: N plus each expert's run rounded up to whole GEMM tiles (levels 7 and 8)
+    P  padded rows: N plus each expert's run rounded up to whole GEMM tiles (levels 7-10); P_max, the most
+       that any routing of T tokens can need: the rows of the buffers that hold them
     C  capacity: rows per expert in a fixed-size buffer (level 5: C = T)
     W  world size: the processes of the expert-parallel level
     B  chunks (micro-batches) the expert-parallel forward pipelines a rank's tokens in
     D  rows an expert-parallel rank sends: one per (token, rank) where that rank holds any of the token's experts
     U  rows an expert-parallel rank receives (its share of every rank's D)
     R  (row, slot) pairs of the received rows whose expert is local: the rows a rank's experts compute
+A subscript b is one chunk's share (U_b, R_b); a digit is a literal size (send_counts_BW2: rows and pairs). The
+FP8 weights' helpers serve either projection, so they name its axes by role: C its output columns and D its
+reduction (values_ECD [E, cols, depth]); there C and D mean nothing else.
 In the GEMM kernels, a program computes a BLOCK_M × BLOCK_N tile of the output (`cols` wide), stepping BLOCK_D at a
 time along the reduction (`depth`: H for gate/up, I for down).
 

@@ -208,12 +208,12 @@ def gather_sum(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor, accum
     return _launch_gather_sum(rows, index, out, index.shape[1], accumulate)
 
 
-def sum_slots(y_TSH: torch.Tensor) -> torch.Tensor:
-    """out[t] = Σ_s y[t, s] in fp32, one read of y and one write of out: the combine over K (and split rows) of
-    levels 7-10, y [T, slots, H] with contiguous rows."""
-    _check_device(y_TSH)
-    T, slots, H = y_TSH.shape
-    return _launch_gather_sum(y_TSH.view(T * slots, H), None, y_TSH.new_empty((T, H)), slots, False)
+def sum_slots(y_TKH: torch.Tensor) -> torch.Tensor:
+    """out[t] = Σ_k y[t, k] in fp32, one read of y and one write of out: the combine over K of levels 7-10, y
+    [T, K, H] with contiguous rows (K·split_k rows a token where the down GEMM splits its reduction)."""
+    _check_device(y_TKH)
+    T, slots, H = y_TKH.shape
+    return _launch_gather_sum(y_TKH.view(T * slots, H), None, y_TKH.new_empty((T, H)), slots, False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -396,7 +396,7 @@ class PairsToAlign(NamedTuple):
     """Decode, up to IN_REGISTERS_MAX_PAIRS pairs: the pairs' experts, left for every program of level 9's GEMMs to
     align for itself (`_align_in_registers`): the same runs, padded to whole blocks, with nothing in memory."""
 
-    expert_of_pair: torch.Tensor  # [P] the expert of pair t·K + k
+    expert_of_pair: torch.Tensor  # [N] the expert of pair t·K + k
     max_padded: int  # P_max, as in TokenAlignment: the hidden's rows
     block_m: int
 
@@ -575,7 +575,7 @@ def _moe_gate_up_kernel(
 def _moe_down_kernel(
     hidden_ptr, w2_ptr, out_ptr, routing_weights_ptr,  # hidden [P_max, I], w2 [E, I, H], out [N, H]
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
-    cols, depth, num_pairs, max_padded, top_k, pairs_bucket,  # cols = H, depth = I (the reduction)
+    cols, depth, num_pairs, max_padded, pairs_bucket,  # cols = H, depth = I (the reduction)
     stride_hp, stride_we, stride_wd, stride_wc, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, EVEN_DEPTH: tl.constexpr, EVEN_COLS: tl.constexpr,
@@ -617,7 +617,7 @@ def moe_gate_up(tokens_TH: torch.Tensor, w13_EH2I: torch.Tensor, alignment: Toke
                 top_k: int) -> torch.Tensor:
     """hidden [P_max, I]: SiLU·up of every sorted row's token against its expert's gate|up weights [E, H, 2I]."""
     _check_device(tokens_TH, w13_EH2I)
-    E, H, two_I = w13_EH2I.shape
+    _, H, two_I = w13_EH2I.shape
     I = two_I // 2
     num_pairs = tokens_TH.shape[0] * top_k
     max_padded = alignment.max_padded
@@ -640,7 +640,7 @@ def moe_down(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routing_weights_
     written back in (token, slot) order."""
     _check_device(hidden_PI, w_down_EIH)
     T, K = routing_weights_TK.shape
-    E, I, H = w_down_EIH.shape
+    _, I, H = w_down_EIH.shape
     num_pairs = T * K
     max_padded = alignment.max_padded
     block_m = alignment.block_m
@@ -649,7 +649,7 @@ def moe_down(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routing_weights_
     _moe_down_kernel[grid](
         hidden_PI, w_down_EIH, y_NH, routing_weights_TK.contiguous().view(-1),
         alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded,
-        H, I, num_pairs, max_padded, K, triton.next_power_of_2(num_pairs),  # cols = H, depth = I
+        H, I, num_pairs, max_padded, triton.next_power_of_2(num_pairs),  # cols = H, depth = I
         hidden_PI.stride(0), w_down_EIH.stride(0), w_down_EIH.stride(1), w_down_EIH.stride(2), y_NH.stride(0),
         BLOCK_M=block_m, UPCAST=interpreting(),
     )
@@ -670,22 +670,9 @@ def describe_tuned_configs(gate_up_kernel=None, down_kernel=None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Level 9: the same two GEMMs, rebuilt for Hopper.
-#
-# - Persistent: one program per SM (at most) loops over the tiles, so there is no tail of half-empty waves and each
-#   program's set-up (its first loads) is paid once, not once per tile. The loop over tiles is flattened
-#   with the loop over depth into one software pipeline (tl.range's flatten=True): the next tile's loads start
-#   under this tile's epilogue. The tile count comes from the alignment's padded length on the device, so programs
-#   never visit padding-only tiles.
-# - Weights through TMA: a tensor descriptor [E, depth, cols], made on the host (tma_descriptor), lets the copy
-#   engine fetch each [BLOCK_D, BLOCK_N] weight tile asynchronously, with no address arithmetic in the threads,
-#   and fill zeros past an expert's rows (any H or I). The gathered token rows still come by pointer loads: TMA
-#   gather is Blackwell-only.
-# - Gate and up interleaved column by column in one [E, H, 2I] tensor: one accumulator 2·BLOCK_N wide, one wgmma
-#   per step, split into gate and up in the epilogue. Level 7 kept two accumulators, so its tiles were half as wide.
-# - The down GEMM's activations [P, I] are already sorted: they come by TMA too.
-# - Decode (given arrival counts): the down GEMM sums each token's rows itself, in the program that stores the last
-#   of them (_sum_if_last), so no kernel of its own follows it.
+# Level 9: the same two GEMMs, rebuilt for Hopper: a persistent grid, weight tiles (and the down GEMM's sorted
+# activations) by TMA, gate and up interleaved into one accumulator, and at decode the sum over K inside the down
+# GEMM. Why each, and what each bought: the lesson in level9_persistent_tma.py.
 # TMA needs 16-byte-aligned row strides; `tma_storage` pads a tensor's rows (not its shape) where they are not.
 # ---------------------------------------------------------------------------------------------------------------
 def tma_row_elements(cols: int, dtype: torch.dtype) -> int:
@@ -708,9 +695,7 @@ def tma_storage(tensor: torch.Tensor) -> torch.Tensor:
 def tma_descriptor(tensor: torch.Tensor) -> TensorDescriptor:
     """A TMA descriptor made on the host over `tensor`'s real shape and strides, passed to a kernel as an argument
     (a CUDA graph records it with the launch). Its box depends on the tile, so each kernel's autotune configs set
-    it before every launch (their pre_hook). Made on the device instead (tl.make_tensor_descriptor), each program
-    wrote one to global memory and fenced it before its first load: about 1 µs at every kernel's start on an H100
-    (NOTES.md)."""
+    it before every launch (their pre_hook)."""
     return TensorDescriptor(tensor, list(tensor.shape), list(tensor.stride()), [1] * tensor.dim())
 
 
@@ -880,7 +865,7 @@ def _moe_down_persistent_kernel(
         split = tile % split_k
         pid_m, pid_n = _persistent_tile(tile // split_k, num_pid_m, num_pid_n, block_expert_ids_ptr, padded_starts_ptr,
                                         BLOCK_M, GROUP_M, PAIRS_IN_REGISTERS)
-        expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _persistent_tile_rows(
+        expert, _, pair_ids, row_valid, offs_n, col_valid = _persistent_tile_rows(
             sorted_pair_ids_ptr, block_expert_ids_ptr, expert_of_pair, row_of_pair, pid_m, pid_n, num_pairs, cols,
             BLOCK_M, BLOCK_N, PAIRS_IN_REGISTERS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -1175,8 +1160,10 @@ def _fp8_down_boxes(args: dict) -> None:
 
 
 def _fp8_configs(interpret: bool, gate_up: bool) -> list:
-    """Level 9's tile shapes in FP8: steps go 128 deep, as an FP8 tensor-core instruction reduces 32 elements where
-    bf16's reduces 16; the gate/up accumulator is twice BLOCK_N wide."""
+    """Level 10's tile shapes, kept as level 9's were, by pinning them inside the graph (NOTES.md): most steps 128
+    deep, as an FP8 tensor-core instruction reduces 32 elements where bf16's reduces 16, and 256 deep at decode
+    (below); the gate/up accumulator is twice BLOCK_N wide. Unlike level 9's list, this one keeps the 4-stage
+    256-wide down tile: pinned, it ran as fast as the 3-stage one or 1-3% faster."""
     boxes = _fp8_gate_up_boxes if gate_up else _fp8_down_boxes
     if interpret:
         return [triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "GROUP_M": 2}, num_warps=4, num_stages=1,

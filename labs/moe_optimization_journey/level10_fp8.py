@@ -21,15 +21,18 @@ The idea
        128-column tile quantized in the gate/up epilogue (DeepSeek-V3's activation blocks), saves the pass but
        makes the down kernel scale each 128-deep step's partial product before adding it, and the tensor cores
        wait for every step: that down kernel ran at 780 TF/s on an H100 where the gate/up kernel ran at 1370.
-    Everything else is level 9's: alignment, persistent grid, TMA tiles, shared experts fused, one CUDA graph,
-    with one more tile shape for decode: a K-major weight tile reads each weight row in runs of BLOCK_D bytes, so
+    Everything else is level 9's (persistent grid, TMA tiles, shared experts fused, one CUDA graph) but three
+    things at decode. The alignment always has a launch of its own, since the tokens' quantization needs one and
+    shares it (level 9 aligns up to IN_REGISTERS_MAX_PAIRS pairs in registers). The down GEMM has no split-K. And
+    the tile list has 256-deep shapes: a K-major weight tile reads each weight row in runs of BLOCK_D bytes, so
     256-deep steps read 256 contiguous bytes as level 9's 128-deep bf16 steps do (mixtral at one token 179 → 168
     µs on an H100, NOTES.md).
 
 Why it should beat level 9, counted
-    Prefill: the same FLOPs at up to twice the rate; the GEMMs' bytes halve (weights, gathered rows and the
-    down GEMM's hidden one byte each), and the hidden's quantization pass adds 4 bytes an element (written in bf16,
-    read back, written in e4m3). Decode: the layer reads the touched experts' weights and little else, and those
+    Prefill: the same FLOPs at up to twice the rate; the GEMMs' operands halve (weights, gathered rows and the
+    down GEMM's hidden, one byte each). The hidden's pass takes some of that back: the gate/up epilogue writes it
+    in bf16 (2 bytes an element), the pass reads that and writes e4m3 (2 + 1), the down GEMM reads 1: 6 bytes an
+    element against level 9's 4. Decode: the layer reads the touched experts' weights and little else, and those
     bytes halve: mixtral at one token reads 2 experts × 3·H·I = 352 M weights, 705 MB in bf16 and 352 MB in e4m3,
     about 0.23 against 0.12 ms at 3 TB/s.
     Launches: the inputs' copy, then level 9's graph plus two quantizations (tokens, hidden): 10 kernels (14 with
@@ -49,18 +52,18 @@ Why store the weights in FP8 (the seed's "native FP8 weights: works, but no spee
     numbers and what holds them below 2x: NOTES.md ("Level 10").
 
 What it costs
-    Accuracy: each e4m3 value is off by up to half a step, 2^-4 of its magnitude, on the tokens, the weights and
-    the hidden; the row's `quant_err` is the output's error against the bf16 layer's fp32 reference (6.4-7.0% on
-    these random weights), while `rel_err` checks the kernels against a reference computed on the same quantized
-    values (1-1.5% at prefill: Hopper's FP8 instruction adds at reduced precision across the whole reduction;
-    promoting to fp32 after every 128-deep step cut that to 0.4% and cost a third of the speed, so it is not
-    done). Finer scales (one per 128 weights along the reduction, or per 32 as MX formats do) cut the error where
-    magnitudes vary inside a column, as in real checkpoints whose outlier channels stretch a per-column scale;
-    they cost a scale multiply per step. Hardware: FP8 tensor cores need sm_89 or newer. Memory: one byte per
-    weight plus 4 per column, beside the bf16 weights the harness keeps for the other levels; the hidden twice,
-    in bf16 and in e4m3. Decode: the hidden's pass is one more launch in the graph, so at one token on journey,
-    whose weights are few, level 10 gains only a few µs on level 9 (28.4 against 30.2 µs in one H100's decode
-    run, NOTES.md).
+    Accuracy: each e4m3 value is off by up to half a step, 2^-4 of its magnitude, on the tokens, the weights and the
+    hidden; the row's `quant_err` is the output's error against the bf16 layer's fp32 reference (6.4-7.0% on these
+    random weights), while `rel_err` checks the kernels against a reference computed on the same quantized values
+    (1-1.5% at prefill: Hopper's FP8 instruction adds at reduced precision across the whole reduction; promoting to
+    fp32 after every 128-deep step cut that to 0.4% and cost a third of the speed, so it is not done). Finer scales
+    (one per 128 weights along the reduction, or per 32 as MX formats do) cut the error where magnitudes vary inside
+    a column, as in real checkpoints whose outlier channels stretch a per-column scale; they cost a scale multiply
+    per step. Hardware: level 9's, a Hopper GPU (FP8 alone would take sm_89). Memory: one byte per weight plus 4 per
+    column, beside the bf16 weights the harness keeps for the other levels; the hidden twice, in bf16 and in e4m3.
+    Decode: two more launches in the graph than level 9's two (the alignment with the tokens' quantization, and the
+    hidden's pass), so at one token on journey, whose weights are few, level 10 is no faster than level 9 (30.1
+    against 29.1 µs on one H100 in `20261126T140058Z`, both host-bound).
 
 Run: python labs/moe_optimization_journey/level10_fp8.py [--preset mixtral] [--tokens 16384] [--device cuda]
 """
@@ -68,7 +71,7 @@ Run: python labs/moe_optimization_journey/level10_fp8.py [--preset mixtral] [--t
 import torch
 from level7_triton_grouped import PADDED_ROWS
 from level9_persistent_tma import PersistentTmaLevel
-from moe_benchmark import Claims, LevelUnavailable, run_level_script
+from moe_benchmark import Claims, run_level_script
 
 import triton_kernels
 from moe_model import Fp8Experts, MoEWeights, fp8_round_trip, reference_forward
@@ -91,9 +94,7 @@ class Fp8Level(PersistentTmaLevel):
                     extra_bytes=f"({FP8_INTERMEDIATES_BYTES}, 2*({FP8_INTERMEDIATES_BYTES}) + 24*2**20)")
 
     def prepare(self):
-        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
-            raise LevelUnavailable("FP8 tensor cores need compute capability 8.9 or newer")
-        super().prepare()  # level 9: gate|up interleaved [E, H, 2I] and down [E, I, H], shared experts appended
+        super().prepare()  # level 9 (and its check for a Hopper GPU): gate|up interleaved [E, H, 2I] and down [E, I, H], shared experts appended
         self.w13 = self.quantize(self.w13_interleaved_EH2I)  # [E, 2I, H] e4m3 and [E, 2I] scales
         self.w_down = self.quantize(self.w_down_EIH)  # [E, H, I] e4m3 and [E, H] scales
         del self.w13_interleaved_EH2I, self.w_down_EIH  # the bf16 copies: not read here
@@ -105,7 +106,8 @@ class Fp8Level(PersistentTmaLevel):
 
     def align(self, tokens_TH, expert_ids_TK, num_experts):
         """Level 9's alignment, and the tokens in e4m3 with a scale each: at decode one launch does both (program 0
-        aligns, the others quantize), at prefill the quantization is one launch of its own."""
+        aligns, the others quantize; never level 9's alignment in registers, which would leave the quantization a
+        launch of its own), at prefill the quantization is one launch of its own."""
         num_pairs = expert_ids_TK.numel()
         if num_pairs > ONE_PROGRAM_MAX_PAIRS:
             alignment, _ = super().align(tokens_TH, expert_ids_TK, num_experts)

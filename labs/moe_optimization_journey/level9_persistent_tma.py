@@ -24,7 +24,8 @@ The idea
        Blackwell-only). The down GEMM's activations are already sorted, so they come by TMA too.
     3. Tile width. Level 7's gate/up tile keeps two fp32 accumulators (gate and up), so it stops at 128 columns of
        each. Interleaving gate and up column by column in one [E, H, 2I] tensor (prepare(), once) makes it one
-       accumulator 2·BLOCK_N wide: one wgmma per step on a 256-wide tile, split into gate and up in the epilogue.
+       accumulator 2·BLOCK_N wide: at BLOCK_N = 128, one wgmma per step on 256 columns (the widest one
+       instruction takes), split into gate and up in the epilogue.
     4. Launches at decode. With a few tokens the layer only has to read the touched experts' weights (journey at
        T=1: 2 experts × 3·H·I × 2 bytes = 25 MB, about 8 µs at 3.35 TB/s), and level 8's graph spends longer than
        that on launching: 5 launches align the pairs, and each of its 8 nodes leaves a gap. Level 9 takes them out
@@ -34,23 +35,17 @@ The idea
          it, narrow column tiles (16-32 wide) that keep every SM reading weights, and split-K in the down GEMM
          where even those would leave half the SMs idle (`choose_split_k`; journey: 2 experts × 1024/32 = 64
          tiles for 132 SMs): level 8's 47 → 44 µs.
-       - Not kept: Hopper's programmatic dependent launch, which let the gate/up GEMM launch while the
-         alignment's program worked (up to its `gdc_wait()`): 42.8 → 40.3 when journey's one token still had an
-         alignment kernel. Launched early, though, the 256-wide gate/up GEMM (the autotuner's pick at mixtral's 64
-         tokens) ran 10% slower than alone, and the 128-wide 4-stage one 4-7% slower than the 3-stage one, which
-         it ties or leads when launched plainly; why is open (NOTES.md). Mixtral at 64 tokens: 1085 µs a forward
-         with it, 1016 without, level 8's time; level 10 there 622 → 551. It still saved level 10 1-3 µs at one
-         token, and level 9 nothing (no alignment kernel is left there). Every launch is plain.
+       - Not kept: Hopper's programmatic dependent launch (each GEMM launched while the kernel before it still
+         ran). It saved 2.5 µs at one token while an alignment kernel remained there, but launched early the
+         gate/up GEMM's deeper tiles ran 4-10% slower at 64 tokens (mixtral: 1085 µs a forward against 1016); why
+         is open (NOTES.md). Every launch is plain.
        - The sum over K, a 3 µs kernel for 2 rows: the down GEMM does it. Each program, its tile's rows stored,
          counts one arrival per row at (token, column tile) with an atomic add; the program whose count is a
          token's last reads that token's rows back from L2 and stores their sum (`_sum_if_last`; the counts,
          zeroed once in prepare(), are set back to 0 by the program that used them): 40.8 → 38.3.
        - The descriptors made on the host (item 2), so that no program writes and fences its own before its
-         first load, and the graph's three inputs copied by one launch (level 5's `CapturedGraph`): 38.5 →
-         30.2-30.8.
-       - The alignment's block table written by each expert for its own blocks, where each block searched every
-         expert's run for its own: nothing on journey's 8 experts, but deepseek-v3's one-program alignment took
-         12 µs over 257 experts (318 → 307 µs at one token; levels 7-10 share this code).
+         first load, and the graph's three inputs copied by one launch (level 5's `CapturedGraph`, which level 8
+         got at the same time): 38.5 → 30.2-30.8.
        - No alignment launch at all up to IN_REGISTERS_MAX_PAIRS pairs (64: up to 32 tokens on journey and
          mixtral, 8 on qwen3-moe, 7 on deepseek-v3 with its shared expert). Each program of both GEMMs loads the
          pairs' experts and compares every pair with every other in registers ([64, 64] comparisons, no memory,
@@ -64,8 +59,9 @@ The idea
     experts as extra experts, no host sync, the whole layer in one CUDA graph.
 
 Why it should be faster than level 8, counted
-    Same FLOPs and bytes. What changes is how close to the tensor cores' rate the GEMMs run: no tail wave (up to
-    1/waves of the time: 3% at 16 waves, up to half at 1.5 waves), weight loads that cost the threads nothing,
+    Same FLOPs, and the same bytes but for split-K's partial rows at decode. What changes is how close to the
+    tensor cores' rate the GEMMs run: no tail wave (a last wave that is half full idles half the GPU for one
+    wave's time: 3% of journey's 16.5 waves, a quarter of 1.5 waves), weight loads that cost the threads nothing,
     and twice the work per wgmma instruction on the gate/up side. At decode sizes (a few rows per expert) the
     layer is bound by reading weights, and narrow tiles (16-32 columns: the autotuner picks per size class) spread
     those reads over every SM, where level 7's minimum of 32 columns and no persistence left SMs idle. Launches:
@@ -73,11 +69,12 @@ Why it should be faster than level 8, counted
     2 (6) up to IN_REGISTERS_MAX_PAIRS; one launch for the inputs' copy, one graph launch, no sync.
 
 What it costs
-    Hopper-only instructions (TMA and wgmma: sm_90, the only GPUs it was run on); a second copy of the gate and up
-    weights in the interleaved layout, made once; TMA's rule that row strides be 16-byte aligned (`tma_storage` pads
-    a row's storage, not its shape, where H or I needs it); a descriptor box per tile shape, which each autotune
-    config sets before it launches (made on the device instead, `tl.make_tensor_descriptor`, every program wrote and
-    fenced its own descriptors at the kernel's start: 3-4 µs of a one-token forward on an H100, NOTES.md). The
+    Hopper's instructions (TMA and wgmma: compute capability 9.0, the only GPUs it was run on; on an older GPU its
+    rows say `skipped`); a second copy of the gate and up weights in the interleaved layout, made once; TMA's rule
+    that row strides be 16-byte aligned (`tma_storage` pads a row's storage, not its shape, where H or I needs
+    it); a descriptor box per tile shape, which each autotune config sets before it launches (made on the device
+    instead, `tl.make_tensor_descriptor`, every program wrote and fenced its own descriptors at the kernel's start:
+    3-4 µs of a one-token forward on an H100, NOTES.md). The
     decode sum's counts: 4 bytes per token and 16 columns, for up to ONE_PROGRAM_MAX_PAIRS tokens (3.7 MB at
     H = 7168), kept between calls. On the CPU it runs in Triton's interpreter, which executes tensor descriptors
     too: checked there, not timed.
@@ -88,7 +85,7 @@ Run: python labs/moe_optimization_journey/level9_persistent_tma.py [--preset jou
 import torch
 from level7_triton_grouped import PADDED_HIDDEN_AND_Y_BYTES
 from level8_triton_graphed import TritonGraphedLevel
-from moe_benchmark import Claims, run_level_script
+from moe_benchmark import Claims, LevelUnavailable, run_level_script
 
 import triton_kernels
 from triton_kernels import (IN_REGISTERS_MAX_PAIRS, ONE_PROGRAM_MAX_PAIRS, PairsToAlign, align_tokens, arrival_counts,
@@ -106,6 +103,8 @@ class PersistentTmaLevel(TritonGraphedLevel):
                     extra_bytes=f"({PADDED_HIDDEN_AND_Y_BYTES}, 2*({PADDED_HIDDEN_AND_Y_BYTES}) + 24*2**20)")
 
     def prepare(self):
+        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (9, 0):
+            raise LevelUnavailable("TMA and wgmma need a Hopper GPU (compute capability 9.0) or newer")
         super().prepare()  # level 7's [E, H, 2I] gate|up (shared experts appended) and level 8's graph
         E, H, two_I = self.w13_EH2I.shape
         gate_EHI, up_EHI = self.w13_EH2I.split(two_I // 2, dim=2)

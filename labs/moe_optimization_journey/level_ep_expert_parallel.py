@@ -52,7 +52,7 @@ Overlap: the forward in B chunks
     chunk i's combine while chunk i+1's experts compute.
     - One sort, by (chunk, destination rank), makes every chunk's rows for every rank one contiguous slice of one
       send buffer, gathered once; the receive buffers are allocated once and sliced per chunk, and each chunk's
-      results go back over its own rows (the received rows over the reduced ones, the sent over the returned).
+      results go back over its own rows (the reduced ones over the received rows, the returned ones over the sent).
     - The counts of all chunks travel in one all-to-all up front, [B, W, 2] integers: still one host sync per
       forward, not B.
     - The rows, ids, weights and results travel with `async_op=True`: NCCL runs its collectives on a stream of
