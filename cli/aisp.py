@@ -8,8 +8,9 @@
                                      ep-results block)
     aisp lab show [N]               (a level's lesson, code diff, claims and GPU row; no N: every level)
 
-Bad input is one line on stderr and exit code 2, never a traceback; `aisp --debug ...` (or AISP_DEBUG=1)
-re-raises instead, with the full traceback (a level's own crash included).
+Bad input is one line on stderr and exit code 2, never a traceback; an error no check foresaw is one line too,
+exit code 1. `aisp --debug ...` (or AISP_DEBUG=1) re-raises instead, with the full traceback (a level's own crash
+included).
 """
 
 from __future__ import annotations
@@ -269,6 +270,8 @@ def run_command(
     out: Path = typer.Option(Path("results"), help="results folder; each run makes a new sub-folder"),
 ) -> None:
     """Check and time levels across token scales; write rows, tables and plots to a new run folder."""
+    import torch
+
     from moe_model import ConfigError
 
     # The whole request is checked before anything is made.
@@ -284,11 +287,14 @@ def run_command(
         check_timing(warmup, repeats)
         available = lab.load_levels()
         level_keys = parse_levels(levels, list(available))
-        token_counts = parse_counts(tokens or defaults.tokens, "--tokens")
+        token_counts = parse_counts(tokens if tokens is not None else defaults.tokens, "--tokens")
+        if "ep" not in level_keys and (world_size != "1" or ep_chunks != "auto"):
+            raise UsageError("--world-size and --ep-chunks are level ep's options: add ep to --levels")
         world_sizes = parse_world_sizes(world_size, torch_device) if "ep" in level_keys else []
         if ep_chunks != "auto":
             ep_chunks = ",".join(map(str, parse_counts(ep_chunks, "--ep-chunks")))
-        configs = configs_for(preset or defaults.preset, router, capacity_factor)
+        preset = preset if preset is not None else defaults.preset
+        configs = configs_for(preset, router, capacity_factor)
         traffics = parse_traffics(traffic, zipf_s, hot_share)
         out_dir = prepare_out_dir(out)
     except (UsageError, ConfigError) as error:
@@ -302,7 +308,7 @@ def run_command(
     # The run, every default resolved, as a command that repeats it.
     args["command"] = shlex.join(["aisp", "bench", "run", "-t", target, "--levels", ",".join(level_keys),
                                   "--tokens", ",".join(map(str, token_counts)),
-                                  "--preset", preset or defaults.preset, "--router", router,
+                                  "--preset", preset, "--router", router,
                                   "--capacity-factor", f"{capacity_factor:g}", "--traffic", traffic,
                                   "--zipf-s", f"{zipf_s:g}", "--hot-share", f"{hot_share:g}", "--device", device,
                                   "--warmup", str(warmup), "--repeats", str(repeats), "--out", str(out)]
@@ -334,7 +340,21 @@ def run_command(
         try:
             for config in configs if in_process else []:
                 progress.update(task, description=f"{config.name}: drawing weights")
-                weights = bench_mod.init_weights(config, torch_device)
+                try:
+                    weights = bench_mod.init_weights(config, torch_device)
+                except Exception as error:  # too big for this device: its rows say so, and the run goes on
+                    if debugging() or not (isinstance(error, torch.cuda.OutOfMemoryError)
+                                           or bench_mod.out_of_host_memory(error)):
+                        raise
+                    bench_mod.release_memory(torch_device)
+                    for shape in traffics:
+                        for num_tokens in token_counts:
+                            for key in in_process:
+                                row = bench_mod.base_row(available[key], config, num_tokens, torch_device, shape)
+                                row.update(status="oom", note=f"out of {torch_device.type} memory for "
+                                                              f"{config.name}'s weights")
+                                record(row.to_json())
+                    continue
                 for shape in traffics:
                     for num_tokens in token_counts:
                         for key in in_process:
@@ -462,6 +482,8 @@ def report_command(run_dir: Path = typer.Argument(None, help="a run folder (defa
         summary = report.write_report(existing_run_dir(run_dir), warn=warn)
     except report.DamagedFile as error:
         refuse(error)
+    except OSError as error:
+        fail(f"cannot write the report into {str(run_dir)!r}: {error.strerror}")
     console.print(f"wrote {summary}, {summary.parent / 'report.html'} and the plots")
 
 
@@ -481,7 +503,15 @@ def compare_command(run_a: Path = typer.Argument(..., help="the baseline run fol
         env_a, env_b = report.load_environment(run_a), report.load_environment(run_b)
     except report.DamagedFile as error:
         refuse(error)
+    if run_a.resolve() == run_b.resolve():
+        fail(f"A and B are the same run folder, {str(run_a)!r}: compare two runs")
+    for run, rows in ((run_a, rows_a), (run_b, rows_b)):
+        if not rows:
+            fail(f"{str(run)!r} has no rows to compare (a run stopped before its first row finished)")
     table, geomean, shared = report.compare_runs(rows_a, rows_b)
+    if geomean.empty:
+        warn("no case was timed in both runs (same level, preset, shape, traffic, router, dtype, world size and "
+             "tokens), so there is no speedup to report")
     heading = (f"A = {run_a.name} ({env_a.get('device', '?')})\nB = {run_b.name} ({env_b.get('device', '?')})\n"
                f"in every case: {', '.join(f'{k}={v}' for k, v in shared.items()) or '-'}")
     if table["A ms"].str.endswith(report.HOST_BOUND_MARK).any() or table["B ms"].str.endswith(
@@ -550,11 +580,18 @@ def publish_command(run_dirs: list[Path] = typer.Argument(..., help="GPU run fol
                                                                      "as several processes, one per GPU; the EP "
                                                                      "level's folders, one per preset, say"),
                     readme: Path = typer.Option(REPO_ROOT / "README.md", help="the README to update")) -> None:
-    """Make GPU runs the ones the README shows (tables and plots, copied): single-GPU runs in LATEST.md and the
-    results block, expert-parallel runs in the ep-results block. A block whose kind of run is not given stays."""
+    """Make GPU runs the ones the README shows (tables and plots, copied): single-GPU runs in LATEST.md (beside the
+    run folders) and the results block, expert-parallel runs in the ep-results block; each run's report is rebuilt
+    in its folder. A block whose kind of run is not given stays."""
     from cli import report
 
-    run_dirs = [existing_run_dir(run_dir) for run_dir in run_dirs]
+    run_dirs = list({run_dir.resolve(): existing_run_dir(run_dir) for run_dir in run_dirs}.values())  # each once
+    if not readme.is_file():
+        fail(f"--readme {str(readme)!r} is not a file")
+    for path in (readme, run_dirs[0].parent, *run_dirs):  # written below: checked before anything is
+        if not os.access(path, os.W_OK):
+            fail(f"cannot write to {str(path)!r}: publish rewrites the README, LATEST.md beside the runs and each "
+                 "run's report")
     ep_dirs = []
     for run_dir in run_dirs:
         try:
@@ -598,7 +635,15 @@ def publish_command(run_dirs: list[Path] = typer.Argument(..., help="GPU run fol
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as error:  # what no check foresaw is still one line, never a traceback (--debug shows it)
+        if debugging():
+            raise
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        stderr.print(f"[red]error:[/red] {escape(f'{type(error).__name__}: {first_line}'[:300])} (aisp --debug "
+                     "shows where)")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

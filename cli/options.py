@@ -153,7 +153,7 @@ def parse_presets(spec: str) -> list:
         return [config_from_mapping(values, spec)]
     if "=" in spec:
         return [config_from_mapping(parse_inline_shape(spec), "inline shape")]
-    return [get_preset(name.strip()) for name in spec.split(",")]
+    return [get_preset(name) for name in dict.fromkeys(name.strip() for name in spec.split(","))]
 
 
 def configs_for(preset_spec: str, router: str, capacity_factor: float) -> list:
@@ -166,7 +166,8 @@ def configs_for(preset_spec: str, router: str, capacity_factor: float) -> list:
 def parse_traffics(spec: str, zipf_s: float, hot_share: float) -> list:
     from moe_model import Traffic
 
-    return [Traffic(shape.strip(), zipf_s=zipf_s, hot_share=hot_share) for shape in spec.split(",")]
+    return [Traffic(shape, zipf_s=zipf_s, hot_share=hot_share)
+            for shape in dict.fromkeys(shape.strip() for shape in spec.split(","))]
 
 
 def script_parser(prog: str, lesson: str, tokens_help: str = "token counts") -> argparse.ArgumentParser:

@@ -96,10 +96,13 @@ def load_environment(run_dir: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
+        env = json.loads(path.read_text())
     except ValueError as error:
         line = f", line {error.lineno}" if isinstance(error, json.JSONDecodeError) else ""
         raise DamagedFile(f"{path}{line}: not valid JSON ({error})") from None
+    if not isinstance(env, dict):
+        raise DamagedFile(f"{path}: not a JSON object")
+    return env
 
 
 PEER, FP8_PEER = "peer", "peer-fp8"  # what PyTorch ships, in bf16 and in FP8: measured beside the levels
@@ -419,7 +422,7 @@ def environment_section(env: dict, rows: list[dict]) -> str:
     if env.get("timed_calls"):
         low, high = env["timed_calls"]
         asked = (env.get("args") or {}).get("repeats", "?")
-        lines.append(f"- timed calls per row: {low}–{high} (asked for {asked}: at least 5 on the CPU; on a GPU "
+        lines.append(f"- timed calls per row: {low if low == high else f'{low}–{high}'} (asked for {asked}: at least 5 on the CPU; on a GPU "
                      "do_bench sizes its timed loop by its own estimate of a call and its L2 clear, and counts its "
                      "calls itself)")
     if ceilings:
@@ -537,8 +540,10 @@ def not_timed_strip(ax, df: pd.DataFrame, colors: dict) -> None:
 
 
 def legend_right(ax) -> None:
-    """The legend beside the axes, clear of the data and of the figure's title."""
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, frameon=False)
+    """The legend beside the axes, clear of the data and of the figure's title; none where nothing was drawn (no
+    cell timed: the strip above says why)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, frameon=False)
 
 
 def plot_by_tokens(df: pd.DataFrame, column: str, ylabel: str, yscale: str, title: str, path: Path) -> str:

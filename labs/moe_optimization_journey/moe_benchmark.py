@@ -569,6 +569,12 @@ def base_row(
                      device_type=device.type, dtype=config.dtype)
 
 
+def out_of_host_memory(error: BaseException) -> bool:
+    """Whether `error` is the CPU allocator's out-of-memory, which torch raises as a plain RuntimeError."""
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in str(error)
+                                                or "not enough memory" in str(error))
+
+
 def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -691,8 +697,7 @@ def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_to
     except Exception as error:  # a broken level is a row that says so, and the sweep goes on
         if debugging():  # `aisp --debug`, AISP_DEBUG=1: the level's own traceback instead
             raise
-        if isinstance(error, RuntimeError) and ("can't allocate memory" in str(error)
-                                                or "not enough memory" in str(error)):  # the CPU's allocator
+        if out_of_host_memory(error):
             row.update(status="oom", note=f"out of host memory at {num_tokens} tokens")
         else:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""

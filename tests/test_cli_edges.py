@@ -1,0 +1,110 @@
+"""What trying the lab as a new user found, each pinned by a test: the CLI's edges answer in one line (exit 2 for
+bad input), write nothing before the request is known to be good, and a setup too big for memory is a result
+row, never a traceback."""
+
+import json
+import sys
+
+import pytest
+from test_cli import FAST, bench, finished_run, gpu_copy, run_dirs  # noqa: F401  (finished_run: a fixture)
+
+import cli.aisp
+import moe_benchmark
+
+
+def test_compare_refuses_one_run_twice(finished_run):  # noqa: F811
+    result = bench("compare", str(finished_run), f"{finished_run}/")
+    assert result.exit_code == 2 and "same run folder" in result.output
+
+
+def test_compare_refuses_a_run_without_rows(finished_run, tmp_path):  # noqa: F811
+    empty = tmp_path / "stopped-early"
+    empty.mkdir()
+    (empty / "rows.jsonl").write_text("")
+    result = bench("compare", str(finished_run), str(empty))
+    assert result.exit_code == 2 and "has no rows" in result.output
+
+
+def test_compare_says_when_no_case_is_shared(finished_run, tmp_path):  # noqa: F811
+    other = tmp_path / "other-preset"
+    other.mkdir()
+    rows = [json.loads(line) | {"preset": "elsewhere"} for line in (finished_run / "rows.jsonl").read_text().splitlines()]
+    (other / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = bench("compare", str(finished_run), str(other))
+    assert result.exit_code == 0 and "no case was timed in both runs" in result.output
+
+
+def test_publish_checks_the_readme_before_writing_anything(finished_run, tmp_path):  # noqa: F811
+    run_dir = gpu_copy(finished_run, tmp_path / "moe_journey" / "20260101T000000Z-nvidia-test")
+    for readme in (tmp_path / "missing.md", tmp_path):
+        result = bench("publish", str(run_dir), "--readme", str(readme))
+        assert result.exit_code == 2 and "is not a file" in result.output
+    assert not (run_dir.parent / "LATEST.md").exists() and not (run_dir / "summary.md").exists()
+
+
+def test_publish_takes_each_run_once(finished_run, tmp_path):  # noqa: F811
+    run_dir = gpu_copy(finished_run, tmp_path / "moe_journey" / "20260101T000000Z-nvidia-test")
+    readme = tmp_path / "README.md"
+    texts = []
+    for given in ([run_dir], [run_dir, run_dir]):
+        readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+        assert bench("publish", *map(str, given), "--readme", str(readme)).exit_code == 0
+        texts.append(readme.read_text())
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--levels", "4", "--world-size", "2"], "level ep's options"),
+    (["--levels", "4", "--ep-chunks", "2"], "level ep's options"),
+    (["--levels", "4", "--world-size", "abc"], "level ep's options"),
+    (["--preset", ""], "unknown preset ''"),
+    (["--tokens", ""], "whole numbers"),
+])
+def test_empty_or_misplaced_options_are_refused(args, message, tmp_path):
+    result = bench("run", "-t", "moe_journey", "--out", str(tmp_path), *FAST, *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "moe_journey").exists()
+
+
+def test_repeated_presets_and_traffic_run_once(tmp_path):
+    result = bench("run", "-t", "moe_journey", "--levels", "0", "--tokens", "3", "--out", str(tmp_path), *FAST,
+                   "--preset", "tiny,tiny", "--traffic", "uniform,uniform")
+    assert result.exit_code == 0, result.output
+    (run_dir,) = run_dirs(tmp_path)
+    assert len((run_dir / "rows.jsonl").read_text().splitlines()) == 1
+
+
+def test_weights_too_big_for_memory_are_oom_rows(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes")
+
+    monkeypatch.setattr(moe_benchmark, "init_weights", out_of_memory)
+    result = bench("run", "-t", "moe_journey", "--levels", "0,4", "--tokens", "3,9", "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = run_dirs(tmp_path)
+    rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(row["status"] == "oom" and "tiny's weights" in row["note"] for row in rows)
+
+
+def test_an_environment_that_is_not_an_object_is_refused(finished_run, tmp_path):  # noqa: F811
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "rows.jsonl").write_text((finished_run / "rows.jsonl").read_text())
+    (damaged / "environment.json").write_text("[1, 2]")
+    result = bench("report", str(damaged))
+    assert result.exit_code == 2 and "not a JSON object" in result.output
+
+
+def test_an_unforeseen_error_is_one_line(finished_run, monkeypatch, capsys):  # noqa: F811
+    from cli import report
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug no check foresaw")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    monkeypatch.setattr(sys, "argv", ["aisp", "bench", "report", str(finished_run)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.aisp.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert "ZeroDivisionError: a bug no check foresaw" in err and "--debug" in err
