@@ -236,6 +236,20 @@ def test_gpu_timing_asks_do_bench_for_the_calls_and_their_clears(monkeypatch):
     assert asked["rep"] == pytest.approx(20 * (0.03 + 0.097))
 
 
+def test_gpu_timing_never_keeps_fewer_than_five_calls(monkeypatch):
+    """do_bench sizes its loop by 5 calls of its own, and a host stall among them can leave it one timed call (an
+    H100 timed qwen3-moe's level 10 at one token once, at 1225 µs, the GPU idle 98% of it): asked again until five
+    have run."""
+    import triton.testing
+
+    monkeypatch.setattr(moe_benchmark, "warm_up", lambda *args, **kwargs: (20, 0.03))
+    monkeypatch.setattr(moe_benchmark, "cache_clear_ms", lambda device: 0.097)
+    answers = iter([[1225.0], [0.05, 0.05, 0.05], [0.05] * 20])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, return_mode: next(answers))
+    times_ms = moe_benchmark.time_calls(lambda: None, torch.device("cuda"), 3, 20)
+    assert times_ms == [1225.0, 0.05, 0.05, 0.05] + [0.05] * 20
+
+
 def test_host_issue_time_is_a_loop_median(monkeypatch):
     """The host's time to issue a forward: the median over about 0.1 s of the GPU's time, 20 to 1000 calls."""
     import time
