@@ -42,6 +42,7 @@ from cli.options import (
     check_timing,
     configs_for,
     debugging,
+    error_line,
     parse_counts,
     parse_levels,
     parse_traffics,
@@ -640,9 +641,7 @@ def main() -> None:
     except Exception as error:  # what no check foresaw is still one line, never a traceback (--debug shows it)
         if debugging():
             raise
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        stderr.print(f"[red]error:[/red] {escape(f'{type(error).__name__}: {first_line}'[:300])} (aisp --debug "
-                     "shows where)")
+        stderr.print(f"[red]error:[/red] {escape(error_line(error))} (aisp --debug shows where)")
         sys.exit(1)
 
 

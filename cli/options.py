@@ -26,6 +26,12 @@ def debugging() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def error_line(error: BaseException) -> str:
+    """An exception as one line, for an error row or the console: its type and its message's first line."""
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"[:300]
+
+
 class UsageError(ValueError):
     """Bad input from the user: printed as one line, exit code 2."""
 

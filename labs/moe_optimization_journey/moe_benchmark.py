@@ -40,7 +40,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout, without `
     sys.path.insert(0, str(REPO_ROOT))
 
 import triton_kernels  # noqa: E402
-from cli.options import debugging  # noqa: E402
+from cli.options import debugging, error_line  # noqa: E402
 from moe_model import (  # noqa: E402
     ConfigError,
     MoEConfig,
@@ -710,8 +710,7 @@ def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_to
         if out_of_host_memory(error):
             row.update(status="oom", note=f"out of host memory at {num_tokens} tokens")
         else:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            row.update(status="error", note=f"{type(error).__name__}: {first_line}"[:300])
+            row.update(status="error", note=error_line(error))
     finally:
         if level is not None:
             row.note = "; ".join(filter(None, [row.note, *level.notes]))
