@@ -161,9 +161,19 @@ class ResultRow:
         missing = [name for name in REQUIRED if name not in values]
         if missing:
             raise ValueError(f"missing field(s) {', '.join(map(repr, missing))}")
+        for name, value in values.items():
+            if not isinstance(value, JSON_TYPES[name]):
+                raise ValueError(f"field {name!r} holds {value!r}, not {ANNOTATIONS[name]}")
         return cls(**values)
 
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(ResultRow))  # every field, in the file's order
 REQUIRED = tuple(f.name for f in dataclasses.fields(ResultRow)
                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+ANNOTATIONS = {f.name: f.type for f in dataclasses.fields(ResultRow)}  # as written above: "float | None"
+# The values each annotation's parts allow, as JSON gives them back: a float may have been written as a whole
+# number, and a tuple comes back as a list (a row not yet written holds the tuple).
+_JSON_OF = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
+            "tuple": (list, tuple), "list": (list,), "dict": (dict,)}
+JSON_TYPES = {name: sum((_JSON_OF[part.strip().split("[")[0]] for part in annotation.split("|")), ())
+              for name, annotation in ANNOTATIONS.items()}

@@ -108,3 +108,12 @@ def test_an_unforeseen_error_is_one_line(finished_run, monkeypatch, capsys):  # 
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "Traceback" not in err
     assert "ZeroDivisionError: a bug no check foresaw" in err and "--debug" in err
+
+
+def test_a_row_with_a_wrong_type_names_its_field(finished_run, tmp_path):  # noqa: F811
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    first, *rest = (finished_run / "rows.jsonl").read_text().splitlines()
+    (damaged / "rows.jsonl").write_text("\n".join([json.dumps(json.loads(first) | {"tokens": "x"}), *rest]) + "\n")
+    result = bench("report", str(damaged))
+    assert result.exit_code == 2 and "line 1" in result.output and "field 'tokens' holds 'x'" in result.output
