@@ -105,6 +105,8 @@ def parse_world_sizes(spec: str, device) -> list[int]:
 
 
 def prepare_out_dir(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".aisp-write-test"
@@ -256,8 +258,9 @@ def run_command(
     warmup: int = typer.Option(None, help=f"untimed calls before timing (default: {DEFAULTS['cuda'].warmup} on a "
                                           f"GPU, {DEFAULTS['cpu'].warmup} on the CPU; on a GPU at least 0.25 s "
                                           "of them)"),
-    repeats: int = typer.Option(None, help=f"timed calls to aim for (on a GPU do_bench times for that many of the "
-                                           f"warm-up's calls, so its count varies; fewer when slow) (default: "
+    repeats: int = typer.Option(None, help=f"timed calls to aim for: fewer when the calls are slow, never under 5 "
+                                           f"(on a GPU do_bench times for that many of the warm-up's calls, so its "
+                                           f"count varies) (default: "
                                            f"{DEFAULTS['cuda'].repeats} on a GPU, {DEFAULTS['cpu'].repeats} on the "
                                            "CPU)"),
     profile: bool = typer.Option(False, "--profile", help="also time each level's stages (routing, permute, "

@@ -168,6 +168,8 @@ def test_unwritable_out(tmp_path):
     blocker.write_text("")
     result = bench("run", "-t", "moe_journey", "--out", str(blocker / "results"), *FAST)
     assert result.exit_code == 2 and "cannot write to --out" in result.output
+    result = bench("run", "-t", "moe_journey", "--out", str(blocker), *FAST)
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output
 
 
 def test_report_of_a_non_run_folder(tmp_path):
