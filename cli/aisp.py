@@ -529,11 +529,19 @@ def compare_command(run_a: Path = typer.Argument(..., help="the baseline run fol
     if markdown:
         try:
             markdown.write_text(f"{heading.replace(chr(10), '  ' + chr(10))}\n\n"
-                                f"{report.markdown_table(table.set_index('case'), 'case')}\n\n"
+                                f"{report.markdown_table(*markdown_cases(table))}\n\n"
                                 f"{GEOMEAN_TITLE}:\n\n{report.markdown_table(geomean, 'level')}\n")
         except OSError as error:
             fail(f"cannot write {str(markdown)!r}: {error.strerror}")
         console.print(f"wrote {markdown}")
+
+
+def markdown_cases(table):
+    """The comparison as markdown's (table, corner): indexed by case, or by level where every case is the same one
+    (the heading names it) and a case column would stand empty."""
+    if table["case"].any():
+        return table.set_index("case"), "case"
+    return table.drop(columns="case").set_index("level"), "level"
 
 
 def text_table(df, title: str, left: tuple[str, ...] = ("level",)) -> Table:

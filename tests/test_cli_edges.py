@@ -117,3 +117,15 @@ def test_a_row_with_a_wrong_type_names_its_field(finished_run, tmp_path):  # noq
     (damaged / "rows.jsonl").write_text("\n".join([json.dumps(json.loads(first) | {"tokens": "x"}), *rest]) + "\n")
     result = bench("report", str(damaged))
     assert result.exit_code == 2 and "line 1" in result.output and "field 'tokens' holds 'x'" in result.output
+
+
+def test_one_case_compared_in_markdown_has_no_empty_column(finished_run, tmp_path):  # noqa: F811
+    faster = tmp_path / "faster"
+    faster.mkdir()
+    rows = [json.loads(line) for line in (finished_run / "rows.jsonl").read_text().splitlines()]
+    (faster / "rows.jsonl").write_text("".join(json.dumps(row | {"ms": row["ms"] / 2}) + "\n" for row in rows))
+    table = tmp_path / "compare.md"
+    assert bench("compare", str(finished_run), str(faster), "--markdown", str(table)).exit_code == 0
+    header = table.read_text().split("\n\n")[1].splitlines()[0]
+    assert [cell.strip() for cell in header.strip("|").split("|")][:3] == ["level", "T", "A ms"]
+    assert "| 2.00x |" in table.read_text()
