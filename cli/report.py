@@ -422,9 +422,10 @@ def environment_section(env: dict, rows: list[dict]) -> str:
     if env.get("timed_calls"):
         low, high = env["timed_calls"]
         asked = (env.get("args") or {}).get("repeats", "?")
-        lines.append(f"- timed calls per row: {low if low == high else f'{low}–{high}'} (asked for {asked}: at least 5 on the CPU; on a GPU "
-                     "do_bench sizes its timed loop by its own estimate of a call and its L2 clear, and counts its "
-                     "calls itself)")
+        counted = low if low == high else f"{low}–{high}"
+        lines.append(f"- timed calls per row: {counted} (asked for {asked}: at least 5 on the CPU; on a GPU do_bench "
+                     "sizes its timed loop by its own estimate of a call and its L2 clear, and counts its calls "
+                     "itself)")
     if ceilings:
         lines.append(f"- measured ceilings: {ceilings_text(ceilings)}")
     else:

@@ -28,7 +28,8 @@ def test_compare_refuses_a_run_without_rows(finished_run, tmp_path):  # noqa: F8
 def test_compare_says_when_no_case_is_shared(finished_run, tmp_path):  # noqa: F811
     other = tmp_path / "other-preset"
     other.mkdir()
-    rows = [json.loads(line) | {"preset": "elsewhere"} for line in (finished_run / "rows.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) | {"preset": "elsewhere"}
+            for line in (finished_run / "rows.jsonl").read_text().splitlines()]
     (other / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     result = bench("compare", str(finished_run), str(other))
     assert result.exit_code == 0 and "no case was timed in both runs" in result.output

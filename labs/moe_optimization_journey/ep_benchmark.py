@@ -81,17 +81,15 @@ def measured(spans: list | None, device: torch.device):
 
 def time_forwards(layer, inputs, counts: list[int], device: torch.device, warmup: int, repeats: int,
                   budget_s: float) -> dict[int, list[dict[str, float]]]:
-    """Timed forwards in each of the chunk counts `counts`, interleaved: round i runs one forward in every count,
-    in an order rotated by i. Under the power cap a card heats through its timed calls, and an A/B timed one side
-    after the other gives the later side the hotter card (on an H100 the last of a round of pins ran up to 5%
-    slower than the first, NOTES.md); interleaved, every count meets the same card. Each forward in ms: `ms` in
-    all, `busy_ms` = all its expert-compute spans (shared experts included), `exposed_comm_ms` = ms − busy_ms, and
-    the phases around the routed chunks' compute: `dispatch_ms` (from the start to the first chunk's compute, the
-    first half of the shared experts included), `compute_ms` (the chunks' compute spans, summed) and `combine_ms`
-    (from the last chunk's compute to the end, the second half included); with one chunk and no shared experts
-    they are the plain dispatch, compute and combine. All ranks start each forward together (a barrier), after
-    warm-up, with the L2 cache flushed on a GPU; every rank runs the same number of forwards. `budget_s` is per
-    count."""
+    """Timed forwards in each of the chunk counts `counts`, interleaved: round i runs one forward in every count, in an
+    order rotated by i, so that a card heating under its power cap favours none (the EP lesson's "When overlap
+    pays"). Each forward in ms: `ms` in all, `busy_ms` = all its expert-compute spans (shared experts included),
+    `exposed_comm_ms` = ms − busy_ms, and the phases around the routed chunks' compute: `dispatch_ms` (from the
+    start to the first chunk's compute, the first half of the shared experts included), `compute_ms` (the chunks'
+    compute spans, summed) and `combine_ms` (from the last chunk's compute to the end, the second half included);
+    with one chunk and no shared experts they are the plain dispatch, compute and combine. All ranks start each
+    forward together (a barrier), after warm-up, with the L2 cache flushed on a GPU; every rank runs the same number
+    of forwards. `budget_s` is per count."""
     args = inputs.as_args()
     # A count of calls, not a time: every rank must make the same number of forwards (each one is a collective).
     calls = min(warm_up(lambda chunks=chunks: layer.forward(*args, chunks=chunks), device, warmup, repeats, budget_s,

@@ -94,7 +94,9 @@ class Fp8Level(PersistentTmaLevel):
                     extra_bytes=f"({FP8_INTERMEDIATES_BYTES}, 2*({FP8_INTERMEDIATES_BYTES}) + 24*2**20)")
 
     def prepare(self):
-        super().prepare()  # level 9 (and its check for a Hopper GPU): gate|up interleaved [E, H, 2I] and down [E, I, H], shared experts appended
+        # Level 9's, its check for a Hopper GPU included: gate|up interleaved [E, H, 2I] and down [E, I, H], shared
+        # experts appended.
+        super().prepare()
         self.w13 = self.quantize(self.w13_interleaved_EH2I)  # [E, 2I, H] e4m3 and [E, 2I] scales
         self.w_down = self.quantize(self.w_down_EIH)  # [E, H, I] e4m3 and [E, H] scales
         del self.w13_interleaved_EH2I, self.w_down_EIH  # the bf16 copies: not read here

@@ -311,13 +311,12 @@ MIN_TIMED_CALLS = 5  # a row's median and p20/p80 come from at least this many t
 
 def warm_up(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
             budget_s: float, least_s: float | None = None) -> tuple[int, float]:
-    """Call fn `warmup` times (at least once), and for at least `least_s` (on a GPU GPU_WARM_UP_S unless given);
-    return (how many timed calls fit, ms per call): `repeats`, fewer (never under MIN_TIMED_CALLS) when the calls are
-    slow enough that `repeats` of them would pass `budget_s`. A GPU's first tenth of a second of calls can run slow: an H100
-    read deepseek-v3 at one token in 360-370 µs for its first 40 ms of timed calls and 317-325 from 0.1 s on, for
-    levels 8, 9 and 10 alike (NOTES.md); the timed calls are the sustained rate's. Processes whose calls must match
-    in number (each of the EP level's forwards is a collective) pass least_s=0: a clock would not stop them
-    together."""
+    """Call fn `warmup` times (at least once), and for at least `least_s` (on a GPU GPU_WARM_UP_S unless given); return
+    (how many timed calls fit, ms per call): `repeats`, fewer (never under MIN_TIMED_CALLS) when the calls are slow
+    enough that `repeats` of them would pass `budget_s`. A GPU's first tenth of a second of calls can run slow: an H100
+    read deepseek-v3 at one token in 360-370 µs for its first 40 ms of timed calls and 317-325 from 0.1 s on, for levels
+    8, 9 and 10 alike (NOTES.md); the timed calls are the sustained rate's. Processes whose calls must match in number
+    (each of the EP level's forwards is a collective) pass least_s=0: a clock would not stop them together."""
     if least_s is None:
         least_s = GPU_WARM_UP_S if device.type == "cuda" else 0.0
     start = time.perf_counter()
