@@ -148,6 +148,10 @@ class MoEWeights:
     def device(self) -> torch.device:
         return self.w_gate_EHI.device
 
+    def nbytes(self) -> int:
+        """The memory the weights take, router and shared experts included."""
+        return sum(tensor.numel() * tensor.element_size() for tensor in vars(self).values())
+
     def without_shared(self) -> MoEWeights:
         """The same routed experts and router, with no shared experts (S = 0)."""
         return replace(self, w_shared_gate_SHI=self.w_shared_gate_SHI[:0], w_shared_up_SHI=self.w_shared_up_SHI[:0],

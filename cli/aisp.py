@@ -359,16 +359,17 @@ def run_command(
                                                               f"{config.name}'s weights")
                                 record(row.to_json())
                     continue
+                settings = bench_mod.Settings(ceilings=ceilings, warmup=warmup, repeats=repeats,
+                                              time_budget_s=defaults.time_budget_s, profile=profile)
                 for shape in traffics:
                     for num_tokens in token_counts:
-                        for key in in_process:
-                            level_cls = available[key]
-                            progress.update(task, description=f"{config.name} · {shape.label} · {num_tokens} tokens "
-                                                              f"· level {key} {level_cls.name}")
-                            record(bench_mod.benchmark(level_cls, config, num_tokens, torch_device, weights=weights,
-                                                       ceilings=ceilings, warmup=warmup, repeats=repeats,
-                                                       time_budget_s=defaults.time_budget_s, traffic=shape,
-                                                       profile=profile))
+                        case = f"{config.name} · {shape.label} · {num_tokens} tokens"
+                        for row in bench_mod.benchmark_case(
+                                [available[key] for key in in_process], config, num_tokens, torch_device,
+                                weights=weights, traffic=shape, settings=settings,
+                                status=lambda doing, case=case: progress.update(task,
+                                                                                description=f"{case} · {doing}")):
+                            record(row)
                 del weights
                 bench_mod.release_memory(torch_device)
             for size in world_sizes:

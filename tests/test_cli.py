@@ -92,16 +92,16 @@ def test_runs_never_overwrite(tmp_path):
 
 
 def test_interrupted_run_keeps_its_rows(tmp_path, monkeypatch):
-    real_benchmark = moe_benchmark.benchmark
+    real_benchmark_case = moe_benchmark.benchmark_case
     calls = []
 
-    def interrupt_on_third(*args, **kwargs):
+    def interrupt_second_case(*args, **kwargs):  # the first case's two rows are written, the second's never
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_benchmark(*args, **kwargs)
+        return real_benchmark_case(*args, **kwargs)
 
-    monkeypatch.setattr(moe_benchmark, "benchmark", interrupt_on_third)
+    monkeypatch.setattr(moe_benchmark, "benchmark_case", interrupt_second_case)
     result = bench("run", "-t", "moe_journey", "--levels", "0,4", "--tokens", "3,9", "--out", str(tmp_path), *FAST)
     assert result.exit_code == 130
     (run_dir,) = run_dirs(tmp_path)

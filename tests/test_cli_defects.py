@@ -213,8 +213,8 @@ def test_environment_records_the_calls_that_ran(tmp_path):
     assert result.exit_code == 0, result.output
     run_dir = only_run_dir(tmp_path)
     env = json.loads((run_dir / "environment.json").read_text())
-    assert env["args"]["repeats"] == 3 and env["timed_calls"] == [5, 5]
-    assert "timed calls per row: 5 (asked for 3" in (run_dir / "summary.md").read_text()
+    assert env["args"]["repeats"] == 3 and env["timed_calls"] == [6, 6]  # two rounds of at least 3
+    assert "timed calls per row: 6 (asked for 3" in (run_dir / "summary.md").read_text()
 
 
 def test_a_gpu_run_leaves_latest_alone(tmp_path, monkeypatch):
@@ -222,16 +222,18 @@ def test_a_gpu_run_leaves_latest_alone(tmp_path, monkeypatch):
     import torch
 
     cpu = torch.device("cpu")
-    real_benchmark = moe_benchmark.benchmark
+    real_benchmark_case, real_init_weights = moe_benchmark.benchmark_case, moe_benchmark.init_weights
     monkeypatch.setattr(moe_benchmark, "resolve_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(moe_benchmark, "device_label", lambda device: "Fake GPU")
     monkeypatch.setattr(moe_benchmark, "measure_ceilings", lambda device: None)
     monkeypatch.setattr(moe_benchmark, "init_weights", lambda config, device: None)
-    monkeypatch.setattr(moe_benchmark, "benchmark",
-                        lambda level_cls, config, tokens, device, **kw: real_benchmark(level_cls, config, tokens, cpu,
-                                                                                       **kw | {"ceilings": None}))
+    monkeypatch.setattr(moe_benchmark, "benchmark_case",
+                        lambda classes, config, tokens, device, **kw: real_benchmark_case(
+                            classes, config, tokens, cpu, **kw | {"weights": real_init_weights(config, cpu)}))
     result = run(tmp_path, "--levels", "0", "--tokens", "3", "--preset", "tiny", "--repeats", "3")
     assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "moe_journey").iterdir()
+    assert json.loads((run_dir / "rows.jsonl").read_text())["status"] == "ok"
     assert not (tmp_path / "moe_journey" / "LATEST.md").exists()
 
 

@@ -181,6 +181,77 @@ def test_cpu_timing_runs_elementwise_kernels_as_torch_ops(levels, tiny, monkeypa
     assert len(kernel_calls) == 1  # the check's one call, not the warm-up's or the timed ones
 
 
+FAST_SETTINGS = moe_benchmark.Settings(warmup=1, repeats=3)
+
+
+def counting_levels(names):
+    """Levels that compute the reference and say their name each time they are timed."""
+    class Named(moe_benchmark.MoELevel):
+        summary = "the reference, by name"
+
+        def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
+            return reference_forward(tokens_TH, self.weights, routing_weights_TK, expert_ids_TK).to(tokens_TH.dtype)
+
+    return [type(f"Level{name}", (Named,), {"level": name, "name": f"level-{name}"}) for name in names]
+
+
+def test_a_case_times_its_levels_in_order_then_in_reverse(tiny, monkeypatch):
+    """A GPU under its power cap slows as it heats: each level of a case is timed once in level order and once in
+    reverse, so a steady heating weighs on all alike. A level that fails its check is never timed, and the rows
+    come back in level order."""
+    first, wrong, last = counting_levels(["a", "wrong", "b"])
+    wrong.forward = lambda self, tokens_TH, *routing: tokens_TH * 0 + 1
+    order = []
+    monkeypatch.setattr(moe_benchmark, "time_calls",
+                        lambda fn, *args, **kwargs: order.append(fn.__self__.row.level) or [1.0, 1.0, 1.0])
+    rows = moe_benchmark.benchmark_case([first, wrong, last], tiny, 9, torch.device("cpu"))
+    assert order == ["a", "b", "b", "a"]
+    assert [row["level"] for row in rows] == ["a", "wrong", "b"]
+    assert [row["status"] for row in rows] == ["ok", "error", "ok"] and rows[0]["repeats"] == 6
+
+
+def test_a_level_out_of_memory_beside_others_is_set_up_again_alone(tiny, monkeypatch):
+    """Out of memory beside the levels waiting: those are timed (and their memory freed) first, then the level is set
+    up again on its own; only out of memory alone makes an `oom` row."""
+    first, second = counting_levels(["a", "b"])
+    prepares = []
+
+    def prepare(self):
+        prepares.append(1)
+        if len(prepares) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    second.prepare = prepare
+    order = []
+    monkeypatch.setattr(moe_benchmark, "time_calls",
+                        lambda fn, *args, **kwargs: order.append(fn.__self__.row.level) or [1.0, 1.0, 1.0])
+    rows = moe_benchmark.benchmark_case([first, second], tiny, 9, torch.device("cpu"))
+    assert order == ["a", "a", "b", "b"] and [row["status"] for row in rows] == ["ok", "ok"]
+
+
+def test_a_level_is_freed_once_timed(tiny, monkeypatch):
+    """Where two levels do not fit together, the first is timed and its memory freed before the second is set up:
+    nothing else may keep a reference to it (deepseek-v3's levels each hold a 22.5 GB copy of the weights)."""
+    import weakref
+
+    first, second = counting_levels(["a", "b"])
+    alive = []
+
+    def prepare_in_a_cycle(self):  # as a level and its CUDA graph are: only the collector frees it
+        alive.append(weakref.ref(self))
+        self.itself = self
+
+    def prepare(self):
+        assert alive and alive[0]() is None, "level a is still alive"
+
+    first.prepare = prepare_in_a_cycle
+
+    second.prepare = prepare
+    monkeypatch.setattr(moe_benchmark, "room_for_another", lambda device, weights: False)
+    rows = moe_benchmark.benchmark_case([first, second], tiny, 9, torch.device("cpu"), settings=FAST_SETTINGS)
+    assert [row["status"] for row in rows] == ["ok", "ok"], rows[1]["note"]
+
+
 def test_claims_evaluate_to_numbers(levels, tiny):
     for key, cls in levels.items():
         claimed = cls.claims.evaluate(tiny, 37)

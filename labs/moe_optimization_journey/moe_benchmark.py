@@ -4,21 +4,25 @@ A level subclasses `MoELevel`, sets `level`, `name`, `summary` and `claims` (its
 `forward(tokens_TH, routing_weights_TK, expert_ids_TK) -> out_TH` (and `prepare()` for a one-time weight
 re-layout). Everything else is here, once, so the level files hold nothing but their idea:
 
-- `benchmark()` builds inputs, checks the level against the fp32 reference on fresh random inputs (its first
-  call, timed apart), times it, measures on a GPU its kernels, syncs, extra memory and GPU-busy share against its
-  claims, and returns one result row; an out-of-memory becomes a row with status `oom`, never a crash.
+- `benchmark_case()` takes the levels of one case (preset, traffic, T): for each it builds inputs and checks the
+  level against the fp32 reference on fresh random inputs (its first call, timed apart); then it times the levels
+  in turn, measures on a GPU their kernels, syncs, extra memory and GPU-busy share against their claims, and
+  returns one result row per level; an out-of-memory becomes a row with status `oom`, never a crash.
+  `benchmark()` is the same for one level.
 - `stage(name)` marks a stage of a level's forward (permute, expert GEMMs, ...); `benchmark(..., profile=True)`
   adds to the row the time each stage took (`stage_ms`). Off, a marker costs a few hundred nanoseconds.
 - `run_level_script()` is the entry point each level file calls under `if __name__ == "__main__"`.
 
 Timing: on CUDA, `triton.testing.do_bench`: device events around each call, after warm-up, the L2 cache cleared
-before each so that no repeat finds the previous one's weights in cache; the median of many repeats. On the CPU,
+before each so that no repeat finds the previous one's weights in cache; the median of many repeats, taken in two
+rounds (the case's levels in order, then in reverse: a GPU under its power cap slows as it heats). On the CPU,
 a host clock, median, with the elementwise Triton kernel run as torch ops; levels whose GEMMs are Triton kernels
 are checked in the interpreter there, not timed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import math
@@ -310,9 +314,10 @@ MIN_TIMED_CALLS = 5  # a row's median and p20/p80 come from at least this many t
 
 
 def warm_up(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-            budget_s: float, least_s: float | None = None) -> tuple[int, float]:
+            budget_s: float, least_s: float | None = None,
+            least_calls: int = MIN_TIMED_CALLS) -> tuple[int, float]:
     """Call fn `warmup` times (at least once), and for at least `least_s` (on a GPU GPU_WARM_UP_S unless given); return
-    (how many timed calls fit, ms per call): `repeats`, fewer (never under MIN_TIMED_CALLS) when the calls are slow
+    (how many timed calls fit, ms per call): `repeats`, fewer (never under `least_calls`) when the calls are slow
     enough that `repeats` of them would pass `budget_s`. A GPU's first tenth of a second of calls can run slow: an H100
     read deepseek-v3 at one token in 360-370 µs for its first 40 ms of timed calls and 317-325 from 0.1 s on, for levels
     8, 9 and 10 alike (NOTES.md); the timed calls are the sustained rate's. Processes whose calls must match in number
@@ -328,7 +333,7 @@ def warm_up(fn: Callable[[], object], device: torch.device, warmup: int, repeats
             synchronize(device)  # the launch queue never fills, and the clock counts finished calls
     synchronize(device)
     estimate_s = (time.perf_counter() - start) / calls
-    return max(MIN_TIMED_CALLS, min(repeats, int(budget_s / max(estimate_s, 1e-6)))), estimate_s * 1e3
+    return max(least_calls, min(repeats, int(budget_s / max(estimate_s, 1e-6)))), estimate_s * 1e3
 
 
 @functools.cache
@@ -347,7 +352,8 @@ def cache_clear_ms(device: torch.device) -> float:
 
 
 def time_calls(
-    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, budget_s: float = 3.0
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, budget_s: float = 3.0,
+    least_calls: int = MIN_TIMED_CALLS,
 ) -> list[float]:
     """Milliseconds of each timed call of fn, after warm-up (`warm_up` decides how many calls fit the budget).
     On a GPU `triton.testing.do_bench` times them: a CUDA event pair around each call, the L2 cache cleared before
@@ -355,19 +361,19 @@ def time_calls(
     own estimate of a call and a clear together, so the loop asked for is that many calls and clears at the
     warm-up's estimate (do_bench may still time a few more or fewer: environment.json records how many). On the
     CPU, the host clock."""
-    repeats, estimate_ms = warm_up(fn, device, warmup, repeats, budget_s)
+    repeats, estimate_ms = warm_up(fn, device, warmup, repeats, budget_s, least_calls=least_calls)
     if device.type == "cuda":
         from triton.testing import do_bench
 
         # Sized by the calls alone, graphed one-token forwards beside the 97 µs clear got 5-16 timed calls, not 20.
         # do_bench sizes its loop by 5 calls of its own, and one host stall among them can leave it a single timed
         # call (an H100's qwen3-moe level 10 at one token: 1 call of 1225 µs, the GPU busy 2% of it, NOTES.md):
-        # asked again until MIN_TIMED_CALLS have run.
+        # asked again until `least_calls` have run.
         times_ms = []
         for _ in range(4):
             times_ms += do_bench(fn, warmup=0, rep=repeats * (estimate_ms + cache_clear_ms(device)),
                                  return_mode="all")
-            if len(times_ms) >= MIN_TIMED_CALLS:
+            if len(times_ms) >= least_calls:
                 break
         return times_ms
     times_ms = []
@@ -429,14 +435,16 @@ class Counts:
     syncs: int  # times the host waited for the device (torch.cuda.set_sync_debug_mode warnings)
     extra_mb: float  # device memory beyond inputs, weights and output: a call's transient peak plus what the
     #                  level keeps between calls (a graph's private pool, static buffers)
-    peak_mb: float  # everything allocated at the call's peak, weights and inputs included
+    peak_mb: float  # everything allocated at the call's peak, weights and inputs included (not what other levels
+    #                 waiting for their turn hold)
     gpu_busy_pct: float  # kernel time over the timed forward's time: under 50%, the GPU mostly waits for the host
 
 
-def measure_counts(fn: Callable[[], torch.Tensor], device: torch.device, ms: float, keeps_buffers: bool,
-                   calls: int = 3) -> Counts:
-    """Kernels, syncs and memory of one forward (the mean of `calls` for the kernels). For a level that
-    `keeps_buffers` between calls, its CUDA graphs' memory pools count too."""
+def measure_counts(fn: Callable[[], torch.Tensor], device: torch.device, ms: float, pool_bytes: int = 0,
+                   held_elsewhere: int = 0, calls: int = 3) -> Counts:
+    """Kernels, syncs and memory of one forward (the mean of `calls` for the kernels). `pool_bytes`: what the
+    level's CUDA graphs' private pools hold between calls, which counts as extra memory too. `held_elsewhere`:
+    bytes that other levels hold meanwhile (their weight layouts, graphs and inputs), left out of the peak."""
     import warnings
 
     from torch.profiler import ProfilerActivity, profile
@@ -468,9 +476,8 @@ def measure_counts(fn: Callable[[], torch.Tensor], device: torch.device, ms: flo
     peak = torch.cuda.max_memory_allocated(device)
     transient = peak - before - out.numel() * out.element_size()
     del out
-    held = graph_pool_bytes(device) if keeps_buffers else 0
-    return Counts(launches=round(len(kernels) / calls), syncs=syncs, extra_mb=(max(0, transient) + held) / 2**20,
-                  peak_mb=peak / 2**20, gpu_busy_pct=min(100.0, 100 * busy_us / 1e3 / ms))
+    return Counts(launches=round(len(kernels) / calls), syncs=syncs, extra_mb=(max(0, transient) + pool_bytes) / 2**20,
+                  peak_mb=(peak - held_elsewhere) / 2**20, gpu_busy_pct=min(100.0, 100 * busy_us / 1e3 / ms))
 
 
 def graph_pool_bytes(device: torch.device) -> int:
@@ -590,50 +597,157 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def benchmark(
-    level_cls: type[MoELevel],
-    config: MoEConfig,
-    num_tokens: int,
-    device: torch.device,
-    *,
-    weights: MoEWeights | None = None,
-    ceilings: Ceilings | None = None,
-    warmup: int = 3,
-    repeats: int = 50,
-    time_budget_s: float = 3.0,
-    traffic: Traffic = Traffic(),
-    profile: bool = False,
-) -> dict:
-    """Check one level at one size, then time it (and with `profile`, time its stages too). Always returns a
-    row (ResultRow.to_json(), as rows.jsonl holds it); never raises for a level's failure.
+TIMING_ROUNDS = 2  # a case's levels are timed in turn: in level order, then in reverse (see benchmark_case)
+
+
+@dataclass
+class Settings:
+    """How every row of a run is measured: the run's options, the same for each case."""
+
+    ceilings: Ceilings | None = None
+    warmup: int = 3
+    repeats: int = 50
+    time_budget_s: float = 3.0
+    profile: bool = False
+
+
+@dataclass
+class Waiting:
+    """A level set up and checked, its timing inputs drawn: waiting for its turns on the clock."""
+
+    row: ResultRow
+    level: MoELevel
+    inputs: Inputs
+    held_bytes: int  # device memory it holds while it waits: its weight layouts, graph and timing inputs
+    pool_bytes: int  # of which its CUDA graphs' private pools (for a level that `keeps_buffers`)
+    times_ms: list[float] = dataclasses.field(default_factory=list)
+    clock: tuple[int, bool] | None = None  # sm_clock_after_load() after its last turn
+
+    def call(self) -> torch.Tensor:
+        return self.level.forward(*self.inputs.as_args())
+
+    def take_turn(self, device: torch.device, settings: Settings) -> None:
+        """One round's share of the row's timed calls, warm-up first, and the clock they left the GPU at."""
+        with triton_kernels.torch_ops_on_cpu():
+            self.times_ms += time_calls(self.call, device, settings.warmup,
+                                        math.ceil(settings.repeats / TIMING_ROUNDS),
+                                        settings.time_budget_s / TIMING_ROUNDS,
+                                        least_calls=math.ceil(MIN_TIMED_CALLS / TIMING_ROUNDS))
+        self.clock = sm_clock_after_load(device)
+
+
+def benchmark(level_cls: type[MoELevel], config: MoEConfig, num_tokens: int, device: torch.device, *,
+              weights: MoEWeights | None = None, traffic: Traffic = Traffic(), **settings) -> dict:
+    """One level at one size: `benchmark_case` with a single level. `settings` are Settings' fields."""
+    return benchmark_case([level_cls], config, num_tokens, device, weights=weights, traffic=traffic,
+                          settings=Settings(**settings))[0]
+
+
+def benchmark_case(level_classes: list[type[MoELevel]], config: MoEConfig, num_tokens: int, device: torch.device,
+                   *, weights: MoEWeights | None = None, traffic: Traffic = Traffic(),
+                   settings: Settings = Settings(), status: Callable[[str], None] | None = None) -> list[dict]:
+    """Check each level at one size, then time them in turn (and with `profile`, time their stages too). Always
+    returns one row per level, in their order (ResultRow.to_json(), as rows.jsonl holds them); never raises for a
+    level's failure. `status` hears what is being done, for a progress line.
+
+    Why in turn: a GPU under its power cap runs slower as it heats, and timed one after the other each level would
+    meet the card the levels before it had heated. On an H100 a sweep read level 8 (level 7's kernels, graphed) 5-7%
+    slower than level 7 at mixtral's 16384 tokens; timed in rounds in one process they were 0.6% apart (NOTES.md).
+    So the levels are set up and checked first, then timed in TIMING_ROUNDS rounds, in level order and then in
+    reverse: a card that heats steadily through the case weighs on each level alike. On a GPU a level joins those
+    waiting only while the device has room for twice the weights (another copy of them and the forward's buffers);
+    past that, and where a level runs out of memory beside others, the levels waiting are timed first.
 
     On the CPU the row times what a CPU user would run: the elementwise Triton kernels as torch ops
     (`triton_kernels.torch_ops_on_cpu`); the check still runs them in Triton's interpreter. A level whose GEMMs
     exist only as Triton kernels (`interpreter_only`) is checked there and not timed: status `checked`."""
-    row = base_row(level_cls, config, num_tokens, device, traffic)
-    measure(row, level_cls, config, num_tokens, device, weights, ceilings, warmup, repeats, time_budget_s, traffic,
-            profile)
-    return row.to_json()
+    weights = weights if weights is not None else init_weights(config, device)
+    status = status or (lambda message: None)
+    rows: list[ResultRow] = []
+    waiting: list[Waiting] = []
+
+    def time_waiting() -> None:
+        time_in_turn(waiting, config, num_tokens, device, settings, status)
+        waiting.clear()  # the last reference to each: their memory goes (a level and its graph hold a cycle,
+        release_memory(device)  # which only the collector here frees)
+
+    def set_up_beside_waiting(level_cls: type[MoELevel]) -> ResultRow:
+        """Set the level up; unless its row ends there, it joins the levels waiting (the only reference to it, so
+        that its memory goes when they have been timed)."""
+        status(f"checking level {level_cls.level} {level_cls.name}")
+        row = base_row(level_cls, config, num_tokens, device, traffic)
+        turn = set_up(row, level_cls, config, num_tokens, device, weights, traffic)
+        if row.status == "oom" and waiting:  # no room beside the levels waiting after all: time them, then alone
+            time_waiting()
+            return set_up_beside_waiting(level_cls)
+        if turn is not None:
+            waiting.append(turn)
+        return row
+
+    for level_cls in level_classes:
+        if waiting and not room_for_another(device, weights):
+            time_waiting()
+        rows.append(set_up_beside_waiting(level_cls))
+    time_waiting()
+    return [row.to_json() for row in rows]
 
 
-def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_tokens: int, device: torch.device,
-            weights: MoEWeights | None, ceilings: Ceilings | None, warmup: int, repeats: int, time_budget_s: float,
-            traffic: Traffic, profile: bool) -> None:
-    """benchmark()'s work: fill `row` in, or say in it why it stopped."""
+def time_in_turn(waiting: list[Waiting], config: MoEConfig, num_tokens: int, device: torch.device,
+                 settings: Settings, status: Callable[[str], None]) -> None:
+    """Time the waiting levels in TIMING_ROUNDS rounds, in order and then in reverse, and fill in their rows."""
+    for round_ in range(TIMING_ROUNDS):
+        for turn in waiting if round_ % 2 == 0 else waiting[::-1]:
+            status(f"timing level {turn.row.level}, round {round_ + 1} of {TIMING_ROUNDS}")
+            timed(turn.row, lambda turn=turn: turn.take_turn(device, settings))
+    for turn in waiting:
+        status(f"counting level {turn.row.level}'s launches, syncs and memory")
+        held_elsewhere = sum(other.held_bytes for other in waiting if other is not turn)
+        timed(turn.row, lambda turn=turn: finish(turn, config, num_tokens, device, settings, held_elsewhere))
+        turn.row.note = "; ".join(filter(None, [turn.row.note, *turn.level.notes]))
+
+
+def room_for_another(device: torch.device, weights: MoEWeights) -> bool:
+    """Whether another level may be set up beside those waiting: on a GPU, free memory for twice the weights."""
+    if device.type != "cuda":
+        return True
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return free_bytes >= 2 * weights.nbytes()
+
+
+def timed(row: ResultRow, step: Callable[[], object]) -> None:
+    """Run one step of a waiting level's measurement; a failure ends its row (status and note) instead of the run.
+    A row that has already failed takes no further steps."""
+    if row.status != "ok":
+        return
+    try:
+        step()
+    except torch.cuda.OutOfMemoryError:
+        row.update(status="oom", note=f"CUDA out of memory at {row.tokens} tokens")
+    except Exception as error:  # a broken level is a row that says so, and the sweep goes on
+        if debugging():  # `aisp --debug`, AISP_DEBUG=1: the level's own traceback instead
+            raise
+        row.update(status="error", note=error_line(error))
+
+
+def set_up(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_tokens: int, device: torch.device,
+           weights: MoEWeights, traffic: Traffic) -> Waiting | None:
+    """Make the level, check its first call against the reference, and draw its timing inputs. Returns the level
+    waiting to be timed, or None where `row` already says why it ends here (skipped, wrong, checked, oom, error)."""
     if level_cls.needs_cuda and device.type != "cuda":
         row.update(status="skipped", note="needs a CUDA GPU")
-        return
+        return None
     if reason := level_cls.skip_reason(config, num_tokens):
         row.update(status="skipped", note=reason)
-        return
+        return None
     if claims := getattr(level_cls, "claims", None):
         claimed = claims.evaluate(config, num_tokens)
         row.update(launches_claimed=claimed["launches"], syncs_claimed=claimed["syncs"],
                    extra_mb_claimed=claimed["extra_mb"])
-    on_gpu = device.type == "cuda"
     level = None
+    on_gpu = device.type == "cuda"
+    allocated_before = torch.cuda.memory_allocated(device) if on_gpu else 0
+    pools_before = graph_pool_bytes(device) if on_gpu and level_cls.keeps_buffers else 0
     try:
-        weights = weights if weights is not None else init_weights(config, device)
         level = level_cls(config, weights)
         level.prepare()
         timing_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "timing"), traffic)
@@ -645,60 +759,25 @@ def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_to
         row.first_call_ms = (time.perf_counter() - begin) * 1e3
         check = compare_to_reference(out_TH, level.reference(*check_inputs.as_args()), config.tolerance)
         if level_cls.fp8:  # the quantization's own error: against the layer's reference, as the other levels are
-            tokens_TH, routing_weights_TK, expert_ids_TK = check_inputs.as_args()
-            layer_ref_TH = reference_forward(tokens_TH, weights, routing_weights_TK, expert_ids_TK)
+            layer_ref_TH = reference_forward(check_inputs.tokens_TH, weights, check_inputs.routing_weights_TK,
+                                             check_inputs.expert_ids_TK)
             row.quant_err = compare_to_reference(out_TH, layer_ref_TH, math.inf).rel_err
-        del out_TH, check_inputs
+            del layer_ref_TH
+        del out_TH, check_inputs  # what waits for its turn holds only what the timing needs
         row.rel_err = check.rel_err
         if not check.passed:
             row.update(status="error", note=f"wrong result: {check.message}")
-            return
-        row.note = level.after_first_call()
-        row.update(**load_metrics(timing_inputs.expert_ids_TK, config.num_experts),
-                   dropped_tokens=timing_inputs.dropped_tokens)
-        if level_cls.interpreter_only and not on_gpu:
-            row.update(status="checked", note="checked in Triton's interpreter, not timed: its GEMMs are Triton "
-                                              "kernels, and the interpreter's speed says nothing about a CPU's")
-            return
-
-        call = lambda: level.forward(*timing_inputs.as_args())  # noqa: E731
-        with triton_kernels.torch_ops_on_cpu():
-            times_ms = time_calls(call, device, warmup, repeats, time_budget_s)
-        if clock := sm_clock_after_load(device):
-            row.sm_clock_mhz, row.power_capped = clock
-        ms = statistics.median(times_ms)
-        flops = flop_count(config, num_tokens)
-        nbytes = min_bytes(config, num_tokens, int(timing_inputs.expert_ids_TK.unique().numel()),
-                           weight_bytes=1 if level_cls.fp8 else None)
-        row.update(
-            ms=ms,
-            ms_p20=quantile(times_ms, 0.2),
-            ms_p80=quantile(times_ms, 0.8),
-            repeats=len(times_ms),
-            tokens_per_s=num_tokens / (ms * 1e-3),
-            tflops=flops / (ms * 1e-3) / 1e12,
-            gbps=nbytes / (ms * 1e-3) / 1e9,
-            pct_roofline=(100 * floor_ms / ms
-                          if ceilings and (floor_ms := ceilings.floor_ms(flops, nbytes, level_cls.fp8)) else None),
-        )
-        if on_gpu:
-            counts = measure_counts(call, device, ms, level_cls.keeps_buffers)
-            row.update(launches_measured=counts.launches, syncs_measured=counts.syncs, extra_mb=counts.extra_mb,
-                       peak_mb=counts.peak_mb, gpu_busy_pct=counts.gpu_busy_pct,
-                       host_ms=host_issue_ms(call, device, ms) if counts.syncs == 0 else None)
-            row.host_bound = row.is_host_bound()
-            if row.launches_claimed is not None:
-                row.claims_contradicted = contradicted_claims(row.to_json())
-        if profile:
-            router = make_router(config)
-
-            def routing() -> None:  # the router's projection and its choice (skewed traffic replaces the logits)
-                timing_inputs.tokens_TH @ weights.router_HE
-                router(timing_inputs.router_logits_TE, config.top_k)
-
-            row.profile_calls = max(3, min(20, len(times_ms)))
-            with triton_kernels.torch_ops_on_cpu():
-                row.stage_ms = profile_stages(call, routing, device, row.profile_calls)
+        else:
+            row.note = level.after_first_call()
+            row.update(**load_metrics(timing_inputs.expert_ids_TK, config.num_experts),
+                       dropped_tokens=timing_inputs.dropped_tokens)
+            if level_cls.interpreter_only and not on_gpu:
+                row.update(status="checked", note="checked in Triton's interpreter, not timed: its GEMMs are Triton "
+                                                  "kernels, and the interpreter's speed says nothing about a CPU's")
+            else:
+                held_bytes = torch.cuda.memory_allocated(device) - allocated_before if on_gpu else 0
+                pool_bytes = graph_pool_bytes(device) - pools_before if on_gpu and level_cls.keeps_buffers else 0
+                return Waiting(row, level, timing_inputs, held_bytes, pool_bytes)
     except torch.cuda.OutOfMemoryError:
         row.update(status="oom", note=f"CUDA out of memory at {num_tokens} tokens")
     except LevelUnavailable as reason:
@@ -710,11 +789,54 @@ def measure(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_to
             row.update(status="oom", note=f"out of host memory at {num_tokens} tokens")
         else:
             row.update(status="error", note=error_line(error))
-    finally:
-        if level is not None:
-            row.note = "; ".join(filter(None, [row.note, *level.notes]))
-        del level
-        release_memory(device)
+    if level is not None:
+        row.note = "; ".join(filter(None, [row.note, *level.notes]))
+    del level
+    release_memory(device)
+    return None
+
+
+def finish(turn: Waiting, config: MoEConfig, num_tokens: int, device: torch.device, settings: Settings,
+           held_elsewhere: int) -> None:
+    """Fill in a timed level's row: its rates from the timed calls, and on a GPU its counts against its claims
+    (`held_elsewhere`: what the other levels waiting hold, which its peak memory leaves out)."""
+    row, times_ms, call = turn.row, turn.times_ms, turn.call
+    if turn.clock:
+        row.sm_clock_mhz, row.power_capped = turn.clock
+    ms = statistics.median(times_ms)
+    flops = flop_count(config, num_tokens)
+    nbytes = min_bytes(config, num_tokens, int(turn.inputs.expert_ids_TK.unique().numel()),
+                       weight_bytes=1 if turn.level.fp8 else None)
+    row.update(
+        ms=ms,
+        ms_p20=quantile(times_ms, 0.2),
+        ms_p80=quantile(times_ms, 0.8),
+        repeats=len(times_ms),
+        tokens_per_s=num_tokens / (ms * 1e-3),
+        tflops=flops / (ms * 1e-3) / 1e12,
+        gbps=nbytes / (ms * 1e-3) / 1e9,
+        pct_roofline=(100 * floor_ms / ms if settings.ceilings
+                      and (floor_ms := settings.ceilings.floor_ms(flops, nbytes, turn.level.fp8)) else None),
+    )
+    if device.type == "cuda":
+        counts = measure_counts(call, device, ms, turn.pool_bytes, held_elsewhere)
+        row.update(launches_measured=counts.launches, syncs_measured=counts.syncs, extra_mb=counts.extra_mb,
+                   peak_mb=counts.peak_mb, gpu_busy_pct=counts.gpu_busy_pct,
+                   host_ms=host_issue_ms(call, device, ms) if counts.syncs == 0 else None)
+        row.host_bound = row.is_host_bound()
+        if row.launches_claimed is not None:
+            row.claims_contradicted = contradicted_claims(row.to_json())
+    if settings.profile:
+        router = make_router(config)
+        tokens_TH, logits_TE = turn.inputs.tokens_TH, turn.inputs.router_logits_TE
+
+        def routing() -> None:  # the router's projection and its choice (skewed traffic replaces the logits)
+            tokens_TH @ turn.level.weights.router_HE
+            router(logits_TE, config.top_k)
+
+        row.profile_calls = max(3, min(20, len(times_ms)))
+        with triton_kernels.torch_ops_on_cpu():
+            row.stage_ms = profile_stages(call, routing, device, row.profile_calls)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -796,9 +918,9 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
     rows = []
     for config in configs:
         weights = init_weights(config, device)
-        rows += [benchmark(level_cls, config, num_tokens, device, weights=weights, ceilings=ceilings,
-                           warmup=cases.warmup, repeats=cases.repeats, time_budget_s=cases.defaults.time_budget_s,
-                           traffic=traffic, profile=args.profile)
+        rows += [benchmark(level_cls, config, num_tokens, device, weights=weights, traffic=traffic,
+                           ceilings=ceilings, warmup=cases.warmup, repeats=cases.repeats,
+                           time_budget_s=cases.defaults.time_budget_s, profile=args.profile)
                  for traffic in cases.traffics for num_tokens in cases.token_counts]
         del weights
         release_memory(device)
