@@ -62,8 +62,8 @@ What it costs
     per step. Hardware: level 9's, a Hopper GPU (FP8 alone would take sm_89). Memory: one byte per weight plus 4 per
     column, beside the bf16 weights the harness keeps for the other levels; the hidden twice, in bf16 and in e4m3.
     Decode: two more launches in the graph than level 9's two (the alignment with the tokens' quantization, and the
-    hidden's pass), so at one token on journey, whose weights are few, level 10 is no faster than level 9 (30.1
-    against 29.1 µs on one H100 in `20261126T140058Z`, both host-bound).
+    hidden's pass), so at one token on journey, whose weights are few, level 10 is no faster than level 9 (30.4
+    against 28.3 µs on one H100 in `20261126T162834Z`, both host-bound).
 
 Run: python labs/moe_optimization_journey/level10_fp8.py [--preset mixtral] [--tokens 16384] [--device cuda]
 """

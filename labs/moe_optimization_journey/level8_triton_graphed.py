@@ -12,9 +12,12 @@ Why it should be faster than level 7
     (measured on an H100). When a forward's device work is that short (decode: a handful of tokens, where the
     layer only has to read the touched experts' weights), the GPU waits for the host between launches, and one
     graph launch removes the wait: the same kernels, and the GPU is busy 60-90% of the replay. Counted on the host
-    (each GPU row's `host_ms`; the published sweep, one H100 box): level 7 takes 269-378 µs to issue a forward in
-    25 of its 28 rows, level 8 32-38 µs in 27 of 28: two launches, the inputs' copy and the replay.
-    At large T the device work dominates and the two levels should time the same.
+    (each GPU row's `host_ms`; the sweep `20261126T140058Z` and `140602Z`, one H100 box): level 7 takes 309-420 µs
+    to issue a forward in 22 of its 28 rows, level 8 31-41 µs in 22 of 28 (the rest are the host's slow spells):
+    two launches, the inputs' copy and the replay.
+    At large T the device work dominates, and the graph adds one cost: its inputs are copied into its own
+    buffers, T·H·2 bytes read and written (measured on an H100: 48 µs of journey's 32768-token forward, 3%; the
+    GEMM kernels take the same time inside the graph and out, NOTES.md).
 
 What it costs
     A graph per distinct T, captured on first use (outside the timing, its time in the row's note), holding its
