@@ -308,7 +308,8 @@ def run_command(
     ceilings = bench_mod.measure_ceilings(torch_device)
     run_dir = new_run_dir(out_dir / target, bench_mod.device_label(torch_device))
     args = {"levels": level_keys, "tokens": token_counts, "traffic": [t.label for t in traffics], "warmup": warmup,
-            "repeats": repeats, "profile": profile, "world_sizes": world_sizes, "ep_chunks": ep_chunks}
+            "repeats": repeats, "timing_rounds": bench_mod.TIMING_ROUNDS, "profile": profile,
+            "world_sizes": world_sizes, "ep_chunks": ep_chunks}
     # The run, every default resolved, as a command that repeats it.
     args["command"] = shlex.join(["aisp", "bench", "run", "-t", target, "--levels", ",".join(level_keys),
                                   "--tokens", ",".join(map(str, token_counts)),

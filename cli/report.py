@@ -426,6 +426,9 @@ def environment_section(env: dict, rows: list[dict]) -> str:
         lines.append(f"- timed calls per row: {counted} (asked for {asked}: at least 5 on the CPU; on a GPU do_bench "
                      "sizes its timed loop by its own estimate of a call and its L2 clear, and counts its calls "
                      "itself)")
+    if rounds := (env.get("args") or {}).get("timing_rounds"):  # runs from 9bd73d8 on; before, one level at a time
+        lines.append(f"- each case's levels checked first, then timed in turn: {rounds} rounds, alternately in level "
+                     "order and in reverse (a GPU under its power cap slows as it heats)")
     if ceilings:
         lines.append(f"- measured ceilings: {ceilings_text(ceilings)}")
     else:

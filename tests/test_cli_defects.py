@@ -214,7 +214,9 @@ def test_environment_records_the_calls_that_ran(tmp_path):
     run_dir = only_run_dir(tmp_path)
     env = json.loads((run_dir / "environment.json").read_text())
     assert env["args"]["repeats"] == 3 and env["timed_calls"] == [6, 6]  # two rounds of at least 3
-    assert "timed calls per row: 6 (asked for 3" in (run_dir / "summary.md").read_text()
+    summary = (run_dir / "summary.md").read_text()
+    assert "timed calls per row: 6 (asked for 3" in summary
+    assert env["args"]["timing_rounds"] == 2 and "timed in turn: 2 rounds" in summary
 
 
 def test_a_gpu_run_leaves_latest_alone(tmp_path, monkeypatch):

@@ -651,8 +651,9 @@ def benchmark_case(level_classes: list[type[MoELevel]], config: MoEConfig, num_t
     level's failure. `status` hears what is being done, for a progress line.
 
     Why in turn: a GPU under its power cap runs slower as it heats, and timed one after the other each level would
-    meet the card the levels before it had heated. On an H100 a sweep read level 8 (level 7's kernels, graphed) 5-7%
-    slower than level 7 at mixtral's 16384 tokens; timed in rounds in one process they were 0.6% apart (NOTES.md).
+    meet the card the levels before it had heated. On an H100, sweeps that timed one level after the other read
+    level 8 (level 7's kernels, graphed) 5-7% slower than level 7 at mixtral's 16384 tokens; timed in turn, 2.5%: the
+    copy of its inputs into the graph, and the card's spread (NOTES.md).
     So the levels are set up and checked first, then timed in TIMING_ROUNDS rounds, in level order and then in
     reverse: a card that heats steadily through the case weighs on each level alike. On a GPU a level joins those
     waiting only while the device has room for twice the weights (another copy of them and the forward's buffers);
