@@ -255,10 +255,11 @@ def run_command(
     traffic: str = typer.Option("uniform", help="traffic shape(s), comma-separated: uniform, zipf, hot"),
     zipf_s: float = typer.Option(1.2, help="zipf traffic: expert popularity ∝ rank^-s"),
     hot_share: float = typer.Option(0.5, help="hot traffic: the share of tokens that pick expert 0"),
-    warmup: int = typer.Option(None, help=f"untimed calls before timing (default: {DEFAULTS['cuda'].warmup} on a "
-                                          f"GPU, {DEFAULTS['cpu'].warmup} on the CPU; on a GPU at least 0.25 s "
-                                          "of them)"),
-    repeats: int = typer.Option(None, help=f"timed calls to aim for: fewer when the calls are slow, never under 5 "
+    warmup: int = typer.Option(None, help=f"untimed calls before each of a row's turns of timed calls (default: "
+                                          f"{DEFAULTS['cuda'].warmup} on a GPU, {DEFAULTS['cpu'].warmup} on the "
+                                          "CPU; on a GPU at least 0.25 s of them)"),
+    repeats: int = typer.Option(None, help=f"timed calls to aim for, over a row's two turns: fewer when the calls "
+                                           f"are slow, never under 5 "
                                            f"(on a GPU do_bench times for that many of the warm-up's calls, so its "
                                            f"count varies) (default: "
                                            f"{DEFAULTS['cuda'].repeats} on a GPU, {DEFAULTS['cpu'].repeats} on the "

@@ -191,10 +191,12 @@ def script_parser(prog: str, lesson: str, tokens_help: str = "token counts") -> 
     parser.add_argument("--zipf-s", type=float, default=1.2)
     parser.add_argument("--hot-share", type=float, default=0.5)
     parser.add_argument("--warmup", type=int, default=None,
-                        help=f"untimed calls (default: {gpu.warmup} on a GPU, {cpu.warmup} on the CPU)")
-    parser.add_argument("--repeats", type=int, default=None, help=f"timed calls to aim for (on a GPU do_bench times "
-                        f"for that many of the warm-up's calls, so its count varies; fewer when slow) "
-                        f"(default: {gpu.repeats} on a GPU, {cpu.repeats} on the CPU)")
+                        help=f"untimed calls before each of a row's two turns of timed calls (default: "
+                             f"{gpu.warmup} on a GPU, {cpu.warmup} on the CPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed calls to aim for, over both turns (on a GPU do_bench times for that many of the "
+                             f"warm-up's calls, so its count varies; fewer when slow) "
+                             f"(default: {gpu.repeats} on a GPU, {cpu.repeats} on the CPU)")
     parser.add_argument("--debug", action="store_true", help="a crash raises with its full traceback")
     return parser
 

@@ -185,7 +185,7 @@ FAST_SETTINGS = moe_benchmark.Settings(warmup=1, repeats=3)
 
 
 def counting_levels(names):
-    """Levels that compute the reference and say their name each time they are timed."""
+    """One level per name (its `level`), each computing the reference: the timing, not the layer, is under test."""
     class Named(moe_benchmark.MoELevel):
         summary = "the reference, by name"
 
@@ -244,9 +244,7 @@ def test_a_level_is_freed_once_timed(tiny, monkeypatch):
     def prepare(self):
         assert alive and alive[0]() is None, "level a is still alive"
 
-    first.prepare = prepare_in_a_cycle
-
-    second.prepare = prepare
+    first.prepare, second.prepare = prepare_in_a_cycle, prepare
     monkeypatch.setattr(moe_benchmark, "room_for_another", lambda device, weights: False)
     rows = moe_benchmark.benchmark_case([first, second], tiny, 9, torch.device("cpu"), settings=FAST_SETTINGS)
     assert [row["status"] for row in rows] == ["ok", "ok"], rows[1]["note"]
