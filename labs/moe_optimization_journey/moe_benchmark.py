@@ -22,6 +22,7 @@ are checked in the interpreter there, not timed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -600,7 +601,7 @@ def release_memory(device: torch.device) -> None:
 TIMING_ROUNDS = 2  # a case's levels are timed in turn: in level order, then in reverse (see benchmark_case)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     """How every row of a run is measured: the run's options, the same for each case."""
 
@@ -704,7 +705,12 @@ def time_in_turn(waiting: list[Waiting], config: MoEConfig, num_tokens: int, dev
         status(f"counting level {turn.row.level}'s launches, syncs and memory")
         held_elsewhere = sum(other.held_bytes for other in waiting if other is not turn)
         timed(turn.row, lambda turn=turn: finish(turn, config, num_tokens, device, settings, held_elsewhere))
-        turn.row.note = "; ".join(filter(None, [turn.row.note, *turn.level.notes]))
+        add_level_notes(turn.row, turn.level)
+
+
+def add_level_notes(row: ResultRow, level: MoELevel) -> None:
+    """What the level asked its row to tell (fallbacks, ...), after what the row says already."""
+    row.note = "; ".join(filter(None, [row.note, *level.notes]))
 
 
 def room_for_another(device: torch.device, weights: MoEWeights) -> bool:
@@ -715,19 +721,32 @@ def room_for_another(device: torch.device, weights: MoEWeights) -> bool:
     return free_bytes >= 2 * weights.nbytes()
 
 
-def timed(row: ResultRow, step: Callable[[], object]) -> None:
-    """Run one step of a waiting level's measurement; a failure ends its row (status and note) instead of the run.
-    A row that has already failed takes no further steps."""
-    if row.status != "ok":
-        return
+@contextlib.contextmanager
+def failure_ends_row(row: ResultRow):
+    """A level's failure inside ends its row (status and note) instead of the run: a broken level is a row that
+    says so, and the sweep goes on."""
     try:
-        step()
+        yield
     except torch.cuda.OutOfMemoryError:
         row.update(status="oom", note=f"CUDA out of memory at {row.tokens} tokens")
-    except Exception as error:  # a broken level is a row that says so, and the sweep goes on
+    except LevelUnavailable as reason:
+        row.update(status="skipped", note=str(reason))
+    except Exception as error:
         if debugging():  # `aisp --debug`, AISP_DEBUG=1: the level's own traceback instead
             raise
-        row.update(status="error", note=error_line(error))
+        if out_of_host_memory(error):
+            row.update(status="oom", note=f"out of host memory at {row.tokens} tokens")
+        else:
+            row.update(status="error", note=error_line(error))
+
+
+def timed(row: ResultRow, step: Callable[[], object]) -> None:
+    """Run one step of a waiting level's measurement (failure_ends_row). A row that has already failed takes no
+    further steps."""
+    if row.status != "ok":
+        return
+    with failure_ends_row(row):
+        step()
 
 
 def set_up(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_tokens: int, device: torch.device,
@@ -748,7 +767,7 @@ def set_up(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_tok
     on_gpu = device.type == "cuda"
     allocated_before = torch.cuda.memory_allocated(device) if on_gpu else 0
     pools_before = graph_pool_bytes(device) if on_gpu and level_cls.keeps_buffers else 0
-    try:
+    with failure_ends_row(row):
         level = level_cls(config, weights)
         level.prepare()
         timing_inputs = make_inputs(config, weights, num_tokens, input_seed(config, num_tokens, "timing"), traffic)
@@ -779,19 +798,8 @@ def set_up(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_tok
                 held_bytes = torch.cuda.memory_allocated(device) - allocated_before if on_gpu else 0
                 pool_bytes = graph_pool_bytes(device) - pools_before if on_gpu and level_cls.keeps_buffers else 0
                 return Waiting(row, level, timing_inputs, held_bytes, pool_bytes)
-    except torch.cuda.OutOfMemoryError:
-        row.update(status="oom", note=f"CUDA out of memory at {num_tokens} tokens")
-    except LevelUnavailable as reason:
-        row.update(status="skipped", note=str(reason))
-    except Exception as error:  # a broken level is a row that says so, and the sweep goes on
-        if debugging():  # `aisp --debug`, AISP_DEBUG=1: the level's own traceback instead
-            raise
-        if out_of_host_memory(error):
-            row.update(status="oom", note=f"out of host memory at {num_tokens} tokens")
-        else:
-            row.update(status="error", note=error_line(error))
     if level is not None:
-        row.note = "; ".join(filter(None, [row.note, *level.notes]))
+        add_level_notes(row, level)
     del level
     release_memory(device)
     return None
