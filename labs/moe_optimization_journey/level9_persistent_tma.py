@@ -79,6 +79,13 @@ What it costs
     H = 7168), kept between calls. On the CPU it runs in Triton's interpreter, which executes tensor descriptors
     too: checked there, not timed.
 
+Where it stops
+    At mixtral's 16384 tokens each GEMM runs at the rate a bare kernel of its design reaches on an H100 (gate/up
+    685 TF/s against 700, down 727 against 717-721, NOTES.md), about 10% under cuBLAS's 791. The rest is warp
+    specialization: a producer warp issuing the loads and two consumer warp groups taking tiles in turn, so that
+    one's epilogue hides under the other's MMAs. Triton 3.6 accepts `warp_specialize=True` on these loops but does
+    not carry it out on Hopper (the compiled kernel has no partitions, and runs at the same rate).
+
 Run: python labs/moe_optimization_journey/level9_persistent_tma.py [--preset journey] [--tokens 8192] [--device cuda]
 """
 
