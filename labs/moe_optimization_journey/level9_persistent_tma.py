@@ -3,12 +3,15 @@
 The idea
     Level 8 runs level 7's kernels from one CUDA graph, and at large T they sit at 60-75% of the H100's measured
     bf16 rate. Three things hold them there, and Hopper has an answer to each; a fourth holds the decode sizes:
-    1. Launch shape and tail. Level 7 launches one program per output tile: at `journey` with 8192 tokens, 128-row
-       tiles and 128-wide columns, 136 row blocks × 16 column blocks = 2176 programs over 132 SMs, 16.5 waves; the
-       last half-wave leaves half the GPU idle, and every program pays its own prologue. A persistent grid has one
-       program per SM, each looping over tiles (`for tile in tl.range(program, tiles, NUM_PROGRAMS, flatten=True)`):
-       no partial wave of programs, one prologue per SM, and the tile count read on the device from the
-       alignment, so no program even visits padding-only tiles. `flatten=True` lets Triton pipeline the loop over
+    1. Launch shape. Level 7 launches one program per output tile of the most padding T could need: at `journey`
+       with 8192 tokens, 128-row tiles and 128-wide columns, 136 row blocks × 16 column blocks = 2176 programs over
+       132 SMs (those past the routing's padded rows, about 64 here, return at once), and every program pays its
+       own prologue. A persistent grid has one program per SM, each looping over tiles (`for tile in
+       tl.range(program, tiles, NUM_PROGRAMS, flatten=True)`): one prologue per SM, and the tile count read on the
+       device from the alignment, so no program even visits padding-only tiles. What it does not remove is the
+       tail: the tiles still come in waves of 132 (the gate/up GEMM at journey's 8192 tokens: about 132 row
+       blocks × 16 = 2112 tiles, 16 waves; the down GEMM at qwen3-moe's 64 tokens: 1000 tiles, so 76 programs take
+       an eighth tile while 56 wait, NOTES.md). `flatten=True` lets Triton pipeline the loop over
        tiles and the loop over depth as one, so a tile's epilogue overlaps the next tile's first loads (+6% on
        qwen3-moe's short reductions, even on mixtral: NOTES.md). The tiles run in groups of up to GROUP_M row
        blocks of one expert, column by column, so that the programs running at once share each weight tile in
@@ -60,11 +63,11 @@ The idea
 
 Why it should be faster than level 8, counted
     Same FLOPs, and the same bytes but for split-K's partial rows at decode. What changes is how close to the
-    tensor cores' rate the GEMMs run: no tail wave (a last wave that is half full idles half the GPU for one
-    wave's time: 3% of journey's 16.5 waves, a quarter of 1.5 waves), weight loads that cost the threads nothing,
-    and twice the work per wgmma instruction on the gate/up side. At decode sizes (a few rows per expert) the
-    layer is bound by reading weights, and narrow tiles (16-32 columns: the autotuner picks per size class) spread
-    those reads over every SM, where level 7's minimum of 32 columns and no persistence left SMs idle. Launches:
+    tensor cores' rate the GEMMs run: one prologue per SM instead of one per tile, weight loads that cost the
+    threads nothing, and twice the work per wgmma instruction on the gate/up side. At decode sizes (a few rows per
+    expert) the layer is bound by reading weights; the autotuner picks the tile width per size class (32-128
+    columns at one token, up to 256 from 64 tokens, from a list that starts at 16), and split-K spreads the reads
+    over the SMs where even the narrowest tiles would leave half of them idle (`choose_split_k`). Launches:
     level 8's 8 kernels in the graph (12 with a shared expert) at prefill; 3 (7) up to ONE_PROGRAM_MAX_PAIRS pairs,
     2 (6) up to IN_REGISTERS_MAX_PAIRS; one launch for the inputs' copy, one graph launch, no sync.
 
