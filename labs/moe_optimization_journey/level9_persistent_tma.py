@@ -5,20 +5,19 @@ The idea
     bf16 rate. Three things hold them there, and Hopper has an answer to each; a fourth holds the decode sizes:
     1. Launch shape. Level 7 launches one program per output tile of the most padding T could need: at `journey`
        with 8192 tokens, 128-row tiles and 128-wide columns, 136 row blocks × 16 column blocks = 2176 programs over
-       132 SMs (those past the routing's padded rows, about 64 here, return at once), and every program pays its
-       own prologue. A persistent grid has one program per SM, each looping over tiles (`for tile in
-       tl.range(program, tiles, NUM_PROGRAMS, flatten=True)`): one prologue per SM, and the tile count read on the
-       device from the alignment, so no program even visits padding-only tiles. What it does not remove is the
-       tail: the tiles still come in waves of 132 (the gate/up GEMM at journey's 8192 tokens: about 132 row
-       blocks × 16 = 2112 tiles, 16 waves; the down GEMM at qwen3-moe's 64 tokens: 1000 tiles, so 76 programs take
-       an eighth tile while 56 wait, NOTES.md). `flatten=True` lets Triton pipeline the loop over
-       tiles and the loop over depth as one, so a tile's epilogue overlaps the next tile's first loads (+6% on
-       qwen3-moe's short reductions, even on mixtral: NOTES.md). The tiles run in groups of up to GROUP_M row
-       blocks of one expert, column by column, so that the programs running at once share each weight tile in
-       L2 (`_persistent_tile`). Level 7's groups count from row 0 and cross from one expert's run into the next,
-       whose weight tiles the next group then reads again from memory: at deepseek-v3's 16384 tokens (5 row
-       blocks an expert) its down GEMM took 6.9 to 15 ms from one forward to the next, and 6.4 to 7.6 with groups
-       kept within runs.
+       132 SMs (those past the routing's padded rows, about 64 here, return at once), and every program pays its own
+       prologue. A persistent grid has one program per SM, each looping over tiles (`for tile in tl.range(program,
+       tiles, NUM_PROGRAMS, flatten=True)`): one prologue per SM, and the tile count read on the device from the
+       alignment, so no program even visits padding-only tiles. What it does not remove is the tail: the tiles still
+       come in waves of 132 (the gate/up GEMM at journey's 8192 tokens: about 132 row blocks × 16 = 2112 tiles, 16
+       waves; the down GEMM at qwen3-moe's 64 tokens: 1000 tiles, so 76 programs take an eighth tile while 56 wait,
+       NOTES.md). `flatten=True` lets Triton pipeline the loop over tiles and the loop over depth as one, so a
+       tile's epilogue overlaps the next tile's first loads (+6% on qwen3-moe's short reductions, even on mixtral:
+       NOTES.md). The tiles run in groups of up to GROUP_M row blocks of one expert, column by column, so that the
+       programs running at once share each weight tile in L2 (`_persistent_tile`). Level 7's groups count from row 0
+       and cross from one expert's run into the next, whose weight tiles the next group then reads again from
+       memory: at deepseek-v3's 16384 tokens (5 row blocks an expert) its down GEMM took 6.9 to 15 ms from one
+       forward to the next, and 6.4 to 7.6 with groups kept within runs.
     2. Address arithmetic and no asynchronous copy for the weights. Level 7 computes a pointer per weight element
        and loads through the threads. Here each [BLOCK_D, BLOCK_N] weight tile comes by TMA: a tensor descriptor
        `[E, depth, cols]`, made once on the host and recorded with the launch (`tma_descriptor`), and the copy
@@ -83,14 +82,14 @@ What it costs
     too: checked there, not timed.
 
 Where it stops
-    At mixtral's 16384 tokens each GEMM runs at the rate a bare kernel of its design reaches on an H100 (gate/up
-    685 TF/s against 700, down 727 against 717-721, NOTES.md), about 10% under cuBLAS's 791. The rest is warp
-    specialization: a producer warp issuing the loads and two consumer warp groups taking tiles in turn, so that
-    one's epilogue hides under the other's MMAs. Triton 3.6 accepts `warp_specialize=True` on these loops but does
-    not carry it out on Hopper (the compiled kernel has no partitions, and runs at the same rate). And the
-    tiles compute level 7's padding (11.5% more rows than pairs at deepseek-v3's 16384 tokens): 64-row tiles,
-    with half of it, ran 13-34% slower at the four prefill cells (each weight tile then serves half as many rows,
-    NOTES.md).
+    At mixtral's 16384 tokens each GEMM runs at the rate a bare kernel of its design reaches on an H100 (gate/up 685
+    TF/s against 700, down 727 against 717-721, NOTES.md): 8-13% under the 791 that cuBLAS measured on the published
+    sweep's H100. The rest is warp specialization: a producer warp issuing the loads and two consumer warp groups
+    taking tiles in turn, so that one's epilogue hides under the other's MMAs. Triton 3.6 accepts
+    `warp_specialize=True` on these loops but does not carry it out on Hopper (the compiled kernel has no
+    partitions, and runs at the same rate). And the tiles compute level 7's padding (11.5% more rows than pairs at
+    deepseek-v3's 16384 tokens): 64-row tiles, with half of it, ran 13-34% slower at the four prefill cells (each
+    weight tile then serves half as many rows, NOTES.md).
 
 Run: python labs/moe_optimization_journey/level9_persistent_tma.py [--preset journey] [--tokens 8192] [--device cuda]
 """
