@@ -85,10 +85,10 @@ Where it stops
     At mixtral's 16384 tokens each GEMM runs at the rate a bare kernel of its design reaches on an H100 (gate/up 685
     TF/s against 700, down 727 against 717-721, NOTES.md): 8-13% under the 791 that cuBLAS measured on the published
     sweep's H100. The rest is warp specialization: a producer warp issuing the loads and two consumer warp groups
-    taking tiles in turn, so that one's epilogue hides under the other's MMAs. Triton 3.6 accepts
-    `warp_specialize=True` on these loops but does not carry it out on Hopper (the compiled kernel has no
-    partitions, and runs at the same rate). And the tiles compute level 7's padding (11.5% more rows than pairs at
-    deepseek-v3's 16384 tokens): 64-row tiles, with half of it, ran 13-34% slower at the four prefill cells (each
+    taking tiles in turn, so that one's epilogue hides under the other's MMAs. Triton 3.6 does not do it on Hopper:
+    on level 9's own loops `warp_specialize=True` stops the compiler, and on bare kernels of the same design it
+    compiles to no partitions and the same rate. And the tiles compute level 7's padding (11.5% more rows than pairs
+    at deepseek-v3's 16384 tokens): 64-row tiles, with half of it, ran 13-34% slower at the four prefill cells (each
     weight tile then serves half as many rows, NOTES.md).
 
 Run: python labs/moe_optimization_journey/level9_persistent_tma.py [--preset journey] [--tokens 8192] [--device cuda]
