@@ -83,13 +83,16 @@ What it costs
 
 Where it stops
     At mixtral's 16384 tokens each GEMM runs at the rate a bare kernel of its design reaches on an H100 (gate/up 685
-    TF/s against 700, down 727 against 717-721, NOTES.md): 8-13% under the 791 that cuBLAS measured on the published
-    sweep's H100. The rest is warp specialization: a producer warp issuing the loads and two consumer warp groups
-    taking tiles in turn, so that one's epilogue hides under the other's MMAs. Triton 3.6 does not do it on Hopper:
-    on level 9's own loops `warp_specialize=True` stops the compiler, and on bare kernels of the same design it
-    compiles to no partitions and the same rate. And the tiles compute level 7's padding (11.5% more rows than pairs
-    at deepseek-v3's 16384 tokens): 64-row tiles, with half of it, ran 13-34% slower at the four prefill cells (each
-    weight tile then serves half as many rows, NOTES.md).
+    TF/s against 700, down 727 against 717-721), and that is cuBLAS's rate on these shapes: given all the rows as one
+    dense matrix, with none of MoE's gather, padding or sum, cuBLAS ran mixtral's two GEMMs at 684 TF/s on a heated
+    H100, the down one alone at 712-716 on a cooler one (NOTES.md; the harness's ceiling, an 8192³ matmul at a run's
+    start, is a cool card's square GEMM). Warp specialization did not add to it: written by hand in Gluon, a warp
+    that issues every TMA load beat neither Triton's own pipeline nor the same kernel without it, and Triton 3.6's
+    `warp_specialize=True` stops the compiler on level 9's loops. What is left is MoE's own work. At journey's 8192
+    tokens the gathered gate/up GEMM takes 221 µs where cuBLAS's dense one takes 203, the down GEMM 121 against 98,
+    and the inputs' copy, the alignment and the sum 43 µs more. The tiles also compute level 7's padding (11.5%
+    more rows than pairs at deepseek-v3's 16384 tokens): 64-row tiles, with half of it, ran 13-34% slower at the four
+    prefill cells (each weight tile then serves half as many rows, NOTES.md).
 
 Run: python labs/moe_optimization_journey/level9_persistent_tma.py [--preset journey] [--tokens 8192] [--device cuda]
 """
