@@ -58,6 +58,9 @@ class ResultRow:
     tflops: float | None = None  # the layer's FLOPs (moe_model.flop_count) / median time, TFLOP/s
     gbps: float | None = None  # the least bytes it must move (moe_model.min_bytes) / median time, GB/s
     pct_roofline: float | None = None  # the measured ceilings' floor time / median time, % (GPU only)
+    # cuBLAS's median ms for the layer's FLOPs as two dense GEMMs of all T·(K + S) rows, timed in turn with the
+    # case's levels (moe_benchmark.DenseGemms; GPU, cases under the matmul roof)
+    dense_gemm_ms: float | None = None
     peak_mb: float | None = None  # device memory allocated at the forward's peak, weights included, MiB (GPU only)
     rel_err: float | None = None  # ‖out − ref‖ / ‖ref‖ against the fp32 reference, on the check's inputs
     # FP8 levels: rel_err is against the reference computed on the same quantized values (the kernels' error);

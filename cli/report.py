@@ -205,6 +205,24 @@ def time_cell(row) -> str:
     return f"{fmt(row['ms'])} {HOST_BOUND_MARK}" if pd.notna(host_bound) and bool(host_bound) else fmt(row["ms"])
 
 
+DENSE_GEMMS_TEXT = ("cuBLAS's time for the layer's FLOPs as two dense GEMMs of all T·(K + S) rows in the layer's "
+                    "dtype (none of MoE's routing, gather, padding or sum; an FP8 level can pass 100%), timed in "
+                    "turn with the levels, over the level's time; at the sizes under the matmul roof")
+
+
+def dense_gemm_pct(row) -> str:
+    """cuBLAS's dense GEMMs' time on the row's FLOPs over the row's time, % (`-` where they were not timed)."""
+    return fmt(100 * row["dense_gemm_ms"] / row["ms"]) if pd.notna(row["dense_gemm_ms"]) else "-"
+
+
+def dense_gemm_rates(df: pd.DataFrame) -> str:
+    """cuBLAS's dense rate at each token count where it was timed, in words: "684 TFLOP/s at 16384 tokens"."""
+    timed = df[df["dense_gemm_ms"].notna() & (df["status"] == "ok")].drop_duplicates("tokens").sort_values("tokens")
+    return "cuBLAS's rate " + ", ".join(
+        f"{fmt(r['tflops'] * r['ms'] / r['dense_gemm_ms'])} TFLOP/s at {r['tokens']} tokens"
+        for _, r in timed.iterrows())
+
+
 def status_or(render):
     """A table cell renderer: `render(row)` for a timed row, `OOM`/`skipped`/`error` for the others."""
     return lambda row: render(row) if row["status"] == "ok" else STATUS_CELL.get(row["status"], row["status"])
@@ -290,6 +308,9 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
         parts += ["% of the roofline (the larger of FLOPs / measured matmul rate and minimum bytes / measured copy "
                   "bandwidth, over the measured time):",
                   markdown_table(pivot(df, status_or(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens")]
+    if df["dense_gemm_ms"].notna().any():
+        parts += [f"% of cuBLAS on the same FLOPs. {DENSE_GEMMS_TEXT}; {dense_gemm_rates(df)}:",
+                  markdown_table(pivot(df, status_or(dense_gemm_pct)), "level \\ tokens")]
     if df["peak_mb"].notna().any():
         parts += ["Peak GPU memory during one forward, MiB (weights and inputs included):",
                   markdown_table(pivot(df, status_or(lambda r: fmt(r["peak_mb"]))), "level \\ tokens")]

@@ -244,6 +244,12 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
                     "the measured copy bandwidth, over the measured time.",
                     table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["pct_roofline"]))), links),
                     figure(run_dir, f"roofline_{anchor}.png", "% of the measured roofline, per level")),
+        ]
+        if df["dense_gemm_ms"].notna().any():
+            parts.append(section("% of cuBLAS on the same FLOPs",
+                                 esc(f"{report.DENSE_GEMMS_TEXT}; {report.dense_gemm_rates(df)}."),
+                                 table_html(report.pivot(df, report.status_or(report.dense_gemm_pct)), links)))
+        parts += [
             section("Peak GPU memory, MiB", "During one forward, weights and inputs included.",
                     table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["peak_mb"]))), links)),
         ]

@@ -350,7 +350,25 @@ def test_ok_row_has_every_field(levels, tiny):
     assert row["status"] == "ok", row["note"]
     assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["tflops"] > 0 and row["rel_err"] < 2e-2
     assert row["pct_roofline"] is None and row["peak_mb"] is None  # no ceilings, no peak memory on the CPU
+    assert row["dense_gemm_ms"] is None  # no ceilings: no case is known to be under the matmul roof
     assert row["ms_p20"] <= row["ms"] <= row["ms_p80"]
+
+
+def test_dense_gemms_take_turns_where_the_case_is_under_the_matmul_roof(levels, tiny):
+    """cuBLAS's dense GEMMs on the case's FLOPs join the levels' turns where the FLOPs set the floor, and every row
+    of the case records their time; where the bytes set it (a decode size), they are not timed. The ceilings are
+    made up here (the CPU measures none): a matmul roof so low that 40 tokens are under it, and 1 token not."""
+    ceilings = moe_benchmark.Ceilings(matmul_tflops=1e-3, copy_gbps=1.0)
+    flops_bound = lambda T: ceilings.flops_bound(moe_benchmark.flop_count(tiny, T),  # noqa: E731
+                                                 moe_benchmark.min_bytes(tiny, T, tiny.num_experts))
+    assert flops_bound(40) and not flops_bound(1)
+    settings = moe_benchmark.Settings(ceilings=ceilings, warmup=1, repeats=4)
+    prefill = moe_benchmark.benchmark_case([levels["2"], levels["4"]], tiny, 40, torch.device("cpu"),
+                                           settings=settings)
+    assert [r["status"] for r in prefill] == ["ok", "ok"]
+    assert prefill[0]["dense_gemm_ms"] > 0 and prefill[0]["dense_gemm_ms"] == prefill[1]["dense_gemm_ms"]
+    decode = moe_benchmark.benchmark_case([levels["4"]], tiny, 1, torch.device("cpu"), settings=settings)
+    assert decode[0]["status"] == "ok" and decode[0]["dense_gemm_ms"] is None
 
 
 # --- --profile: where each level's time goes ------------------------------------------------------------------

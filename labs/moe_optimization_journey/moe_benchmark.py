@@ -531,6 +531,10 @@ class Ceilings:
     copy_gbps: float  # a large device-to-device copy, bytes read plus bytes written
     fp8_matmul_tflops: float | None = None  # a large FP8 matmul with rowwise scales; None where torch has none
 
+    def flops_bound(self, flops: float, nbytes: float) -> bool:
+        """Whether a forward of these FLOPs and bytes is under the matmul roof rather than the copy roof (bf16)."""
+        return flops / (self.matmul_tflops * 1e12) >= nbytes / (self.copy_gbps * 1e9)
+
     def floor_ms(self, flops: float, nbytes: float, fp8: bool = False) -> float | None:
         """The time a forward of these FLOPs and bytes cannot beat here; None for FP8 GEMMs with no FP8 ceiling."""
         matmul_tflops = self.fp8_matmul_tflops if fp8 else self.matmul_tflops
@@ -630,11 +634,59 @@ class Waiting:
     def take_turn(self, device: torch.device, settings: Settings) -> None:
         """One round's share of the row's timed calls, warm-up first, and the clock they left the GPU at."""
         with triton_kernels.torch_ops_on_cpu():
-            self.times_ms += time_calls(self.call, device, settings.warmup,
-                                        math.ceil(settings.repeats / TIMING_ROUNDS),
-                                        settings.time_budget_s / TIMING_ROUNDS,
-                                        least_calls=math.ceil(MIN_TIMED_CALLS / TIMING_ROUNDS))
+            self.times_ms += time_round(self.call, device, settings)
         self.clock = sm_clock_after_load(device)
+
+
+def time_round(call: Callable[[], object], device: torch.device, settings: Settings) -> list[float]:
+    """One round's share of a turn's timed calls, warm-up first."""
+    return time_calls(call, device, settings.warmup, math.ceil(settings.repeats / TIMING_ROUNDS),
+                      settings.time_budget_s / TIMING_ROUNDS, least_calls=math.ceil(MIN_TIMED_CALLS / TIMING_ROUNDS))
+
+
+@dataclass
+class DenseGemms:
+    """The yardstick of a case under the matmul roof: cuBLAS on the layer's FLOPs with none of MoE's work. All
+    P = T·(K + S) rows go as one matrix through two dense GEMMs, [P, H] @ [H, 2I] and [P, I] @ [I, H] (no routing,
+    gather, padding, SiLU or sum over K), timed in turn with the case's levels, so that the card's heat weighs on
+    it as on them: an H100 under that load ran mixtral's two at 684 TF/s where an 8192³ matmul on the cool card
+    had read 791 (NOTES.md). Its operands are drawn for each turn and freed after it (at deepseek-v3's 32768 tokens
+    they are 12 GB), so the levels keep their room; where a turn fails (no room beside them), the case has no
+    yardstick."""
+
+    config: MoEConfig
+    num_tokens: int
+    times_ms: list[float] = dataclasses.field(default_factory=list)
+    failed: bool = False
+
+    def take_turn(self, device: torch.device, settings: Settings) -> None:
+        if self.failed:
+            return
+        H, I, dtype = self.config.hidden, self.config.intermediate, self.config.torch_dtype
+        rows = self.num_tokens * (self.config.top_k + self.config.num_shared_experts)
+        generator = torch.Generator(device=device).manual_seed(0)
+        try:
+            tokens_PH, w13_H2I, hidden_PI, w_down_IH = (
+                torch.randn(shape, generator=generator, device=device, dtype=dtype)
+                for shape in ((rows, H), (H, 2 * I), (rows, I), (I, H)))
+            gate_up_P2I = torch.empty((rows, 2 * I), device=device, dtype=dtype)
+            y_PH = torch.empty((rows, H), device=device, dtype=dtype)
+
+            def call() -> None:
+                torch.matmul(tokens_PH, w13_H2I, out=gate_up_P2I)  # 2·P·H·2I FLOPs
+                torch.matmul(hidden_PI, w_down_IH, out=y_PH)  # 2·P·I·H FLOPs
+
+            self.times_ms += time_round(call, device, settings)
+        except Exception:  # out of memory, or cuBLAS without room for its workspace: no yardstick, the case goes on
+            if debugging():
+                raise
+            self.failed = True
+        finally:
+            tokens_PH = w13_H2I = hidden_PI = w_down_IH = gate_up_P2I = y_PH = call = None
+            release_memory(device)
+
+    def median_ms(self) -> float | None:
+        return None if self.failed or not self.times_ms else statistics.median(self.times_ms)
 
 
 def benchmark(level_cls: type[MoELevel], config: MoEConfig, num_tokens: int, device: torch.device, *,
@@ -696,12 +748,21 @@ def benchmark_case(level_classes: list[type[MoELevel]], config: MoEConfig, num_t
 
 def time_in_turn(waiting: list[Waiting], config: MoEConfig, num_tokens: int, device: torch.device,
                  settings: Settings, status: Callable[[str], None]) -> None:
-    """Time the waiting levels in TIMING_ROUNDS rounds, in order and then in reverse, and fill in their rows."""
+    """Time the waiting levels in TIMING_ROUNDS rounds, in order and then in reverse, and fill in their rows. On a
+    GPU, where the case is under the matmul roof, cuBLAS's dense GEMMs on its FLOPs take a turn first in each round
+    (`DenseGemms`), and each row records their time."""
+    dense = DenseGemms(config, num_tokens) if waiting and settings.ceilings and settings.ceilings.flops_bound(
+        flop_count(config, num_tokens), min_bytes(config, num_tokens, config.num_experts)) else None
     for round_ in range(TIMING_ROUNDS):
+        if dense:
+            status(f"timing cuBLAS's dense GEMMs on these FLOPs, round {round_ + 1} of {TIMING_ROUNDS}")
+            dense.take_turn(device, settings)
         for turn in waiting if round_ % 2 == 0 else waiting[::-1]:
             status(f"timing level {turn.row.level}, round {round_ + 1} of {TIMING_ROUNDS}")
             timed(turn.row, lambda turn=turn: turn.take_turn(device, settings))
     for turn in waiting:
+        if dense and turn.row.status == "ok":
+            turn.row.dense_gemm_ms = dense.median_ms()
         status(f"counting level {turn.row.level}'s launches, syncs and memory")
         held_elsewhere = sum(other.held_bytes for other in waiting if other is not turn)
         timed(turn.row, lambda turn=turn: finish(turn, config, num_tokens, device, settings, held_elsewhere))
