@@ -243,6 +243,8 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
         table.add_row("  time", f"{fmt(row['ms'])} ms")
         table.add_row("  rate", f"{fmt(row['tflops'])} TF/s")
         table.add_row("  roofline", f"{fmt(row['pct_roofline'])}%")
+        if row.get("dense_gemm_ms"):  # cuBLAS's dense GEMMs on the same FLOPs, timed beside the levels
+            table.add_row("  cuBLAS, same FLOPs", f"{fmt(100 * row['dense_gemm_ms'] / row['ms'])}%")
         before = previous_key(levels, key)
         if before is not None:
             table.add_row(f"  × {'level ' if before.isdigit() else ''}{before}",

@@ -247,7 +247,7 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
         ]
         if df["dense_gemm_ms"].notna().any():
             parts.append(section("% of cuBLAS on the same FLOPs",
-                                 esc(f"{report.DENSE_GEMMS_TEXT}; {report.dense_gemm_rates(df)}."),
+                                 esc(f"{report.DENSE_GEMMS_TEXT}. {report.dense_gemm_rates(df)}."),
                                  table_html(report.pivot(df, report.status_or(report.dense_gemm_pct)), links)))
         parts += [
             section("Peak GPU memory, MiB", "During one forward, weights and inputs included.",

@@ -161,3 +161,17 @@ def test_an_fp8_row_is_compared_with_both_peers(h100_results):
     assert result.exit_code == 0, result.output
     assert re.search(r"× level 9 +2\.00x", result.output) and re.search(r"× FP8 peer +2\.00x", result.output)
     assert re.search(r"× peer +[0-9.]+x", result.output)
+
+
+def test_a_row_with_cublas_beside_it_shows_its_share(h100_results):
+    """A row timed beside cuBLAS's dense GEMMs on the same FLOPs says what share of their rate it reached."""
+    rows_path = next(h100_results.glob("moe_journey/*/rows.jsonl"))
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    for row in rows:
+        if str(row["level"]) == "4" and row["preset"] == "journey" and row["tokens"] == 8192:
+            row["dense_gemm_ms"] = row["ms"] * 0.8
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = show("4", "--results", str(h100_results))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"cuBLAS, same FLOPs +80\.0%", result.output)
+    assert "cuBLAS, same FLOPs" not in show("3", "--results", str(h100_results)).output  # not timed beside it

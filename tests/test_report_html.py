@@ -81,7 +81,7 @@ def test_the_dense_gemms_yardstick_is_a_table_where_it_was_timed(tmp_path):
     table = summary.split(title)[1].split("\n\n", 2)[1]
     assert re.search(r"\| 4 grouped +\| +- \| +50\.0 \|", table)  # level 4: ms 2·(1 + 64/64) = 4.0, cuBLAS 2.0
     rate = 1.0 * 4.0 / 2.0  # the row's TFLOP/s times its ms over cuBLAS's ms
-    assert f"cuBLAS's rate {rate:.3g} TFLOP/s at 64 tokens" in summary
+    assert f"cuBLAS's rate: {rate:.3g} TFLOP/s at 64 tokens" in summary
     assert title not in write_run(tmp_path, journey_rows())  # not timed anywhere: no table
 
 
