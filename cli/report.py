@@ -216,11 +216,15 @@ def dense_gemm_pct(row) -> str:
 
 
 def dense_gemm_rates(df: pd.DataFrame) -> str:
-    """cuBLAS's dense rate at each token count where it was timed: "cuBLAS's rate: 657 TFLOP/s at 8192 tokens, 660
-    at 16384"."""
-    timed = df[df["dense_gemm_ms"].notna() & (df["status"] == "ok")].drop_duplicates("tokens").sort_values("tokens")
-    rates = [f"{fmt(r['tflops'] * r['ms'] / r['dense_gemm_ms'])}{' TFLOP/s' if i == 0 else ''} at {r['tokens']}"
-             f"{' tokens' if i == 0 else ''}" for i, (_, r) in enumerate(timed.iterrows())]
+    """cuBLAS's dense rate at each token count where it was timed: "cuBLAS's rate: 657 TFLOP/s at 8192 tokens,
+    660-667 at 16384" (a range where the levels were timed in batches, each beside its own timing of cuBLAS)."""
+    timed = df[df["dense_gemm_ms"].notna() & (df["status"] == "ok")]
+    rates = []
+    for tokens, rows in timed.groupby("tokens"):
+        tflops = rows["tflops"] * rows["ms"] / rows["dense_gemm_ms"]
+        low, high = fmt(tflops.min()), fmt(tflops.max())
+        rates.append(f"{low if low == high else f'{low}-{high}'}{' TFLOP/s' if not rates else ''} at {tokens}"
+                     f"{' tokens' if not rates else ''}")
     return "cuBLAS's rate: " + ", ".join(rates)
 
 

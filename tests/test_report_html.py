@@ -71,17 +71,17 @@ def test_rows_say_the_clock_their_calls_ended_at(tmp_path):
 
 def test_the_dense_gemms_yardstick_is_a_table_where_it_was_timed(tmp_path):
     rows = journey_rows()
-    for r in rows:  # cuBLAS's dense GEMMs timed at 64 tokens only (the size under the matmul roof)
-        if r["tokens"] == 64 and r["status"] == "ok":
-            r["dense_gemm_ms"] = r["ms"] / 2
+    for r in rows:  # cuBLAS's dense GEMMs timed at 64 tokens only (the size under the matmul roof), the peer in a
+        if r["tokens"] == 64 and r["status"] == "ok":  # batch of its own, beside a timing of its own
+            r["dense_gemm_ms"] = r["ms"] / (2.5 if r["level"] == "peer" else 2)
     page = write_run(tmp_path, rows)
     summary = (tmp_path / "summary.md").read_text()
     title = "% of cuBLAS on the same FLOPs"
     assert summary.count(title) == 1 and page.count(title) == 1
     table = summary.split(title)[1].split("\n\n", 2)[1]
     assert re.search(r"\| 4 grouped +\| +- \| +50\.0 \|", table)  # level 4: ms 2·(1 + 64/64) = 4.0, cuBLAS 2.0
-    rate = 1.0 * 4.0 / 2.0  # the row's TFLOP/s times its ms over cuBLAS's ms
-    assert f"cuBLAS's rate: {rate:.3g} TFLOP/s at 64 tokens" in summary
+    # the row's TFLOP/s times its ms over cuBLAS's ms: 1.0 · 4.0 / 2.0 beside level 4, 1.0 · 2.0 / 0.8 beside the peer
+    assert "cuBLAS's rate: 2-2.5 TFLOP/s at 64 tokens" in summary
     assert title not in write_run(tmp_path, journey_rows())  # not timed anywhere: no table
 
 

@@ -662,28 +662,30 @@ class DenseGemms:
     def take_turn(self, device: torch.device, settings: Settings) -> None:
         if self.failed:
             return
-        H, I, dtype = self.config.hidden, self.config.intermediate, self.config.torch_dtype
-        rows = self.num_tokens * (self.config.top_k + self.config.num_shared_experts)
-        generator = torch.Generator(device=device).manual_seed(0)
         try:
-            tokens_PH, w13_H2I, hidden_PI, w_down_IH = (
-                torch.randn(shape, generator=generator, device=device, dtype=dtype)
-                for shape in ((rows, H), (H, 2 * I), (rows, I), (I, H)))
-            gate_up_P2I = torch.empty((rows, 2 * I), device=device, dtype=dtype)
-            y_PH = torch.empty((rows, H), device=device, dtype=dtype)
-
-            def call() -> None:
-                torch.matmul(tokens_PH, w13_H2I, out=gate_up_P2I)  # 2·P·H·2I FLOPs
-                torch.matmul(hidden_PI, w_down_IH, out=y_PH)  # 2·P·I·H FLOPs
-
-            self.times_ms += time_round(call, device, settings)
+            self.times_ms += self.draw_and_time_round(device, settings)
         except Exception:  # out of memory, or cuBLAS without room for its workspace: no yardstick, the case goes on
             if debugging():
                 raise
             self.failed = True
-        finally:
-            tokens_PH = w13_H2I = hidden_PI = w_down_IH = gate_up_P2I = y_PH = call = None
-            release_memory(device)
+        release_memory(device)  # the round's operands are gone: the levels get their room back
+
+    def draw_and_time_round(self, device: torch.device, settings: Settings) -> list[float]:
+        """This round's operands, drawn here so that they are freed on return, and its timed calls."""
+        H, I, dtype = self.config.hidden, self.config.intermediate, self.config.torch_dtype
+        rows = self.num_tokens * (self.config.top_k + self.config.num_shared_experts)
+        generator = torch.Generator(device=device).manual_seed(0)
+        tokens_PH, w13_H2I, hidden_PI, w_down_IH = (
+            torch.randn(shape, generator=generator, device=device, dtype=dtype)
+            for shape in ((rows, H), (H, 2 * I), (rows, I), (I, H)))
+        gate_up_P2I = torch.empty((rows, 2 * I), device=device, dtype=dtype)
+        y_PH = torch.empty((rows, H), device=device, dtype=dtype)
+
+        def call() -> None:
+            torch.matmul(tokens_PH, w13_H2I, out=gate_up_P2I)  # 2·P·H·2I FLOPs
+            torch.matmul(hidden_PI, w_down_IH, out=y_PH)  # 2·P·I·H FLOPs
+
+        return time_round(call, device, settings)
 
     def median_ms(self) -> float | None:
         return None if self.failed or not self.times_ms else statistics.median(self.times_ms)
