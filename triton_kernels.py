@@ -701,6 +701,7 @@ def tma_descriptor(tensor: torch.Tensor) -> TensorDescriptor:
 
 def _gate_up_boxes(args: dict) -> None:
     args["w_desc"].block_shape = [1, args["BLOCK_D"], 2 * args["BLOCK_N"]]  # [E, H, 2I]: gate|up interleaved
+    args["hidden_desc"].block_shape = [args["BLOCK_M"], args["BLOCK_N"]]  # [P, I]
 
 
 def _down_boxes(args: dict) -> None:
@@ -811,10 +812,10 @@ def _persistent_tile_rows(sorted_pair_ids_ptr, block_expert_ids_ptr, expert_of_p
                  key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
 @triton.jit
 def _moe_gate_up_persistent_kernel(
-    x_ptr, w_desc, hidden_ptr,  # x [T, H], w13 [E, H, 2I] gate and up interleaved (a descriptor), hidden [P_max, I]
+    x_ptr, w_desc, hidden_desc,  # x [T, H]; descriptors: w13 [E, H, 2I] gate and up interleaved, hidden [P_max, I]
     sorted_pair_ids_ptr, block_expert_ids_ptr, padded_starts_ptr, num_padded_ptr, expert_of_pair_ptr,
     cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
-    stride_xt, stride_hp,
+    stride_xt,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr, PAIRS_IN_REGISTERS: tl.constexpr,
 ):
@@ -826,7 +827,7 @@ def _moe_gate_up_persistent_kernel(
     for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, block_expert_ids_ptr, padded_starts_ptr, BLOCK_M,
                                         GROUP_M, PAIRS_IN_REGISTERS)
-        expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _persistent_tile_rows(
+        expert, _, pair_ids, row_valid, _, _ = _persistent_tile_rows(
             sorted_pair_ids_ptr, block_expert_ids_ptr, expert_of_pair, row_of_pair, pid_m, pid_n, num_pairs, cols,
             BLOCK_M, BLOCK_N, PAIRS_IN_REGISTERS)
         x_ptrs = x_ptr + (pair_ids // top_k).to(tl.int64)[:, None] * stride_xt + offs_d[None, :]  # gathered rows
@@ -838,8 +839,9 @@ def _moe_gate_up_persistent_kernel(
             x_ptrs += BLOCK_D
         gate, up = acc.reshape(BLOCK_M, BLOCK_N, 2).split()
         hidden = gate * tl.sigmoid(gate) * up  # SiLU·up on the fp32 accumulators
-        hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_n[None, :]
-        tl.store(hidden_ptrs, hidden.to(hidden_ptr.dtype.element_ty), mask=col_valid[None, :])  # write BM·BN
+        # hidden's rows are in the aligned order, so the tile goes by one TMA store that the warps issue and leave
+        # (past I it writes nothing): write BM·BN
+        hidden_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], hidden.to(hidden_desc.dtype))
 
 
 @triton.autotune(configs=_persistent_configs(interpreting(), gate_up=False),
@@ -949,13 +951,13 @@ def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.
     max_padded = alignment.max_padded
     tokens_TH = tokens_TH.contiguous()
     hidden_PI = torch.empty((max_padded, tma_row_elements(I, tokens_TH.dtype)), dtype=tokens_TH.dtype,
-                            device=tokens_TH.device)[:, :I]  # rows padded for the down kernel's TMA loads
+                            device=tokens_TH.device)[:, :I]  # rows padded for TMA: these stores, the down GEMM's loads
     programs = num_programs(tokens_TH.device)
     num_pairs = tokens_TH.shape[0] * top_k
     alignment_tensors, pairs_in_registers = _alignment_args(alignment)
     _moe_gate_up_persistent_kernel[(programs,)](
-        tokens_TH, tma_descriptor(w13_interleaved_EH2I), hidden_PI, *alignment_tensors,
-        I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs), tokens_TH.stride(0), hidden_PI.stride(0),
+        tokens_TH, tma_descriptor(w13_interleaved_EH2I), tma_descriptor(hidden_PI), *alignment_tensors,
+        I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs), tokens_TH.stride(0),
         BLOCK_M=alignment.block_m, NUM_PROGRAMS=programs, UPCAST=interpreting(), PAIRS_IN_REGISTERS=pairs_in_registers,
     )
     return hidden_PI

@@ -66,9 +66,9 @@ for BLOCK_M, BLOCK_N, BLOCK_D, warps, stages in tiles:
         compile_for_hopper(
             tk._moe_gate_up_persistent_kernel,
             dict(x_ptr=empty(T, H), w_desc=descriptor(empty(E, H, 2 * I), [1, BLOCK_D, 2 * BLOCK_N]),
-                 hidden_ptr=empty(P, I), sorted_pair_ids_ptr=ids, block_expert_ids_ptr=ids, padded_starts_ptr=ids,
-                 num_padded_ptr=ids, expert_of_pair_ptr=routing_ids, cols=I, depth=H, num_pairs=2 * T, top_k=2,
-                 pairs_bucket=2 * T, stride_xt=H, stride_hp=I),
+                 hidden_desc=descriptor(empty(P, I), [BLOCK_M, BLOCK_N]), sorted_pair_ids_ptr=ids,
+                 block_expert_ids_ptr=ids, padded_starts_ptr=ids, num_padded_ptr=ids, expert_of_pair_ptr=routing_ids,
+                 cols=I, depth=H, num_pairs=2 * T, top_k=2, pairs_bucket=2 * T, stride_xt=H),
             dict(shape, UPCAST=False), warps, stages)
         for sum_here in (False, True):
             compile_for_hopper(

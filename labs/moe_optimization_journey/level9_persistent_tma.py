@@ -23,7 +23,10 @@ The idea
        `[E, depth, cols]`, made once on the host and recorded with the launch (`tma_descriptor`), and the copy
        engine fetches the box while the warps do the math; past an expert's last row it fills zeros, so any H or I
        works. The gathered token rows still come by pointer loads (their order is the routing's; TMA gather is
-       Blackwell-only). The down GEMM's activations are already sorted, so they come by TMA too.
+       Blackwell-only). The down GEMM's activations are already sorted, so they come by TMA too. So does the gate/up
+       GEMM's output: hidden's rows are in the aligned order, and its tile goes out by one TMA store that the warps
+       issue and leave, where a pointer store held them until it was written (journey at 8192 tokens −3%, 32768
+       −5%, mixtral 16384 −2.6%, qwen3-moe 16384 the same, decode the same; an H100, NOTES.md).
     3. Tile width. Level 7's gate/up tile keeps two fp32 accumulators (gate and up), so it stops at 128 columns of
        each. Interleaving gate and up column by column in one [E, H, 2I] tensor (prepare(), once) makes it one
        accumulator 2·BLOCK_N wide: at BLOCK_N = 128, one wgmma per step on 256 columns (the widest one
@@ -90,8 +93,8 @@ Where it stops
     published sweep the whole of level 9 ran at 98% of them at mixtral's 16384 tokens. Warp specialization did not add to it: written by hand in Gluon, a warp
     that issues every TMA load beat neither Triton's own pipeline nor the same kernel without it, and Triton 3.6's
     `warp_specialize=True` stops the compiler on level 9's loops. What is left is MoE's own work. At journey's 8192
-    tokens the gathered gate/up GEMM takes 221 µs where cuBLAS's dense one takes 203, the down GEMM 121 against 98,
-    and the inputs' copy, the alignment and the sum 43 µs more. The tiles also compute level 7's padding (11.5%
+    tokens the gathered gate/up GEMM took 221 µs where cuBLAS's dense one takes 203 (before its hidden went by
+    TMA), the down GEMM 121 against 98, and the inputs' copy, the alignment and the sum 43 µs more. The tiles also compute level 7's padding (11.5%
     more rows than pairs at deepseek-v3's 16384 tokens): 64-row tiles, with half of it, ran 13-34% slower at the four
     prefill cells (each weight tile then serves half as many rows, NOTES.md).
 
