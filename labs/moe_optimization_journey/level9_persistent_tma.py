@@ -90,7 +90,7 @@ Where it stops
     dense matrix, with none of MoE's gather, padding or sum, cuBLAS ran mixtral's two GEMMs at 684 TF/s on a heated
     H100, the down one alone at 712-716 on a cooler one (NOTES.md; the harness's ceiling, an 8192³ matmul at a run's
     start, is a cool card's square GEMM). The harness now times those dense GEMMs in turn with the levels: in the
-    published sweep the whole of level 9 ran at 98% of them at mixtral's 16384 tokens. Warp specialization did not add to it: written by hand in Gluon, a warp
+    two sweeps with it the whole of level 9 ran at 98% and 96% of them at mixtral's 16384 tokens. Warp specialization did not add to it: written by hand in Gluon, a warp
     that issues every TMA load beat neither Triton's own pipeline nor the same kernel without it, and Triton 3.6's
     `warp_specialize=True` stops the compiler on level 9's loops. What is left is MoE's own work. At journey's 8192
     tokens the gathered gate/up GEMM took 221 µs where cuBLAS's dense one takes 203 (before its hidden went by
