@@ -64,14 +64,14 @@ The idea
     experts as extra experts, no host sync, the whole layer in one CUDA graph.
 
 Why it should be faster than level 8, counted
-    Same FLOPs, and the same bytes but for split-K's partial rows at decode. What changes is how close to the
-    tensor cores' rate the GEMMs run: one prologue per SM instead of one per tile, weight loads that cost the
-    threads nothing, and twice the work per wgmma instruction on the gate/up side. At decode sizes (a few rows per
-    expert) the layer is bound by reading weights; the autotuner picks the tile width per size class (32-128
-    columns at one token, up to 256 from 64 tokens, from a list that starts at 16), and split-K spreads the reads
-    over the SMs where even the narrowest tiles would leave half of them idle (`choose_split_k`). Launches:
-    level 8's 8 kernels in the graph (12 with a shared expert) at prefill; 3 (7) up to ONE_PROGRAM_MAX_PAIRS pairs,
-    2 (6) up to IN_REGISTERS_MAX_PAIRS; one launch for the inputs' copy, one graph launch, no sync.
+    Same FLOPs, and the same bytes but for split-K's partial rows at decode. What changes is how close to the tensor
+    cores' rate the GEMMs run: one prologue per SM instead of one per tile, weight loads and a hidden store that cost
+    the threads nothing, and twice the work per wgmma instruction on the gate/up side. At decode sizes (a few rows per
+    expert) the layer is bound by reading weights; the autotuner picks the tile width per size class (32-128 columns
+    at one token, up to 256 from 64 tokens, from a list that starts at 16), and split-K spreads the reads over the SMs
+    where even the narrowest tiles would leave half of them idle (`choose_split_k`). Launches: level 8's 8 kernels in
+    the graph (12 with a shared expert) at prefill; 3 (7) up to ONE_PROGRAM_MAX_PAIRS pairs, 2 (6) up to
+    IN_REGISTERS_MAX_PAIRS; one launch for the inputs' copy, one graph launch, no sync.
 
 What it costs
     Hopper's instructions (TMA and wgmma: compute capability 9.0, the only GPUs it was run on; on an older GPU its
@@ -89,14 +89,15 @@ Where it stops
     TF/s against 700, down 727 against 717-721), and that is cuBLAS's rate on these shapes: given all the rows as one
     dense matrix, with none of MoE's gather, padding or sum, cuBLAS ran mixtral's two GEMMs at 684 TF/s on a heated
     H100, the down one alone at 712-716 on a cooler one (NOTES.md; the harness's ceiling, an 8192³ matmul at a run's
-    start, is a cool card's square GEMM). The harness now times those dense GEMMs in turn with the levels: in the
-    two sweeps with it the whole of level 9 ran at 98% and 96% of them at mixtral's 16384 tokens. Warp specialization did not add to it: written by hand in Gluon, a warp
-    that issues every TMA load beat neither Triton's own pipeline nor the same kernel without it, and Triton 3.6's
-    `warp_specialize=True` stops the compiler on level 9's loops. What is left is MoE's own work. At journey's 8192
-    tokens the gathered gate/up GEMM took 221 µs where cuBLAS's dense one takes 203 (before its hidden went by
-    TMA), the down GEMM 121 against 98, and the inputs' copy, the alignment and the sum 43 µs more. The tiles also compute level 7's padding (11.5%
-    more rows than pairs at deepseek-v3's 16384 tokens): 64-row tiles, with half of it, ran 13-34% slower at the four
-    prefill cells (each weight tile then serves half as many rows, NOTES.md).
+    start, is a cool card's square GEMM). The harness now times those dense GEMMs in turn with the levels: in the two
+    sweeps with it the whole of level 9 ran at 98% and 96% of them at mixtral's 16384 tokens. Warp specialization did
+    not add to it: written by hand in Gluon, a warp that issues every TMA load beat neither Triton's own pipeline nor
+    the same kernel without it, and Triton 3.6's `warp_specialize=True` stops the compiler on level 9's loops. What is
+    left is MoE's own work. At journey's 8192 tokens the gathered gate/up GEMM took 221 µs where cuBLAS's dense one
+    takes 203 (before its hidden went by TMA), the down GEMM 121 against 98, and the inputs' copy, the alignment and
+    the sum 43 µs more. The tiles also compute level 7's padding (11.5% more rows than pairs at deepseek-v3's 16384
+    tokens): 64-row tiles, with half of it, ran 13-34% slower at the four prefill cells (each weight tile then serves
+    half as many rows, NOTES.md).
 
 Run: python labs/moe_optimization_journey/level9_persistent_tma.py [--preset journey] [--tokens 8192] [--device cuda]
 """
