@@ -71,8 +71,10 @@ def test_rows_say_the_clock_their_calls_ended_at(tmp_path):
 
 def test_the_dense_gemms_yardstick_is_a_table_where_it_was_timed(tmp_path):
     rows = journey_rows()
-    for r in rows:  # cuBLAS's dense GEMMs timed at 64 tokens only (the size under the matmul roof), the peer in a
-        if r["tokens"] == 64 and r["status"] == "ok":  # batch of its own, beside a timing of its own
+    # cuBLAS's dense GEMMs timed at 64 tokens only (the size under the matmul roof); the peer was timed in a batch of
+    # its own, beside a timing of cuBLAS of its own
+    for r in rows:
+        if r["tokens"] == 64 and r["status"] == "ok":
             r["dense_gemm_ms"] = r["ms"] / (2.5 if r["level"] == "peer" else 2)
     page = write_run(tmp_path, rows)
     summary = (tmp_path / "summary.md").read_text()
