@@ -227,7 +227,7 @@ def speedup(reference: dict | None, row: dict) -> str:
 def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: int, results: Path) -> None:
     """The level's row in the newest GPU run that has it at (preset, T), beside the level before it and the
     peer from the same run (an FP8 level's beside the FP8 peer too)."""
-    from cli.report import STATUS_CELL, fmt
+    from cli.report import STATUS_CELL, dense_gemm_pct, fmt
 
     case = f"{preset}, T={num_tokens} ({SHOWN_CASE['traffic']} traffic, {SHOWN_CASE['router']} router)"
     for run_dir, env, rows in gpu_runs(results):
@@ -244,7 +244,7 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
         table.add_row("  rate", f"{fmt(row['tflops'])} TF/s")
         table.add_row("  roofline", f"{fmt(row['pct_roofline'])}%")
         if row.get("dense_gemm_ms"):  # cuBLAS's dense GEMMs on the same FLOPs, timed beside the levels
-            table.add_row("  cuBLAS, same FLOPs", f"{fmt(100 * row['dense_gemm_ms'] / row['ms'])}%")
+            table.add_row("  cuBLAS, same FLOPs", f"{dense_gemm_pct(row)}%")
         before = previous_key(levels, key)
         if before is not None:
             table.add_row(f"  × {'level ' if before.isdigit() else ''}{before}",
