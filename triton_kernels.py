@@ -1129,8 +1129,8 @@ def align_and_quantize_tokens(expert_ids_TK: torch.Tensor, num_experts: int, blo
 
 
 class _RowsToQuantize(NamedTuple):
-    """A quantization of rows, ready to launch: x (contiguous), its e4m3 values (rows padded for TMA) and scales,
-    empty, how many programs of ROWS rows fill them, and the kernels' row arguments and constants."""
+    """A quantization of rows, ready to launch: x (each row contiguous), its e4m3 values (rows padded for TMA) and
+    scales, empty, how many programs of ROWS rows fill them, and the kernels' row arguments and constants."""
 
     x: torch.Tensor
     values: torch.Tensor
@@ -1142,7 +1142,7 @@ class _RowsToQuantize(NamedTuple):
     @staticmethod
     def of(x_TH: torch.Tensor) -> "_RowsToQuantize":
         T, H = x_TH.shape
-        x_TH = x_TH.contiguous()
+        x_TH = x_TH if x_TH.stride(1) == 1 else x_TH.contiguous()  # rows may be padded (the hidden's, for TMA)
         values_TH = torch.empty((T, tma_row_elements(H, FP8_DTYPE)), dtype=FP8_DTYPE, device=x_TH.device)[:, :H]
         scales_T = torch.empty(T, dtype=torch.float32, device=x_TH.device)
         BLOCK = triton.next_power_of_2(H)
@@ -1154,6 +1154,7 @@ class _RowsToQuantize(NamedTuple):
 
 def _fp8_gate_up_boxes(args: dict) -> None:
     args["w_desc"].block_shape = [1, 2 * args["BLOCK_N"], args["BLOCK_D"]]  # [E, 2I, H]: K-major
+    args["hidden_desc"].block_shape = [args["BLOCK_M"], args["BLOCK_N"]]  # [P, I]
 
 
 def _fp8_down_boxes(args: dict) -> None:
@@ -1183,22 +1184,22 @@ def _fp8_configs(interpret: bool, gate_up: bool) -> list:
 @triton.autotune(configs=_fp8_configs(interpreting(), gate_up=True), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
 @triton.jit
 def _moe_gate_up_fp8_kernel(
-    x_ptr, x_scales_ptr, w_desc, w13_scales_ptr, hidden_ptr,
+    x_ptr, x_scales_ptr, w_desc, w13_scales_ptr, hidden_desc,
     sorted_pair_ids_ptr, block_expert_ids_ptr, padded_starts_ptr, num_padded_ptr,
     cols, depth, num_pairs, top_k, pairs_bucket,  # cols = I, depth = H
-    stride_xt, stride_se, stride_hp,
+    stride_xt, stride_se,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     # x [T, H] e4m3 and x_scales [T]; w13 [E, 2I, H] e4m3 (a descriptor), gate and up rows interleaved, and
-    # w13_scales [E, 2I]; hidden [P_max, I] bf16
+    # w13_scales [E, 2I]; hidden [P_max, I] bf16 (a descriptor)
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for tile in tl.range(tl.program_id(axis=0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _persistent_tile(tile, num_pid_m, num_pid_n, block_expert_ids_ptr, padded_starts_ptr, BLOCK_M,
                                         GROUP_M, PAIRS_IN_REGISTERS=0)
-        expert, offs_m, pair_ids, row_valid, offs_n, col_valid = _tile_rows(
+        expert, _, pair_ids, row_valid, _, _ = _tile_rows(
             sorted_pair_ids_ptr, block_expert_ids_ptr, pid_m, pid_n, num_pairs, cols, BLOCK_M, BLOCK_N)
         token_rows = (pair_ids // top_k).to(tl.int64)
         x_ptrs = x_ptr + token_rows[:, None] * stride_xt + offs_d[None, :]  # gathered rows, one byte an element
@@ -1218,8 +1219,8 @@ def _moe_gate_up_fp8_kernel(
         x_scales = tl.load(x_scales_ptr + token_rows, mask=row_valid, other=0.0)
         gate, up = (acc * x_scales[:, None] * w_scales[None, :]).reshape(BLOCK_M, BLOCK_N, 2).split()
         hidden = _to_bf16(gate * tl.sigmoid(gate) * up, INTERPRETED)  # SiLU·up in fp32, written in bf16
-        hidden_ptrs = hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_n[None, :]
-        tl.store(hidden_ptrs, hidden, mask=col_valid[None, :])  # write BLOCK_M·BLOCK_N·2 bytes
+        # by one TMA store, as level 9's (past I it writes nothing): write BLOCK_M·BLOCK_N·2 bytes
+        hidden_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], hidden)
 
 
 @triton.autotune(configs=_fp8_configs(interpreting(), gate_up=False), key=["cols", "depth", "BLOCK_M", "pairs_bucket"])
@@ -1267,14 +1268,15 @@ def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp
     _, two_I, H = w13.values_ECD.shape
     I = two_I // 2
     max_padded = alignment.max_padded
-    hidden_PI = torch.empty((max_padded, I), dtype=torch.bfloat16, device=x_values_TH.device)
+    hidden_PI = torch.empty((max_padded, tma_row_elements(I, torch.bfloat16)), dtype=torch.bfloat16,
+                            device=x_values_TH.device)[:, :I]  # rows padded for these TMA stores
     programs = num_programs(x_values_TH.device)
     num_pairs = x_values_TH.shape[0] * top_k
     _moe_gate_up_fp8_kernel[(programs,)](
-        x_values_TH, x_scales_T, tma_descriptor(w13.values_ECD), w13.scales_EC, hidden_PI,
+        x_values_TH, x_scales_T, tma_descriptor(w13.values_ECD), w13.scales_EC, tma_descriptor(hidden_PI),
         alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.padded_starts, alignment.num_padded,
         I, H, num_pairs, top_k, triton.next_power_of_2(num_pairs),
-        x_values_TH.stride(0), w13.scales_EC.stride(0), hidden_PI.stride(0), BLOCK_M=alignment.block_m,
+        x_values_TH.stride(0), w13.scales_EC.stride(0), BLOCK_M=alignment.block_m,
         NUM_PROGRAMS=programs, INTERPRETED=interpreting(),
     )
     return hidden_PI
