@@ -46,9 +46,9 @@ Why store the weights in FP8 (the seed's "native FP8 weights: works, but no spee
     for mixtral's gate weights alone (0.47 G weights), about 31 ms for all three projections, against 10.4 ms for
     this whole layer at 16384 tokens; even a fused conversion would move 4.2 GB, about 1.4 ms, 8x the one-token
     forward. Stored once in FP8 the weights cost 1 byte per forward, and then FP8 pays twice: at prefill the
-    tensor-core rate (1.66-1.78x and 1.69x level 9 on mixtral and deepseek-v3 at 16384 tokens on an H100,
+    tensor-core rate (1.66-1.79x and 1.68-1.69x level 9 on mixtral and deepseek-v3 at 16384 tokens on H100s,
     1.34-1.47x on qwen3-moe, whose short reductions leave the bf16 bytes of y, its sum and the hidden's pass a
-    larger share), at decode the halved weight bytes (mixtral at one token 154.5 µs against level 9's 263.9). The
+    larger share), at decode the halved weight bytes (mixtral at one token 153.8 µs against level 9's 263.7). The
     numbers and what holds them below 2x: NOTES.md ("Level 10").
 
 What it costs
