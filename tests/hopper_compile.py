@@ -85,9 +85,10 @@ for BLOCK_M, BLOCK_N, BLOCK_D, warps, stages in tiles:
         tk._moe_gate_up_fp8_kernel,
         dict(x_ptr=empty(T, H, dtype=tk.FP8_DTYPE), x_scales_ptr=empty(T, dtype=torch.float32),
              w_desc=descriptor(empty(E, 2 * I, H, dtype=tk.FP8_DTYPE), [1, 2 * BLOCK_N, 128]),
-             w13_scales_ptr=empty(E, 2 * I, dtype=torch.float32), hidden_desc=descriptor(empty(P, I), [BLOCK_M, BLOCK_N]),
-             sorted_pair_ids_ptr=ids, block_expert_ids_ptr=ids, padded_starts_ptr=ids, num_padded_ptr=ids, cols=I,
-             depth=H, num_pairs=2 * T, top_k=2, pairs_bucket=2 * T, stride_xt=H, stride_se=2 * I),
+             w13_scales_ptr=empty(E, 2 * I, dtype=torch.float32),
+             hidden_desc=descriptor(empty(P, I), [BLOCK_M, BLOCK_N]), sorted_pair_ids_ptr=ids,
+             block_expert_ids_ptr=ids, padded_starts_ptr=ids, num_padded_ptr=ids, cols=I, depth=H, num_pairs=2 * T,
+             top_k=2, pairs_bucket=2 * T, stride_xt=H, stride_se=2 * I),
         dict(fp8, INTERPRETED=False), warps, stages)
     compile_for_hopper(
         tk._moe_down_fp8_kernel,
