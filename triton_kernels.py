@@ -886,14 +886,29 @@ def _moe_down_persistent_kernel(
                          slots * split_k, arrivals_stride, stride_om, stride_sm, BLOCK_M, BLOCK_N)
 
 
-def choose_split_k(num_pairs: int, num_experts: int, cols: int, programs: int) -> int:
-    """Reduction slices for level 9's down GEMM: 1, unless even 32-wide tiles over the row blocks these pairs can
-    fill (at most one per pair, one per expert) would leave over half the SMs idle (journey at one token: 2 × 32
-    tiles for 132 SMs); then the most slices, a power of two up to 4, that still fit in one wave (2 there)."""
-    tiles = min(num_pairs, num_experts) * triton.cdiv(cols, 32)
-    if 2 * tiles > programs:
-        return 1
-    return min(4, 2 ** int(math.log2(programs // tiles)))
+WIDEST_DOWN_TILE = 256  # the largest BLOCK_N of level 9's down kernel's configs
+LONG_REDUCTION = 8192  # the least depth at which a down GEMM with few tiles splits in two (choose_split_k)
+
+
+def choose_split_k(num_pairs: int, num_experts: int, cols: int, depth: int, programs: int) -> int:
+    """Reduction slices for level 9's down GEMM, from the pairs alone (the row blocks they fill are known only on
+    the device):
+    - where even 32-wide tiles over the fewest row blocks these pairs can fill (one per expert that has pairs, at
+      most one per pair) would leave over half the SMs idle (journey at one token: 2 × 32 tiles for 132 SMs), the
+      most slices, a power of two up to 4, that still fit in one wave (2 there);
+    - else, where the widest tiles over the most row blocks (⌈pairs / BLOCK_M⌉, plus one part-filled block per
+      expert) make at most two rounds of the programs and the reduction is long, 2: a kernel that streams weights
+      then spends its last round on a fraction of the SMs (mixtral at 512 tokens: 192 tiles, the second round on
+      60 SMs). In two slices mixtral's 14336-deep reduction ran 1.1-2.7% faster at 1, 64 and 512 tokens on an
+      H100, and journey's 2048-deep one 0.9-4.8% slower at 64 and 512, whose slices' epilogues and partial rows
+      weigh more (NOTES.md);
+    - else 1."""
+    fewest_tiles = min(num_pairs, num_experts) * triton.cdiv(cols, 32)
+    if 2 * fewest_tiles <= programs:
+        return min(4, 2 ** int(math.log2(programs // fewest_tiles)))
+    most_row_blocks = triton.cdiv(num_pairs, choose_block_m(num_pairs, num_experts)) + min(num_pairs, num_experts)
+    few_tiles = most_row_blocks * triton.cdiv(cols, WIDEST_DOWN_TILE) <= 2 * programs
+    return 2 if few_tiles and depth >= LONG_REDUCTION else 1
 
 
 def num_programs(device: torch.device) -> int:
@@ -972,7 +987,7 @@ def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routi
     T, K = routing_weights_TK.shape
     E, I, H = w_down_EIH.shape
     programs = num_programs(hidden_PI.device)
-    split_k = choose_split_k(T * K, E, H, programs)
+    split_k = choose_split_k(T * K, E, H, I, programs)
     y_NH = torch.empty((T * K * split_k, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
     sum_TH, sum_args = _sum_in_kernel(y_NH, T, K, arrivals)
     alignment_tensors, pairs_in_registers = _alignment_args(alignment)

@@ -250,10 +250,19 @@ def test_every_down_tile_is_as_wide_as_the_arrival_counts_assume():
     assert min(config.kwargs["BLOCK_N"] for config in configs) >= triton_kernels.NARROWEST_TILE
 
 
-@pytest.mark.parametrize("num_pairs, num_experts, cols, split_k", [(2, 8, 1024, 2), (1, 8, 1024, 4), (8, 128, 2048, 1),
-                                                                    (2, 8, 4096, 1), (4096, 8, 1024, 1)])
-def test_split_k_only_where_the_grid_is_small(num_pairs, num_experts, cols, split_k):
-    assert triton_kernels.choose_split_k(num_pairs, num_experts, cols, programs=132) == split_k
+# (pairs, experts, H, I): journey at 1 token, 1 pair, 64 and 8192 tokens; qwen3-moe at 1 token; mixtral at 1, 512 and
+# 2048 tokens; deepseek-v3 (with its shared expert) at 64.
+@pytest.mark.parametrize("num_pairs, num_experts, cols, depth, split_k", [
+    (2, 8, 1024, 2048, 2), (1, 8, 1024, 2048, 4), (128, 8, 1024, 2048, 1), (16384, 8, 1024, 2048, 1),
+    (8, 128, 2048, 768, 1), (2, 8, 4096, 14336, 2), (1024, 8, 4096, 14336, 2), (4096, 8, 4096, 14336, 1),
+    (576, 257, 7168, 2048, 1)])
+def test_split_k_only_where_the_tiles_are_few(num_pairs, num_experts, cols, depth, split_k):
+    assert triton_kernels.choose_split_k(num_pairs, num_experts, cols, depth, programs=132) == split_k
+
+
+def test_split_k_knows_the_widest_down_tile():
+    assert max(config.kwargs["BLOCK_N"] for config in triton_kernels._persistent_configs(False, gate_up=False)) \
+        == triton_kernels.WIDEST_DOWN_TILE
 
 
 def test_tma_storage_pads_rows_not_shape():

@@ -69,9 +69,11 @@ Why it should be faster than level 8, counted
     the threads nothing, and twice the work per wgmma instruction on the gate/up side. At decode sizes (a few rows per
     expert) the layer is bound by reading weights; the autotuner picks the tile width per size class (32-128 columns
     at one token, up to 256 from 64 tokens, from a list that starts at 16), and split-K spreads the reads over the SMs
-    where even the narrowest tiles would leave half of them idle (`choose_split_k`). Launches: level 8's 8 kernels in
-    the graph (12 with a shared expert) at prefill; 3 (7) up to ONE_PROGRAM_MAX_PAIRS pairs, 2 (6) up to
-    IN_REGISTERS_MAX_PAIRS; one launch for the inputs' copy, one graph launch, no sync.
+    where even the narrowest tiles would leave half of them idle, and in two slices where the widest tiles make at
+    most two rounds over a long reduction (`choose_split_k`: mixtral at 1 to 512 tokens, 1-3% faster on an H100,
+    where the last round had held a fraction of the SMs). Launches: level 8's 8 kernels in the graph (12 with a
+    shared expert) at prefill; 3 (7) up to ONE_PROGRAM_MAX_PAIRS pairs, 2 (6) up to IN_REGISTERS_MAX_PAIRS; one
+    launch for the inputs' copy, one graph launch, no sync.
 
 What it costs
     Hopper's instructions (TMA and wgmma: compute capability 9.0, the only GPUs it was run on; on an older GPU its
