@@ -48,7 +48,7 @@ Why store the weights in FP8 (the seed's "native FP8 weights: works, but no spee
     forward. Stored once in FP8 the weights cost 1 byte per forward, and then FP8 pays twice: at prefill the
     tensor-core rate (1.66-1.79x and 1.68-1.69x level 9 on mixtral and deepseek-v3 at 16384 tokens on H100s,
     1.34-1.47x on qwen3-moe, whose short reductions leave the bf16 bytes of y, its sum and the hidden's pass a
-    larger share), at decode the halved weight bytes (mixtral at one token 153.8 µs against level 9's 263.7). The
+    larger share), at decode the halved weight bytes (mixtral at one token 156.8 µs against level 9's 256.0). The
     numbers and what holds them below 2x: NOTES.md ("Level 10").
 
 What it costs
