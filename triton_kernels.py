@@ -673,7 +673,8 @@ def describe_tuned_configs(gate_up_kernel=None, down_kernel=None) -> str:
 # Level 9: the same two GEMMs, rebuilt for Hopper: a persistent grid, weight tiles (and the down GEMM's sorted
 # activations) by TMA, gate and up interleaved into one accumulator, and at decode the sum over K inside the down
 # GEMM. Why each, and what each bought: the lesson in level9_persistent_tma.py.
-# TMA needs 16-byte-aligned row strides; `tma_storage` pads a tensor's rows (not its shape) where they are not.
+# TMA needs 16-byte-aligned row strides; `tma_storage` pads a tensor's rows (not its shape) where they are not, and
+# `tma_empty` makes a new tensor so.
 # ---------------------------------------------------------------------------------------------------------------
 def tma_row_elements(cols: int, dtype: torch.dtype) -> int:
     """A row's storage for TMA: `cols` rounded up to a multiple of 16 bytes."""
@@ -690,6 +691,12 @@ def tma_storage(tensor: torch.Tensor) -> torch.Tensor:
     padded = tensor.new_zeros((*tensor.shape[:-1], tma_row_elements(cols, tensor.dtype)))
     padded[..., :cols] = tensor
     return padded[..., :cols]
+
+
+def tma_empty(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized [rows, cols] whose rows' storage is padded to 16 bytes, as `tma_storage` pads: the view keeps
+    the real shape."""
+    return torch.empty((rows, tma_row_elements(cols, dtype)), dtype=dtype, device=device)[:, :cols]
 
 
 def tma_descriptor(tensor: torch.Tensor) -> TensorDescriptor:
@@ -965,8 +972,8 @@ def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.
     I = two_I // 2
     max_padded = alignment.max_padded
     tokens_TH = tokens_TH.contiguous()
-    hidden_PI = torch.empty((max_padded, tma_row_elements(I, tokens_TH.dtype)), dtype=tokens_TH.dtype,
-                            device=tokens_TH.device)[:, :I]  # rows padded for TMA: these stores, the down GEMM's loads
+    # rows padded for TMA: these stores, the down GEMM's loads
+    hidden_PI = tma_empty(max_padded, I, tokens_TH.dtype, tokens_TH.device)
     programs = num_programs(tokens_TH.device)
     num_pairs = tokens_TH.shape[0] * top_k
     alignment_tensors, pairs_in_registers = _alignment_args(alignment)
@@ -1158,7 +1165,7 @@ class _RowsToQuantize(NamedTuple):
     def of(x_TH: torch.Tensor) -> "_RowsToQuantize":
         T, H = x_TH.shape
         x_TH = x_TH if x_TH.stride(1) == 1 else x_TH.contiguous()  # rows may be padded (the hidden's, for TMA)
-        values_TH = torch.empty((T, tma_row_elements(H, FP8_DTYPE)), dtype=FP8_DTYPE, device=x_TH.device)[:, :H]
+        values_TH = tma_empty(T, H, FP8_DTYPE, x_TH.device)
         scales_T = torch.empty(T, dtype=torch.float32, device=x_TH.device)
         BLOCK = triton.next_power_of_2(H)
         ROWS = max(1, QUANTIZE_ELEMENTS_PER_PROGRAM // BLOCK)
@@ -1283,8 +1290,7 @@ def moe_gate_up_fp8(x_values_TH: torch.Tensor, x_scales_T: torch.Tensor, w13: Fp
     _, two_I, H = w13.values_ECD.shape
     I = two_I // 2
     max_padded = alignment.max_padded
-    hidden_PI = torch.empty((max_padded, tma_row_elements(I, torch.bfloat16)), dtype=torch.bfloat16,
-                            device=x_values_TH.device)[:, :I]  # rows padded for these TMA stores
+    hidden_PI = tma_empty(max_padded, I, torch.bfloat16, x_values_TH.device)  # rows padded for these TMA stores
     programs = num_programs(x_values_TH.device)
     num_pairs = x_values_TH.shape[0] * top_k
     _moe_gate_up_fp8_kernel[(programs,)](
