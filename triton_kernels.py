@@ -852,7 +852,7 @@ def _moe_gate_up_persistent_kernel(
 
 
 @triton.autotune(configs=_persistent_configs(interpreting(), gate_up=False),
-                 key=["cols", "depth", "BLOCK_M", "pairs_bucket", "split_k"])
+                 key=["cols", "depth", "BLOCK_M", "pairs_bucket", "split_k", "NUM_PROGRAMS"])
 @triton.jit
 def _moe_down_persistent_kernel(
     hidden_desc, w_desc, out_ptr, routing_weights_ptr,  # hidden [P_max, I] (sorted rows: no gather, so TMA too),
@@ -916,6 +916,21 @@ def choose_split_k(num_pairs: int, num_experts: int, cols: int, depth: int, prog
     most_row_blocks = triton.cdiv(num_pairs, choose_block_m(num_pairs, num_experts)) + min(num_pairs, num_experts)
     few_tiles = most_row_blocks * triton.cdiv(cols, WIDEST_DOWN_TILE) <= 2 * programs
     return 2 if few_tiles and depth >= LONG_REDUCTION else 1
+
+
+def choose_programs_per_sm(num_pairs: int, num_experts: int, cols: int, depth: int, sms: int) -> int:
+    """Programs per SM for level 9's down GEMM: 4 where its tiles are decode tiles (BLOCK_M ≤ 32) over a short
+    reduction, and even the widest of them over the fewest row blocks the pairs can fill make more than one round
+    (qwen3-moe at 64 tokens: 1000 tiles, each 768 deep). There one program per SM kept too few weight bytes in
+    flight (75% of DRAM's peak where level 8's several small programs per SM reached 88%), and its last round ran on
+    76 of the 132 SMs. With four per SM, as many run at once as the tile lets fit and the rest start as those end,
+    as level 8's programs do: on an H100 qwen3-moe at 64 tokens ran 3.7% faster, deepseek-v3 at 64 and 512 tokens
+    0.8% and 0.6% (two per SM: 3.4%, 0.2%, 0.2%; NOTES.md). A long reduction streams long enough with one program
+    (two cost mixtral 1.6% at 512 tokens), and a grid that one round holds only gains idle programs (journey at 64
+    tokens, 104 tiles: two cost 1.9%). Else 1."""
+    fewest_tiles = min(num_pairs, num_experts) * triton.cdiv(cols, WIDEST_DOWN_TILE)
+    decode_tiles = choose_block_m(num_pairs, num_experts) <= 32
+    return 4 if decode_tiles and depth < LONG_REDUCTION and fewest_tiles > sms else 1
 
 
 def num_programs(device: torch.device) -> int:
@@ -988,13 +1003,15 @@ def moe_gate_up_persistent(tokens_TH: torch.Tensor, w13_interleaved_EH2I: torch.
 def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routing_weights_TK: torch.Tensor,
                         alignment: TokenAlignment | PairsToAlign, arrivals: torch.Tensor | None = None) -> torch.Tensor:
     """Level 7's moe_down on Hopper: y [T, K·split, H], each row weighted and back in (token, slot) order, split in
-    `choose_split_k` partial rows per pair where the grid would be small (the sum over K adds them too). Given
-    `arrivals` (decode: `arrival_counts`), the kernel sums each token's rows itself and returns [T, 1, H]."""
+    `choose_split_k` partial rows per pair where the grid would be small (the sum over K adds them too), on
+    `choose_programs_per_sm` programs per SM. Given `arrivals` (decode: `arrival_counts`), the kernel sums each
+    token's rows itself and returns [T, 1, H]."""
     _check_device(hidden_PI, w_down_EIH)
     T, K = routing_weights_TK.shape
     E, I, H = w_down_EIH.shape
-    programs = num_programs(hidden_PI.device)
-    split_k = choose_split_k(T * K, E, H, I, programs)
+    sms = num_programs(hidden_PI.device)
+    split_k = choose_split_k(T * K, E, H, I, sms)
+    programs = sms * choose_programs_per_sm(T * K, E, H, I, sms)
     y_NH = torch.empty((T * K * split_k, H), dtype=hidden_PI.dtype, device=hidden_PI.device)
     sum_TH, sum_args = _sum_in_kernel(y_NH, T, K, arrivals)
     alignment_tensors, pairs_in_registers = _alignment_args(alignment)

@@ -260,6 +260,32 @@ def test_split_k_only_where_the_tiles_are_few(num_pairs, num_experts, cols, dept
     assert triton_kernels.choose_split_k(num_pairs, num_experts, cols, depth, programs=132) == split_k
 
 
+# (pairs, experts, H, I): qwen3-moe at 1, 64, 512 and 2048 tokens; deepseek-v3 (its shared expert too) at 1 and 64;
+# journey at 64; mixtral at 64 (split in two instead).
+@pytest.mark.parametrize("num_pairs, num_experts, cols, depth, programs_per_sm", [
+    (8, 128, 2048, 768, 1), (512, 128, 2048, 768, 4), (4096, 128, 2048, 768, 4), (16384, 128, 2048, 768, 1),
+    (9, 257, 7168, 2048, 4), (576, 257, 7168, 2048, 4), (128, 8, 1024, 2048, 1), (128, 8, 4096, 14336, 1)])
+def test_more_programs_per_sm_only_for_many_short_decode_tiles(num_pairs, num_experts, cols, depth, programs_per_sm):
+    assert triton_kernels.choose_programs_per_sm(num_pairs, num_experts, cols, depth, sms=132) == programs_per_sm
+
+
+def test_level_9_down_gemm_at_more_programs_per_sm_matches_reference(levels, monkeypatch):
+    """Four programs per SM (chosen only for many short decode tiles on a GPU, so forced here): every tile still
+    computed once, in uneven shares."""
+    monkeypatch.setattr(triton_kernels, "choose_programs_per_sm", lambda *args: 4)
+    config = MoEConfig(hidden=100, intermediate=72, num_experts=4, top_k=2, name="per_sm")
+    weights = init_weights(config, "cpu")
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.randn((37, 100), generator=generator).bfloat16()
+    expert_ids = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(37)])
+    routing_weights = torch.softmax(torch.randn((37, 2), generator=generator), -1).bfloat16()
+    level = levels["9"](config, weights)
+    level.prepare()
+    out = level.forward(tokens, routing_weights, expert_ids)
+    check = compare_to_reference(out, level.reference(tokens, routing_weights, expert_ids), 2e-2)
+    assert check.passed, check.message
+
+
 def test_split_k_knows_the_widest_down_tile():
     assert max(config.kwargs["BLOCK_N"] for config in triton_kernels._persistent_configs(False, gate_up=False)) \
         == triton_kernels.WIDEST_DOWN_TILE

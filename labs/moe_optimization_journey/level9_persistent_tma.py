@@ -11,7 +11,7 @@ The idea
        alignment, so no program even visits padding-only tiles. What it does not remove is the tail: the tiles still
        come in waves of 132 (the gate/up GEMM at journey's 8192 tokens: about 132 row blocks × 16 = 2112 tiles, 16
        waves; the down GEMM at qwen3-moe's 64 tokens: 1000 tiles, so 76 programs take an eighth tile while 56 wait,
-       NOTES.md). `flatten=True` lets Triton pipeline the loop over tiles and the loop over depth as one, so a
+       NOTES.md; there it runs four programs per SM, below). `flatten=True` lets Triton pipeline the loop over tiles and the loop over depth as one, so a
        tile's epilogue overlaps the next tile's first loads (+6% on qwen3-moe's short reductions, even on mixtral:
        NOTES.md). The tiles run in groups of up to GROUP_M row blocks of one expert, column by column, so that the
        programs running at once share each weight tile in L2 (`_persistent_tile`). Level 7's groups count from row 0
@@ -71,9 +71,12 @@ Why it should be faster than level 8, counted
     at one token, up to 256 from 64 tokens, from a list that starts at 16), and split-K spreads the reads over the SMs
     where even the narrowest tiles would leave half of them idle, and in two slices where the widest tiles make at
     most two rounds over a long reduction (`choose_split_k`: mixtral at 1 to 512 tokens, 1-3% faster on an H100,
-    where the last round had held a fraction of the SMs). Launches: level 8's 8 kernels in the graph (12 with a
-    shared expert) at prefill; 3 (7) up to ONE_PROGRAM_MAX_PAIRS pairs, 2 (6) up to IN_REGISTERS_MAX_PAIRS; one
-    launch for the inputs' copy, one graph launch, no sync.
+    where the last round had held a fraction of the SMs). Where short reductions make many narrow tiles (qwen3-moe
+    at 64 and 512 tokens, deepseek-v3 at 1 to 512) one program per SM keeps too few weight bytes in flight, so the
+    down GEMM launches four per SM, and as many run at once as fit (`choose_programs_per_sm`: qwen3-moe at 64
+    tokens 3.7% faster on an H100, deepseek-v3 0.6-0.8%; level 8's grid of small programs had led both). Launches:
+    level 8's 8 kernels in the graph (12 with a shared expert) at prefill; 3 (7) up to ONE_PROGRAM_MAX_PAIRS pairs,
+    2 (6) up to IN_REGISTERS_MAX_PAIRS; one launch for the inputs' copy, one graph launch, no sync.
 
 What it costs
     Hopper's instructions (TMA and wgmma: compute capability 9.0, the only GPUs it was run on; on an older GPU its
