@@ -203,17 +203,19 @@ def test_level_9_alignment_in_registers_matches_the_aligned_tensors(levels, monk
     assert check.passed, check.message
 
 
-@pytest.mark.parametrize("split_k", [2, 3])
-def test_level_9_split_k_down_matches_reference(levels, monkeypatch, split_k):
-    """Level 9's down GEMM in split_k slices of the reduction (chosen only where the GPU's grid would be small, so
-    forced here): I = 72 is 3 steps of 32, so 2 slices are uneven and 3 give each one step."""
-    monkeypatch.setattr(triton_kernels, "choose_split_k", lambda *args: split_k)
-    config = MoEConfig(hidden=100, intermediate=72, num_experts=4, top_k=2, name="split")
+@pytest.mark.parametrize("choice, value, num_tokens", [
+    ("choose_split_k", 2, 5), ("choose_split_k", 3, 5), ("choose_programs_per_sm", 4, 37)])
+def test_level_9_down_gemm_on_a_forced_grid_matches_reference(levels, monkeypatch, choice, value, num_tokens):
+    """Level 9's down GEMM on grids a GPU picks only at other sizes, so forced here: split_k slices of the reduction
+    (I = 72 is 3 steps of 32, so 2 slices are uneven and 3 give each one step), and four programs per SM (every
+    tile still computed once, in uneven shares)."""
+    monkeypatch.setattr(triton_kernels, choice, lambda *args: value)
+    config = MoEConfig(hidden=100, intermediate=72, num_experts=4, top_k=2, name="grid")
     weights = init_weights(config, "cpu")
-    generator = torch.Generator().manual_seed(split_k)
-    tokens = torch.randn((5, 100), generator=generator).bfloat16()
-    expert_ids = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(5)])
-    routing_weights = torch.softmax(torch.randn((5, 2), generator=generator), -1).bfloat16()
+    generator = torch.Generator().manual_seed(value)
+    tokens = torch.randn((num_tokens, 100), generator=generator).bfloat16()
+    expert_ids = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(num_tokens)])
+    routing_weights = torch.softmax(torch.randn((num_tokens, 2), generator=generator), -1).bfloat16()
     level = levels["9"](config, weights)
     level.prepare()
     out = level.forward(tokens, routing_weights, expert_ids)
@@ -267,23 +269,6 @@ def test_split_k_only_where_the_tiles_are_few(num_pairs, num_experts, cols, dept
     (9, 257, 7168, 2048, 4), (576, 257, 7168, 2048, 4), (128, 8, 1024, 2048, 1), (128, 8, 4096, 14336, 1)])
 def test_more_programs_per_sm_only_for_many_short_decode_tiles(num_pairs, num_experts, cols, depth, programs_per_sm):
     assert triton_kernels.choose_programs_per_sm(num_pairs, num_experts, cols, depth, sms=132) == programs_per_sm
-
-
-def test_level_9_down_gemm_at_more_programs_per_sm_matches_reference(levels, monkeypatch):
-    """Four programs per SM (chosen only for many short decode tiles on a GPU, so forced here): every tile still
-    computed once, in uneven shares."""
-    monkeypatch.setattr(triton_kernels, "choose_programs_per_sm", lambda *args: 4)
-    config = MoEConfig(hidden=100, intermediate=72, num_experts=4, top_k=2, name="per_sm")
-    weights = init_weights(config, "cpu")
-    generator = torch.Generator().manual_seed(4)
-    tokens = torch.randn((37, 100), generator=generator).bfloat16()
-    expert_ids = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(37)])
-    routing_weights = torch.softmax(torch.randn((37, 2), generator=generator), -1).bfloat16()
-    level = levels["9"](config, weights)
-    level.prepare()
-    out = level.forward(tokens, routing_weights, expert_ids)
-    check = compare_to_reference(out, level.reference(tokens, routing_weights, expert_ids), 2e-2)
-    assert check.passed, check.message
 
 
 def test_split_k_knows_the_widest_down_tile():
