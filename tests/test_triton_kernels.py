@@ -271,7 +271,7 @@ def test_more_programs_per_sm_only_for_many_short_decode_tiles(num_pairs, num_ex
     assert triton_kernels.choose_programs_per_sm(num_pairs, num_experts, cols, depth, sms=132) == programs_per_sm
 
 
-def test_split_k_knows_the_widest_down_tile():
+def test_the_down_grid_rules_know_the_widest_down_tile():  # choose_split_k, choose_programs_per_sm
     assert max(config.kwargs["BLOCK_N"] for config in triton_kernels._persistent_configs(False, gate_up=False)) \
         == triton_kernels.WIDEST_DOWN_TILE
 
