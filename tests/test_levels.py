@@ -195,6 +195,11 @@ def counting_levels(names):
     return [type(f"Level{name}", (Named,), {"level": name, "name": f"level-{name}"}) for name in names]
 
 
+def timed_level(call):
+    """Which level a timed call is: `MoELevel.timed_call` binds the level's forward to its timing inputs."""
+    return call.func.__self__.level
+
+
 def test_a_case_times_its_levels_in_order_then_in_reverse(tiny, monkeypatch):
     """A GPU under its power cap slows as it heats: each level of a case is timed once in level order and once in
     reverse, so a steady heating weighs on all alike. A level that fails its check is never timed, and the rows
@@ -203,7 +208,7 @@ def test_a_case_times_its_levels_in_order_then_in_reverse(tiny, monkeypatch):
     wrong.forward = lambda self, tokens_TH, *routing: tokens_TH * 0 + 1
     order = []
     monkeypatch.setattr(moe_benchmark, "time_calls",
-                        lambda fn, *args, **kwargs: order.append(fn.__self__.row.level) or [1.0, 1.0, 1.0])
+                        lambda fn, *args, **kwargs: order.append(timed_level(fn)) or [1.0, 1.0, 1.0])
     rows = moe_benchmark.benchmark_case([first, wrong, last], tiny, 9, torch.device("cpu"))
     assert order == ["a", "b", "b", "a"]
     assert [row["level"] for row in rows] == ["a", "wrong", "b"]
@@ -224,7 +229,7 @@ def test_a_level_out_of_memory_beside_others_is_set_up_again_alone(tiny, monkeyp
     second.prepare = prepare
     order = []
     monkeypatch.setattr(moe_benchmark, "time_calls",
-                        lambda fn, *args, **kwargs: order.append(fn.__self__.row.level) or [1.0, 1.0, 1.0])
+                        lambda fn, *args, **kwargs: order.append(timed_level(fn)) or [1.0, 1.0, 1.0])
     rows = moe_benchmark.benchmark_case([first, second], tiny, 9, torch.device("cpu"))
     assert order == ["a", "a", "b", "b"] and [row["status"] for row in rows] == ["ok", "ok"]
 

@@ -206,6 +206,11 @@ class MoELevel:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def timed_call(self, inputs: Inputs) -> Callable[[], torch.Tensor]:
+        """What the clock times, and the counts count: one forward on the timing inputs. (A level that replays a CUDA
+        graph times the replay alone, its inputs written into the graph's buffers once: level 5's `Graphed`.)"""
+        return functools.partial(self.forward, *inputs.as_args())
+
     def reference(self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor,
                   expert_ids_TK: torch.Tensor) -> torch.Tensor:
         """The fp32 result this level's output is checked against: the layer's reference. A quantized level
@@ -623,13 +628,11 @@ class Waiting:
     row: ResultRow
     level: MoELevel
     inputs: Inputs
+    call: Callable[[], torch.Tensor]  # the level's `timed_call` on those inputs
     held_bytes: int  # device memory it holds while it waits: its weight layouts, graph and timing inputs
     pool_bytes: int  # of which its CUDA graphs' private pools (for a level that `keeps_buffers`)
     times_ms: list[float] = dataclasses.field(default_factory=list)
     clock: tuple[int, bool] | None = None  # sm_clock_after_load() after its last turn
-
-    def call(self) -> torch.Tensor:
-        return self.level.forward(*self.inputs.as_args())
 
     def take_turn(self, device: torch.device, settings: Settings) -> None:
         """One round's share of the row's timed calls, warm-up first, and the clock they left the GPU at."""
@@ -858,9 +861,10 @@ def set_up(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_tok
                 row.update(status="checked", note="checked in Triton's interpreter, not timed: its GEMMs are Triton "
                                                   "kernels, and the interpreter's speed says nothing about a CPU's")
             else:
+                call = level.timed_call(timing_inputs)
                 held_bytes = torch.cuda.memory_allocated(device) - allocated_before if on_gpu else 0
                 pool_bytes = graph_pool_bytes(device) - pools_before if on_gpu and level_cls.keeps_buffers else 0
-                return Waiting(row, level, timing_inputs, held_bytes, pool_bytes)
+                return Waiting(row, level, timing_inputs, call, held_bytes, pool_bytes)
     if level is not None:
         add_level_notes(row, level)
     del level
