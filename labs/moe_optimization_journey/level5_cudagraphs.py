@@ -20,8 +20,8 @@ Where the inputs live
     A graph replays from fixed addresses: it reads its inputs from the buffers it was recorded reading. Inside a
     graph of the whole model this layer's inputs are the previous layer's static output and the router's, already
     in place, and nothing moves. A caller outside a graph hands over tensors of its own, and each call first copies
-    them in, all three in one launch: T·H + 2·T·K elements read and written, on an H100 9 µs of journey's 8192-token
-    forward (2.7%) and 5 µs of its one-token forward, the launch's host time included (NOTES.md). The benchmark
+    them in, all three in one launch: T·H + 2·T·K elements read and written, on an H100 9 µs of level 9's forward
+    at journey's 8192 tokens (2.7%) and 5 µs at one token, the launch's host time included (NOTES.md). The benchmark
     times the layer as a model runs it (`Graphed` below, which level 8 uses too): the timing inputs are copied in
     once, and each timed call is the replay alone. The check still hands the graph fresh inputs, and pays the copy.
 
