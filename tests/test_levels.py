@@ -449,3 +449,36 @@ def test_graph_inputs_are_copied_by_one_launch():
         sources = tuple(s + 1 for s in sources)
     with pytest.raises(ValueError, match="cannot copy"):
         triton_kernels.CopyThree(sources, (destinations[0], destinations[2], destinations[1]))
+
+
+def test_a_graphed_level_times_the_replay_alone(tiny):
+    """Levels 5 and 8 (and so 9 and 10) are timed as a graph of the whole model runs a layer: `timed_call` writes the
+    timing inputs into the graph once, and each timed call only replays. A stand-in graph (the CPU has none) records
+    what each step did; on the CPU the timed call is the eager forward."""
+    from level5_cudagraphs import CudaGraphLevel
+    from level8_triton_graphed import TritonGraphedLevel
+
+    class RecordingGraph:
+        def __init__(self):
+            self.steps = []
+
+        def __call__(self, *inputs):  # capture, or copy the inputs in, then replay
+            self.steps.append("copy in and replay")
+            return inputs[0]
+
+        def replay(self):
+            self.steps.append("replay")
+            return torch.zeros(())
+
+    weights = init_weights(tiny, torch.device("cpu"))
+    inputs = make_inputs(tiny, weights, 5, seed=1)
+    for level_cls in (CudaGraphLevel, TritonGraphedLevel):
+        level = level_cls(tiny, weights)
+        level.prepare()
+        on_cpu = level.timed_call(inputs)()
+        assert torch.equal(on_cpu, level.forward(*inputs.as_args()))  # no graph: the eager forward
+        level.device, level.graphed_forward = torch.device("cuda"), RecordingGraph()
+        call = level.timed_call(inputs)
+        for _ in range(3):
+            call()
+        assert level.graphed_forward.steps == ["copy in and replay", "replay", "replay", "replay"]
