@@ -36,9 +36,10 @@ Why it should beat level 9, counted
     bytes halve: mixtral at one token reads 2 experts × 3·H·I = 352 M weights, 705 MB in bf16 and 352 MB in e4m3,
     about 0.23 against 0.12 ms at 3 TB/s.
     Launches: level 9's graph plus two quantizations (tokens, hidden): 10 kernels (14 with a shared expert) at
-    prefill, replayed by one launch (and the inputs' copy before it, called from outside a graph). At decode the tokens' quantization shares the one-program alignment's launch
-    (program 0 aligns, the others quantize: neither reads what the other writes) and the down GEMM sums over K as
-    level 9's does, 4 (8): mixtral at one token 168 → 161 µs on an H100 (NOTES.md). Syncs: none.
+    prefill, replayed by one launch (and the inputs' copy before it, called from outside a graph). At decode the
+    tokens' quantization shares the one-program alignment's launch (program 0 aligns, the others quantize: neither
+    reads what the other writes) and the down GEMM sums over K as level 9's does, 4 (8): mixtral at one token
+    168 → 161 µs on an H100 (NOTES.md). Syncs: none.
 
 Why store the weights in FP8 (the seed's "native FP8 weights: works, but no speedup observed at 8K")
     Converting bf16 weights to e4m3 inside every forward reads 2 bytes and writes 1 per weight before the GEMM
