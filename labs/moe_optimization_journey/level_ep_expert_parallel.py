@@ -83,6 +83,10 @@ When overlap pays
     spend their combine waiting for it, and their "exposed" time would be that wait. The counts are timed
     interleaved, forward by forward: a GPU under its power cap heats through a run of calls, and timed one after
     the other the later count would meet the hotter card.
+    The link itself is NCCL's: its all-to-all moved 252 GB/s each way between two NVLinked H200s, where a put into
+    the peer's memory through torch's symmetric memory moved 375. Dispatch and combine as such puts were 0.5 ms
+    faster at mixtral's 32768 tokens per rank and the forward 0.2 ms (0.4%, NOTES.md): not worth a second, GPU-only
+    transport beside the one the CPU tests run.
 
 When EP pays
     When the experts do not fit one GPU: deepseek-v3's 256 routed experts are 22.5 GB in bf16, per layer. And
