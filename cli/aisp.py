@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 from datetime import datetime, timezone
+from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
@@ -196,6 +197,7 @@ def environment(device, ceilings, configs, args: dict) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "triton_kernels": import_module("peer_triton_kernels_matmul_ogs").installed_at(),  # OpenAI's, for its peer
         "python": platform.python_version(),
         "host": socket.gethostname(),
         "platform": platform.platform(),
@@ -240,7 +242,7 @@ def list_command() -> None:
 @bench.command("run")
 def run_command(
     target: str = typer.Option(..., "-t", "--target", help="what to run: moe_journey"),
-    levels: str = typer.Option(None, help="e.g. 0-10, 0,4,9,peer,peer-fp8 (default: every level and both peers)"),
+    levels: str = typer.Option(None, help="e.g. 0-10, 0,4,9,peer,peer-ogs (default: every level and every peer)"),
     tokens: str = typer.Option(None, help=f"token counts, e.g. 2048,8192 (default: {DEFAULTS['cuda'].tokens} on a "
                                           f"GPU, {DEFAULTS['cpu'].tokens} on the CPU)"),
     preset: str = typer.Option(None, help="preset name(s) comma-separated, an inline shape "

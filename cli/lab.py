@@ -30,9 +30,9 @@ lab = typer.Typer(help="Step through the journey: each level's lesson, code diff
                   no_args_is_help=True)
 
 # The levels outside the numbered sequence, and the level each is built from: the peer is level 4's permutation
-# around torch._grouped_mm, the FP8 peer the peer with torch._scaled_grouped_mm; EP runs level 7 on each rank's
-# share of the experts.
-COMPARED_WITH = {"peer": "4", "peer-fp8": "peer", "ep": "7"}
+# around torch._grouped_mm, the FP8 peer the peer with torch._scaled_grouped_mm, the matmul_ogs peer the layer
+# level 9 builds with other kernels; EP runs level 7 on each rank's share of the experts.
+COMPARED_WITH = {"peer": "4", "peer-fp8": "peer", "peer-ogs": "9", "ep": "7"}
 # The one case the lab shows: the committed runs also hold zipf/hot traffic and other routers.
 SHOWN_CASE = {"traffic": "uniform", "router": "softmax-topk"}
 
@@ -226,7 +226,7 @@ def speedup(reference: dict | None, row: dict) -> str:
 
 def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: int, results: Path) -> None:
     """The level's row in the newest GPU run that has it at (preset, T), beside the level before it and the
-    peer from the same run (an FP8 level's beside the FP8 peer too)."""
+    peer from the same run (an FP8 level's beside the FP8 peer too, level 9's beside the matmul_ogs peer)."""
     from cli.report import STATUS_CELL, dense_gemm_pct, fmt
 
     case = f"{preset}, T={num_tokens} ({SHOWN_CASE['traffic']} traffic, {SHOWN_CASE['router']} router)"
@@ -253,6 +253,8 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
             table.add_row("  × peer", speedup(row_of(rows, "peer", num_tokens), row))
         if getattr(levels[key], "fp8", False) and key != "peer-fp8":
             table.add_row("  × FP8 peer", speedup(row_of(rows, "peer-fp8", num_tokens), row))
+        if key == "9":  # the yardstick issue 12 set level 9 against
+            table.add_row("  × matmul_ogs peer", speedup(row_of(rows, "peer-ogs", num_tokens), row))
         if "world_size" in row:
             table.add_row("  world size", str(row["world_size"]))
         console.print(table, highlight=False)
@@ -305,7 +307,7 @@ def print_overview(levels: dict[str, type], preset: str, results: Path) -> None:
 
 @lab.command("show")
 def show_command(
-    level: str = typer.Argument(None, help="a level: 0-10, peer, peer-fp8 or ep (default: list them all)"),
+    level: str = typer.Argument(None, help="a level: 0-10, peer, peer-fp8, peer-ogs or ep (default: list them all)"),
     preset: str = typer.Option("journey", help="the preset of the claims and the measured row"),
     tokens: int = typer.Option(8192, help="the token count T of the claims and the measured row"),
     results: Path = typer.Option(None, help="where the runs are (default: the repository's results/)"),

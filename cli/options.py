@@ -63,7 +63,7 @@ DEFAULTS = {
 
 def parse_levels(spec: str | None, available: list[str], on_request: tuple[str, ...] = ("ep",)) -> list[str]:
     """Level keys from `0-10`, `0,4,9,peer,peer-fp8`, ...; the default (or `all`) is every single-GPU level and
-    both peers. Levels in `on_request` (ep: several processes) run only when named."""
+    every peer. Levels in `on_request` (ep: several processes) run only when named."""
     if spec is None or spec == "all":
         return list(available)
     available = [*available, *on_request]

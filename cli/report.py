@@ -105,7 +105,8 @@ def load_environment(run_dir: Path) -> dict:
     return env
 
 
-PEER, FP8_PEER = "peer", "peer-fp8"  # what PyTorch ships, in bf16 and in FP8: measured beside the levels
+# Measured beside the levels: what PyTorch ships, in bf16 and in FP8, and OpenAI's triton_kernels where installed
+PEER, FP8_PEER, OGS_PEER = "peer", "peer-fp8", "peer-ogs"
 FP8_COMPARED = ("7", "9", "10", PEER, FP8_PEER)  # the FP8 section's levels: Triton bf16, FP8 and both peers
 
 
@@ -115,7 +116,7 @@ def level_sort_key(level) -> tuple:
 
 def level_label(row: dict) -> str:
     level = str(row["level"])
-    return f"{level}: {row['level_name']}" if level in (PEER, FP8_PEER) else f"{level} {row['level_name']}"
+    return f"{level}: {row['level_name']}" if level.startswith(PEER) else f"{level} {row['level_name']}"
 
 
 def label_of(df: pd.DataFrame, level: str) -> str | None:
@@ -440,6 +441,8 @@ def environment_section(env: dict, rows: list[dict]) -> str:
     lines += [
         f"- device: **{env.get('device', '?')}**, driver {env.get('driver') or '-'}, CUDA {env.get('cuda') or '-'}",
         f"- torch {env.get('torch')}, triton {env.get('triton') or '-'}, python {env.get('python')}",
+        *([f"- OpenAI's triton_kernels (the matmul_ogs peer's) from {env['triton_kernels']}"]
+          if env.get("triton_kernels") else []),
         f"- started {env.get('started_utc')} (UTC), host {env.get('host')}",
         f"- command: `{env.get('command')}`",
     ]
@@ -509,7 +512,7 @@ def clock_text(rows: list[dict]) -> str:
 # data, and marks what was not timed (out of memory, skipped, checked) where a reader would look for it.
 LEVEL_COLORS = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + list(plt.get_cmap("Dark2").colors)
 PEER_COLOR = "0.45"  # tab10's grey, kept out of LEVEL_COLORS for the peers alone
-PEER_COLORS = {PEER: PEER_COLOR, FP8_PEER: "0.15"}  # the FP8 peer a darker grey, both hatched and dashed
+PEER_COLORS = {PEER: PEER_COLOR, FP8_PEER: "0.15", OGS_PEER: "0.7"}  # greys, every peer hatched and dashed
 STATUS_MARKER = {"oom": "x", "skipped": "o", "error": "D", "checked": "s"}
 STATUS_SYMBOL = {"oom": "× out of memory", "skipped": "○ skipped", "error": "◇ error",
                  "checked": "□ checked, not timed"}  # the markers, in words

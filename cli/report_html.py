@@ -121,6 +121,8 @@ def environment(env: dict) -> str:
         f"device: <strong>{esc(env.get('device', '?'))}</strong>, driver {esc(env.get('driver') or '-')}, "
         f"CUDA {esc(env.get('cuda') or '-')}",
         f"torch {esc(env.get('torch'))}, triton {esc(env.get('triton') or '-')}, python {esc(env.get('python'))}",
+        *([f"OpenAI's triton_kernels (the matmul_ogs peer's) from {esc(env['triton_kernels'])}"]
+          if env.get("triton_kernels") else []),
         f"started {esc(env.get('started_utc'))} (UTC), host {esc(env.get('host'))}",
         f"command: <code>{esc(env.get('command'))}</code>",
         *([f"code: commit {esc(env['code'])}"] if env.get("code") else []),

@@ -25,8 +25,8 @@ except ImportError as missing:
     print(f"this Triton cannot compile without a device here: {missing}")
     sys.exit(3)
 
-import triton_kernels as tk  # noqa: E402
-from triton_kernels import TensorDescriptor  # noqa: E402
+import moe_kernels as kernels  # noqa: E402
+from moe_kernels import TensorDescriptor  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 E, T, H, I = 8, 64, 1024, 2048  # shapes only set the arguments' types; any will do
@@ -64,7 +64,7 @@ for BLOCK_M, BLOCK_N, BLOCK_D, warps, stages in tiles:
         shape = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PAIRS_IN_REGISTERS=pairs_in_registers,
                      **common)
         compile_for_hopper(
-            tk._moe_gate_up_persistent_kernel,
+            kernels._moe_gate_up_persistent_kernel,
             dict(x_ptr=empty(T, H), w_desc=descriptor(empty(E, H, 2 * I), [1, BLOCK_D, 2 * BLOCK_N]),
                  hidden_desc=descriptor(empty(P, I), [BLOCK_M, BLOCK_N]), sorted_pair_ids_ptr=ids,
                  block_expert_ids_ptr=ids, padded_starts_ptr=ids, num_padded_ptr=ids, expert_of_pair_ptr=routing_ids,
@@ -72,7 +72,7 @@ for BLOCK_M, BLOCK_N, BLOCK_D, warps, stages in tiles:
             dict(shape, UPCAST=False), warps, stages)
         for sum_here in (False, True):
             compile_for_hopper(
-                tk._moe_down_persistent_kernel,
+                kernels._moe_down_persistent_kernel,
                 dict(hidden_desc=descriptor(empty(P, I), [BLOCK_M, BLOCK_D]),
                      w_desc=descriptor(empty(E, I, H), [1, BLOCK_D, BLOCK_N]), out_ptr=empty(2 * T, H),
                      routing_weights_ptr=empty(2 * T), sorted_pair_ids_ptr=ids, block_expert_ids_ptr=ids,
@@ -82,19 +82,19 @@ for BLOCK_M, BLOCK_N, BLOCK_D, warps, stages in tiles:
                 dict(shape, UPCAST=False, SUM_HERE=sum_here), warps, stages)
     fp8 = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=128, **common)
     compile_for_hopper(
-        tk._moe_gate_up_fp8_kernel,
-        dict(x_ptr=empty(T, H, dtype=tk.FP8_DTYPE), x_scales_ptr=empty(T, dtype=torch.float32),
-             w_desc=descriptor(empty(E, 2 * I, H, dtype=tk.FP8_DTYPE), [1, 2 * BLOCK_N, 128]),
+        kernels._moe_gate_up_fp8_kernel,
+        dict(x_ptr=empty(T, H, dtype=kernels.FP8_DTYPE), x_scales_ptr=empty(T, dtype=torch.float32),
+             w_desc=descriptor(empty(E, 2 * I, H, dtype=kernels.FP8_DTYPE), [1, 2 * BLOCK_N, 128]),
              w13_scales_ptr=empty(E, 2 * I, dtype=torch.float32),
              hidden_desc=descriptor(empty(P, I), [BLOCK_M, BLOCK_N]), sorted_pair_ids_ptr=ids,
              block_expert_ids_ptr=ids, padded_starts_ptr=ids, num_padded_ptr=ids, cols=I, depth=H, num_pairs=2 * T,
              top_k=2, pairs_bucket=2 * T, stride_xt=H, stride_se=2 * I),
         dict(fp8, INTERPRETED=False), warps, stages)
     compile_for_hopper(
-        tk._moe_down_fp8_kernel,
-        dict(hidden_desc=descriptor(empty(P, I, dtype=tk.FP8_DTYPE), [BLOCK_M, 128]),
+        kernels._moe_down_fp8_kernel,
+        dict(hidden_desc=descriptor(empty(P, I, dtype=kernels.FP8_DTYPE), [BLOCK_M, 128]),
              hidden_scales_ptr=empty(P, dtype=torch.float32),
-             w_desc=descriptor(empty(E, H, I, dtype=tk.FP8_DTYPE), [1, BLOCK_N, 128]),
+             w_desc=descriptor(empty(E, H, I, dtype=kernels.FP8_DTYPE), [1, BLOCK_N, 128]),
              w2_scales_ptr=empty(E, H, dtype=torch.float32), out_ptr=empty(2 * T, H), routing_weights_ptr=empty(2 * T),
              sorted_pair_ids_ptr=ids, block_expert_ids_ptr=ids, padded_starts_ptr=ids, num_padded_ptr=ids,
              sum_ptr=empty(T, H), arrivals_ptr=empty(T, H // 16, dtype=torch.int32), slots=2, arrivals_stride=H // 16,
@@ -103,7 +103,7 @@ for BLOCK_M, BLOCK_N, BLOCK_D, warps, stages in tiles:
 
 # The sum over a token's rows, consecutive (levels 7-10's combine over K) or listed (the EP level).
 for consecutive in (True, False):
-    compile_for_hopper(tk._gather_sum_kernel,
+    compile_for_hopper(kernels._gather_sum_kernel,
                        dict(rows_ptr=empty(2 * T, H), index_ptr=empty(T, 2, dtype=torch.int64), out_ptr=empty(T, H),
                             cols=H, slots=2, stride_r=H, stride_i=2, stride_o=H),
                        dict(ACCUMULATE=False, CONSECUTIVE=consecutive, BLOCK=1024), 4, 1)
@@ -114,16 +114,16 @@ for experts in (8, 512):
     alignment = dict(expert_ids_ptr=routing_ids, cursors_ptr=ids, padded_starts_ptr=ids, sorted_pair_ids_ptr=ids,
                      block_expert_ids_ptr=ids, num_padded_ptr=ids, num_pairs=2 * T, num_experts=experts - 1,
                      max_padded=P, num_blocks=P // 16, block_m=16)
-    compile_for_hopper(tk._align_one_program_kernel, alignment,
+    compile_for_hopper(kernels._align_one_program_kernel, alignment,
                        dict(PAIRS=2 * T, EXPERTS=experts, FILL=1024), 8, 1)
-    compile_for_hopper(tk._count_pairs_kernel,
+    compile_for_hopper(kernels._count_pairs_kernel,
                        dict(expert_ids_ptr=routing_ids, counts_ptr=ids, num_pairs=2 * T, num_experts=experts - 1),
                        dict(BLOCK=1024, EXPERTS=experts), 4, 1)
-    compile_for_hopper(tk._place_pairs_kernel,
+    compile_for_hopper(kernels._place_pairs_kernel,
                        dict(expert_ids_ptr=routing_ids, padded_starts_ptr=ids, cursors_ptr=ids, sorted_pair_ids_ptr=ids,
                             num_pairs=2 * T, num_experts=experts - 1),
                        dict(BLOCK=512, EXPERTS=experts), 8, 1)
-    compile_for_hopper(tk._pad_offsets_kernel,
+    compile_for_hopper(kernels._pad_offsets_kernel,
                        dict(counts_ptr=ids, padded_starts_ptr=ids, block_expert_ids_ptr=ids, num_padded_ptr=ids,
                             num_experts=experts - 1, num_blocks=P // 16, block_m=16),
                        dict(EXPERTS=experts, FILL=1024), 4, 1)

@@ -7,7 +7,7 @@ import torch
 from conftest import make_config
 
 import moe_benchmark
-import triton_kernels
+import moe_kernels
 from moe_benchmark import make_inputs
 from moe_model import (
     FP8_DTYPE,
@@ -84,7 +84,7 @@ def test_quantize_rows_kernel_is_bit_equal_to_quantize_fp8():
     x = torch.randn(6, 64, generator=generator) * torch.logspace(-4, 4, 6)[:, None]
     x[0, :4] = torch.tensor([448.0, 125.4, -125.4, 250.0])
     x = x.bfloat16()
-    values, scales = triton_kernels.quantize_rows(x)
+    values, scales = moe_kernels.quantize_rows(x)
     expected_values, expected_scales = quantize_fp8(x, power_of_two=True)
     assert expected_values[0, 1].float() == 128 and expected_values[0, 2].float() == -128
     assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
@@ -96,12 +96,12 @@ def test_quantize_rows_shares_programs_and_stops_at_the_rows_in_use():
     and past it are neither read nor written."""
     generator = torch.Generator().manual_seed(5)
     x = (torch.randn(37, 48, generator=generator) * 3).bfloat16()
-    values, scales = triton_kernels.quantize_rows(x)
+    values, scales = moe_kernels.quantize_rows(x)
     expected_values, expected_scales = quantize_fp8(x, power_of_two=True)
     assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
     assert torch.equal(scales, expected_scales[:, 0])
-    with mock.patch.object(triton_kernels, "QUANTIZE_ELEMENTS_PER_PROGRAM", 4 * 64):  # 4 rows a program
-        values, scales = triton_kernels.quantize_rows(x, rows_used=torch.tensor([22], dtype=torch.int32))
+    with mock.patch.object(moe_kernels, "QUANTIZE_ELEMENTS_PER_PROGRAM", 4 * 64):  # 4 rows a program
+        values, scales = moe_kernels.quantize_rows(x, rows_used=torch.tensor([22], dtype=torch.int32))
     assert torch.equal(values[:22].view(torch.uint8), expected_values[:22].view(torch.uint8))
     assert torch.equal(scales[:22], expected_scales[:22, 0])
 
@@ -113,10 +113,10 @@ def test_align_and_quantize_in_one_launch_equals_the_two_apart(T, H, E, K):
     generator = torch.Generator().manual_seed(T)
     expert_ids = torch.stack([torch.randperm(E, generator=generator)[:K] for _ in range(T)])
     tokens = (torch.randn(T, H, generator=generator) * 5).bfloat16()
-    with mock.patch.object(triton_kernels, "QUANTIZE_ELEMENTS_PER_PROGRAM", 4 * 64):
-        alignment, values, scales = triton_kernels.align_and_quantize_tokens(expert_ids, E, 16, tokens)
-        expected_values, expected_scales = triton_kernels.quantize_rows(tokens)
-    expected = triton_kernels.align_tokens(expert_ids, E, 16, one_program=True)
+    with mock.patch.object(moe_kernels, "QUANTIZE_ELEMENTS_PER_PROGRAM", 4 * 64):
+        alignment, values, scales = moe_kernels.align_and_quantize_tokens(expert_ids, E, 16, tokens)
+        expected_values, expected_scales = moe_kernels.quantize_rows(tokens)
+    expected = moe_kernels.align_tokens(expert_ids, E, 16, one_program=True)
     for got, want in zip(alignment, expected):
         assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
     assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))

@@ -15,7 +15,9 @@ from moe_model import Traffic, init_weights, reference_forward
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "peer"]
-GPU_ONLY = ["peer-fp8"]  # torch._scaled_grouped_mm has no CPU kernel: tests/test_fp8.py checks it with an emulation
+# No CPU kernels: tests/test_fp8.py checks torch._scaled_grouped_mm's peer with an emulation, and
+# tests/test_peer_matmul_ogs.py the matmul_ogs peer's glue with one of triton_kernels' API.
+GPU_ONLY = ["peer-fp8", "peer-ogs"]
 
 
 def run_level(level_cls, config, weights, tokens_TH, routing_weights_TK, expert_ids_TK):
@@ -170,11 +172,11 @@ def test_interpreter_only_levels_are_checked_not_timed_on_cpu(levels, tiny, leve
 
 def test_cpu_timing_runs_elementwise_kernels_as_torch_ops(levels, tiny, monkeypatch):
     """The check runs silu_mul in Triton's interpreter; the timed calls run it as torch ops."""
-    import triton_kernels
+    import moe_kernels
 
     kernel_calls = []
-    real_launch = triton_kernels._silu_mul_kernel.__getitem__
-    monkeypatch.setattr(type(triton_kernels._silu_mul_kernel), "__getitem__",
+    real_launch = moe_kernels._silu_mul_kernel.__getitem__
+    monkeypatch.setattr(type(moe_kernels._silu_mul_kernel), "__getitem__",
                         lambda self, grid: kernel_calls.append(grid) or real_launch(grid))
     row = moe_benchmark.benchmark(levels["2"], tiny, 9, torch.device("cpu"), warmup=1, repeats=5)
     assert row["status"] == "ok" and row["repeats"] >= 5
@@ -421,7 +423,8 @@ def test_level_script_runs_alone(level_file):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     expected = ("checked" if level_file.startswith(("level7", "level8", "level9", "level10"))  # Triton GEMMs
-                else "skipped" if level_file == "peer_torch_scaled_grouped_mm.py" else "ok")  # no CPU kernel
+                else "skipped" if level_file in ("peer_torch_scaled_grouped_mm.py", "peer_triton_kernels_matmul_ogs.py")
+                else "ok")  # the GPU-only peers
     assert f"│ {expected}" in result.stdout or f" {expected} " in result.stdout
 
 
@@ -438,17 +441,17 @@ def test_graph_inputs_are_copied_by_one_launch():
     """CapturedGraph's three inputs go into its static buffers with one kernel (CopyThree, here through Triton's
     interpreter): any mix of dtypes and sizes, past one 4096-element block and not a multiple of it, a non-contiguous
     source included, arrives bit-equal, call after call; mismatched shapes are refused when the copy is made."""
-    import triton_kernels
+    import moe_kernels
 
     sources = (torch.randn(3, 2731).bfloat16(), torch.rand(2, 3).t(), torch.randint(0, 8, (3, 2)))
     destinations = tuple(torch.empty(s.shape, dtype=s.dtype) for s in sources)
-    copy = triton_kernels.CopyThree(sources, destinations)
+    copy = moe_kernels.CopyThree(sources, destinations)
     for _ in range(2):
         copy(sources)
         assert all(torch.equal(s, d) for s, d in zip(sources, destinations))
         sources = tuple(s + 1 for s in sources)
     with pytest.raises(ValueError, match="cannot copy"):
-        triton_kernels.CopyThree(sources, (destinations[0], destinations[2], destinations[1]))
+        moe_kernels.CopyThree(sources, (destinations[0], destinations[2], destinations[1]))
 
 
 def test_a_graphed_level_times_the_replay_alone(tiny):

@@ -74,10 +74,10 @@ from level7_triton_grouped import PADDED_ROWS
 from level9_persistent_tma import PersistentTmaLevel
 from moe_benchmark import Claims, run_level_script
 
-import triton_kernels
+import moe_kernels
+from moe_kernels import (ONE_PROGRAM_MAX_PAIRS, align_and_quantize_tokens, choose_block_m, moe_down_fp8,
+                         moe_gate_up_fp8, quantize_rows, tma_storage)
 from moe_model import Fp8Experts, MoEWeights, fp8_round_trip, reference_forward
-from triton_kernels import (ONE_PROGRAM_MAX_PAIRS, align_and_quantize_tokens, choose_block_m, moe_down_fp8,
-                            moe_gate_up_fp8, quantize_rows, tma_storage)
 
 # hidden [P, I] bf16, its e4m3 values [P, I] and row scales [P] fp32, y [N, H], the tokens [T, H] in e4m3 and their
 # scales [T] fp32.
@@ -127,7 +127,7 @@ class Fp8Level(PersistentTmaLevel):
         # One launch, as for the tokens; the rows past the alignment's padded length hold nothing.
         hidden_values_PI, hidden_scales_P = quantize_rows(hidden_PI, rows_used=alignment.num_padded)
         return moe_down_fp8(hidden_values_PI, hidden_scales_P, self.w_down, routing_weights_TK, alignment,
-                            arrivals=self.decode_arrivals(routing_weights_TK))
+                         arrivals=self.decode_arrivals(routing_weights_TK))
 
     def reference(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         """The layer in fp32 on the values the kernels multiply: the tokens' e4m3 round trip, the dequantized
@@ -147,12 +147,12 @@ class Fp8Level(PersistentTmaLevel):
             w_shared_gate_SHI=experts(self.w13, shared, gate_rows), w_shared_up_SHI=experts(self.w13, shared, up_rows),
             w_shared_down_SIH=experts(self.w_down, shared))
         return reference_forward(fp8_round_trip(tokens_TH, power_of_two=True), weights, routing_weights_TK,
-                                 expert_ids_TK,
-                                 round_hidden=lambda hidden: fp8_round_trip(hidden.bfloat16(), power_of_two=True))
+                              expert_ids_TK,
+                              round_hidden=lambda hidden: fp8_round_trip(hidden.bfloat16(), power_of_two=True))
 
     def after_first_call(self):
-        return triton_kernels.describe_tuned_configs(triton_kernels._moe_gate_up_fp8_kernel,
-                                                     triton_kernels._moe_down_fp8_kernel)
+        return moe_kernels.describe_tuned_configs(moe_kernels._moe_gate_up_fp8_kernel,
+                                                  moe_kernels._moe_down_fp8_kernel)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Level 2: fused activation. Level 1, with SiLU·up done by one Triton kernel (`triton_kernels.silu_mul`).
+"""Level 2: fused activation. Level 1, with SiLU·up done by one Triton kernel (`moe_kernels.silu_mul`).
 
 The idea
     `F.silu(gate) * up` is two kernels and a temporary: silu reads gate [T, K, I] and writes a temporary, the
     multiply reads the temporary and up and writes the hidden activation. Five passes over a [T, K, I] tensor.
     One Triton kernel reads gate and up once and writes the result once: three passes, no temporary. This is the
-    first kernel of the lab's own (`triton_kernels.py`), and the simplest kind: elementwise, memory-bound, fused.
+    first kernel of the lab's own (`moe_kernels.py`), and the simplest kind: elementwise, memory-bound, fused.
 
 Why it should be faster than level 1
     It saves two passes over [T, K, I] = 2·T·K·I·2 bytes (bf16): at 2048 tokens on `journey` about 34 MB, some
@@ -24,7 +24,7 @@ Run: python labs/moe_optimization_journey/level2_fused.py [--preset journey] [--
 from level1_batched import BatchedLevel
 from moe_benchmark import Claims, run_level_script
 
-from triton_kernels import silu_mul
+from moe_kernels import silu_mul
 
 
 class FusedLevel(BatchedLevel):

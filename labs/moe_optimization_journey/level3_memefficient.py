@@ -29,7 +29,7 @@ Run: python labs/moe_optimization_journey/level3_memefficient.py [--preset journ
 import torch
 from moe_benchmark import Claims, MoELevel, run_level_script, stage
 
-from triton_kernels import silu_mul
+from moe_kernels import silu_mul
 
 
 class MemEfficientLevel(MoELevel):

@@ -32,7 +32,7 @@ Run: python labs/moe_optimization_journey/level4_grouped.py [--preset journey] [
 import torch
 from moe_benchmark import Claims, MoELevel, run_level_script, stage
 
-from triton_kernels import silu_mul
+from moe_kernels import silu_mul
 
 
 def permute(tokens_TH, expert_ids_TK, num_experts: int):

@@ -51,7 +51,7 @@ import torch
 from level4_grouped import combine, permute
 from moe_benchmark import Claims, Inputs, MoELevel, run_level_script, stage
 
-from triton_kernels import CopyThree, silu_mul
+from moe_kernels import CopyThree, silu_mul
 
 
 class CapturedGraph:

@@ -44,9 +44,9 @@ Run: python labs/moe_optimization_journey/level7_triton_grouped.py [--preset jou
 import torch
 from moe_benchmark import Claims, MoELevel, run_level_script, stage
 
-import triton_kernels
+import moe_kernels
+from moe_kernels import align_tokens, choose_block_m, moe_down, moe_gate_up, sum_slots
 from moe_model import MoEConfig
-from triton_kernels import align_tokens, choose_block_m, moe_down, moe_gate_up, sum_slots
 
 
 # P = N + (E + S)·(BLOCK_M − 1) padded rows, N = T·(K + S) pairs, BLOCK_M = choose_block_m's;
@@ -81,7 +81,7 @@ class TritonGroupedLevel(MoELevel):
     @classmethod
     def skip_reason(cls, config, num_tokens):
         pair_work = num_tokens * (config.top_k + config.num_shared_experts) * config.hidden * config.intermediate
-        if triton_kernels.interpreting() and pair_work > 2**25:  # one check: a few seconds up to here
+        if moe_kernels.interpreting() and pair_work > 2**25:  # one check: a few seconds up to here
             return ("checking it in the Triton interpreter would take tens of seconds at this size (the tests and "
                     "the smaller sizes check it on the CPU); run it on a GPU")
         return None
@@ -109,7 +109,7 @@ class TritonGroupedLevel(MoELevel):
             y_TKH = self.down(hidden_PI, routing_weights_TK, alignment)
         with stage("combine"):
             # One Triton kernel: read T·K·H·2 bytes, write T·H·2 (torch's y.sum(dim=1), reducing across a middle
-            # dimension of K, moved them at 1.3 TB/s on an H100: triton_kernels.py). A sum over one row per token
+            # dimension of K, moved them at 1.3 TB/s on an H100: moe_kernels.py). A sum over one row per token
             # would be a full copy. (Level 9 may split each slot's row in partial rows, y [T, K·split, H]: the
             # same sum adds them.)
             out_TH = sum_slots(y_TKH) if y_TKH.shape[1] > 1 else y_TKH[:, 0]
@@ -128,7 +128,7 @@ class TritonGroupedLevel(MoELevel):
         return moe_down(hidden_PI, self.w_down_EIH, routing_weights_TK, alignment)  # one launch
 
     def after_first_call(self):
-        return triton_kernels.describe_tuned_configs()  # the autotuner has chosen by the end of the first call
+        return moe_kernels.describe_tuned_configs()  # the autotuner has chosen by the end of the first call
 
 
 if __name__ == "__main__":

@@ -115,9 +115,9 @@ from level7_triton_grouped import PADDED_HIDDEN_AND_Y_BYTES
 from level8_triton_graphed import TritonGraphedLevel
 from moe_benchmark import Claims, LevelUnavailable, run_level_script
 
-import triton_kernels
-from triton_kernels import (IN_REGISTERS_MAX_PAIRS, ONE_PROGRAM_MAX_PAIRS, PairsToAlign, align_tokens, arrival_counts,
-                            choose_block_m, moe_down_persistent, moe_gate_up_persistent, tma_storage)
+import moe_kernels
+from moe_kernels import (IN_REGISTERS_MAX_PAIRS, ONE_PROGRAM_MAX_PAIRS, PairsToAlign, align_tokens, arrival_counts,
+                         choose_block_m, moe_down_persistent, moe_gate_up_persistent, tma_storage)
 
 
 class PersistentTmaLevel(TritonGraphedLevel):
@@ -127,7 +127,7 @@ class PersistentTmaLevel(TritonGraphedLevel):
     # Level 8's kernels; up to ONE_PROGRAM_MAX_PAIRS pairs the alignment is 1 of them, not 5, up to
     # IN_REGISTERS_MAX_PAIRS none (the GEMMs align), and the down GEMM sums over K itself.
     claims = Claims(launches=f"2 + (T*(K + S) > {IN_REGISTERS_MAX_PAIRS}) + 5*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS})"
-                             " + 4*min(S, 1)", syncs="0",
+                          " + 4*min(S, 1)", syncs="0",
                     extra_bytes=f"({PADDED_HIDDEN_AND_Y_BYTES}, 2*({PADDED_HIDDEN_AND_Y_BYTES}) + 24*2**20)")
 
     def prepare(self):
@@ -149,14 +149,14 @@ class PersistentTmaLevel(TritonGraphedLevel):
         if num_pairs <= IN_REGISTERS_MAX_PAIRS:  # no launch: each GEMM program aligns the pairs itself
             return PairsToAlign.of(expert_ids_TK, num_experts, block_m), tokens_TH
         return align_tokens(expert_ids_TK, num_experts, block_m,
-                            one_program=num_pairs <= ONE_PROGRAM_MAX_PAIRS), tokens_TH  # 1 launch at decode, not 5
+                         one_program=num_pairs <= ONE_PROGRAM_MAX_PAIRS), tokens_TH  # 1 launch at decode, not 5
 
     def gate_up(self, tokens_TH, alignment, K):
         return moe_gate_up_persistent(tokens_TH, self.w13_interleaved_EH2I, alignment, K)
 
     def down(self, hidden_PI, routing_weights_TK, alignment):
         return moe_down_persistent(hidden_PI, self.w_down_EIH, routing_weights_TK, alignment,
-                                   arrivals=self.decode_arrivals(routing_weights_TK))
+                                arrivals=self.decode_arrivals(routing_weights_TK))
 
     def decode_arrivals(self, routing_weights_TK):
         """The counts that make the down GEMM sum over K itself (y [T, 1, H]), up to ONE_PROGRAM_MAX_PAIRS pairs:
@@ -164,8 +164,8 @@ class PersistentTmaLevel(TritonGraphedLevel):
         return self.arrivals if routing_weights_TK.numel() <= ONE_PROGRAM_MAX_PAIRS else None
 
     def after_first_call(self):
-        return triton_kernels.describe_tuned_configs(triton_kernels._moe_gate_up_persistent_kernel,
-                                                     triton_kernels._moe_down_persistent_kernel)
+        return moe_kernels.describe_tuned_configs(moe_kernels._moe_gate_up_persistent_kernel,
+                                                  moe_kernels._moe_down_persistent_kernel)
 
 
 if __name__ == "__main__":

@@ -118,8 +118,8 @@ import torch
 import torch.distributed as dist
 from ep_benchmark import measured, run_ep_script
 
+from moe_kernels import gather_sum
 from moe_model import ConfigError, MoEConfig, init_weights, shared_experts_forward
-from triton_kernels import gather_sum
 
 
 @dataclass

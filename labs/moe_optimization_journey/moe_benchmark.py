@@ -44,7 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout, without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
-import triton_kernels  # noqa: E402
+import moe_kernels  # noqa: E402
 from cli.options import debugging, error_line  # noqa: E402
 from moe_model import (  # noqa: E402
     ConfigError,
@@ -636,7 +636,7 @@ class Waiting:
 
     def take_turn(self, device: torch.device, settings: Settings) -> None:
         """One round's share of the row's timed calls, warm-up first, and the clock they left the GPU at."""
-        with triton_kernels.torch_ops_on_cpu():
+        with moe_kernels.torch_ops_on_cpu():
             self.times_ms += time_round(self.call, device, settings)
         self.clock = sm_clock_after_load(device)
 
@@ -718,7 +718,7 @@ def benchmark_case(level_classes: list[type[MoELevel]], config: MoEConfig, num_t
     past that, and where a level runs out of memory beside others, the levels waiting are timed first.
 
     On the CPU the row times what a CPU user would run: the elementwise Triton kernels as torch ops
-    (`triton_kernels.torch_ops_on_cpu`); the check still runs them in Triton's interpreter. A level whose GEMMs
+    (`moe_kernels.torch_ops_on_cpu`); the check still runs them in Triton's interpreter. A level whose GEMMs
     exist only as Triton kernels (`interpreter_only`) is checked there and not timed: status `checked`."""
     weights = weights if weights is not None else init_weights(config, device)
     status = status or (lambda message: None)
@@ -911,7 +911,7 @@ def finish(turn: Waiting, config: MoEConfig, num_tokens: int, device: torch.devi
             router(logits_TE, config.top_k)
 
         row.profile_calls = max(3, min(20, len(times_ms)))
-        with triton_kernels.torch_ops_on_cpu():
+        with moe_kernels.torch_ops_on_cpu():
             row.stage_ms = profile_stages(call, routing, device, row.profile_calls)
 
 

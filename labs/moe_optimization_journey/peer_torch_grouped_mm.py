@@ -20,7 +20,7 @@ import torch
 from level4_grouped import combine, permute
 from moe_benchmark import Claims, LevelUnavailable, MoELevel, run_level_script, stage
 
-from triton_kernels import silu_mul
+from moe_kernels import silu_mul
 
 
 class TorchGroupedMMPeer(MoELevel):

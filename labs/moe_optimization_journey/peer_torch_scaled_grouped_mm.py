@@ -34,8 +34,8 @@ from level4_grouped import combine, permute
 from level7_triton_grouped import route_to_shared_experts
 from moe_benchmark import Claims, LevelUnavailable, MoELevel, run_level_script, stage
 
+from moe_kernels import silu_mul
 from moe_model import FP8_DTYPE, Fp8Experts, MoEConfig, MoEWeights, fp8_round_trip, quantize_fp8, reference_forward
-from triton_kernels import silu_mul
 
 # torch's check (aten/src/ATen/native/cuda/Blas.cpp, _scaled_grouped_mm_cuda): sm_90 or sm_100, not "8.9 or newer".
 SUPPORTED_CAPABILITIES = ((9, 0), (10, 0))

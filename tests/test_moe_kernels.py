@@ -6,12 +6,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-import triton_kernels
-from triton_kernels import silu_mul
+import moe_kernels
+from moe_kernels import silu_mul
 
 
 def test_runs_in_the_interpreter():
-    assert triton_kernels.interpreting()
+    assert moe_kernels.interpreting()
 
 
 @pytest.mark.parametrize("shape", [(1,), (1023,), (1025,), (7, 333), (3, 5, 129)])
@@ -43,7 +43,7 @@ def test_silu_mul_rejects_bad_arguments():
 # --- the MoE grouped GEMM (level 7's kernels) -------------------------------------------------------------------
 from moe_model import MoEConfig, init_weights, reference_forward  # noqa: E402
 from moe_benchmark import compare_to_reference  # noqa: E402
-from triton_kernels import align_tokens, moe_down, moe_gate_up  # noqa: E402
+from moe_kernels import align_tokens, moe_down, moe_gate_up  # noqa: E402
 
 
 @pytest.mark.parametrize("one_program", [False, True])  # level 7's three kernels and two fills, or level 9's one
@@ -82,7 +82,7 @@ def test_alignment_pads_each_expert_to_whole_blocks(block_m, T, E, one_program):
 def _tile_order_kernel(block_expert_ids_ptr, padded_starts_ptr, out_ptr, num_pid_m, num_pid_n,
                        BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
     for tile in range(0, num_pid_m * num_pid_n):
-        pid_m, pid_n = triton_kernels._persistent_tile(tile, num_pid_m, num_pid_n, block_expert_ids_ptr,
+        pid_m, pid_n = moe_kernels._persistent_tile(tile, num_pid_m, num_pid_n, block_expert_ids_ptr,
                                                        padded_starts_ptr, BLOCK_M, GROUP_M, 0)
         tl.store(out_ptr + 2 * tile, pid_m)
         tl.store(out_ptr + 2 * tile + 1, pid_n)
@@ -107,7 +107,7 @@ def test_persistent_tile_order_visits_every_tile_once_in_groups_within_one_exper
 
 
 def test_one_program_alignment_refuses_more_pairs_than_it_was_built_for():
-    too_many = torch.zeros((triton_kernels.ONE_PROGRAM_MAX_PAIRS + 1, 1), dtype=torch.int64)
+    too_many = torch.zeros((moe_kernels.ONE_PROGRAM_MAX_PAIRS + 1, 1), dtype=torch.int64)
     with pytest.raises(ValueError, match="at most"):
         align_tokens(too_many, 4, 16, one_program=True)
 
@@ -194,7 +194,7 @@ def test_level_9_alignment_in_registers_matches_the_aligned_tensors(levels, monk
     routing_weights = torch.softmax(torch.randn((num_tokens, top_k), generator=generator), -1).bfloat16()
     level = levels["9"](config, weights)
     level.prepare()
-    assert num_tokens * (top_k + config.num_shared_experts) <= triton_kernels.IN_REGISTERS_MAX_PAIRS
+    assert num_tokens * (top_k + config.num_shared_experts) <= moe_kernels.IN_REGISTERS_MAX_PAIRS
     in_registers = level.forward(tokens, routing_weights, expert_ids)
     monkeypatch.setattr(level9_persistent_tma, "IN_REGISTERS_MAX_PAIRS", 0)
     from_tensors = level.forward(tokens, routing_weights, expert_ids)
@@ -209,7 +209,7 @@ def test_level_9_down_gemm_on_a_forced_grid_matches_reference(levels, monkeypatc
     """Level 9's down GEMM on grids a GPU picks only at other sizes, so forced here: split_k slices of the reduction
     (I = 72 is 3 steps of 32, so 2 slices are uneven and 3 give each one step), and four programs per SM (every
     tile still computed once, in uneven shares)."""
-    monkeypatch.setattr(triton_kernels, choice, lambda *args: value)
+    monkeypatch.setattr(moe_kernels, choice, lambda *args: value)
     config = MoEConfig(hidden=100, intermediate=72, num_experts=4, top_k=2, name="grid")
     weights = init_weights(config, "cpu")
     generator = torch.Generator().manual_seed(value)
@@ -247,9 +247,9 @@ def test_down_gemm_sums_over_k_at_decode_and_sets_its_counts_back(levels, monkey
 
 
 def test_every_down_tile_is_as_wide_as_the_arrival_counts_assume():
-    configs = (triton_kernels._persistent_configs(False, gate_up=False)
-               + triton_kernels._fp8_configs(False, gate_up=False))
-    assert min(config.kwargs["BLOCK_N"] for config in configs) >= triton_kernels.NARROWEST_TILE
+    configs = (moe_kernels._persistent_configs(False, gate_up=False)
+               + moe_kernels._fp8_configs(False, gate_up=False))
+    assert min(config.kwargs["BLOCK_N"] for config in configs) >= moe_kernels.NARROWEST_TILE
 
 
 # (pairs, experts, H, I): journey at 1 token, 1 pair, 64 and 8192 tokens; qwen3-moe at 1 token; mixtral at 1, 512 and
@@ -259,7 +259,7 @@ def test_every_down_tile_is_as_wide_as_the_arrival_counts_assume():
     (8, 128, 2048, 768, 1), (2, 8, 4096, 14336, 2), (1024, 8, 4096, 14336, 2), (4096, 8, 4096, 14336, 1),
     (576, 257, 7168, 2048, 1)])
 def test_split_k_only_where_the_tiles_are_few(num_pairs, num_experts, cols, depth, split_k):
-    assert triton_kernels.choose_split_k(num_pairs, num_experts, cols, depth, programs=132) == split_k
+    assert moe_kernels.choose_split_k(num_pairs, num_experts, cols, depth, programs=132) == split_k
 
 
 # (pairs, experts, H, I): qwen3-moe at 1, 64, 512 and 2048 tokens; deepseek-v3 (its shared expert too) at 1 and 64;
@@ -268,38 +268,38 @@ def test_split_k_only_where_the_tiles_are_few(num_pairs, num_experts, cols, dept
     (8, 128, 2048, 768, 1), (512, 128, 2048, 768, 4), (4096, 128, 2048, 768, 4), (16384, 128, 2048, 768, 1),
     (9, 257, 7168, 2048, 4), (576, 257, 7168, 2048, 4), (128, 8, 1024, 2048, 1), (128, 8, 4096, 14336, 1)])
 def test_more_programs_per_sm_only_for_many_short_decode_tiles(num_pairs, num_experts, cols, depth, programs_per_sm):
-    assert triton_kernels.choose_programs_per_sm(num_pairs, num_experts, cols, depth, sms=132) == programs_per_sm
+    assert moe_kernels.choose_programs_per_sm(num_pairs, num_experts, cols, depth, sms=132) == programs_per_sm
 
 
 def test_the_down_grid_rules_know_the_widest_down_tile():  # choose_split_k, choose_programs_per_sm
-    assert max(config.kwargs["BLOCK_N"] for config in triton_kernels._persistent_configs(False, gate_up=False)) \
-        == triton_kernels.WIDEST_DOWN_TILE
+    assert max(config.kwargs["BLOCK_N"] for config in moe_kernels._persistent_configs(False, gate_up=False)) \
+        == moe_kernels.WIDEST_DOWN_TILE
 
 
 def test_tma_storage_pads_rows_not_shape():
     odd = torch.randn(3, 5, 36).bfloat16()  # 72-byte rows
-    stored = triton_kernels.tma_storage(odd)
+    stored = moe_kernels.tma_storage(odd)
     assert stored.shape == odd.shape and torch.equal(stored, odd) and stored.stride(1) * 2 % 16 == 0
     even = torch.randn(3, 5, 64).bfloat16()
-    assert triton_kernels.tma_storage(even).data_ptr() == even.data_ptr()  # aligned already: no copy
+    assert moe_kernels.tma_storage(even).data_ptr() == even.data_ptr()  # aligned already: no copy
 
 
 def test_gather_sum_skips_missing_rows_and_accumulates():
     rows = torch.randn(7, 50).bfloat16()
     index = torch.tensor([[0, -1, 3], [-1, -1, -1], [6, 5, 4]])
-    out = triton_kernels.gather_sum(rows, index, torch.empty(3, 50, dtype=torch.bfloat16))
+    out = moe_kernels.gather_sum(rows, index, torch.empty(3, 50, dtype=torch.bfloat16))
     expected = torch.stack([rows[0].float() + rows[3].float(), torch.zeros(50), rows[4:].float().sum(0)])
     torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
     base = torch.ones(3, 50, dtype=torch.bfloat16)
-    torch.testing.assert_close(triton_kernels.gather_sum(rows, index, base.clone(), accumulate=True).float(),
+    torch.testing.assert_close(moe_kernels.gather_sum(rows, index, base.clone(), accumulate=True).float(),
                                expected + 1, atol=1e-2, rtol=1e-2)
-    assert triton_kernels.gather_sum(rows, index[:0], torch.empty(0, 50)).shape == (0, 50)
+    assert moe_kernels.gather_sum(rows, index[:0], torch.empty(0, 50)).shape == (0, 50)
 
 
 @pytest.mark.parametrize("T, slots, H", [(1, 2, 64), (7, 9, 200), (33, 3, 1500)])  # H past one 1024-wide block
 def test_sum_slots_is_the_fp32_sum_of_each_tokens_rows(T, slots, H):
     y = torch.randn(T, slots, H).bfloat16()
-    out = triton_kernels.sum_slots(y)
+    out = moe_kernels.sum_slots(y)
     assert out.shape == (T, H) and out.dtype == torch.bfloat16
     # fp32 accumulation and one rounding to bf16 (the interpreter truncates where the GPU rounds: one bf16 step)
     torch.testing.assert_close(out.float(), y.float().sum(dim=1), atol=1e-2, rtol=2 ** -7)

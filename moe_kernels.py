@@ -1,4 +1,5 @@
-"""The lab's Triton kernels.
+"""The lab's Triton kernels. (Not named triton_kernels.py: that would shadow OpenAI's triton_kernels package, which
+the matmul_ogs peer imports.)
 
 Without a CUDA GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here before Triton is imported),
 which executes the same kernel code on CPU tensors with NumPy: slow, but it checks the indexing and masking
