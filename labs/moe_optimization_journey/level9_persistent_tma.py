@@ -93,19 +93,22 @@ What it costs
     too: checked there, not timed.
 
 Where it stops
-    At mixtral's 16384 tokens each GEMM runs at the rate a bare kernel of its design reaches on an H100 (gate/up 685
-    TF/s against 700, down 727 against 717-721), and that is cuBLAS's rate on these shapes: given all the rows as one
-    dense matrix, with none of MoE's gather, padding or sum, cuBLAS ran mixtral's two GEMMs at 684 TF/s on a heated
-    H100, the down one alone at 712-716 on a cooler one (NOTES.md; the harness's ceiling, an 8192³ matmul at a run's
-    start, is a cool card's square GEMM). The harness now times those dense GEMMs in turn with the levels: in the two
-    sweeps with it the whole of level 9 ran at 98% and 96% of them at mixtral's 16384 tokens. Warp specialization did
-    not add to it: written by hand in Gluon, a warp that issues every TMA load beat neither Triton's own pipeline nor
-    the same kernel without it, and Triton 3.6's `warp_specialize=True` stops the compiler on level 9's loops. What is
-    left is MoE's own work. At journey's 8192 tokens the gathered gate/up GEMM took 221 µs where cuBLAS's dense one
-    takes 203 (before its hidden went by TMA), the down GEMM 121 against 98, and the inputs' copy, the alignment and
-    the sum 43 µs more. The tiles also compute level 7's padding (11.5% more rows than pairs at deepseek-v3's 16384
-    tokens): 64-row tiles, with half of it, ran 13-34% slower at the four prefill cells (each weight tile then serves
-    half as many rows, NOTES.md).
+    Its yardstick, OpenAI's triton_kernels (`matmul_ogs`, persistent TMA kernels of the same design), runs beside it
+    where installed (peer-ogs): on one H100 level 9 led it in 25 of 28 cells, by 19-34% at journey's, qwen3-moe's
+    and deepseek-v3's prefill bar cells, and the two were level at mixtral (0.98-1.05x; NOTES.md). At mixtral's
+    16384 tokens each GEMM runs at the rate a bare kernel of its design reaches on an H100 (gate/up 685 TF/s against
+    700, down 727 against 717-721), and that is cuBLAS's rate on these shapes: given all the rows as one dense
+    matrix, with none of MoE's gather, padding or sum, cuBLAS ran mixtral's two GEMMs at 684 TF/s on a heated H100,
+    the down one alone at 712-716 on a cooler one (NOTES.md; the harness's ceiling, an 8192³ matmul at a run's
+    start, is a cool card's square GEMM). The harness now times those dense GEMMs in turn with the levels: in the
+    two sweeps with it the whole of level 9 ran at 98% and 96% of them at mixtral's 16384 tokens. Warp
+    specialization did not add to it: written by hand in Gluon, a warp that issues every TMA load beat neither
+    Triton's own pipeline nor the same kernel without it, and Triton 3.6's `warp_specialize=True` stops the compiler
+    on level 9's loops. What is left is MoE's own work. At journey's 8192 tokens the gathered gate/up GEMM took 221
+    µs where cuBLAS's dense one takes 203 (before its hidden went by TMA), the down GEMM 121 against 98, and the
+    inputs' copy, the alignment and the sum 43 µs more. The tiles also compute level 7's padding (11.5% more rows
+    than pairs at deepseek-v3's 16384 tokens): 64-row tiles, with half of it, ran 13-34% slower at the four prefill
+    cells (each weight tile then serves half as many rows, NOTES.md).
 
 Run: python labs/moe_optimization_journey/level9_persistent_tma.py [--preset journey] [--tokens 8192] [--device cuda]
 """
