@@ -163,6 +163,20 @@ def test_an_fp8_row_is_compared_with_both_peers(h100_results):
     assert re.search(r"× peer +[0-9.]+x", result.output)
 
 
+def test_level_9_is_compared_with_the_matmul_ogs_peer(h100_results):
+    """Level 9 beside its yardstick, OpenAI's triton_kernels, where the run has it, and says so where it has not."""
+    rows_path = next(h100_results.glob("moe_journey/*/rows.jsonl"))
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    nine = dict(journey_row("8", 8192), level=9, level_name="persistent_tma")  # the committed run predates level 9
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows + [nine]))
+    assert re.search(r"× matmul_ogs peer +not in this run", show("9", "--results", str(h100_results)).output)
+    ogs = dict(nine, level="peer-ogs", level_name="triton_kernels_matmul_ogs", ms=nine["ms"] * 1.25)
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows + [nine, ogs]))
+    result = show("9", "--results", str(h100_results))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"× matmul_ogs peer +1\.25x", result.output)
+
+
 def test_a_row_with_cublas_beside_it_shows_its_share(h100_results):
     """A row timed beside cuBLAS's dense GEMMs on the same FLOPs says what share of their rate it reached."""
     rows_path = next(h100_results.glob("moe_journey/*/rows.jsonl"))

@@ -58,7 +58,7 @@ def unavailable(config: MoEConfig, device: torch.device) -> str | None:
     if config.top_k & (config.top_k - 1):
         return f"triton_kernels' routing kernels need K a power of two, got K={config.top_k}"
     if installed_at() is None:
-        return f"OpenAI's triton_kernels is not installed: {INSTALL.format(version=triton.__version__)}"
+        return f"OpenAI's triton_kernels is not installed: {INSTALL.format(version=triton.__version__.split('+')[0])}"
     return None
 
 
