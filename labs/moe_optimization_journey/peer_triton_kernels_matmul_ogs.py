@@ -13,11 +13,12 @@ What it is
     3. Down: a second `matmul_ogs` multiplies by the routing weight in its epilogue and scatters each pair's row
        back to token order, then a reduce sums each token's K rows.
     Its GEMMs are persistent Hopper kernels with TMA weight tiles, the tile chosen by heuristics (`opt_flags`: 128 ×
-    256 × 64 with 3 stages at every prefill cell measured), the tile loop flattened and warp-specialized where
-    Triton can. Recorded in one CUDA graph and replayed, as levels 8-10 are (level 5's `Graphed`): on an H100 the
-    graph was as fast or faster at every size measured, and 4-60x faster from 1 to 8192 tokens, where its eager
-    forward waits on the host (NOTES.md). Shared experts run after it as a separate dense MLP: triton_kernels'
-    routing kernels need K a power of two, and K + S is 9 at deepseek-v3.
+    256 × 64 with 3 stages at every prefill cell measured), the tile loop flattened and marked for warp
+    specialization (which Triton 3.6 does not do on Hopper: NOTES.md). Recorded in one CUDA graph and replayed, as
+    levels 8-10 are (level 5's `Graphed`): on an H100 the graph ran 4-24x faster than its eager forward at 1 and 8192
+    tokens, where the eager one waits on the host, and within 1% of it at mixtral's 16384 (NOTES.md). Shared experts
+    run after it as a separate dense MLP: triton_kernels' routing kernels need K a power of two, and K + S is 9 at
+    deepseek-v3.
 
 Why it is here
     Issue 12 set level 9's prefill bars at 3% over this library's rates on another H100. Timed beside level 9 on
