@@ -42,10 +42,12 @@ def test_it_says_why_it_cannot_run(peer_module, tiny, monkeypatch):
     missing = peer_module.unavailable(tiny, CUDA)
     assert "not installed" in missing and f"@v{triton.__version__.split('+')[0]}" in missing and "\n" not in missing
 
-    def not_a_package(name):  # PyPI's unrelated "triton_kernels" has no submodules
-        raise ModuleNotFoundError(name)
-    monkeypatch.setattr(peer_module.importlib.util, "find_spec", not_a_package)
-    assert "not installed" in peer_module.unavailable(tiny, CUDA)
+    # PyPI's unrelated "triton_kernels" has no submodules, and a broken one fails to import
+    for error in (ModuleNotFoundError, SyntaxError):
+        def failing_import(name, error=error):
+            raise error(name)
+        monkeypatch.setattr(peer_module.importlib.util, "find_spec", failing_import)
+        assert "not installed" in peer_module.unavailable(tiny, CUDA) and peer_module.installed_at() is None
 
 
 # --- triton_kernels' API as the peer calls it, in torch ops ----------------------------------------------------

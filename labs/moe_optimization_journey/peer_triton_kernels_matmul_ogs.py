@@ -65,9 +65,9 @@ def unavailable(config: MoEConfig, device: torch.device) -> str | None:
 
 def installed_at() -> str | None:
     """The folder OpenAI's triton_kernels is imported from (each run's environment.json records it), or None."""
-    try:
+    try:  # finding the submodule imports the package: one of that name that fails to import is not OpenAI's either
         spec = importlib.util.find_spec("triton_kernels.matmul_ogs")
-    except ImportError:  # a "triton_kernels" without submodules: not OpenAI's
+    except Exception:  # ModuleNotFoundError where it has no submodules, anything at all where it is broken
         return None
     return str(Path(spec.origin).parent) if spec else None
 
