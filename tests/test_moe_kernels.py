@@ -83,7 +83,7 @@ def _tile_order_kernel(block_expert_ids_ptr, padded_starts_ptr, out_ptr, num_pid
                        BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
     for tile in range(0, num_pid_m * num_pid_n):
         pid_m, pid_n = moe_kernels._persistent_tile(tile, num_pid_m, num_pid_n, block_expert_ids_ptr,
-                                                       padded_starts_ptr, BLOCK_M, GROUP_M, 0)
+                                                    padded_starts_ptr, BLOCK_M, GROUP_M, 0)
         tl.store(out_ptr + 2 * tile, pid_m)
         tl.store(out_ptr + 2 * tile + 1, pid_n)
 

@@ -127,7 +127,7 @@ class Fp8Level(PersistentTmaLevel):
         # One launch, as for the tokens; the rows past the alignment's padded length hold nothing.
         hidden_values_PI, hidden_scales_P = quantize_rows(hidden_PI, rows_used=alignment.num_padded)
         return moe_down_fp8(hidden_values_PI, hidden_scales_P, self.w_down, routing_weights_TK, alignment,
-                         arrivals=self.decode_arrivals(routing_weights_TK))
+                            arrivals=self.decode_arrivals(routing_weights_TK))
 
     def reference(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         """The layer in fp32 on the values the kernels multiply: the tokens' e4m3 round trip, the dequantized
@@ -147,8 +147,8 @@ class Fp8Level(PersistentTmaLevel):
             w_shared_gate_SHI=experts(self.w13, shared, gate_rows), w_shared_up_SHI=experts(self.w13, shared, up_rows),
             w_shared_down_SIH=experts(self.w_down, shared))
         return reference_forward(fp8_round_trip(tokens_TH, power_of_two=True), weights, routing_weights_TK,
-                              expert_ids_TK,
-                              round_hidden=lambda hidden: fp8_round_trip(hidden.bfloat16(), power_of_two=True))
+                                 expert_ids_TK,
+                                 round_hidden=lambda hidden: fp8_round_trip(hidden.bfloat16(), power_of_two=True))
 
     def after_first_call(self):
         return moe_kernels.describe_tuned_configs(moe_kernels._moe_gate_up_fp8_kernel,

@@ -130,7 +130,7 @@ class PersistentTmaLevel(TritonGraphedLevel):
     # Level 8's kernels; up to ONE_PROGRAM_MAX_PAIRS pairs the alignment is 1 of them, not 5, up to
     # IN_REGISTERS_MAX_PAIRS none (the GEMMs align), and the down GEMM sums over K itself.
     claims = Claims(launches=f"2 + (T*(K + S) > {IN_REGISTERS_MAX_PAIRS}) + 5*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS})"
-                          " + 4*min(S, 1)", syncs="0",
+                             " + 4*min(S, 1)", syncs="0",
                     extra_bytes=f"({PADDED_HIDDEN_AND_Y_BYTES}, 2*({PADDED_HIDDEN_AND_Y_BYTES}) + 24*2**20)")
 
     def prepare(self):
@@ -152,14 +152,14 @@ class PersistentTmaLevel(TritonGraphedLevel):
         if num_pairs <= IN_REGISTERS_MAX_PAIRS:  # no launch: each GEMM program aligns the pairs itself
             return PairsToAlign.of(expert_ids_TK, num_experts, block_m), tokens_TH
         return align_tokens(expert_ids_TK, num_experts, block_m,
-                         one_program=num_pairs <= ONE_PROGRAM_MAX_PAIRS), tokens_TH  # 1 launch at decode, not 5
+                            one_program=num_pairs <= ONE_PROGRAM_MAX_PAIRS), tokens_TH  # 1 launch at decode, not 5
 
     def gate_up(self, tokens_TH, alignment, K):
         return moe_gate_up_persistent(tokens_TH, self.w13_interleaved_EH2I, alignment, K)
 
     def down(self, hidden_PI, routing_weights_TK, alignment):
         return moe_down_persistent(hidden_PI, self.w_down_EIH, routing_weights_TK, alignment,
-                                arrivals=self.decode_arrivals(routing_weights_TK))
+                                   arrivals=self.decode_arrivals(routing_weights_TK))
 
     def decode_arrivals(self, routing_weights_TK):
         """The counts that make the down GEMM sum over K itself (y [T, 1, H]), up to ONE_PROGRAM_MAX_PAIRS pairs:
