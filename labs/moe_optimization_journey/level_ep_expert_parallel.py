@@ -84,8 +84,9 @@ When overlap pays
     interleaved, forward by forward: a GPU under its power cap heats through a run of calls, and timed one after
     the other the later count would meet the hotter card.
     The link itself is NCCL's: its all-to-all moved 252 GB/s each way between two NVLinked H200s, where a put into
-    the peer's memory through torch's symmetric memory moved 375. Dispatch and combine as such puts were 0.5 ms
-    faster at mixtral's 32768 tokens per rank and the forward 0.2 ms (0.4%, NOTES.md): not worth a second, GPU-only
+    the peer's memory through torch's symmetric memory moved 375. As such puts, the dispatch and the combine each
+    ran 0.1-0.3 ms faster at 32768 tokens per rank (mixtral on two H200s; mixtral and deepseek-v3 on two H100s), and
+    the forward no faster than its spread from one round to the next (NOTES.md): not worth a second, GPU-only
     transport beside the one the CPU tests run.
 
 When EP pays
@@ -94,10 +95,11 @@ When EP pays
     link's bandwidth, against 2·K·3·H·I FLOPs over the GPU's matmul rate. The bytes grow with H and, up to one
     row per other rank, with K; the FLOPs with K·H·I, so the more experts a token picks, the more each row it
     sends carries. Skewed routing hurts twice: the rank that holds the popular experts receives more rows and
-    computes longer, and every other rank waits for it in the combine. The row reports the split. Measured on
-    four H200s (NVLink between every pair; NOTES.md): under uniform routing 0.92 (mixtral) and 0.91 (deepseek-v3)
-    weak-scaling efficiency at W = 4 and 32768 tokens per rank; under zipf traffic 0.31-0.37, the busiest rank
-    holding 2.9-3.5x the mean load.
+    computes longer, and every other rank waits for it in the combine. The row reports the split. Measured at 32768
+    tokens per rank under uniform routing (NOTES.md): on two H100s (NVLink) 0.92-0.96 (mixtral) and 0.95-0.96
+    (deepseek-v3) weak-scaling efficiency at W = 2, two runs each; on four H200s (NVLink between every pair) 0.92
+    and 0.91 at W = 4. Under zipf traffic 0.58-0.67 at W = 2 and 0.31-0.37 at W = 4, the busiest rank holding
+    1.7-1.9x and 2.9-3.5x the mean load.
 
 Scaling, as the benchmark runs it (weak scaling)
     At world size W the layer has W·E experts (each rank the preset's E) and W·T tokens (T per rank), so the
