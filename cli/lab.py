@@ -61,7 +61,7 @@ def previous_key(levels: dict[str, type], key: str) -> str | None:
 # The lessons and the code are written 120 columns wide; a projector shows about 80. rich wraps at the screen's
 # width but starts every continuation at column 0, which breaks indented prose and code, so lines are wrapped here
 # with textwrap, each continuation indented under its line.
-LIST_ITEM = re.compile(r"\d+\. ")
+LIST_ITEM = re.compile(r"(\d+\.|-) ")  # a numbered item or a bullet
 CONTINUATION_INDENT = 8  # deeper than a nested block (4), as PEP 8 continues a line: not mistaken for the next
 
 
@@ -74,8 +74,8 @@ def wrap_line(line: str, width: int) -> list[str]:
 
 def reflowed(lesson: str, width: int) -> list[str]:
     """The lesson's words, its paragraphs refilled to `width`. A paragraph is a run of lines at one indent (a
-    numbered item: its first line, then the rest indented under its text); a line indented deeper than the
-    section body it sits in (a diagram, a formula) is kept as its own line."""
+    numbered item or a bullet: its first line, then the rest indented under its text); a line indented deeper than
+    the section body it sits in (a diagram, a formula) is kept as its own line."""
     out, paragraph, first, body = [], [], 0, 0
 
     def flush():

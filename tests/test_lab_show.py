@@ -189,3 +189,27 @@ def test_a_row_with_cublas_beside_it_shows_its_share(h100_results):
     assert result.exit_code == 0, result.output
     assert re.search(r"cuBLAS, same FLOPs +80\.0%", result.output)
     assert "cuBLAS, same FLOPs" not in show("3", "--results", str(h100_results)).output  # not timed beside it
+
+
+def test_a_lesson_is_refilled_with_its_numbered_items_and_bullets_kept():
+    """On a projector's 80 columns each numbered item and each bullet starts its own line and its continuations
+    stay under its text; a bullet is not run into the paragraph before it."""
+    from cli.lab import reflowed
+
+    lesson = ("The idea\n"
+              "    A paragraph that ends in a list:\n"
+              "    1. An item whose text goes on past one line of eighty columns, so that it has to be\n"
+              "       refilled under its own text.\n"
+              "       - A bullet inside the item, long enough to wrap once more at eighty columns when it\n"
+              "         is refilled.\n"
+              "       - A second bullet.\n"
+              "       The item's text again, after its bullets.\n"
+              "    - A bullet of the section body.\n")
+    lines = reflowed(lesson, 80)
+    assert lines[1] == "    A paragraph that ends in a list:"
+    starts = [line for line in lines if line.lstrip().startswith(("1. ", "- "))]
+    assert [line[:9] for line in starts] == ["    1. An", "       - ", "       - ", "    - A b"]
+    for line in lines[lines.index(starts[1]) + 1:lines.index(starts[2])]:
+        assert line.startswith(" " * 9) and not line.startswith(" " * 10)  # under the bullet's text
+    assert "       The item's text again, after its bullets." in lines
+    assert all(len(line) <= 80 for line in lines)
