@@ -677,6 +677,14 @@ def describe_tuned_configs(gate_up_kernel=None, down_kernel=None) -> str:
 # TMA needs 16-byte-aligned row strides; `tma_storage` pads a tensor's rows (not its shape) where they are not, and
 # `tma_empty` makes a new tensor so.
 # ---------------------------------------------------------------------------------------------------------------
+def interleave_gate_up(gate_EHI: torch.Tensor, up_EHI: torch.Tensor) -> torch.Tensor:
+    """[E, H, 2I]: column 2j is gate j and column 2j + 1 is up j, so one GEMM fills one accumulator with both and
+    each output column's pair lands in one tile, split in the epilogue (level 9's gate/up GEMM; the matmul_ogs
+    peer's fused activation reads the same pairs)."""
+    E, H, I = gate_EHI.shape
+    return torch.stack([gate_EHI, up_EHI], dim=3).reshape(E, H, 2 * I)
+
+
 def tma_row_elements(cols: int, dtype: torch.dtype) -> int:
     """A row's storage for TMA: `cols` rounded up to a multiple of 16 bytes."""
     elements = 16 // torch.empty((), dtype=dtype).element_size()

@@ -120,7 +120,8 @@ from moe_benchmark import Claims, LevelUnavailable, run_level_script
 
 import moe_kernels
 from moe_kernels import (IN_REGISTERS_MAX_PAIRS, ONE_PROGRAM_MAX_PAIRS, PairsToAlign, align_tokens, arrival_counts,
-                         choose_block_m, moe_down_persistent, moe_gate_up_persistent, tma_storage)
+                         choose_block_m, interleave_gate_up, moe_down_persistent, moe_gate_up_persistent,
+                         tma_storage)
 
 
 class PersistentTmaLevel(TritonGraphedLevel):
@@ -137,10 +138,9 @@ class PersistentTmaLevel(TritonGraphedLevel):
         if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (9, 0):
             raise LevelUnavailable("TMA and wgmma need a Hopper GPU (compute capability 9.0) or newer")
         super().prepare()  # level 7's [E, H, 2I] gate|up (shared experts appended) and level 8's graph
-        E, H, two_I = self.w13_EH2I.shape
-        gate_EHI, up_EHI = self.w13_EH2I.split(two_I // 2, dim=2)
+        _, H, two_I = self.w13_EH2I.shape
         # Column 2j is gate j, column 2j + 1 is up j: one accumulator holds both, split in the epilogue.
-        self.w13_interleaved_EH2I = tma_storage(torch.stack([gate_EHI, up_EHI], dim=3).reshape(E, H, two_I))
+        self.w13_interleaved_EH2I = tma_storage(interleave_gate_up(*self.w13_EH2I.split(two_I // 2, dim=2)))
         self.w_down_EIH = tma_storage(self.w_down_EIH)
         del self.w13_EH2I  # level 7's layout: not read here
         # Decode: the down GEMM sums each token's rows itself, counting their arrivals here (zeroed once).

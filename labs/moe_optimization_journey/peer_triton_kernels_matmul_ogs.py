@@ -44,6 +44,7 @@ import triton.language as tl
 from level5_cudagraphs import Graphed
 from moe_benchmark import Claims, LevelUnavailable, MoELevel, run_level_script, stage
 
+from moe_kernels import interleave_gate_up
 from moe_model import MoEConfig
 
 INSTALL = ("pip install 'triton_kernels @ git+https://github.com/triton-lang/triton.git@v{version}"
@@ -98,10 +99,8 @@ class MatmulOgsPeer(Graphed, MoELevel):
         self.ogs, self.ragged, self.topk = (import_module(f"triton_kernels.{name}")
                                             for name in ("matmul_ogs", "tensor", "topk"))
         self.silu_mul = self.ogs.FusedActivation(self.ogs.FnSpecs("silu_mul", silu_mul_pairs, (), reduction_n=2), ())
-        w = self.weights
-        E, H, I = w.w_gate_EHI.shape
         # [E, H, 2I], column 2j gate j and 2j + 1 up j: one GEMM, and each output column's pair in one tile
-        self.w13_interleaved_EH2I = torch.stack([w.w_gate_EHI, w.w_up_EHI], dim=3).reshape(E, H, 2 * I)
+        self.w13_interleaved_EH2I = interleave_gate_up(self.weights.w_gate_EHI, self.weights.w_up_EHI)
         super().prepare()  # the graph
 
     def eager_forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):
