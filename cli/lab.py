@@ -31,8 +31,8 @@ lab = typer.Typer(help="Step through the journey: each level's lesson, code diff
 
 # The levels outside the numbered sequence, and the level each is built from: the peer is level 4's permutation
 # around torch._grouped_mm, the FP8 peer the peer with torch._scaled_grouped_mm, the matmul_ogs peer the layer
-# level 9 builds with other kernels; EP runs level 7 on each rank's share of the experts.
-COMPARED_WITH = {"peer": "4", "peer-fp8": "peer", "peer-ogs": "9", "ep": "7"}
+# level 9 builds with other kernels; EP runs level 9 (on a Hopper GPU) on each rank's share of the experts.
+COMPARED_WITH = {"peer": "4", "peer-fp8": "peer", "peer-ogs": "9", "ep": "9"}
 # The one case the lab shows: the committed runs also hold zipf/hot traffic and other routers.
 SHOWN_CASE = {"traffic": "uniform", "router": "softmax-topk"}
 

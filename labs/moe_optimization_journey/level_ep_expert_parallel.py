@@ -15,9 +15,12 @@ The idea
        [D, K] and the weights [D, K] beside them.
     2. Expert compute. Expand: the U received rows into the R (row, slot) pairs whose expert is local, one gather
        in GPU memory (about 15x the link's bandwidth). Then the R rows through the local experts, with the best
-       single-GPU formulation that runs here (level 7's Triton grouped GEMM on a GPU, level 4's per-expert GEMMs
-       on the CPU), each a one-slot "token" that carries its routing weight, so level 7 applies it in its down
-       kernel's epilogue. Reduce: each received row's pair results summed into one row (`gather_sum`: each output
+       single-GPU formulation that runs here (level 9's persistent TMA GEMMs on a Hopper GPU, level 7's Triton
+       grouped GEMM on another, level 4's per-expert GEMMs on the CPU), each a one-slot "token" that carries its
+       routing weight, so the local level applies it in its down kernel's epilogue. Level 9 runs without its
+       graph, which replays one T, where R changes every forward: on two H200s it took 6% off the forward at
+       W = 1 against level 7 (mixtral 40.7 → 38.2 ms, deepseek-v3 52.2 → 49.0 at 32768 tokens per rank;
+       NOTES.md). Reduce: each received row's pair results summed into one row (`gather_sum`: each output
        row reads its own few results and writes once, in fp32; `index_add_`'s bf16 atomic adds cost several ms
        more on an H100, NOTES.md), so one row per (token, rank) goes back, not one per pair.
     3. Combine, the reverse all-to-all: the [U, H] partial sums go back to the ranks their tokens came from, in
@@ -61,7 +64,7 @@ Overlap: the forward in B chunks
     - The shared experts need nothing from other ranks, so they hide communication too: the first half of the
       rank's tokens go through them while the first chunk's dispatch is on the wire (where nothing else could run),
       the second half while the last chunk's combine is.
-    Per forward: 1 + 4·B collectives, B times the local level's launches (level 7: about 8 kernels) and the
+    Per forward: 1 + 4·B collectives, B times the local level's launches (level 9: about 8 kernels) and the
     expand and reduce (about 8 small kernels), 1 host sync. B = 1 is the plain dispatch, compute, combine.
 
 When overlap pays
@@ -76,7 +79,12 @@ When overlap pays
     32768 tokens per rank 4 chunks still leave 256 rows per expert; mixtral (8 experts per rank) gets 2048 rows per
     expert at 8192 tokens, and chunks cost it little but launches. With one row per (token, rank) there is less
     to hide (deepseek-v3: a quarter of the per-pair bytes), so the chunks gain less than they did. The
-    collectives also take a few SMs while they run, so overlapped compute runs slower than alone. Hence the
+    collectives also take a few SMs while they run, so overlapped compute runs slower than alone, and a
+    persistent GEMM most: level 9 deals its tiles to one program per SM up front, so a program whose SM an NCCL
+    kernel holds (spinning until the peer's rows arrive) starts late and the whole GEMM ends late, where level 7's
+    programs go to whichever SM frees up. On two H200s at W = 2 (deepseek-v3, 32768 tokens per rank) two chunks
+    stretched the busiest rank's expert compute from 48.6 to 60.5 ms with level 9, from 50.0 to 56.0 with level 7
+    (NOTES.md). Hence the
     benchmark measures instead of assuming: it times B in {1, 2, 4, 8} for a few forwards each, keeps the
     fastest, and reports the exposed communication (the forward's time minus its expert compute, the expand and
     reduce included in the compute) at B = 1 and at the chosen B, read on the busiest rank: under skew the others
@@ -119,6 +127,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from ep_benchmark import measured, run_ep_script
+from level5_cudagraphs import Graphed
 
 from moe_kernels import gather_sum
 from moe_model import ConfigError, MoEConfig, init_weights, shared_experts_forward
@@ -174,6 +183,10 @@ class ExpertParallelMoE:
                                            name=f"{config.name} rank {self.rank}")
         self.local_level = local_level_class(device)(local_config, self.weights.without_shared())
         self.local_level.prepare()
+        # Level 9's forward replays a graph recorded for one T, and here the rows change every forward: its kernels
+        # run eagerly (they never wait for the host; only the graph's single launch is lost).
+        self.local_forward = (self.local_level.eager_forward if isinstance(self.local_level, Graphed)
+                              else self.local_level.forward)
 
     def plan(self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor,
              chunks: int) -> Plan:
@@ -238,7 +251,7 @@ class ExpertParallelMoE:
         # "not here", sorts last).
         pair_R = torch.argsort(local_ids_UK.flatten(), stable=True)[:plan.local_pairs[chunk]]
         row_of_pair_R = pair_R // local_ids_UK.shape[1]
-        results_RH = self.local_level.forward(rows_UH.index_select(0, row_of_pair_R),  # read R·H, write R·H
+        results_RH = self.local_forward(rows_UH.index_select(0, row_of_pair_R),  # read R·H, write R·H
                                               plan.weights_UK[received].flatten()[pair_R, None],
                                               local_ids_UK.flatten()[pair_R, None].long())
         # The reduce: each received row's results summed into the row itself (the expand has read it), so one row per
@@ -291,14 +304,19 @@ class ExpertParallelMoE:
 
 
 def local_level_class(device: torch.device) -> type:
-    """Level 7 where Triton compiles for a GPU; level 4 on the CPU (level 7 would run in Triton's interpreter)."""
-    if device.type == "cuda":
-        from level7_triton_grouped import TritonGroupedLevel
+    """Level 9 on a Hopper GPU; level 7 on another GPU (level 9 needs TMA and wgmma); level 4 on the CPU (level 7
+    would run in Triton's interpreter)."""
+    if device.type != "cuda":
+        from level4_grouped import GroupedLevel
 
-        return TritonGroupedLevel
-    from level4_grouped import GroupedLevel
+        return GroupedLevel
+    if torch.cuda.get_device_capability(device) >= (9, 0):
+        from level9_persistent_tma import PersistentTmaLevel
 
-    return GroupedLevel
+        return PersistentTmaLevel
+    from level7_triton_grouped import TritonGroupedLevel
+
+    return TritonGroupedLevel
 
 
 if __name__ == "__main__":
