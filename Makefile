@@ -48,8 +48,15 @@ bench: $(BENCH_SETUP)
 report: $(BENCH_SETUP)
 	$(BENCH_PY) -m cli.aisp bench report $(RUN)
 
-# One level's script (N=0 … 8, or N=peer), its options in ARGS: make level N=4 ARGS="--preset small --tokens 256".
-LEVEL_SCRIPT = $(firstword $(wildcard labs/moe_optimization_journey/level$(N)_*.py labs/moe_optimization_journey/$(N)_*.py))
+# One level's script by its key (N=0 … 10, peer, peer-fp8, peer-ogs or ep), its options in ARGS:
+# make level N=4 ARGS="--preset small --tokens 256". The numbered levels are levelN_*.py; the others are named here.
+LEVEL_FILE_peer := peer_torch_grouped_mm
+LEVEL_FILE_peer-fp8 := peer_torch_scaled_grouped_mm
+LEVEL_FILE_peer-ogs := peer_triton_kernels_matmul_ogs
+LEVEL_FILE_ep := level_ep_expert_parallel
+LEVEL_SCRIPT = $(if $(N),$(firstword $(wildcard labs/moe_optimization_journey/level$(N)_*.py \
+                                                labs/moe_optimization_journey/$(LEVEL_FILE_$(N)).py)))
+
 level: $(BENCH_SETUP)
-	@test -n "$(LEVEL_SCRIPT)" || { echo "make level: no level N=$(N); use N=0 … 8 or N=peer" >&2; exit 2; }
+	@test -n "$(LEVEL_SCRIPT)" || { echo "make level: no level N=$(N); use N=0 … 10, peer, peer-fp8, peer-ogs or ep" >&2; exit 2; }
 	$(BENCH_PY) $(LEVEL_SCRIPT) $(ARGS)

@@ -35,9 +35,9 @@ _torch_ops_on_cpu = False
 
 @contextlib.contextmanager
 def torch_ops_on_cpu():
-    """While active, `silu_mul` on CPU tensors runs as torch ops, what a CPU user would run, instead of in Triton's
-    interpreter, whose speed says nothing about a CPU's. The benchmark times CPU rows under it; the reference check
-    and the tests run the kernel in the interpreter."""
+    """While active, `silu_mul` and `gather_sum` on CPU tensors run as torch ops, what a CPU user would run, instead
+    of in Triton's interpreter, whose speed says nothing about a CPU's. The benchmark times CPU rows under it; the
+    reference check and the tests run the kernels in the interpreter."""
     global _torch_ops_on_cpu
     previous, _torch_ops_on_cpu = _torch_ops_on_cpu, True
     try:
@@ -205,6 +205,10 @@ def gather_sum(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor, accum
     """out[m] (+)= Σ_j rows[index[m, j]] over the j with index[m, j] ≥ 0, in fp32, written once per row of `out`:
     `out` plus the rows with `accumulate`, else their sum alone (zero where a row gets none). rows [*, cols],
     index [M, slots] integers, out [M, cols], not overlapping `rows`."""
+    if _torch_ops_on_cpu and rows.device.type == "cpu":  # a gather of M·slots rows, then their sum: two passes
+        picked = rows.index_select(0, index.clamp(min=0).flatten()).view(*index.shape, rows.shape[1]).float()
+        total = picked.mul_((index >= 0).unsqueeze(-1)).sum(1)
+        return out.copy_(total.add_(out) if accumulate else total)
     _check_device(rows, index, out)
     return _launch_gather_sum(rows, index, out, index.shape[1], accumulate)
 

@@ -105,9 +105,19 @@ def parse_world_sizes(spec: str, device) -> list[int]:
     return sizes
 
 
-def prepare_out_dir(out: Path) -> Path:
+def prepare_out_dir(out: Path, target: str) -> Path:
+    """The results root that a run's folder goes under (out/target/<run>), refused where it is a run folder, inside
+    one, or a target's own folder: the run would land inside another, where no one looks for it."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file, not a folder")
+    for folder in (out.resolve(), *out.resolve().parents):
+        if (folder / "rows.jsonl").exists() or (folder / "environment.json").exists():
+            raise UsageError(f"--out {str(out)!r} is {'' if folder == out.resolve() else 'inside '}the run folder "
+                             f"{str(folder)!r}; --out is the results root that holds the targets' folders, e.g. "
+                             "results")
+    if out.resolve().name == target:
+        raise UsageError(f"--out {str(out)!r} is the {target} folder itself; --out is the results root above it, "
+                         f"e.g. {str(out.parent)!r}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".aisp-write-test"
@@ -176,6 +186,18 @@ def gpu_topology() -> str | None:
     return re.sub(r"\x1b\[[0-9;]*m", "", output) if output else None
 
 
+def cpu_model() -> str | None:
+    """The host CPU's model name (Linux's /proc/cpuinfo; else what Python's platform module knows), so that two
+    machines' CPU runs can be told apart."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment(device, ceilings, configs, args: dict) -> dict:
     import torch
 
@@ -201,6 +223,7 @@ def environment(device, ceilings, configs, args: dict) -> dict:
         "python": platform.python_version(),
         "host": socket.gethostname(),
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "ceilings": vars(ceilings) if ceilings else None,
         "presets": [config.to_dict() for config in configs],
@@ -303,7 +326,7 @@ def run_command(
         preset = preset if preset is not None else defaults.preset
         configs = configs_for(preset, router, capacity_factor)
         traffics = parse_traffics(traffic, zipf_s, hot_share)
-        out_dir = prepare_out_dir(out)
+        out_dir = prepare_out_dir(out, target)
     except (UsageError, ConfigError) as error:
         refuse(error)
 
@@ -467,6 +490,8 @@ def run_expert_parallel(world_size: int, configs: list, traffics: list, token_co
 
 
 def existing_run_dir(path: Path) -> Path:
+    if not path.exists():
+        fail(f"{str(path)!r} does not exist")
     if not (path / "rows.jsonl").is_file():
         fail(f"{str(path)!r} is not a run folder (no rows.jsonl in it)")
     return path
@@ -507,6 +532,8 @@ def compare_command(run_a: Path = typer.Argument(..., help="the baseline run fol
     over A; then per level, the geometric mean of the speedups."""
     from cli import report
 
+    if markdown and markdown.exists():  # a run's summary.md, README.md: never overwritten silently
+        fail(f"{str(markdown)!r} exists; --markdown writes a new file: name another or remove it first")
     try:
         rows_a, rows_b = report.load_rows(existing_run_dir(run_a)), report.load_rows(existing_run_dir(run_b))
         env_a, env_b = report.load_environment(run_a), report.load_environment(run_b)
@@ -519,9 +546,9 @@ def compare_command(run_a: Path = typer.Argument(..., help="the baseline run fol
             fail(f"{str(run)!r} has no rows to compare (a run stopped before its first row finished)")
     table, geomean, shared = report.compare_runs(rows_a, rows_b)
     if geomean.empty:
-        warn("no case was timed in both runs (same level, preset, shape, traffic, router, dtype, world size and "
-             "tokens), so there is no speedup to report")
-    heading = (f"A = {run_a.name} ({env_a.get('device', '?')})\nB = {run_b.name} ({env_b.get('device', '?')})\n"
+        fail("no case was timed in both runs (same level, preset, shape, traffic, router, dtype, world size and "
+             "tokens): nothing to compare")
+    heading = (f"A = {run_a.name} ({report.device_name(env_a)})\nB = {run_b.name} ({report.device_name(env_b)})\n"
                f"in every case: {', '.join(f'{k}={v}' for k, v in shared.items()) or '-'}")
     if table["A ms"].str.endswith(report.HOST_BOUND_MARK).any() or table["B ms"].str.endswith(
             report.HOST_BOUND_MARK).any():

@@ -47,6 +47,9 @@ CPU_COUNTERPARTS = {
          "GEMM work on padded buffers",
     "6": "torch.compile makes C++ for the CPU, not the GPU's fused kernels; what it saves or adds here says "
          "little about a GPU",
+    "ep": "gloo processes on one machine stand in for GPUs and NCCL: the rows show the algorithm and its bytes, "
+          "not a link; the local experts run level 4, and the reduce and the final sum (Triton kernels on a GPU) "
+          "run as torch ops",
 }
 
 
@@ -379,6 +382,12 @@ def has_fp8(df: pd.DataFrame) -> bool:
     return "quant_err" in df and df["quant_err"].notna().any()
 
 
+def times_fp8(df: pd.DataFrame) -> bool:
+    """Whether some FP8 row was timed: a CPU run checks level 10 in the interpreter and times no FP8 row, so its FP8
+    section holds the quantization's error alone."""
+    return has_fp8(df[df["status"] == "ok"])
+
+
 def fp8_cases(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(case, its rows of levels 7, 9, 10 and both peers) for each case with FP8 rows."""
     parts = [(case, df[(df["case"] == case) & df["level"].map(str).isin(FP8_COMPARED)].reset_index(drop=True))
@@ -403,7 +412,7 @@ def fp8_section(df: pd.DataFrame) -> str:
     for case, part in fp8_cases(df):
         timed = timed_levels(part)
         parts.append(f"### {case} ({shape_of(part.iloc[0])})")
-        if len(timed):
+        if times_fp8(timed):
             parts += ["TFLOP/s:",
                       markdown_table(pivot(timed, status_or(lambda r: fmt(r["tflops"]))), "level \\ tokens")]
             for reference in filter(None, (label_of(timed, "9"), label_of(timed, FP8_PEER))):
@@ -433,13 +442,19 @@ def ceilings_text(ceilings: dict) -> str:
             + f"device copy {ceilings['copy_gbps']:.0f} GB/s (read + write)")
 
 
+def device_name(env: dict) -> str:
+    """The device a run's environment.json names, with the CPU's model on a CPU run."""
+    name = env.get("device", "?")
+    return f"{name} ({env['cpu_model']})" if env.get("device_type") == "cpu" and env.get("cpu_model") else name
+
+
 def environment_section(env: dict, rows: list[dict]) -> str:
     if not env:
         return ""
     ceilings = env.get("ceilings") or {}
     lines = [f"**{banner[0]}** {banner[1]}\n"] if (banner := unfinished_banner(env)) else []
     lines += [
-        f"- device: **{env.get('device', '?')}**, driver {env.get('driver') or '-'}, CUDA {env.get('cuda') or '-'}",
+        f"- device: **{device_name(env)}**, driver {env.get('driver') or '-'}, CUDA {env.get('cuda') or '-'}",
         f"- torch {env.get('torch')}, triton {env.get('triton') or '-'}, python {env.get('python')}",
         *([f"- OpenAI's triton_kernels (the matmul_ogs peer's) from {env['triton_kernels']}"]
           if env.get("triton_kernels") else []),
@@ -785,6 +800,7 @@ def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
         "plain all-to-all and all-reduce of the dispatch's size on the same processes; weak-scaling efficiency "
         "is the world-size-1 time over this row's.",
         markdown_table(ep_table(df), "case"),
+        *cpu_counterpart_notes(df),
     ]
     notes = [f"- W={int(r['world_size'])}, {r['case']}, {int(r['tokens_per_rank'])} tokens per rank: {r['status']}: "
              f"{r['note']}" for _, r in df.iterrows() if r["note"]]

@@ -118,7 +118,7 @@ def environment(env: dict) -> str:
         return '<h2 id="environment">Environment</h2><p>No environment.json in this folder.</p>'
     ceilings = env.get("ceilings") or {}
     items = [
-        f"device: <strong>{esc(env.get('device', '?'))}</strong>, driver {esc(env.get('driver') or '-')}, "
+        f"device: <strong>{esc(report.device_name(env))}</strong>, driver {esc(env.get('driver') or '-')}, "
         f"CUDA {esc(env.get('cuda') or '-')}",
         f"torch {esc(env.get('torch'))}, triton {esc(env.get('triton') or '-')}, python {esc(env.get('python'))}",
         *([f"OpenAI's triton_kernels (the matmul_ogs peer's) from {esc(env['triton_kernels'])}"]
@@ -279,7 +279,7 @@ def fp8_html(df: pd.DataFrame, links: dict) -> str:
     for case, part in report.fp8_cases(df):
         timed = report.timed_levels(part)
         parts.append(f"<h3>{esc(report.case_title(case))} <small>({esc(report.shape_of(part.iloc[0]))})</small></h3>")
-        if len(timed):
+        if report.times_fp8(timed):
             parts.append(table_html(report.pivot(timed, report.status_or(lambda r: report.fmt(r["tflops"]))), links,
                                     "TFLOP/s: level \\ tokens"))
             for reference in filter(None, (report.label_of(timed, "9"), report.label_of(timed, report.FP8_PEER))):
@@ -351,6 +351,7 @@ def ep_html(df: pd.DataFrame, run_dir: Path) -> str:
             f"read on {esc(report.phases_rank_text(df))}; "
             "weak-scaling efficiency is the world-size-1 time over the row's. summary.md spells out every column.</p>"
             '<div class="scroll">' + table.to_html(escape=False, border=0) + "</div>"
+            + "".join(f"<p>{esc(note)}</p>" for note in report.cpu_counterpart_notes(df))
             + figure(run_dir, "expert_parallel.png", "each forward's phases, per case and world size")
             + figure(run_dir, "weak_scaling.png", "weak-scaling efficiency and the collectives' bus bandwidth, "
                      "against the world size")

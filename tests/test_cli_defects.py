@@ -187,6 +187,23 @@ def test_rows_table_shows_expert_parallel_world_size():
                                                                                          "0.0123"]
 
 
+def test_rows_table_puts_a_level_beside_ep_and_cuts_names_not_numbers():
+    """`--levels ep,4` at W = 1 puts both in one case: the level's row has no W; at 80 columns a long level name
+    is cut, its numbers are not."""
+    ep = {"level": "ep", "level_name": "expert_parallel", "preset": "tiny", "hidden": 64, "intermediate": 96,
+          "experts": 4, "top_k": 2, "shared_experts": 0, "dtype": "bf16", "traffic": "uniform", "tokens": 8192,
+          "world_size": 1, "tokens_per_rank": 8192, "ms": 10.4812, "tflops": 551.123, "pct_roofline": 79.71,
+          "peak_mb": 5759.3, "rel_err": 2.9e-3, "status": "ok", "note": ""}
+    level = {key: value for key, value in ep.items() if key not in ("world_size", "tokens_per_rank")}
+    level.update(level="peer-ogs", level_name="triton_kernels_matmul_ogs", quant_err=0.0657, note="a long note")
+    out = io.StringIO()
+    Console(file=out, width=80).print(moe_benchmark.rows_table([ep, level], width=80))
+    lines = out.getvalue().splitlines()
+    (line,) = [ln for ln in lines if ln.strip().startswith("peer-ogs")]
+    assert all(len(ln) <= 80 for ln in lines)
+    assert line.split()[2:] == ["-", "-", "8192", "10.5", "551", "79.7", "5,759", "2.9e-03", "6.6e-02", "ok", "[1]"]
+
+
 def test_one_number_formatter():
     from cli.numbers import fmt
 
@@ -299,3 +316,21 @@ def test_make_level_runs_a_level_script(tmp_path):
     out = make_dry_run(tmp_path, "nothing-missing", "level", "N=4", "ARGS=--preset small --tokens 256")
     assert f"{tmp_path}/python labs/moe_optimization_journey/level4_grouped.py --preset small --tokens 256" in out
 
+
+
+def test_make_level_runs_each_levels_own_script():
+    """`make level N=key` for every key `--levels` takes (and ep): the file that defines that level, and a missing
+    or unknown key is one line and exit 2."""
+    from cli.aisp import journey
+
+    repo = Path(__file__).resolve().parent.parent
+    levels = {**journey().load_levels(), "ep": journey().expert_parallel().ExpertParallelMoE}
+    for key, cls in levels.items():
+        dry_run = subprocess.run(["make", "-s", "-n", "level", f"N={key}", "BENCH_SETUP="], cwd=repo,
+                                 capture_output=True, text=True)
+        script = Path(sys.modules[cls.__module__].__file__).relative_to(repo)
+        assert dry_run.returncode == 0 and str(script) in dry_run.stdout.splitlines()[-1], (key, dry_run.stdout)
+    for key in ("", "99", "ep_benchmark"):
+        result = subprocess.run(["make", "-s", "level", f"N={key}", "BENCH_SETUP="], cwd=repo, capture_output=True,
+                                text=True)
+        assert result.returncode == 2 and result.stderr.startswith(f"make level: no level N={key};"), result.stderr

@@ -32,7 +32,23 @@ def test_compare_says_when_no_case_is_shared(finished_run, tmp_path):  # noqa: F
             for line in (finished_run / "rows.jsonl").read_text().splitlines()]
     (other / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     result = bench("compare", str(finished_run), str(other))
-    assert result.exit_code == 0 and "no case was timed in both runs" in result.output
+    assert result.exit_code == 2 and "no case was timed in both runs" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_compare_never_overwrites_a_file(finished_run, tmp_path):  # noqa: F811
+    summary = finished_run / "summary.md"
+    before = summary.read_bytes()
+    result = bench("compare", str(finished_run), str(finished_run), "--markdown", str(summary))
+    assert result.exit_code == 2 and "exists" in result.output and summary.read_bytes() == before
+
+
+def test_out_is_refused_inside_a_run_or_as_the_target_folder(finished_run):  # noqa: F811
+    for out in (finished_run, finished_run / "deeper", finished_run.parent):
+        result = bench("run", "-t", "moe_journey", "--levels", "4", "--preset", "tiny", "--tokens", "8",
+                       "--out", str(out))
+        assert result.exit_code == 2 and "--out is the results root" in result.output, result.output
+    assert not (finished_run / "deeper").exists() and not (finished_run / "moe_journey").exists()
 
 
 def test_publish_checks_the_readme_before_writing_anything(finished_run, tmp_path):  # noqa: F811

@@ -1,5 +1,7 @@
 """The Triton kernels under TRITON_INTERPRET=1 (set in conftest), on sizes that are not multiples of the block."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,7 +286,13 @@ def test_tma_storage_pads_rows_not_shape():
     assert moe_kernels.tma_storage(even).data_ptr() == even.data_ptr()  # aligned already: no copy
 
 
-def test_gather_sum_skips_missing_rows_and_accumulates():
+@pytest.mark.parametrize("torch_ops", [False, True], ids=["kernel", "torch ops (timed CPU rows)"])
+def test_gather_sum_skips_missing_rows_and_accumulates(torch_ops):
+    with moe_kernels.torch_ops_on_cpu() if torch_ops else contextlib.nullcontext():
+        check_gather_sum()
+
+
+def check_gather_sum():
     rows = torch.randn(7, 50).bfloat16()
     index = torch.tensor([[0, -1, 3], [-1, -1, -1], [6, 5, 4]])
     out = moe_kernels.gather_sum(rows, index, torch.empty(3, 50, dtype=torch.bfloat16))

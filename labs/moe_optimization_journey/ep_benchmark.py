@@ -34,6 +34,7 @@ from moe_benchmark import (
     warm_up,
 )
 
+import moe_kernels
 from cli.options import parse_counts, parse_presets, refuse, script_cases, script_parser
 from moe_model import (
     ConfigError,
@@ -222,10 +223,13 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
                              input_seed(config, tokens_per_rank, f"timing rank {rank}"), traffic)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the peak of the timed forwards, not of the check
-        chunk_ms = time_chunk_counts(layer, inputs, candidates, device, warmup, budget_s)
-        chosen = min(chunk_ms, key=chunk_ms.get)
-        # Without overlap and with it, timed interleaved: the row's before and after.
-        timed = time_forwards(layer, inputs, sorted({1, chosen}), device, warmup, repeats, budget_s)
+        # On the CPU the reduce and the final sum run as torch ops while timed, as the levels' CPU rows run their
+        # elementwise kernels (the check above ran them in Triton's interpreter).
+        with moe_kernels.torch_ops_on_cpu():
+            chunk_ms = time_chunk_counts(layer, inputs, candidates, device, warmup, budget_s)
+            chosen = min(chunk_ms, key=chunk_ms.get)
+            # Without overlap and with it, timed interleaved: the row's before and after.
+            timed = time_forwards(layer, inputs, sorted({1, chosen}), device, warmup, repeats, budget_s)
         unpipelined, pipelined = summarize(timed[1]), summarize(timed[chosen])
         # One row per (token, rank) where the rank holds any of the token's experts; those to this rank stay here.
         goes_TW = torch.zeros((tokens_per_rank, world), dtype=torch.bool, device=device).scatter_(

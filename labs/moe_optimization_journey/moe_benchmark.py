@@ -768,7 +768,8 @@ def time_in_turn(waiting: list[Waiting], config: MoEConfig, num_tokens: int, dev
     for turn in waiting:
         if dense and turn.row.status == "ok":
             turn.row.dense_gemm_ms = dense.median_ms()
-        status(f"counting level {turn.row.level}'s launches, syncs and memory")
+        status(f"counting level {turn.row.level}'s launches, syncs and memory" if device.type == "cuda" else
+               f"summing up level {turn.row.level}'s times")
         held_elsewhere = sum(other.held_bytes for other in waiting if other is not turn)
         timed(turn.row, lambda turn=turn: finish(turn, config, num_tokens, device, settings, held_elsewhere))
         add_level_notes(turn.row, turn.level)
@@ -928,21 +929,24 @@ def row_case(row: dict) -> str:
             + f" (H={row['hidden']} I={row['intermediate']} E={row['experts']} K={row['top_k']}{shared} {row['dtype']})")
 
 
-def rows_table(rows: list[dict], title: str = ""):
-    """The rows for a terminal: a table per case, one line per row at 80 columns or in a pipe (cells are cut,
-    never folded), each row's notes as a numbered list below its table. Columns with nothing in them (a CPU run's
-    roofline and memory) are left out; the EP rows show their world size W and tokens per rank."""
+def rows_table(rows: list[dict], title: str = "", width: int | None = None):
+    """The rows for a terminal: a table per case, one line per row at 80 columns or in a pipe (the level's name is
+    cut where the width runs out, never a number, and nothing is folded), each row's notes as a numbered list below
+    its table. Columns with nothing in them (a CPU run's roofline and memory) are left out; the EP rows show their
+    world size W and tokens per rank ("-" in a level's row beside them)."""
     from rich import box
-    from rich.console import Group
+    from rich.console import Console, Group
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
     from cli.numbers import fmt
 
+    width = width or Console().width  # the terminal's, or 80 in a pipe
+
     columns = {"level": lambda r: f"{r['level']} {r['level_name']}",
-               "W": lambda r: str(r["world_size"]),
-               "T/rank": lambda r: str(r["tokens_per_rank"]),
+               "W": lambda r: str(r.get("world_size") or "-"),
+               "T/rank": lambda r: str(r.get("tokens_per_rank") or "-"),
                "T": lambda r: str(r["tokens"]),
                "ms": lambda r: fmt(r["ms"]),
                "TFLOP/s": lambda r: fmt(r["tflops"]),
@@ -959,12 +963,21 @@ def rows_table(rows: list[dict], title: str = ""):
         part = [row for row in rows if row_case(row) == case]
         shown = [c for c in columns if c not in needs or any(row.get(needs[c]) is not None for row in part)]
         parts.append(Text(f"\n{case}", style="bold"))
+        cells = [[columns[c](row) for c in shown] + [f"[{notes.index(row['note']) + 1}]" if row.get("note") else ""]
+                 for row in part]
+        # Each column as wide as its header and cells; where that is too wide, the numbers' columns as wide as their
+        # cells (the header is cut instead) and the level's name gets what is left.
+        headers = [*shown, "note"]
+        widths = [max(len(header), *(len(line[i]) for line in cells)) for i, header in enumerate(headers)]
+        if sum(widths) + 2 * len(widths) > width:
+            widths[1:] = [max(len(line[i]) for line in cells) for i in range(1, len(headers))]
+            widths[0] = max(8, min(widths[0], width - sum(widths[1:]) - 2 * len(widths)))
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-        for column in [*shown, "note"]:
-            table.add_column(column, no_wrap=True, overflow="ellipsis", justify="left" if column in ("level", "status") else "right")
-        for row in part:
-            note = f"[{notes.index(row['note']) + 1}]" if row.get("note") else ""
-            table.add_row(*(escape(columns[c](row)) for c in shown), escape(note))
+        for column, column_width in zip(headers, widths):
+            table.add_column(column, no_wrap=True, overflow="ellipsis", width=max(column_width, 1),
+                             justify="left" if column in ("level", "status") else "right")
+        for line in cells:
+            table.add_row(*map(escape, line))
         parts.append(table)
     if notes:
         parts.append(Text("\n".join(f"[{i}] {note}" for i, note in enumerate(notes, 1))))
