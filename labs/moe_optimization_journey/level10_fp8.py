@@ -45,18 +45,18 @@ Why store the weights in FP8 (the seed's "native FP8 weights: works, but no spee
     Converting bf16 weights to e4m3 inside every forward reads 2 bytes and writes 1 per weight before the GEMM
     reads the byte again: 4 bytes per weight against bf16's 2. On an H100, quantize_fp8 as torch ops took 10.3 ms
     for mixtral's gate weights alone (0.47 G weights), about 31 ms for all three projections, against 10.4 ms for
-    this whole layer at 16384 tokens; even a fused conversion would move 4.2 GB, about 1.4 ms, 8x the one-token
+    this whole layer at 16384 tokens; even a fused conversion would move 4.2 GB, about 1.4 ms, 9x the one-token
     forward. Stored once in FP8 the weights cost 1 byte per forward, and then FP8 pays twice: at prefill the
-    tensor-core rate (1.66-1.79x and 1.68-1.69x level 9 on mixtral and deepseek-v3 at 16384 tokens on H100s,
-    1.34-1.47x on qwen3-moe, whose short reductions leave the bf16 bytes of y, its sum and the hidden's pass a
-    larger share), at decode the halved weight bytes (mixtral at one token 156.8 µs against level 9's 256.0). The
+    tensor-core rate (1.69x and 1.70x level 9 on mixtral and deepseek-v3 at 16384 tokens in the published sweep on
+    one H100, 1.45x on qwen3-moe, whose short reductions leave the bf16 bytes of y, its sum and the hidden's pass a
+    larger share), at decode the halved weight bytes (mixtral at one token 149.6 µs against level 9's 253.1). The
     numbers and what holds them below 2x: NOTES.md ("Level 10").
 
 What it costs
     Accuracy: each e4m3 value is off by up to half a step, 2^-4 of its magnitude, on the tokens, the weights and the
     hidden; the row's `quant_err` is the output's error against the bf16 layer's fp32 reference (6.4-7.0% on these
     random weights), while `rel_err` checks the kernels against a reference computed on the same quantized values
-    (1-1.5% at prefill: Hopper's FP8 instruction adds at reduced precision across the whole reduction; promoting to
+    (0.8-1.5% at prefill: Hopper's FP8 instruction adds at reduced precision across the whole reduction; promoting to
     fp32 after every 128-deep step cut that to 0.4% and cost a third of the speed, so it is not done). Finer scales
     (one per 128 weights along the reduction, or per 32 as MX formats do) cut the error where magnitudes vary inside
     a column, as in real checkpoints whose outlier channels stretch a per-column scale; they cost a scale multiply

@@ -1,8 +1,8 @@
 """Level 9: persistent TMA kernels. Level 8's layer, with its two GEMMs rebuilt for Hopper.
 
 The idea
-    Level 8 runs level 7's kernels from one CUDA graph, and at large T they sit at 60-75% of the H100's measured
-    bf16 rate. Three things hold them there, and Hopper has an answer to each; a fourth holds the decode sizes:
+    Level 8 runs level 7's kernels from one CUDA graph, and at large T they sit at 54-81% of the H100's measured
+    bf16 rate (the published sweep, from 8192 tokens). Three things hold them there, and Hopper has an answer to each; a fourth holds the decode sizes:
     1. Launch shape. Level 7 launches one program per output tile of the most padding T could need: at `journey` with
        8192 tokens, 128-row tiles and 128-wide columns, 136 row blocks × 16 column blocks = 2176 programs over 132 SMs
        (those past the routing's padded rows, about 64 here, return at once), and every program pays its own prologue. A
@@ -12,7 +12,7 @@ The idea
        132 (the gate/up GEMM at journey's 8192 tokens: about 132 row blocks × 16 = 2112 tiles, 16 waves; the down GEMM
        at qwen3-moe's 64 tokens: 1000 tiles, so 76 programs take an eighth tile while 56 wait, NOTES.md; there it runs
        four programs per SM, below). `flatten=True` lets Triton pipeline the loop over tiles and the loop over depth as
-       one, so a tile's epilogue overlaps the next tile's first loads (+6% on qwen3-moe's short reductions, even on
+       one, so a tile's epilogue overlaps the next tile's first loads (+6% on qwen3-moe's short reductions, within the spread on
        mixtral: NOTES.md). The tiles run in groups of up to GROUP_M row blocks of one expert, column by column, so that
        the programs running at once share each weight tile in L2 (`_persistent_tile`). Level 7's groups count from row 0
        and cross from one expert's run into the next, whose weight tiles the next group then reads again from memory: at
@@ -101,7 +101,7 @@ Where it stops
     matrix, with none of MoE's gather, padding or sum, cuBLAS ran mixtral's two GEMMs at 684 TF/s on a heated H100,
     the down one alone at 712-716 on a cooler one (NOTES.md; the harness's ceiling, an 8192³ matmul at a run's
     start, is a cool card's square GEMM). The harness now times those dense GEMMs in turn with the levels: in the
-    two sweeps with it the whole of level 9 ran at 98% and 96% of them at mixtral's 16384 tokens. Warp
+    six H100 sweeps with it the whole of level 9 ran at 96-100% of them at mixtral's 16384 tokens. Warp
     specialization did not add to it: written by hand in Gluon, a warp that issues every TMA load beat neither
     Triton's own pipeline nor the same kernel without it, and Triton 3.6's `warp_specialize=True` stops the compiler
     on level 9's loops. What is left is MoE's own work. At journey's 8192 tokens the gathered gate/up GEMM took 221

@@ -49,10 +49,10 @@ What it costs, in bytes per token
 
 Overlap: the forward in B chunks
     Run in that order, the steps take turns: the SMs idle while rows cross the link, and the link idles while the
-    experts compute (a trial on two H100s with the per-pair dispatch, deepseek-v3 at 8192 tokens per rank:
-    dispatch 3.1, compute 12.8, combine 4.8 ms). So split the rank's T tokens into B chunks (micro-batches) of
-    about T/B tokens and pipeline them: chunk i+1's dispatch is on the wire while chunk i's experts compute, and
-    chunk i's combine while chunk i+1's experts compute.
+    experts compute (the trial on two H100s that issue 14 reports, with the per-pair dispatch, deepseek-v3 at 8192
+    tokens per rank: dispatch 3.1, compute 12.8, combine 4.8 ms). So split the rank's T tokens into B chunks
+    (micro-batches) of about T/B tokens and pipeline them: chunk i+1's dispatch is on the wire while chunk i's
+    experts compute, and chunk i's combine while chunk i+1's experts compute.
     - One sort, by (chunk, destination rank), makes every chunk's rows for every rank one contiguous slice of one
       send buffer, gathered once; the receive buffers are allocated once and sliced per chunk, and each chunk's
       results go back over its own rows (the reduced ones over the received rows, the returned ones over the sent).
