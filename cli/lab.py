@@ -290,19 +290,31 @@ def print_overview(levels: dict[str, type], preset: str, results: Path) -> None:
         console.print(f"No GPU run under {results / 'moe_journey'} ran every level at {preset}: no speedups.",
                       highlight=False)
     else:
-        console.print(f"× previous: {preset}, T={num_tokens} (the largest T every level ran at)\n"
+        console.print(f"× previous at {preset}, T={num_tokens} (the largest T every level of this run has)\n"
                       f"in {run_dir.name} on {env.get('device', '?')}", highlight=False)
     table = Table(box=None)
     for column, justify in (("level", "right"), ("name", "left"), ("× previous", "right"), ("idea", "left")):
         table.add_column(column, justify=justify)
     for key, cls in levels.items():
-        before = previous_key(levels, key)
-        ratio = (f"{ms[before, num_tokens] / ms[key, num_tokens]:.2f}x"
-                 if (before, num_tokens) in ms and (key, num_tokens) in ms else "-")
+        if key not in keys:
+            ratio = "-"
+        else:
+            before = previous_key(levels, key)
+            if key.isdigit():  # the nearest numbered level before it that this run has
+                before = next((k for k in reversed([k for k in levels if k.isdigit()][:int(key)]) if k in keys),
+                              None)
+            if before is None and key.isdigit():
+                ratio = "first"
+            else:
+                ratio = (f"{ms[before, num_tokens] / ms[key, num_tokens]:.2f}x"
+                         if (before, num_tokens) in ms and (key, num_tokens) in ms else "-")
+                if before is not None and (key in COMPARED_WITH or before != previous_key(levels, key)):
+                    ratio += f" (vs {before})"
         # One line a level: a summary too long for the screen ends in "…" (the lesson has the rest).
-        table.add_row(key, cls.name, f"{ratio} (vs {before})" if key in COMPARED_WITH else ratio,
-                      Text(cls.summary, no_wrap=True, overflow="ellipsis"))
+        table.add_row(key, cls.name, ratio, Text(cls.summary, no_wrap=True, overflow="ellipsis"))
     console.print(table)
+    console.print("-: not in this run (ep runs on its own); first: the run's first level.\n"
+                  "`aisp lab show LEVEL` prints a level's whole lesson.", highlight=False)
 
 
 @lab.command("show")

@@ -213,3 +213,19 @@ def test_a_lesson_is_refilled_with_its_numbered_items_and_bullets_kept():
         assert line.startswith(" " * 9) and not line.startswith(" " * 10)  # under the bullet's text
     assert "       The item's text again, after its bullets." in lines
     assert all(len(line) <= 80 for line in lines)
+
+
+def test_the_overview_compares_with_the_nearest_level_the_run_has(h100_results):
+    """A run of levels 4 and 7 only (as the published sweeps are): 7 against 4, said so; the levels it lacks "-";
+    4 is its first."""
+    run_dir = h100_results / "moe_journey" / H100_RUN.name
+    rows = [line for line in (H100_RUN / "rows.jsonl").read_text().splitlines()
+            if json.loads(line)["level"] in (4, 7)]
+    (run_dir / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    result = show("--results", str(h100_results))
+    assert result.exit_code == 0, result.output
+    line = {ln.split()[0]: ln.split()[2:4] for ln in result.output.splitlines() if ln.split()[:1] in
+            (["3"], ["4"], ["7"])}
+    assert line["3"][0] == "-" and line["4"][0] == "first" and line["7"][1] == "(vs", line
+    T = int(re.search(r"T=(\d+)", result.output).group(1))
+    assert line["7"][0] == f"{journey_row('4', T)['ms'] / journey_row('7', T)['ms']:.2f}x"
