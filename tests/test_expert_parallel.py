@@ -157,3 +157,35 @@ def test_chunk_counts_are_timed_in_turn():
     assert layer.order == [1, 2, 4, 2, 4, 1, 4, 1, 2, 1, 2, 4, 2, 4, 1, 4, 1, 2]
     assert {chunks: len(forwards) for chunks, forwards in times.items()} == {1: 6, 2: 6, 4: 6}
     assert set(times[2][0]) == {"ms", "busy_ms", "exposed_comm_ms", "dispatch_ms", "compute_ms", "combine_ms"}
+
+
+def test_a_graphed_local_level_runs_eagerly(monkeypatch):
+    """On a Hopper GPU the local experts are level 9's, whose forward replays a graph recorded for one T; the rows a
+    rank receives change every forward, so the level calls its eager path. Here level 9 in Triton's interpreter, in
+    a group of one, against the reference, in one chunk and in two."""
+    sys.path.insert(0, str(REPO / "labs" / "moe_optimization_journey"))
+    import level_ep_expert_parallel
+    import torch.distributed as dist
+    from level7_triton_grouped import TritonGroupedLevel
+    from level9_persistent_tma import PersistentTmaLevel
+    from moe_benchmark import compare_to_reference, make_inputs
+
+    from moe_model import MoEConfig, init_weights, reference_forward
+
+    monkeypatch.setattr(level_ep_expert_parallel, "local_level_class", lambda device: PersistentTmaLevel)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        config = MoEConfig(hidden=64, intermediate=96, num_experts=4, top_k=2, name="ep")
+        layer = level_ep_expert_parallel.ExpertParallelMoE(config, torch.device("cpu"))
+        assert layer.local_forward.__func__ is TritonGroupedLevel.forward  # level 9's kernels, no graph
+        inputs = make_inputs(config, layer.weights, 37, seed=5)
+        ref_TH = reference_forward(inputs.tokens_TH, init_weights(config, "cpu"), inputs.routing_weights_TK,
+                                   inputs.expert_ids_TK)
+        for chunks in (1, 2):
+            check = compare_to_reference(layer.forward(*inputs.as_args(), chunks=chunks), ref_TH, config.tolerance)
+            assert check.passed, (chunks, check.message)
+    finally:
+        dist.destroy_process_group()
