@@ -4,7 +4,7 @@
                                     the published GPU run (results/moe_journey/LATEST.md names it)
     aisp lab show 4 [--preset journey] [--tokens 8192]
                                     level 4's lesson, its code's diff from level 3's, its claimed counts and its
-                                    measured row in the newest GPU run under results/moe_journey/
+                                    measured row in the published GPU run (else the newest that has it)
 
 The levels are found the way `aisp bench` finds them (`load_levels()`), so a new levelN file shows up here too.
 Measured rows come from GPU runs only: a CPU run measures Python and the CPU, not the lessons' GPU story.
@@ -225,12 +225,13 @@ def speedup(reference: dict | None, row: dict) -> str:
 
 
 def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: int, results: Path) -> None:
-    """The level's row in the newest GPU run that has it at (preset, T), beside the level before it and the
-    peer from the same run (an FP8 level's beside the FP8 peer too, level 9's beside the matmul_ogs peer)."""
+    """The level's row in the published GPU run that has it at (preset, T), else in the newest that has it, beside
+    the level before it and the peer from the same run (an FP8 level's beside the FP8 peer too, level 9's beside
+    the matmul_ogs peer): the published sweep has them all, a newer run of two levels would not."""
     from cli.report import STATUS_CELL, dense_gemm_pct, fmt
 
     case = f"{preset}, T={num_tokens} ({SHOWN_CASE['traffic']} traffic, {SHOWN_CASE['router']} router)"
-    for run_dir, env, rows in gpu_runs(results):
+    for run_dir, env, rows in published_first(gpu_runs(results), results):
         rows = shown_rows(rows, preset)
         row = row_of(rows, key, num_tokens)
         if row is None:

@@ -229,3 +229,20 @@ def test_the_overview_compares_with_the_nearest_level_the_run_has(h100_results):
     assert line["3"][0] == "-" and line["4"][0] == "first" and line["7"][1] == "(vs", line
     T = int(re.search(r"T=(\d+)", result.output).group(1))
     assert line["7"][0] == f"{journey_row('4', T)['ms'] / journey_row('7', T)['ms']:.2f}x"
+
+
+def test_a_levels_row_comes_from_the_published_run(h100_results):
+    """A newer run that has level 4 at the case but not the levels it is compared with does not hide the published
+    run's row."""
+    newer = h100_results / "moe_journey" / "20261126T000000Z-nvidia-h100-80gb-hbm3"
+    newer.mkdir()
+    shutil.copy(H100_RUN / "environment.json", newer / "environment.json")
+    rows = [line for line in (H100_RUN / "rows.jsonl").read_text().splitlines() if json.loads(line)["level"] == 4]
+    (newer / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    assert newer.name in show("4", "--tokens", "2048", "--results", str(h100_results)).output  # newest, unpublished
+    (h100_results / "moe_journey" / "LATEST.md").write_text(
+        f"<!-- copied from {H100_RUN.name}/summary.md by aisp; do not edit -->\n# the run\n")
+    result = show("4", "--tokens", "2048", "--results", str(h100_results))
+    assert result.exit_code == 0, result.output
+    assert H100_RUN.name in result.output and newer.name not in result.output
+    assert "× level 3" in result.output and "not in this run" not in result.output.split("× level 3")[1].split("\n")[0]
