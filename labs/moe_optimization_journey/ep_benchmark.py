@@ -227,7 +227,7 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
     rows = {W: base_row(layer_cls, configs[W], tokens_per_rank * W, device, traffic) for W in sizes}
     for W, row in rows.items():
         row.update(world_size=W, tokens_per_rank=tokens_per_rank, experts_per_rank=preset.num_experts)
-    whole, layers = None, {}
+    layers = {}
     try:
         whole = layer_cls(configs[world], device)
         # {W: this rank's layer at W, None outside the first W ranks}
@@ -262,6 +262,8 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
         inputs = {W: make_inputs(configs[W], layer.weights, tokens_per_rank,
                                  input_seed(configs[W], tokens_per_rank, f"timing rank {rank}"), traffic)
                   for W, layer in layers.items() if layer is not None}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the peak of the timed forwards, not of the check
         # On the CPU the reduce and the final sum run as torch ops while timed, as the levels' CPU rows run their
         # elementwise kernels (the check above ran them in Triton's interpreter).
         with moe_kernels.torch_ops_on_cpu():
@@ -285,15 +287,14 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
             if row.status == "ok" and row.ms is None:
                 row.update(status="oom", note=f"CUDA out of memory at {tokens_per_rank} tokens per rank")
     finally:
-        whole = layers = layer = inputs = None  # every reference to the layer, before the next case draws its own
+        del layers
         release_memory(device)  # with a collection: the layer sits in a reference cycle
     return [row.to_json() for row in rows.values()] if rank == 0 else []
 
 
 def measured_on_rank(layer, inputs, timed: dict, W: int, chosen: int, tokens_per_rank: int,
                      device: torch.device) -> dict:
-    """What this rank measured at world size W, what it sent, and the memory W's forwards peak at: for rank 0's
-    row. Every rank of W's group calls it (the peak's forwards are collectives)."""
+    """What this rank measured at world size W and what it sent: for rank 0's row."""
     # One row per (token, rank) where the rank holds any of the token's experts; those to this rank stay here.
     goes_TW = torch.zeros((tokens_per_rank, W), dtype=torch.bool, device=device).scatter_(
         1, inputs.expert_ids_TK // layer.experts_per_rank, True)
@@ -302,21 +303,13 @@ def measured_on_rank(layer, inputs, timed: dict, W: int, chosen: int, tokens_per
     row_bytes = layer.config.hidden * inputs.tokens_TH.element_size()
     # Out in the dispatch: the row, and per slot its expert on that rank (int32) and its routing weight.
     routing_bytes = layer.config.top_k * (4 + inputs.routing_weights_TK.element_size())
-    peak_mb = None
-    if device.type == "cuda":  # this W's own peak: one forward of each timed count, the other sizes' long freed
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        for chunks in sorted({1, chosen}):
-            layer.forward(*inputs.as_args(), chunks=chunks)
-        synchronize(device)
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     return {
         "unpipelined": summarize(timed[W, 1]), "pipelined": summarize(timed[W, chosen]),
         "dispatch_bytes": crossing_rows * (row_bytes + routing_bytes),
         "bytes": crossing_rows * (2 * row_bytes + routing_bytes),  # and back in the combine: the partial sums
         "sent_row_bytes": sent_rows * row_bytes or 2**20,
         "expert_ids": inputs.expert_ids_TK.cpu(), "dropped": inputs.dropped_tokens,
-        "peak_mb": peak_mb,
+        "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
 
 
