@@ -65,19 +65,6 @@ def main() -> None:
         results[case] = {"checks": checks, "received": plan.rows_UH.shape[0], "sent": sent,
                          "tokens_out": sum(len(ranks) for ranks in other_ranks),
                          "pairs_out": int((inputs.expert_ids_TK // layer.experts_per_rank != rank).sum())}
-    # The layer on the first two ranks only (`ExpertParallelMoE.on`, how the benchmark times every world size in
-    # one launch): the whole world's layer's weights, its collectives on the group of ranks 0 and 1.
-    first_two = dist.new_group([0, 1])  # every rank makes every group
-    config = MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2, name="ep")
-    layer = ExpertParallelMoE(config, torch.device("cpu"))
-    if rank < 2:
-        smaller_config = MoEConfig(hidden=48, intermediate=80, num_experts=4, top_k=2, name="ep")
-        smaller = layer.on(smaller_config, first_two)
-        inputs = make_inputs(smaller_config, smaller.weights, 29 + rank, seed=7 + rank)
-        ref_TH = reference_forward(inputs.tokens_TH, init_weights(smaller_config, "cpu"), inputs.routing_weights_TK,
-                                   inputs.expert_ids_TK)
-        check = compare_to_reference(smaller.forward(*inputs.as_args(), chunks=2), ref_TH, config.tolerance)
-        results["on_first_two"] = (check.rel_err, check.passed)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:

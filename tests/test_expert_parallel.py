@@ -24,9 +24,6 @@ def test_ep_matches_the_reference(tmp_path, world_size):
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == world_size
     for rank, cases in enumerate(per_rank):
-        # A smaller world on the first two ranks, sharing the layer's weights: right there, absent elsewhere.
-        on_first_two = cases.pop("on_first_two", None)
-        assert (on_first_two is not None) == (rank < 2) and (on_first_two is None or on_first_two[1]), on_first_two
         assert set(cases) == {"uniform", "zipf", "shared_expert_top1", "idle_rank", "few_tokens", "every_expert"}
         for case, result in cases.items():
             assert set(result["checks"]) == {"1", "4"}  # chunk counts
@@ -102,8 +99,7 @@ def test_ep_rows_are_recorded_as_the_launch_writes_them(tmp_path, monkeypatch):
         def poll(self):
             if self.looks < 2:
                 with open(self.rows_out, "a") as rows:
-                    row = {"world_size": 2, "preset": "tiny", "traffic": "uniform",
-                           "tokens_per_rank": 8 * (1 + self.looks)}
+                    row = {"preset": "tiny", "traffic": "uniform", "tokens_per_rank": 8 * (1 + self.looks)}
                     rows.write(json.dumps(row) + "\n")
                 events.append(f"wrote {self.looks}")
                 self.looks += 1
@@ -120,11 +116,10 @@ def test_ep_rows_are_recorded_as_the_launch_writes_them(tmp_path, monkeypatch):
         events.append(("recorded", row["tokens_per_rank"], row.get("status")))
 
     monkeypatch.setattr(aisp.subprocess, "Popen", Launch)
-    aisp.run_expert_parallel([1, 2], [get_preset("tiny")], [Traffic()], [8, 16, 32], torch.device("cpu"), 1, 5,
-                             1.0, "1", tmp_path, record)
+    aisp.run_expert_parallel(2, [get_preset("tiny")], [Traffic()], [8, 16, 32], torch.device("cpu"), 1, 5, 1.0, "1",
+                             tmp_path, record)
     assert events[:4] == ["wrote 0", ("recorded", 8, None), "wrote 1", ("recorded", 16, None)]
-    # The (world size, case) pairs the launch never finished: world size 1 of every case, and 32 tokens at 2.
-    assert [event[1:] for event in events[4:]] == [(8, "error"), (16, "error"), (32, "error"), (32, "error")]
+    assert events[4][:3] == ("recorded", 32, "error")  # the case the launch never finished
     assert not list(tmp_path.iterdir())  # the launch's rows file and log are gone
 
 
@@ -156,8 +151,7 @@ def test_chunk_counts_are_timed_in_turn():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         layer = Layer()
-        times = time_forwards({chunks: (layer, Inputs(), chunks) for chunks in (1, 2, 4)}, torch.device("cpu"),
-                              warmup=1, repeats=6, budget_s=60)
+        times = time_forwards(layer, Inputs(), [1, 2, 4], torch.device("cpu"), warmup=1, repeats=6, budget_s=60)
     finally:
         dist.destroy_process_group()
     assert layer.order == [1, 2, 4, 2, 4, 1, 4, 1, 2, 1, 2, 4, 2, 4, 1, 4, 1, 2]

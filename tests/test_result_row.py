@@ -53,8 +53,7 @@ def test_ep_rows_are_built_from_the_schema(tiny):
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        (row,) = ep_benchmark.benchmark_ep(ExpertParallelMoE, tiny, 8, torch.device("cpu"), Traffic(),
-                                           ep_benchmark.world_groups([1]), 1, 5, 0.5, "1")
+        row = ep_benchmark.benchmark_ep(ExpertParallelMoE, tiny, 8, torch.device("cpu"), Traffic(), 1, 5, 0.5, "1")
     finally:
         dist.destroy_process_group()
     assert row["status"] == "ok", row["note"]
