@@ -110,8 +110,8 @@ def prepare_out_dir(out: Path, target: str) -> Path:
     one, or a target's own folder: the run would land inside another, where no one looks for it."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file, not a folder")
-    for folder in (out.resolve(), *out.resolve().parents):
-        if (folder / "rows.jsonl").exists() or (folder / "environment.json").exists():
+    for folder in (out.resolve(), *out.resolve().parents):  # a run folder: <root>/<target>/<run>/environment.json
+        if folder.parent.name == target and (folder / "environment.json").exists():
             raise UsageError(f"--out {str(out)!r} is {'' if folder == out.resolve() else 'inside '}the run folder "
                              f"{str(folder)!r}; --out is the results root that holds the targets' folders, e.g. "
                              "results")

@@ -2,7 +2,8 @@
 
 The idea
     Level 8 runs level 7's kernels from one CUDA graph, and at large T they sit at 54-81% of the H100's measured
-    bf16 rate (the published sweep, from 8192 tokens). Three things hold them there, and Hopper has an answer to each; a fourth holds the decode sizes:
+    bf16 rate (the published sweep, from 8192 tokens). Three things hold them there, and Hopper has an answer to
+    each; a fourth holds the decode sizes:
     1. Launch shape. Level 7 launches one program per output tile of the most padding T could need: at `journey` with
        8192 tokens, 128-row tiles and 128-wide columns, 136 row blocks × 16 column blocks = 2176 programs over 132 SMs
        (those past the routing's padded rows, about 64 here, return at once), and every program pays its own prologue. A
@@ -12,12 +13,12 @@ The idea
        132 (the gate/up GEMM at journey's 8192 tokens: about 132 row blocks × 16 = 2112 tiles, 16 waves; the down GEMM
        at qwen3-moe's 64 tokens: 1000 tiles, so 76 programs take an eighth tile while 56 wait, NOTES.md; there it runs
        four programs per SM, below). `flatten=True` lets Triton pipeline the loop over tiles and the loop over depth as
-       one, so a tile's epilogue overlaps the next tile's first loads (+6% on qwen3-moe's short reductions, within the spread on
-       mixtral: NOTES.md). The tiles run in groups of up to GROUP_M row blocks of one expert, column by column, so that
-       the programs running at once share each weight tile in L2 (`_persistent_tile`). Level 7's groups count from row 0
-       and cross from one expert's run into the next, whose weight tiles the next group then reads again from memory: at
-       deepseek-v3's 16384 tokens (5 row blocks an expert) its down GEMM took 6.9 to 15 ms from one forward to the next,
-       and 6.4 to 7.6 with groups kept within runs.
+       one, so a tile's epilogue overlaps the next tile's first loads (+6% on qwen3-moe's short reductions, within
+       the spread on mixtral: NOTES.md). The tiles run in groups of up to GROUP_M row blocks of one expert, column by
+       column, so that the programs running at once share each weight tile in L2 (`_persistent_tile`). Level 7's
+       groups count from row 0 and cross from one expert's run into the next, whose weight tiles the next group
+       then reads again from memory: at deepseek-v3's 16384 tokens (5 row blocks an expert) its down GEMM took 6.9
+       to 15 ms from one forward to the next, and 6.4 to 7.6 with groups kept within runs.
     2. Address arithmetic and no asynchronous copy for the weights. Level 7 computes a pointer per weight element
        and loads through the threads. Here each [BLOCK_D, BLOCK_N] weight tile comes by TMA: a tensor descriptor
        `[E, depth, cols]`, made once on the host and recorded with the launch (`tma_descriptor`), and the copy

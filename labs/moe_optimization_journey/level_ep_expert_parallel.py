@@ -84,13 +84,12 @@ When overlap pays
     kernel holds (spinning until the peer's rows arrive) starts late and the whole GEMM ends late, where level 7's
     programs go to whichever SM frees up. On two H200s at W = 2 (deepseek-v3, 32768 tokens per rank) two chunks
     stretched the busiest rank's expert compute from 48.6 to 60.5 ms with level 9, from 50.0 to 56.0 with level 7
-    (NOTES.md). Hence the
-    benchmark measures instead of assuming: it times B in {1, 2, 4, 8} for a few forwards each, keeps the
-    fastest, and reports the exposed communication (the forward's time minus its expert compute, the expand and
-    reduce included in the compute) at B = 1 and at the chosen B, read on the busiest rank: under skew the others
-    spend their combine waiting for it, and their "exposed" time would be that wait. The counts are timed
-    interleaved, forward by forward: a GPU under its power cap heats through a run of calls, and timed one after
-    the other the later count would meet the hotter card.
+    (NOTES.md). Hence the benchmark measures instead of assuming: it times B in {1, 2, 4, 8} for a few forwards
+    each, keeps the fastest, and reports the exposed communication (the forward's time minus its expert compute,
+    the expand and reduce included in the compute) at B = 1 and at the chosen B, read on the busiest rank: under
+    skew the others spend their combine waiting for it, and their "exposed" time would be that wait. The counts are
+    timed interleaved, forward by forward: a GPU under its power cap heats through a run of calls, and timed one
+    after the other the later count would meet the hotter card.
     The link itself is NCCL's: its all-to-all moved 252 GB/s each way between two NVLinked H200s, where a put into
     the peer's memory through torch's symmetric memory moved 375. As such puts, the dispatch and the combine each
     ran 0.1-0.3 ms faster at 32768 tokens per rank (mixtral on two H200s; mixtral and deepseek-v3 on two H100s), and
@@ -253,8 +252,8 @@ class ExpertParallelMoE:
         pair_R = torch.argsort(local_ids_UK.flatten(), stable=True)[:plan.local_pairs[chunk]]
         row_of_pair_R = pair_R // local_ids_UK.shape[1]
         results_RH = self.local_forward(rows_UH.index_select(0, row_of_pair_R),  # read R·H, write R·H
-                                              plan.weights_UK[received].flatten()[pair_R, None],
-                                              local_ids_UK.flatten()[pair_R, None].long())
+                                        plan.weights_UK[received].flatten()[pair_R, None],
+                                        local_ids_UK.flatten()[pair_R, None].long())
         # The reduce: each received row's results summed into the row itself (the expand has read it), so one row per
         # token goes back. position_UK: where each (row, slot) pair's result sits in results_RH, −1 if not here.
         position_UK = torch.full((local_ids_UK.numel(),), -1, dtype=torch.long, device=rows_UH.device)
