@@ -15,6 +15,7 @@ included).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -99,6 +100,8 @@ def parse_world_sizes(spec: str, device) -> list[int]:
     import torch
 
     sizes = parse_counts(spec, "--world-size")
+    if any(max(sizes) % size for size in sizes):  # each size runs as groups of the largest's ranks, all busy
+        raise UsageError(f"--world-size {spec}: each size must divide the largest, {max(sizes)}")
     if device.type == "cuda" and max(sizes) > torch.cuda.device_count():
         raise UsageError(f"world size {max(sizes)} needs {max(sizes)} GPUs (one process per GPU); this machine has "
                          f"{torch.cuda.device_count()}")
@@ -291,9 +294,9 @@ def run_command(
                                            "CPU)"),
     profile: bool = typer.Option(False, "--profile", help="also time each level's stages (routing, permute, "
                                                          "expert GEMMs, activation, combine, shared experts)"),
-    world_size: str = typer.Option("1", help="level ep: world sizes to launch with torchrun, comma-separated (one "
-                                             "process per GPU, NCCL; gloo processes on the CPU); tokens and experts "
-                                             "are per rank"),
+    world_size: str = typer.Option("1", help="level ep: world sizes, comma-separated, each dividing the largest, "
+                                             "all timed in turn in one torchrun of the largest (one process per "
+                                             "GPU, NCCL; gloo processes on the CPU); tokens and experts are per rank"),
     ep_chunks: str = typer.Option("auto", help="level ep: chunk counts of the pipelined forward (all-to-all "
                                                "under expert compute) to time and choose from, comma-separated, or "
                                                "auto: 1, 2, 4 and 8"),
@@ -399,9 +402,10 @@ def run_command(
                             record(row)
                 del weights
                 bench_mod.release_memory(torch_device)
-            for size in world_sizes:
-                progress.update(task, description=f"level ep: {size} process(es), {cases} case(s)")
-                run_expert_parallel(size, configs, traffics, token_counts, torch_device, warmup, repeats,
+            if world_sizes:
+                progress.update(task, description=f"level ep: {max(world_sizes)} process(es), world sizes "
+                                                  f"{', '.join(map(str, world_sizes))} in turn, {cases} case(s)")
+                run_expert_parallel(world_sizes, configs, traffics, token_counts, torch_device, warmup, repeats,
                                     defaults.time_budget_s, ep_chunks, run_dir, record)
         except KeyboardInterrupt:
             interrupted = True
@@ -421,20 +425,23 @@ def run_command(
         raise typer.Exit(130)
 
 
-def run_expert_parallel(world_size: int, configs: list, traffics: list, token_counts: list[int], device,
+def run_expert_parallel(world_sizes: list[int], configs: list, traffics: list, token_counts: list[int], device,
                         warmup: int, repeats: int, time_budget_s: float, chunks: str, run_dir: Path,
                         record: Callable[[dict], None]) -> None:
-    """Launch the EP level under torchrun with `world_size` processes, choosing among `chunks` (auto, or chunk
-    counts comma-separated). Each row goes to `record` as soon as the launch has written it, so the progress bar
-    moves case by case and an interrupted run keeps every finished row; then an `error` row for every case it did
-    not finish, with the launch's last error line."""
+    """Launch the EP level under torchrun with the largest of `world_sizes` processes, which times every world size
+    in turn (ep_benchmark.benchmark_ep), choosing among `chunks` (auto, or chunk counts comma-separated). Each row
+    goes to `record` as soon as the launch has written it, so the progress bar moves case by case and an
+    interrupted run keeps every finished row; then an `error` row for every (world size, case) it did not finish,
+    with the launch's last error line."""
     lab = journey()
     ep = lab.expert_parallel()
-    rows_path, log_path = run_dir / f".ep-world-{world_size}.jsonl", run_dir / f".ep-world-{world_size}.log"
+    rows_path, log_path = run_dir / ".ep-rows.jsonl", run_dir / ".ep-launch.log"
     rows_path.unlink(missing_ok=True)
     traffic = traffics[0]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-               ep.__file__, "--config-json", json.dumps([config.to_dict() for config in configs]),
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={max(world_sizes)}", ep.__file__,
+               "--world-sizes", ",".join(map(str, world_sizes)),
+               "--config-json", json.dumps([config.to_dict() for config in configs]),
                "--tokens", ",".join(map(str, token_counts)), "--device", device.type,
                "--traffic", ",".join(t.shape for t in traffics), "--zipf-s", str(traffic.zipf_s),
                "--hot-share", str(traffic.hot_share), "--warmup", str(warmup), "--repeats", str(repeats),
@@ -448,7 +455,7 @@ def run_expert_parallel(world_size: int, configs: list, traffics: list, token_co
         for line in text[read:text.rfind("\n") + 1].splitlines(keepends=True):
             read += len(line)  # past it before recording it: never recorded twice
             row = json.loads(line)
-            done.add((row["preset"], row["traffic"], row["tokens_per_rank"]))
+            done.add((row["world_size"], row["preset"], row["traffic"], row["tokens_per_rank"]))
             record(row)
 
     try:
@@ -481,9 +488,12 @@ def run_expert_parallel(world_size: int, configs: list, traffics: list, token_co
     for config in configs:
         for shape in traffics:
             for num_tokens in token_counts:
-                if (config.name, shape.label, num_tokens) not in done:
-                    row = lab.moe_benchmark.base_row(ep.ExpertParallelMoE, config, num_tokens * world_size, device,
-                                                     shape)
+                for world_size in world_sizes:
+                    if (world_size, config.name, shape.label, num_tokens) in done:
+                        continue
+                    row = lab.moe_benchmark.base_row(
+                        ep.ExpertParallelMoE, dataclasses.replace(config, num_experts=config.num_experts * world_size),
+                        num_tokens * world_size, device, shape)
                     row.update(world_size=world_size, tokens_per_rank=num_tokens, status="error",
                                note=f"ep launch failed: {reason}")
                     record(row.to_json())

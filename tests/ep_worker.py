@@ -65,6 +65,19 @@ def main() -> None:
         results[case] = {"checks": checks, "received": plan.rows_UH.shape[0], "sent": sent,
                          "tokens_out": sum(len(ranks) for ranks in other_ranks),
                          "pairs_out": int((inputs.expert_ids_TK // layer.experts_per_rank != rank).sum())}
+    # The layer on groups of two ranks (`ExpertParallelMoE.on`, how the benchmark times every world size in one
+    # launch): each rank's share of the whole world's layer, its collectives on its group, its experts numbered
+    # from its place there, checked against a reference drawn for the experts its group holds.
+    pairs = [dist.new_group([first, first + 1]) for first in range(0, world, 2)]  # every rank makes every group
+    config = MoEConfig(hidden=48, intermediate=80, num_experts=2 * world, top_k=2, name="ep")
+    layer = ExpertParallelMoE(config, torch.device("cpu"))
+    smaller_config = MoEConfig(hidden=48, intermediate=80, num_experts=4, top_k=2, name="ep")
+    smaller = layer.on(smaller_config, pairs[rank // 2])
+    inputs = make_inputs(smaller_config, smaller.weights, 29 + rank, seed=7 + rank)
+    group_experts = init_weights(smaller_config, "cpu", experts=range(4 * (rank // 2), 4 * (rank // 2) + 4))
+    ref_TH = reference_forward(inputs.tokens_TH, group_experts, inputs.routing_weights_TK, inputs.expert_ids_TK)
+    check = compare_to_reference(smaller.forward(*inputs.as_args(), chunks=2), ref_TH, config.tolerance)
+    results["in_pairs"] = (smaller.rank, check.rel_err, check.passed)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:

@@ -24,6 +24,9 @@ def test_ep_matches_the_reference(tmp_path, world_size):
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == world_size
     for rank, cases in enumerate(per_rank):
+        # The layer in groups of two ranks, sharing the whole world's weights: right on every rank.
+        place, rel_err, passed = cases.pop("in_pairs")
+        assert place == rank % 2 and passed, (rank, rel_err)
         assert set(cases) == {"uniform", "zipf", "shared_expert_top1", "idle_rank", "few_tokens", "every_expert"}
         for case, result in cases.items():
             assert set(result["checks"]) == {"1", "4"}  # chunk counts
@@ -71,6 +74,7 @@ def test_cli_runs_ep_on_the_cpu(tmp_path):
 
 @pytest.mark.parametrize("args, message", [(["--world-size", "0"], "positive"),
                                            (["--world-size", "two"], "whole numbers"),
+                                           (["--world-size", "1,3,4"], "must divide the largest"),
                                            (["--ep-chunks", "0"], "positive"),
                                            (["--ep-chunks", "4,many"], "whole numbers")])
 def test_bad_ep_option(tmp_path, args, message):
@@ -99,7 +103,8 @@ def test_ep_rows_are_recorded_as_the_launch_writes_them(tmp_path, monkeypatch):
         def poll(self):
             if self.looks < 2:
                 with open(self.rows_out, "a") as rows:
-                    row = {"preset": "tiny", "traffic": "uniform", "tokens_per_rank": 8 * (1 + self.looks)}
+                    row = {"world_size": 2, "preset": "tiny", "traffic": "uniform",
+                           "tokens_per_rank": 8 * (1 + self.looks)}
                     rows.write(json.dumps(row) + "\n")
                 events.append(f"wrote {self.looks}")
                 self.looks += 1
@@ -116,10 +121,11 @@ def test_ep_rows_are_recorded_as_the_launch_writes_them(tmp_path, monkeypatch):
         events.append(("recorded", row["tokens_per_rank"], row.get("status")))
 
     monkeypatch.setattr(aisp.subprocess, "Popen", Launch)
-    aisp.run_expert_parallel(2, [get_preset("tiny")], [Traffic()], [8, 16, 32], torch.device("cpu"), 1, 5, 1.0, "1",
-                             tmp_path, record)
+    aisp.run_expert_parallel([1, 2], [get_preset("tiny")], [Traffic()], [8, 16, 32], torch.device("cpu"), 1, 5,
+                             1.0, "1", tmp_path, record)
     assert events[:4] == ["wrote 0", ("recorded", 8, None), "wrote 1", ("recorded", 16, None)]
-    assert events[4][:3] == ("recorded", 32, "error")  # the case the launch never finished
+    # The (world size, case) pairs the launch never finished: world size 1 of every case, and 32 tokens at 2.
+    assert [event[1:] for event in events[4:]] == [(8, "error"), (16, "error"), (32, "error"), (32, "error")]
     assert not list(tmp_path.iterdir())  # the launch's rows file and log are gone
 
 
@@ -151,7 +157,8 @@ def test_chunk_counts_are_timed_in_turn():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         layer = Layer()
-        times = time_forwards(layer, Inputs(), [1, 2, 4], torch.device("cpu"), warmup=1, repeats=6, budget_s=60)
+        times = time_forwards({chunks: (layer, Inputs(), chunks) for chunks in (1, 2, 4)}, torch.device("cpu"),
+                              warmup=1, repeats=6, budget_s=60)
     finally:
         dist.destroy_process_group()
     assert layer.order == [1, 2, 4, 2, 4, 1, 4, 1, 2, 1, 2, 4, 2, 4, 1, 4, 1, 2]

@@ -60,7 +60,8 @@ def test_ep_rows_are_built_from_the_schema(tiny, monkeypatch):
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     gc.disable()  # only the benchmark's own collection may free the layer
     try:
-        row = ep_benchmark.benchmark_ep(ExpertParallelMoE, tiny, 8, torch.device("cpu"), Traffic(), 1, 5, 0.5, "1")
+        (row,) = ep_benchmark.benchmark_ep(ExpertParallelMoE, tiny, 8, torch.device("cpu"), Traffic(),
+                                           ep_benchmark.world_groups([1]), 1, 5, 0.5, "1")
         alive = [obj for obj in gc.get_objects() if isinstance(obj, (ExpertParallelMoE, PersistentTmaLevel))]
     finally:
         gc.enable()

@@ -54,12 +54,14 @@ CHOICE_REPEATS = 5  # timed forwards per chunk count while choosing (warm_up's m
 
 
 def reference_on_rank(config: MoEConfig, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor,
-                      expert_ids_TK: torch.Tensor, chunk: int) -> torch.Tensor:
+                      expert_ids_TK: torch.Tensor, chunk: int, offset: int = 0) -> torch.Tensor:
     """The fp32 reference for this rank's tokens over all E experts, drawn `chunk` experts at a time (no rank can
-    hold them all at scale); the shared experts with the first chunk."""
+    hold them all at scale); the shared experts with the first chunk. Expert e is drawn as expert offset + e (a
+    smaller layer on a group of ranks further along: `ExpertParallelMoE.on`)."""
     out_TH = None
     for first in range(0, config.num_experts, chunk):
-        weights = init_weights(config, tokens_TH.device, experts=range(first, min(first + chunk, config.num_experts)))
+        weights = init_weights(config, tokens_TH.device,
+                               experts=range(offset + first, offset + min(first + chunk, config.num_experts)))
         if first:
             weights = weights.without_shared()
         part = reference_forward(tokens_TH, weights, routing_weights_TK, expert_ids_TK, first_expert=first)
@@ -80,46 +82,58 @@ def measured(spans: list | None, device: torch.device):
     spans.append((begin, device_clock(device)))
 
 
-def time_forwards(layer, inputs, counts: list[int], device: torch.device, warmup: int, repeats: int,
-                  budget_s: float) -> dict[int, list[dict[str, float]]]:
-    """Timed forwards in each of the chunk counts `counts`, interleaved: round i runs one forward in every count, in an
-    order rotated by i, so that a card heating under its power cap favours none (the EP lesson's "When overlap
-    pays"). Each forward in ms: `ms` in all, `busy_ms` = all its expert-compute spans (shared experts included),
-    `exposed_comm_ms` = ms − busy_ms, and the phases around the routed chunks' compute: `dispatch_ms` (from the
-    start to the first chunk's compute, the first half of the shared experts included), `compute_ms` (the chunks'
-    compute spans, summed) and `combine_ms` (from the last chunk's compute to the end, the second half included);
-    with one chunk and no shared experts they are the plain dispatch, compute and combine. All ranks start each
-    forward together (a barrier), after warm-up, with the L2 cache flushed on a GPU; every rank runs the same number
-    of forwards. `budget_s` is per count."""
-    args = inputs.as_args()
-    # A count of calls, not a time: every rank must make the same number of forwards (each one is a collective).
-    calls = min(warm_up(lambda chunks=chunks: layer.forward(*args, chunks=chunks), device, warmup, repeats, budget_s,
-                        least_s=0)[0] for chunks in counts)
+Variant = tuple  # (layer, inputs, chunks): one forward to time; layer None on a rank outside that layer's group
+
+
+def time_forwards(variants: dict, device: torch.device, warmup: int, repeats: int,
+                  budget_s: float) -> dict[object, list[dict[str, float]]]:
+    """Timed forwards of every variant ({key: (layer, inputs, chunks)}: world sizes and chunk counts), interleaved:
+    round i runs one forward of every variant, in an order rotated by i, so that a card heating under its power cap
+    favours none (the EP lesson's "When overlap pays"). A rank outside a variant's group (its layer None) skips its
+    forwards and times none. Each forward in ms: `ms` in all, `busy_ms` = all its expert-compute spans (shared
+    experts included), `exposed_comm_ms` = ms − busy_ms, and the phases around the routed chunks' compute:
+    `dispatch_ms` (from the start to the first chunk's compute, the first half of the shared experts included),
+    `compute_ms` (the chunks' compute spans, summed) and `combine_ms` (from the last chunk's compute to the end,
+    the second half included); with one chunk and no shared experts they are the plain dispatch, compute and
+    combine. All ranks start each forward together (a barrier), after warm-up, with the L2 cache flushed on a GPU;
+    every rank runs the same number of rounds. `budget_s` is per variant."""
+    mine = {key: (layer, inputs.as_args(), chunks) for key, (layer, inputs, chunks) in variants.items()
+            if layer is not None}
+    # A count of calls, not a time: the ranks of a group must make the same number of forwards (each one is a
+    # collective), so every rank takes the fewest any rank can fit.
+    calls = min((warm_up(lambda layer=layer, args=args, chunks=chunks: layer.forward(*args, chunks=chunks), device,
+                         warmup, repeats, budget_s, least_s=0)[0] for layer, args, chunks in mine.values()),
+                default=repeats)
     rounds = torch.tensor([calls], device=device)
     dist.all_reduce(rounds, op=dist.ReduceOp.MIN)
     l2_flush = l2_flush_buffer(device)
-    marks = {chunks: [] for chunks in counts}
+    keys = list(variants)
+    marks = {key: [] for key in mine}
     for i in range(int(rounds)):
-        for chunks in counts[i % len(counts):] + counts[:i % len(counts)]:
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
             if l2_flush is not None:
                 l2_flush.zero_()
             dist.barrier()
+            if key not in mine:
+                continue
+            layer, args, chunks = mine[key]
             spans = []
             begin = device_clock(device)
             layer.forward(*args, chunks=chunks, compute_spans=spans)
-            marks[chunks].append((begin, spans, device_clock(device)))
+            marks[key].append((begin, spans, device_clock(device)))
     synchronize(device)
-    shared = 1 if layer.config.num_shared_experts else 0  # a shared half's span before the chunks and after
     times = {}
-    for chunks, forwards in marks.items():
-        times[chunks] = []
+    for key, forwards in marks.items():
+        layer, _, chunks = mine[key]
+        shared = 1 if layer.config.num_shared_experts else 0  # a shared half's span before the chunks and after
+        times[key] = []
         for begin, spans, end in forwards:
             routed = spans[shared:shared + chunks]
             total_ms, busy_ms = elapsed_ms(begin, end), sum(elapsed_ms(a, b) for a, b in spans)
-            times[chunks].append({"ms": total_ms, "busy_ms": busy_ms, "exposed_comm_ms": total_ms - busy_ms,
-                                  "dispatch_ms": elapsed_ms(begin, routed[0][0]),
-                                  "compute_ms": sum(elapsed_ms(a, b) for a, b in routed),
-                                  "combine_ms": elapsed_ms(routed[-1][1], end)})
+            times[key].append({"ms": total_ms, "busy_ms": busy_ms, "exposed_comm_ms": total_ms - busy_ms,
+                               "dispatch_ms": elapsed_ms(begin, routed[0][0]),
+                               "compute_ms": sum(elapsed_ms(a, b) for a, b in routed),
+                               "combine_ms": elapsed_ms(routed[-1][1], end)})
     return times
 
 
@@ -138,39 +152,43 @@ def chunk_candidates(spec: str, tokens_per_rank: int) -> list[int]:
     return sorted({int(part) for part in spec.split(",")})
 
 
-def time_chunk_counts(layer, inputs, candidates: list[int], device: torch.device, warmup: int,
-                      budget_s: float) -> dict[int, float]:
-    """A brief look at every candidate chunk count, to choose one: the median ms of a few forwards of each, timed
-    interleaved (time_forwards), the slowest rank's (the same numbers on every rank, so every rank chooses the same
-    count). The check has already run every candidate once, so none costs the local level an autotune here."""
-    times = time_forwards(layer, inputs, candidates, device, warmup, CHOICE_REPEATS, budget_s)
-    medians = torch.tensor([statistics.median(t["ms"] for t in times[chunks]) for chunks in candidates],
-                           dtype=torch.float64, device=device)
-    dist.all_reduce(medians, op=dist.ReduceOp.MAX)
-    return dict(zip(candidates, medians.tolist()))
+def time_chunk_counts(layers: dict, inputs: dict, candidates: list[int], device: torch.device, warmup: int,
+                      budget_s: float) -> dict[int, dict[int, float]]:
+    """A brief look at every candidate chunk count of every world size ({W: layer or None}), to choose one per W:
+    {W: {chunks: ms}}, the median of a few forwards of each, timed interleaved (time_forwards), the slowest rank's
+    (the same numbers on every rank, so every rank chooses the same counts). The check has already run every
+    candidate once, so none costs the local level an autotune here."""
+    times = time_forwards({(W, chunks): (layer, inputs.get(W), chunks) for W, layer in layers.items()
+                           for chunks in candidates}, device, warmup, CHOICE_REPEATS, budget_s)
+    everyone = gather({key: statistics.median(t["ms"] for t in forwards) for key, forwards in times.items()})
+    return {W: {chunks: max(medians[W, chunks] for medians in everyone if (W, chunks) in medians)
+                for chunks in candidates} for W in layers}
 
 
-def bus_bandwidth_gbps(device: torch.device, nbytes: int) -> dict[str, float | None]:
-    """NCCL-tests' bus bandwidth of an all-to-all and of an all-reduce of `nbytes` per rank, on this group:
-    algorithm bandwidth (bytes per rank / time) times (W−1)/W for the all-to-all, 2·(W−1)/W for the all-reduce,
-    so that both read against the links' speed. None at world size 1 (nothing crosses a link). The size is the
-    largest any rank asks for."""
-    world = dist.get_world_size()
+def bus_bandwidth_gbps(device: torch.device, nbytes: int, group: dist.ProcessGroup | None
+                       ) -> dict[str, float | None]:
+    """NCCL-tests' bus bandwidth of an all-to-all and of an all-reduce of `nbytes` per rank, on `group` (its ranks
+    call this): algorithm bandwidth (bytes per rank / time) times (W−1)/W for the all-to-all, 2·(W−1)/W for the
+    all-reduce, so that both read against the links' speed. None at world size 1 (nothing crosses a link). The size
+    is the largest any rank asks for."""
+    world = dist.get_world_size(group)
     if world == 1:
         return {"a2a_busbw_gbps": None, "allreduce_busbw_gbps": None}
     agreed = torch.tensor([nbytes], device=device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)  # every rank must move the same size
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)  # every rank must move the same size
     elements = max(world, int(agreed) // 4 // world * world)
     send = torch.ones(elements, dtype=torch.float32, device=device)
     recv = torch.empty_like(send)
     result = {}
-    for key, run, factor in (("a2a_busbw_gbps", lambda: dist.all_to_all_single(recv, send), (world - 1) / world),
-                             ("allreduce_busbw_gbps", lambda: dist.all_reduce(send), 2 * (world - 1) / world)):
+    for key, run, factor in (("a2a_busbw_gbps", lambda: dist.all_to_all_single(recv, send, group=group),
+                              (world - 1) / world),
+                             ("allreduce_busbw_gbps", lambda: dist.all_reduce(send, group=group),
+                              2 * (world - 1) / world)):
         for _ in range(3):
             run()
         times_ms = []
         for _ in range(10):
-            dist.barrier()
+            dist.barrier(group=group)
             begin = device_clock(device)
             run()
             end = device_clock(device)
@@ -187,109 +205,166 @@ def gather(value: object) -> list:
     return values
 
 
-def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, device: torch.device, traffic: Traffic,
-                 warmup: int, repeats: int, budget_s: float, chunks: str = "auto") -> dict | None:
-    """Check, then time, the EP layer at this world size (weak scaling: W·E experts, W·T tokens), unpipelined and
-    in the chunk count that a brief timing of the candidates (`chunks`: see chunk_candidates) finds fastest. Every
-    rank calls it; rank 0 returns the row (ResultRow.to_json()), the others None."""
+def world_groups(world_sizes: list[int]) -> dict[int, dist.ProcessGroup | None]:
+    """{W: this rank's group of W} for each world size: the ranks dealt into world/W groups of W in a row, so that
+    every rank runs every world size's layer at once (the whole world as None). Made once per process: every rank
+    must make every group, in the same order."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    config = dataclasses.replace(preset, num_experts=preset.num_experts * world)
-    candidates = chunk_candidates(chunks, tokens_per_rank)
-    row = base_row(layer_cls, config, tokens_per_rank * world, device, traffic)
-    row.update(world_size=world, tokens_per_rank=tokens_per_rank, experts_per_rank=preset.num_experts)
-    layer = None
-    try:
-        layer = layer_cls(config, device)
-        row.local_level = f"{layer.local_level.level} {layer.local_level.name}"
-        # Each rank its own tokens: the seed also depends on the rank. Every chunk count that may be timed is
-        # checked, against one reference.
-        check_inputs = make_inputs(config, layer.weights, tokens_per_rank,
-                                   input_seed(config, tokens_per_rank, f"check rank {rank}"), traffic)
-        ref_TH = reference_on_rank(config, *check_inputs.as_args(), chunk=REFERENCE_CHUNK)
-        by_count = {count: compare_to_reference(layer.forward(*check_inputs.as_args(), chunks=count), ref_TH,
-                                                config.tolerance) for count in sorted({1, *candidates})}
-        count, worst = max(by_count.items(), key=lambda item: (not item[1].passed, item[1].rel_err))
-        checks = gather((worst.rel_err, worst.passed, f"in {count} chunk(s): {worst.message}"))
-        row.rel_err = max(err for err, _, _ in checks)
-        failed = [f"rank {r}: {message}" for r, (_, passed, message) in enumerate(checks) if not passed]
-        if failed:
-            row.update(status="error", note=f"wrong result: {failed[0]}")
-            return row.to_json() if rank == 0 else None
-        del ref_TH, check_inputs
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the check's blocks, so the timed forwards find the memory in one piece
+    groups = {}
+    for W in sorted(world_sizes):
+        if W == world:
+            groups[W] = None
+            continue
+        for first in range(0, world, W):
+            group = dist.new_group(list(range(first, first + W)))
+            if first <= rank < first + W:
+                groups[W] = group
+    return groups
 
-        inputs = make_inputs(config, layer.weights, tokens_per_rank,
-                             input_seed(config, tokens_per_rank, f"timing rank {rank}"), traffic)
+
+def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, device: torch.device, traffic: Traffic,
+                 groups: dict[int, dist.ProcessGroup | None], warmup: int, repeats: int, budget_s: float,
+                 chunks: str = "auto") -> list[dict]:
+    """Check, then time, the EP layer at every world size W of `groups` (world_groups), weak scaling: W·E experts,
+    W·T tokens. All world sizes run in this one process, their forwards timed in turn as the chunk counts are, and
+    every GPU busy at each: at W below the world, the ranks run world/W layers of W ranks at once, each rank's
+    sharing the whole world's weights (`ExpertParallelMoE.on`), and a W's time is its slowest rank's, at W = 1 as at
+    W = 2. Timed in processes of their own, a world-size-1 time moved by 5% from one process to the next and the
+    efficiency with it; timed in turn with the other ranks idle at W = 1, W = 2 lost a millisecond to it (NOTES.md).
+    Each W runs unpipelined and in the chunk count that a brief timing of its candidates (`chunks`: see
+    chunk_candidates) finds fastest. The bytes, loads and bandwidths of a W's row are its first group's. Every rank
+    calls it; rank 0 returns the rows (ResultRow.to_json()), one per W, the others []."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = sorted(groups)
+    configs = {W: dataclasses.replace(preset, num_experts=preset.num_experts * W) for W in sizes}
+    candidates = chunk_candidates(chunks, tokens_per_rank)
+    rows = {W: base_row(layer_cls, configs[W], tokens_per_rank * W, device, traffic) for W in sizes}
+    for W, row in rows.items():
+        row.update(world_size=W, tokens_per_rank=tokens_per_rank, experts_per_rank=preset.num_experts)
+    whole = layers = layer = inputs = None
+    try:
+        whole = layer_cls(configs[world], device)
+        layers = {W: whole if W == world else whole.on(configs[W], groups[W]) for W in sizes}  # this rank's, each W
+        for row in rows.values():
+            row.local_level = f"{whole.local_level.level} {whole.local_level.name}"
+        # Each rank its own tokens: the seed also depends on the rank. Every chunk count that may be timed is
+        # checked, against one reference, drawn for the experts this rank's group holds.
+        for W, layer in layers.items():
+            check_inputs = make_inputs(configs[W], layer.weights, tokens_per_rank,
+                                       input_seed(configs[W], tokens_per_rank, f"check rank {rank}"), traffic)
+            ref_TH = reference_on_rank(configs[W], *check_inputs.as_args(), chunk=REFERENCE_CHUNK,
+                                       offset=layer.first_expert - layer.rank * layer.experts_per_rank)
+            by_count = {count: compare_to_reference(layer.forward(*check_inputs.as_args(), chunks=count), ref_TH,
+                                                    configs[W].tolerance) for count in sorted({1, *candidates})}
+            count, worst = max(by_count.items(), key=lambda item: (not item[1].passed, item[1].rel_err))
+            checks = gather((worst.rel_err, worst.passed, f"in {count} chunk(s): {worst.message}"))
+            del ref_TH, check_inputs
+            rows[W].rel_err = max(err for err, _, _ in checks)
+            failed = [f"rank {r}: {message}" for r, (_, passed, message) in enumerate(checks) if not passed]
+            if failed:
+                rows[W].update(status="error", note=f"wrong result: {failed[0]}")
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)  # the peak of the timed forwards, not of the check
+            torch.cuda.empty_cache()  # the checks' blocks, so the timed forwards find the memory in one piece
+        layers = {W: layer for W, layer in layers.items() if rows[W].status == "ok"}
+        inputs = {W: make_inputs(configs[W], layer.weights, tokens_per_rank,
+                                 input_seed(configs[W], tokens_per_rank, f"timing rank {rank}"), traffic)
+                  for W, layer in layers.items()}
         # On the CPU the reduce and the final sum run as torch ops while timed, as the levels' CPU rows run their
         # elementwise kernels (the check above ran them in Triton's interpreter).
         with moe_kernels.torch_ops_on_cpu():
-            chunk_ms = time_chunk_counts(layer, inputs, candidates, device, warmup, budget_s)
-            chosen = min(chunk_ms, key=chunk_ms.get)
-            # Without overlap and with it, timed interleaved: the row's before and after.
-            timed = time_forwards(layer, inputs, sorted({1, chosen}), device, warmup, repeats, budget_s)
-        unpipelined, pipelined = summarize(timed[1]), summarize(timed[chosen])
-        # One row per (token, rank) where the rank holds any of the token's experts; those to this rank stay here.
-        goes_TW = torch.zeros((tokens_per_rank, world), dtype=torch.bool, device=device).scatter_(
-            1, inputs.expert_ids_TK // layer.experts_per_rank, True)
-        sent_rows = int(goes_TW.sum())
-        crossing_rows = sent_rows - int(goes_TW[:, rank].sum())
-        row_bytes = config.hidden * inputs.tokens_TH.element_size()
-        # Out in the dispatch: the row, and per slot its expert on that rank (int32) and its routing weight.
-        routing_bytes = config.top_k * (4 + inputs.routing_weights_TK.element_size())
-        per_rank = gather({
-            "unpipelined": unpipelined, "pipelined": pipelined,
-            "dispatch_bytes": crossing_rows * (row_bytes + routing_bytes),
-            "bytes": crossing_rows * (2 * row_bytes + routing_bytes),  # and back in the combine: the partial sums
-            "expert_ids": inputs.expert_ids_TK.cpu(), "dropped": inputs.dropped_tokens,
-            "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        })
-        bandwidth = bus_bandwidth_gbps(device, sent_rows * row_bytes or 2**20)
+            chunk_ms = time_chunk_counts(layers, inputs, candidates, device, warmup, budget_s)
+            chosen = {W: min(by_count, key=by_count.get) for W, by_count in chunk_ms.items()}
+            # Without overlap and with it, every world size, timed interleaved: the rows' before and after.
+            timed = time_forwards({(W, count): (layer, inputs[W], count) for W, layer in layers.items()
+                                   for count in sorted({1, chosen[W]})}, device, warmup, repeats, budget_s)
         ceilings = measure_ceilings(device)
-        if rank != 0:
-            return None
-        # The layer is done when its slowest rank is. Its phases are read on the busiest rank (longest compute):
-        # the others finish at about the same time, having waited for it inside their combine.
-        slowest = max((r["pipelined"] for r in per_rank), key=lambda times: times["ms"])
-        slowest_unpipelined = max((r["unpipelined"] for r in per_rank), key=lambda times: times["ms"])
-        busiest = max(per_rank, key=lambda r: r["unpipelined"]["busy_ms"])
-        busiest_unpipelined, busiest_pipelined = busiest["unpipelined"], busiest["pipelined"]
-        if slowest_unpipelined["ms"] <= slowest["ms"]:  # the brief timing's pick lost when timed in full: keep 1
-            chosen, slowest, busiest_pipelined = 1, slowest_unpipelined, busiest_unpipelined
-        busiest_dispatch_bytes = max(r["dispatch_bytes"] for r in per_rank)
-        ms = slowest["ms"]
-        expert_ids = torch.cat([r["expert_ids"] for r in per_rank])
-        flops = flop_count(config, tokens_per_rank * world)
-        nbytes = min_bytes(config, tokens_per_rank * world, int(expert_ids.unique().numel()))
-        pairs_per_rank = torch.bincount(expert_ids.flatten() // preset.num_experts, minlength=world).double()
-        row.update(**load_metrics(expert_ids, config.num_experts))
-        row.update(
-            ms=ms, ms_p20=slowest["ms_p20"], ms_p80=slowest["ms_p80"], repeats=slowest["repeats"],
-            tokens_per_s=tokens_per_rank * world / (ms * 1e-3), tflops=flops / (ms * 1e-3) / 1e12,
-            gbps=nbytes / (ms * 1e-3) / 1e9,
-            # W GPUs: W times one GPU's ceilings.
-            pct_roofline=100 * ceilings.floor_ms(flops / world, nbytes / world) / ms if ceilings else None,
-            peak_mb=max(r["peak_mb"] for r in per_rank) if device.type == "cuda" else None,
-            dropped_tokens=sum(r["dropped"] for r in per_rank),
-            # The phases are the unpipelined forward's: pipelined, they overlap.
-            phases_rank="busiest", dispatch_ms=busiest_unpipelined["dispatch_ms"],
-            compute_ms=busiest_unpipelined["compute_ms"], combine_ms=busiest_unpipelined["combine_ms"],
-            chunks=chosen, chunk_ms={str(count): value for count, value in chunk_ms.items()},
-            ms_c1=slowest_unpipelined["ms"], exposed_comm_ms_c1=busiest_unpipelined["exposed_comm_ms"],
-            exposed_comm_ms=busiest_pipelined["exposed_comm_ms"], compute_ms_chunked=busiest_pipelined["compute_ms"],
-            a2a_bytes=sum(r["bytes"] for r in per_rank),
-            dispatch_gbps=busiest_dispatch_bytes / (busiest_unpipelined["dispatch_ms"] * 1e-3) / 1e9,
-            rank_load_max_over_mean=(pairs_per_rank.max() / pairs_per_rank.mean()).item(),
-            **bandwidth,
-        )
+        for W, layer in layers.items():
+            per_rank = gather(measured_on_rank(layer, inputs[W], timed, W, chosen[W], tokens_per_rank, device))
+            bandwidth = bus_bandwidth_gbps(device, per_rank[rank]["sent_row_bytes"], groups[W])
+            if rank == 0:
+                fill_row(rows[W], per_rank, chunk_ms[W], chosen[W], bandwidth, ceilings, configs[W], preset,
+                         tokens_per_rank, device)
     except torch.cuda.OutOfMemoryError:
-        row.update(status="oom", note=f"CUDA out of memory at {tokens_per_rank} tokens per rank")
+        for W, row in rows.items():
+            if row.status == "ok" and row.ms is None:
+                row.update(status="oom", note=f"CUDA out of memory at {tokens_per_rank} tokens per rank")
     finally:
-        del layer
+        whole = layers = layer = inputs = None  # every reference to the layer, before the next case draws its own
         release_memory(device)  # with a collection: the layer sits in a reference cycle
-    return row.to_json() if rank == 0 else None
+    return [row.to_json() for row in rows.values()] if rank == 0 else []
+
+
+def measured_on_rank(layer, inputs, timed: dict, W: int, chosen: int, tokens_per_rank: int,
+                     device: torch.device) -> dict:
+    """What this rank measured at world size W, what it sent, and the memory W's forwards peak at: for rank 0's
+    row. Every rank of W's group calls it (the peak's forwards are collectives)."""
+    # One row per (token, rank) where the rank holds any of the token's experts; those to this rank stay here.
+    goes_TW = torch.zeros((tokens_per_rank, W), dtype=torch.bool, device=device).scatter_(
+        1, inputs.expert_ids_TK // layer.experts_per_rank, True)
+    sent_rows = int(goes_TW.sum())
+    crossing_rows = sent_rows - int(goes_TW[:, layer.rank].sum())
+    row_bytes = layer.config.hidden * inputs.tokens_TH.element_size()
+    # Out in the dispatch: the row, and per slot its expert on that rank (int32) and its routing weight.
+    routing_bytes = layer.config.top_k * (4 + inputs.routing_weights_TK.element_size())
+    peak_mb = None
+    if device.type == "cuda":  # this W's own peak: one forward of each timed count, the other sizes' long freed
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for chunks in sorted({1, chosen}):
+            layer.forward(*inputs.as_args(), chunks=chunks)
+        synchronize(device)
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    return {
+        "unpipelined": summarize(timed[W, 1]), "pipelined": summarize(timed[W, chosen]),
+        "dispatch_bytes": crossing_rows * (row_bytes + routing_bytes),
+        "bytes": crossing_rows * (2 * row_bytes + routing_bytes),  # and back in the combine: the partial sums
+        "sent_row_bytes": sent_rows * row_bytes or 2**20,
+        "expert_ids": inputs.expert_ids_TK.cpu(), "dropped": inputs.dropped_tokens,
+        "peak_mb": peak_mb,
+    }
+
+
+def fill_row(row, per_rank: list[dict], chunk_ms: dict[int, float], chosen: int, bandwidth: dict, ceilings,
+             config: MoEConfig, preset: MoEConfig, tokens_per_rank: int, device: torch.device) -> None:
+    """Rank 0's row at one world size W, from every rank's measurements there (measured_on_rank): the times over
+    every rank (world/W layers ran at once), the bytes and loads of the first group's W ranks (one layer's)."""
+    world = config.num_experts // preset.num_experts
+    # The layer is done when its slowest rank is. Its phases are read on the busiest rank (longest compute):
+    # the others finish at about the same time, having waited for it inside their combine.
+    slowest = max((r["pipelined"] for r in per_rank), key=lambda times: times["ms"])
+    slowest_unpipelined = max((r["unpipelined"] for r in per_rank), key=lambda times: times["ms"])
+    busiest = max(per_rank, key=lambda r: r["unpipelined"]["busy_ms"])
+    busiest_unpipelined, busiest_pipelined = busiest["unpipelined"], busiest["pipelined"]
+    if slowest_unpipelined["ms"] <= slowest["ms"]:  # the brief timing's pick lost when timed in full: keep 1
+        chosen, slowest, busiest_pipelined = 1, slowest_unpipelined, busiest_unpipelined
+    peak_mb = max(r["peak_mb"] for r in per_rank) if device.type == "cuda" else None
+    per_rank = per_rank[:world]  # the first group's: one layer
+    busiest_dispatch_bytes = max(r["dispatch_bytes"] for r in per_rank)
+    ms = slowest["ms"]
+    expert_ids = torch.cat([r["expert_ids"] for r in per_rank])
+    flops = flop_count(config, tokens_per_rank * world)
+    nbytes = min_bytes(config, tokens_per_rank * world, int(expert_ids.unique().numel()))
+    pairs_per_rank = torch.bincount(expert_ids.flatten() // preset.num_experts, minlength=world).double()
+    row.update(**load_metrics(expert_ids, config.num_experts))
+    row.update(
+        ms=ms, ms_p20=slowest["ms_p20"], ms_p80=slowest["ms_p80"], repeats=slowest["repeats"],
+        tokens_per_s=tokens_per_rank * world / (ms * 1e-3), tflops=flops / (ms * 1e-3) / 1e12,
+        gbps=nbytes / (ms * 1e-3) / 1e9,
+        # W GPUs: W times one GPU's ceilings.
+        pct_roofline=100 * ceilings.floor_ms(flops / world, nbytes / world) / ms if ceilings else None,
+        peak_mb=peak_mb,
+        dropped_tokens=sum(r["dropped"] for r in per_rank),
+        # The phases are the unpipelined forward's: pipelined, they overlap.
+        phases_rank="busiest", dispatch_ms=busiest_unpipelined["dispatch_ms"],
+        compute_ms=busiest_unpipelined["compute_ms"], combine_ms=busiest_unpipelined["combine_ms"],
+        chunks=chosen, chunk_ms={str(count): value for count, value in chunk_ms.items()},
+        ms_c1=slowest_unpipelined["ms"], exposed_comm_ms_c1=busiest_unpipelined["exposed_comm_ms"],
+        exposed_comm_ms=busiest_pipelined["exposed_comm_ms"], compute_ms_chunked=busiest_pipelined["compute_ms"],
+        a2a_bytes=sum(r["bytes"] for r in per_rank),
+        dispatch_gbps=busiest_dispatch_bytes / (busiest_unpipelined["dispatch_ms"] * 1e-3) / 1e9,
+        rank_load_max_over_mean=(pairs_per_rank.max() / pairs_per_rank.mean()).item(),
+        **bandwidth,
+    )
 
 
 def run_ep_script(layer_cls: type) -> None:
@@ -302,6 +377,8 @@ def run_ep_script(layer_cls: type) -> None:
                                                                           "(default: the device's)")
     parser.add_argument("--chunks", default="auto", help="chunk counts of the pipelined forward to choose from, "
                                                          "comma-separated, or auto: 1, 2, 4 and 8")
+    parser.add_argument("--world-sizes", default=None, help="the world sizes to time in turn, comma-separated, "
+                                                             "the largest this launch's (default: it alone)")
     parser.add_argument("--rows-out", type=Path, default=None, help="append the rows here (JSON lines)")
     args = parser.parse_args()
 
@@ -318,6 +395,11 @@ def run_ep_script(layer_cls: type) -> None:
             presets = parse_presets(args.preset or cases.defaults.preset)
         if args.chunks != "auto":
             parse_counts(args.chunks, "--chunks")
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        world_sizes = parse_counts(args.world_sizes, "--world-sizes") if args.world_sizes else [world]
+        if max(world_sizes) != world or any(world % size for size in world_sizes):
+            raise ConfigError(f"--world-sizes {args.world_sizes}: the largest must be this launch's world size, "
+                              f"{world}, and each must divide it")
     except ValueError as error:  # UsageError, ConfigError, and a --config-json that is not JSON
         refuse(parser.prog, error, quiet=rank != 0)
     budget_s = args.time_budget_s if args.time_budget_s is not None else cases.defaults.time_budget_s
@@ -334,22 +416,22 @@ def run_ep_script(layer_cls: type) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rows = []
     try:
+        groups = world_groups(world_sizes)
         for preset in presets:
             for traffic in cases.traffics:
                 for tokens in cases.token_counts:
-                    row = benchmark_ep(layer_cls, preset, tokens, device, traffic, cases.warmup, cases.repeats,
-                                       budget_s, args.chunks)
-                    if row is not None:
-                        rows.append(row)
-                        if args.rows_out:
-                            with open(args.rows_out, "a") as rows_file:
-                                rows_file.write(json.dumps(row) + "\n")
+                    case_rows = benchmark_ep(layer_cls, preset, tokens, device, traffic, groups, cases.warmup,
+                                             cases.repeats, budget_s, args.chunks)
+                    rows += case_rows
+                    if args.rows_out and case_rows:
+                        with open(args.rows_out, "a") as rows_file:
+                            rows_file.writelines(json.dumps(row) + "\n" for row in case_rows)
     finally:
         dist.destroy_process_group()
     if rank == 0 and not args.rows_out:
         from rich.console import Console
 
-        Console().print(rows_table(rows, title=f"expert parallelism, world size {rows[0]['world_size']}"
-                                   if rows else "expert parallelism"))
+        Console().print(rows_table(rows, title="expert parallelism, world sizes "
+                                   + ", ".join(map(str, world_sizes))))
 
 

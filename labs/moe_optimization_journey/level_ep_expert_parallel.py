@@ -112,14 +112,19 @@ When EP pays
 Scaling, as the benchmark runs it (weak scaling)
     At world size W the layer has W·E experts (each rank the preset's E) and W·T tokens (T per rank), so the
     work per rank is constant and any time above the world-size-1 row is communication and imbalance:
-    weak-scaling efficiency = time(W = 1) / time(W).
+    weak-scaling efficiency = time(W = 1) / time(W). The benchmark takes both in one torchrun of max(W) processes,
+    forward by forward in turn, every GPU busy at every W (at W = 1 each rank runs a layer of its own experts), and
+    reads each W on its slowest rank: timed in processes of their own, the world-size-1 time of mixtral moved by 5%
+    from one process to the next on two H200s, and the efficiency across 0.933-0.995 with it (NOTES.md).
 
 Run: torchrun --standalone --nproc-per-node 2 labs/moe_optimization_journey/level_ep_expert_parallel.py
-         [--preset journey] [--tokens 8192] [--chunks auto] [--device cuda]   (plain `python`: world size 1)
+         [--world-sizes 1,2] [--preset journey] [--tokens 8192] [--chunks auto] [--device cuda]
+     (plain `python`: world size 1)
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 from dataclasses import dataclass
@@ -167,10 +172,11 @@ class ExpertParallelMoE:
     summary = ("experts dealt over W ranks; each token sent once per rank that holds any of its experts, reduced "
                "there before it comes back; pipelined in chunks with expert compute")
 
-    def __init__(self, config: MoEConfig, device: torch.device):
+    def __init__(self, config: MoEConfig, device: torch.device, group: dist.ProcessGroup | None = None):
         self.config = config
         self.device = device
-        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.group = group  # the ranks the experts are dealt over (None: all of them)
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if config.num_experts % self.world:
             raise ConfigError(f"{config.num_experts} experts do not split evenly over {self.world} ranks")
         self.experts_per_rank = config.num_experts // self.world
@@ -187,6 +193,24 @@ class ExpertParallelMoE:
         # run eagerly (they never wait for the host; only the graph's single launch is lost).
         self.local_forward = (self.local_level.eager_forward if isinstance(self.local_level, Graphed)
                               else self.local_level.forward)
+
+    def on(self, config: MoEConfig, group: dist.ProcessGroup) -> ExpertParallelMoE:
+        """This rank's share of a smaller layer, on `group` (W of the ranks, W·E_local experts in `config`): at weak
+        scaling every rank holds E_local experts at every world size, so the smaller layer shares this one's weights
+        and local level, and its collectives run on `group`. Its experts are this rank's, numbered from its place in
+        the group: expert j·E_local + e of the smaller layer is expert first_expert + e of this one (each expert's
+        weights are drawn from its own index). What lets the benchmark time every world size in turn, in one
+        process, every GPU busy at each."""
+        smaller = copy.copy(self)
+        smaller.config, smaller.group = config, group
+        smaller.world, smaller.rank = dist.get_world_size(group), dist.get_rank(group)
+        if config.num_experts != self.experts_per_rank * smaller.world:
+            raise ConfigError(f"{config.num_experts} experts are not {self.experts_per_rank} on each of "
+                              f"{smaller.world} ranks")
+        # The router differs: it scores the smaller layer's experts (drawn whole, with the shared experts).
+        smaller.weights = dataclasses.replace(
+            self.weights, router_HE=init_weights(config, self.device, experts=range(0)).router_HE)
+        return smaller
 
     def plan(self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor,
              chunks: int) -> Plan:
@@ -205,7 +229,7 @@ class ExpertParallelMoE:
             0, chunk_of_token_T, torch.stack([goes_TW.long(), pairs_TW], dim=2))
         # All-to-all 1, the counts of every chunk at once: rank r sends rank s the counts of the rows meant for s.
         recv_counts_WB2 = torch.empty((W, B, 2), dtype=torch.long, device=device)
-        dist.all_to_all_single(recv_counts_WB2, send_counts_BW2.transpose(0, 1).contiguous())
+        dist.all_to_all_single(recv_counts_WB2, send_counts_BW2.transpose(0, 1).contiguous(), group=self.group)
         # The sort, queued before the host waits: the (token, rank) rows by (chunk, destination rank), stable so that
         # each keeps its tokens in order; those that go nowhere get the key B·W and sort past the D that leave.
         key_TW = torch.where(goes_TW, chunk_of_token_T[:, None] * W + torch.arange(W, device=device), B * W)
@@ -235,7 +259,7 @@ class ExpertParallelMoE:
         weights, which the receiving expert's down GEMM applies in its epilogue."""
         sent, received = plan.sent(chunk), plan.received(chunk)
         splits = plan.recv_splits[chunk], plan.send_splits[chunk]
-        return [dist.all_to_all_single(into[received], out[sent], *splits, async_op=True)
+        return [dist.all_to_all_single(into[received], out[sent], *splits, group=self.group, async_op=True)
                 for into, out in ((plan.rows_UH, plan.rows_DH), (plan.local_ids_UK, plan.local_ids_DK),
                                   (plan.weights_UK, plan.weights_DK))]
 
@@ -265,7 +289,7 @@ class ExpertParallelMoE:
         rank its token came from, over the row it left from (that chunk's dispatch has finished: it was waited for
         before the compute, and NCCL runs the collectives in the order they were issued)."""
         return dist.all_to_all_single(plan.rows_DH[plan.sent(chunk)], results_UH, plan.send_splits[chunk],
-                                      plan.recv_splits[chunk], async_op=True)
+                                      plan.recv_splits[chunk], group=self.group, async_op=True)
 
     def forward(self, tokens_TH: torch.Tensor, routing_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor,
                 chunks: int = 1, compute_spans: list | None = None) -> torch.Tensor:
