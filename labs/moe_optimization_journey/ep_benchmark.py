@@ -82,28 +82,22 @@ def measured(spans: list | None, device: torch.device):
     spans.append((begin, device_clock(device)))
 
 
-Variant = tuple  # (layer, inputs, chunks): one forward to time; layer None on a rank outside that layer's group
-
-
 def time_forwards(variants: dict, device: torch.device, warmup: int, repeats: int,
                   budget_s: float) -> dict[object, list[dict[str, float]]]:
     """Timed forwards of every variant ({key: (layer, inputs, chunks)}: world sizes and chunk counts), interleaved:
     round i runs one forward of every variant, in an order rotated by i, so that a card heating under its power cap
-    favours none (the EP lesson's "When overlap pays"). A rank outside a variant's group (its layer None) skips its
-    forwards and times none. Each forward in ms: `ms` in all, `busy_ms` = all its expert-compute spans (shared
+    favours none (the EP lesson's "When overlap pays"). Each forward in ms: `ms` in all, `busy_ms` = all its expert-compute spans (shared
     experts included), `exposed_comm_ms` = ms − busy_ms, and the phases around the routed chunks' compute:
     `dispatch_ms` (from the start to the first chunk's compute, the first half of the shared experts included),
     `compute_ms` (the chunks' compute spans, summed) and `combine_ms` (from the last chunk's compute to the end,
     the second half included); with one chunk and no shared experts they are the plain dispatch, compute and
     combine. All ranks start each forward together (a barrier), after warm-up, with the L2 cache flushed on a GPU;
     every rank runs the same number of rounds. `budget_s` is per variant."""
-    mine = {key: (layer, inputs.as_args(), chunks) for key, (layer, inputs, chunks) in variants.items()
-            if layer is not None}
+    mine = {key: (layer, inputs.as_args(), chunks) for key, (layer, inputs, chunks) in variants.items()}
     # A count of calls, not a time: the ranks of a group must make the same number of forwards (each one is a
     # collective), so every rank takes the fewest any rank can fit.
-    calls = min((warm_up(lambda layer=layer, args=args, chunks=chunks: layer.forward(*args, chunks=chunks), device,
-                         warmup, repeats, budget_s, least_s=0)[0] for layer, args, chunks in mine.values()),
-                default=repeats)
+    calls = min(warm_up(lambda layer=layer, args=args, chunks=chunks: layer.forward(*args, chunks=chunks), device,
+                        warmup, repeats, budget_s, least_s=0)[0] for layer, args, chunks in mine.values())
     rounds = torch.tensor([calls], device=device)
     dist.all_reduce(rounds, op=dist.ReduceOp.MIN)
     l2_flush = l2_flush_buffer(device)
@@ -114,8 +108,6 @@ def time_forwards(variants: dict, device: torch.device, warmup: int, repeats: in
             if l2_flush is not None:
                 l2_flush.zero_()
             dist.barrier()
-            if key not in mine:
-                continue
             layer, args, chunks = mine[key]
             spans = []
             begin = device_clock(device)
@@ -154,15 +146,14 @@ def chunk_candidates(spec: str, tokens_per_rank: int) -> list[int]:
 
 def time_chunk_counts(layers: dict, inputs: dict, candidates: list[int], device: torch.device, warmup: int,
                       budget_s: float) -> dict[int, dict[int, float]]:
-    """A brief look at every candidate chunk count of every world size ({W: layer or None}), to choose one per W:
-    {W: {chunks: ms}}, the median of a few forwards of each, timed interleaved (time_forwards), the slowest rank's
-    (the same numbers on every rank, so every rank chooses the same counts). The check has already run every
+    """A brief look at every candidate chunk count of every world size ({W: this rank's layer}), to choose one per
+    W: {W: {chunks: ms}}, the median of a few forwards of each, timed interleaved (time_forwards), the slowest
+    rank's (the same numbers on every rank, so every rank chooses the same counts). The check has already run every
     candidate once, so none costs the local level an autotune here."""
-    times = time_forwards({(W, chunks): (layer, inputs.get(W), chunks) for W, layer in layers.items()
+    times = time_forwards({(W, chunks): (layer, inputs[W], chunks) for W, layer in layers.items()
                            for chunks in candidates}, device, warmup, CHOICE_REPEATS, budget_s)
     everyone = gather({key: statistics.median(t["ms"] for t in forwards) for key, forwards in times.items()})
-    return {W: {chunks: max(medians[W, chunks] for medians in everyone if (W, chunks) in medians)
-                for chunks in candidates} for W in layers}
+    return {W: {chunks: max(medians[W, chunks] for medians in everyone) for chunks in candidates} for W in layers}
 
 
 def bus_bandwidth_gbps(device: torch.device, nbytes: int, group: dist.ProcessGroup | None
