@@ -140,3 +140,20 @@ def test_a_gpu_row_names_the_clock_its_median_was_taken_at(monkeypatch):
     assert moe_benchmark.sm_clock_after_load(torch.device("cuda", 0)) == (1470, True)
     assert asked[0][:3] == ["nvidia-smi", "-i", "GPU-1234-abcd"]
     assert moe_benchmark.sm_clock_after_load(torch.device("cpu")) is None
+
+
+def test_an_ep_check_that_fails_is_an_error_row_and_nothing_is_timed(tiny, monkeypatch):
+    import torch.distributed as dist
+
+    from level_ep_expert_parallel import ExpertParallelMoE
+
+    wrong = moe_benchmark.CheckResult(rel_err=0.5, passed=False, message="rel. error 0.5 over 0.02")
+    monkeypatch.setattr(ep_benchmark, "compare_to_reference", lambda out_TH, ref_TH, tolerance: wrong)
+    monkeypatch.setattr(ep_benchmark, "time_forwards", lambda *args: pytest.fail("a wrong layer was timed"))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        (row,) = ep_benchmark.benchmark_ep(ExpertParallelMoE, tiny, 8, torch.device("cpu"), Traffic(),
+                                           ep_benchmark.world_groups([1]), 1, 5, 0.5, "1")
+    finally:
+        dist.destroy_process_group()
+    assert row["status"] == "error" and row["note"].startswith("wrong result: rank 0") and row["ms"] is None

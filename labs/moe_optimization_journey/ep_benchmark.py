@@ -257,6 +257,8 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the checks' blocks, so the timed forwards find the memory in one piece
         layers = {W: layer for W, layer in layers.items() if rows[W].status == "ok"}
+        if not layers:  # every world size failed its check: nothing to time
+            return [row.to_json() for row in rows.values()] if rank == 0 else []
         inputs = {W: make_inputs(configs[W], layer.weights, tokens_per_rank,
                                  input_seed(configs[W], tokens_per_rank, f"timing rank {rank}"), traffic)
                   for W, layer in layers.items()}
