@@ -999,9 +999,10 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
         part = df[df["case"] == case].reset_index(drop=True)
         images = [f"{kind}_{slug(case)}.png" for kind in ("time", "speedup", "roofline")]
         sections += [
-            f"#### {case} ({shape_of(part.iloc[0])}): ms per forward ({HOST_BOUND_MARK}: host-bound), then % of the "
-            "roofline",
+            f"#### {case} ({shape_of(part.iloc[0])})",
+            f"ms per forward ({HOST_BOUND_MARK}: host-bound):",
             markdown_table(pivot(part, status_or(time_cell)), "level \\ tokens"),
+            "% of the roofline:",
             markdown_table(pivot(part, status_or(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens"),
             " ".join(f"![{name}]({link_prefix}/{name})" for name in images if (Path(run_dir) / name).exists()),
         ]
