@@ -48,6 +48,7 @@ from cli.options import (
     parse_counts,
     parse_levels,
     parse_traffics,
+    parse_world_sizes,
     use_threads,
 )
 
@@ -96,12 +97,10 @@ def journey():
 # ---------------------------------------------------------------------------------------------------------------
 # Parsing the options (what the level scripts parse too is in cli/options.py)
 # ---------------------------------------------------------------------------------------------------------------
-def parse_world_sizes(spec: str, device) -> list[int]:
+def world_sizes_for(spec: str, device) -> list[int]:
     import torch
 
-    sizes = parse_counts(spec, "--world-size")
-    if any(max(sizes) % size for size in sizes):  # each size runs as groups of the largest's ranks, all busy
-        raise UsageError(f"--world-size {spec}: each size must divide the largest, {max(sizes)}")
+    sizes = parse_world_sizes(spec, "--world-size")
     if device.type == "cuda" and max(sizes) > torch.cuda.device_count():
         raise UsageError(f"world size {max(sizes)} needs {max(sizes)} GPUs (one process per GPU); this machine has "
                          f"{torch.cuda.device_count()}")
@@ -323,7 +322,7 @@ def run_command(
         token_counts = parse_counts(tokens if tokens is not None else defaults.tokens, "--tokens")
         if "ep" not in level_keys and (world_size != "1" or ep_chunks != "auto"):
             raise UsageError("--world-size and --ep-chunks are level ep's options: add ep to --levels")
-        world_sizes = parse_world_sizes(world_size, torch_device) if "ep" in level_keys else []
+        world_sizes = world_sizes_for(world_size, torch_device) if "ep" in level_keys else []
         if ep_chunks != "auto":
             ep_chunks = ",".join(map(str, parse_counts(ep_chunks, "--ep-chunks")))
         preset = preset if preset is not None else defaults.preset

@@ -296,21 +296,20 @@ def print_overview(levels: dict[str, type], preset: str, results: Path) -> None:
     table = Table(box=None)
     for column, justify in (("level", "right"), ("name", "left"), ("× previous", "right"), ("idea", "left")):
         table.add_column(column, justify=justify)
+    numbered = [k for k in levels if k.isdigit()]
     for key, cls in levels.items():
+        # A numbered level against the nearest numbered level before it that this run has; a peer against its base.
+        before = (next((k for k in reversed(numbered[:numbered.index(key)]) if k in keys), None) if key.isdigit()
+                  else COMPARED_WITH[key])
         if key not in keys:
             ratio = "-"
+        elif before is None:
+            ratio = "first"
         else:
-            before = previous_key(levels, key)
-            if key.isdigit():  # the nearest numbered level before it that this run has
-                before = next((k for k in reversed([k for k in levels if k.isdigit()][:int(key)]) if k in keys),
-                              None)
-            if before is None and key.isdigit():
-                ratio = "first"
-            else:
-                ratio = (f"{ms[before, num_tokens] / ms[key, num_tokens]:.2f}x"
-                         if (before, num_tokens) in ms and (key, num_tokens) in ms else "-")
-                if before is not None and (key in COMPARED_WITH or before != previous_key(levels, key)):
-                    ratio += f" (vs {before})"
+            ratio = (f"{ms[before, num_tokens] / ms[key, num_tokens]:.2f}x"
+                     if (before, num_tokens) in ms and (key, num_tokens) in ms else "-")
+            if before != previous_key(levels, key) or not key.isdigit():
+                ratio += f" (vs {before})"
         # One line a level: a summary too long for the screen ends in "…" (the lesson has the rest).
         table.add_row(key, cls.name, ratio, Text(cls.summary, no_wrap=True, overflow="ellipsis"))
     console.print(table)

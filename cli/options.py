@@ -94,6 +94,15 @@ def parse_counts(spec: str, option: str) -> list[int]:
     return list(dict.fromkeys(counts))
 
 
+def parse_world_sizes(spec: str, option: str) -> list[int]:
+    """Level ep's world sizes: positive whole numbers, each dividing the largest, since at each size the largest's
+    ranks run as groups of that size, every GPU busy (ep_benchmark.world_groups)."""
+    sizes = parse_counts(spec, option)
+    if any(max(sizes) % size for size in sizes):
+        raise UsageError(f"{option} {spec}: each size must divide the largest, {max(sizes)}")
+    return sizes
+
+
 def check_timing(warmup: int, repeats: int) -> None:
     if warmup < 0 or repeats < 1:
         raise UsageError(f"--warmup must be ≥ 0 and --repeats ≥ 1, got --warmup {warmup} --repeats {repeats}")

@@ -35,7 +35,7 @@ from moe_benchmark import (
 )
 
 import moe_kernels
-from cli.options import parse_counts, parse_presets, refuse, script_cases, script_parser
+from cli.options import parse_counts, parse_presets, parse_world_sizes, refuse, script_cases, script_parser
 from moe_model import (
     ConfigError,
     MoEConfig,
@@ -86,12 +86,12 @@ def time_forwards(variants: dict, device: torch.device, warmup: int, repeats: in
                   budget_s: float) -> dict[object, list[dict[str, float]]]:
     """Timed forwards of every variant ({key: (layer, inputs, chunks)}: world sizes and chunk counts), interleaved:
     round i runs one forward of every variant, in an order rotated by i, so that a card heating under its power cap
-    favours none (the EP lesson's "When overlap pays"). Each forward in ms: `ms` in all, `busy_ms` = all its expert-compute spans (shared
-    experts included), `exposed_comm_ms` = ms − busy_ms, and the phases around the routed chunks' compute:
-    `dispatch_ms` (from the start to the first chunk's compute, the first half of the shared experts included),
-    `compute_ms` (the chunks' compute spans, summed) and `combine_ms` (from the last chunk's compute to the end,
-    the second half included); with one chunk and no shared experts they are the plain dispatch, compute and
-    combine. All ranks start each forward together (a barrier), after warm-up, with the L2 cache flushed on a GPU;
+    favours none (the EP lesson's "When overlap pays"). Each forward in ms: `ms` in all, `busy_ms` = all its
+    expert-compute spans (shared experts included), `exposed_comm_ms` = ms − busy_ms, and the phases around the
+    routed chunks' compute: `dispatch_ms` (from the start to the first chunk's compute, the first half of the shared
+    experts included), `compute_ms` (the chunks' compute spans, summed) and `combine_ms` (from the last chunk's
+    compute to the end, the second half included); with one chunk and no shared experts they are the plain
+    dispatch, compute and combine. All ranks start each forward together (a barrier), after warm-up, with the L2 cache flushed on a GPU;
     every rank runs the same number of rounds. `budget_s` is per variant."""
     mine = {key: (layer, inputs.as_args(), chunks) for key, (layer, inputs, chunks) in variants.items()}
     # A count of calls, not a time: the ranks of a group must make the same number of forwards (each one is a
@@ -389,10 +389,10 @@ def run_ep_script(layer_cls: type) -> None:
         if args.chunks != "auto":
             parse_counts(args.chunks, "--chunks")
         world = int(os.environ.get("WORLD_SIZE", 1))
-        world_sizes = parse_counts(args.world_sizes, "--world-sizes") if args.world_sizes else [world]
-        if max(world_sizes) != world or any(world % size for size in world_sizes):
+        world_sizes = parse_world_sizes(args.world_sizes, "--world-sizes") if args.world_sizes else [world]
+        if max(world_sizes) != world:
             raise ConfigError(f"--world-sizes {args.world_sizes}: the largest must be this launch's world size, "
-                              f"{world}, and each must divide it")
+                              f"{world}")
     except ValueError as error:  # UsageError, ConfigError, and a --config-json that is not JSON
         refuse(parser.prog, error, quiet=rank != 0)
     budget_s = args.time_budget_s if args.time_budget_s is not None else cases.defaults.time_budget_s

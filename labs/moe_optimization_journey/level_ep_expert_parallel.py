@@ -173,11 +173,11 @@ class ExpertParallelMoE:
     summary = ("experts dealt over W ranks; each token sent once per rank that holds any of its experts, reduced "
                "there before it comes back; pipelined in chunks with expert compute")
 
-    def __init__(self, config: MoEConfig, device: torch.device, group: dist.ProcessGroup | None = None):
+    def __init__(self, config: MoEConfig, device: torch.device):
         self.config = config
         self.device = device
-        self.group = group  # the ranks the experts are dealt over (None: all of them)
-        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.group = None  # the ranks the experts are dealt over: all of them (a smaller layer's: `on`)
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
         if config.num_experts % self.world:
             raise ConfigError(f"{config.num_experts} experts do not split evenly over {self.world} ranks")
         self.experts_per_rank = config.num_experts // self.world
