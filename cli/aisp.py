@@ -36,6 +36,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.markup import escape
 from rich.table import Table
 
+try:  # typer ≥ 0.16 carries its own copy of click; older ones use click itself
+    from typer._click.exceptions import ClickException
+except ImportError:
+    from click.exceptions import ClickException
+
 from cli.lab import lab
 from cli.options import (
     DEBUG_ENV,
@@ -688,13 +693,22 @@ def publish_command(run_dirs: list[Path] = typer.Argument(..., help="GPU run fol
 
 
 def main() -> None:
+    # Not standalone: click's errors come back here as exceptions instead of typer's framed box, and an Exit as its
+    # code; the help that a bare `aisp` or `aisp bench` asks for is printed as before.
     try:
-        app()
+        outcome = app(standalone_mode=False)
+    except ClickException as error:  # an option click itself could not parse: one line, its exit code (2)
+        if type(error).__name__ != "NoArgsIsHelpError":  # that one's help is already printed
+            context = getattr(error, "ctx", None)
+            where = f" (see {context.command_path} --help)" if context is not None else ""
+            stderr.print(f"[red]error:[/red] {escape(' '.join(error.format_message().split()))}{where}")
+        sys.exit(error.exit_code)
     except Exception as error:  # what no check foresaw is still one line, never a traceback (--debug shows it)
         if debugging():
             raise
         stderr.print(f"[red]error:[/red] {escape(error_line(error))} (aisp --debug shows where)")
         sys.exit(1)
+    sys.exit(outcome if isinstance(outcome, int) else 0)
 
 
 if __name__ == "__main__":

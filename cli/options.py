@@ -185,11 +185,19 @@ def parse_traffics(spec: str, zipf_s: float, hot_share: float) -> list:
             for shape in dict.fromkeys(shape.strip() for shape in spec.split(","))]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors in the CLI's words: one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def script_parser(prog: str, lesson: str, tokens_help: str = "token counts") -> argparse.ArgumentParser:
     """The options every level script shares with `aisp bench run` (the expert-parallel one included), in its
     words and with its defaults; `--help` prints the level's lesson first. `script_cases` reads them back."""
     gpu, cpu = DEFAULTS["cuda"], DEFAULTS["cpu"]
-    parser = argparse.ArgumentParser(prog=prog, description=lesson, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=prog, description=lesson, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", help="preset name(s) comma-separated, an inline shape "
                         f"hidden=768,intermediate=1536,experts=16,top_k=4, or a TOML file (default: {gpu.preset} "
                         f"on a GPU, {cpu.preset} on the CPU)")

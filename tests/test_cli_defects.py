@@ -288,6 +288,24 @@ def test_level_script_refuses_like_the_cli(args, message):
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("args, message", [
+    (["bench", "run", "-t", "moe_journey", "--warmup", "abc"], "Invalid value for '--warmup'"),
+    (["bench", "run", "--no-such-option"], "No such option: --no-such-option"),
+    (["bogus"], "No such command 'bogus'"),
+])
+def test_options_click_cannot_parse_are_one_line(args, message):
+    """What typer's parser refuses (before any of the CLI's own checks) is one line too, not its framed box."""
+    result = subprocess.run([sys.executable, "-m", "cli.aisp", *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr and "--help" in result.stderr, result.stderr
+
+
+def test_level_script_parse_errors_are_one_line():
+    result = level_script("--warmup", "abc")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "invalid int value: 'abc'" in result.stderr and "--help" in result.stderr
+
+
 def test_level_script_takes_an_inline_shape_traffic_and_router():
     result = level_script("--device", "cpu", "--preset", "hidden=32,intermediate=48,experts=4,top_k=2",
                           "--tokens", "5", "--traffic", "hot", "--router", "switch", "--profile", "--repeats", "3")
