@@ -261,6 +261,14 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
         console.print(table, highlight=False)
         return
     console.print(f"No GPU run under {results / 'moe_journey'} has level {key} at {case}.", highlight=False)
+    ran = {}  # where it did run, in the shown case: ep's runs, for one, are at other presets
+    for _, _, rows in gpu_runs(results):
+        for row in rows:
+            if str(row["level"]) == key and all(row.get(field, value) == value for field, value in SHOWN_CASE.items()):
+                ran.setdefault(row["preset"], set()).add(row["tokens"])
+    if ran:
+        cases = "; ".join(f"{name} T={','.join(map(str, sorted(counts)))}" for name, counts in sorted(ran.items()))
+        console.print(f"It ran at: {cases} (--preset, --tokens).", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -87,10 +87,11 @@ def test_level_0_has_no_previous_level(h100_results):
     assert "no previous level" in result.output and "+++" not in result.output
 
 
-def test_no_such_row_is_one_line(h100_results):
+def test_no_such_row_says_where_the_level_ran(h100_results):
     result = show("4", "--tokens", "77", "--results", str(h100_results))
     assert result.exit_code == 0, result.output
     assert "No GPU run" in words(result.output) and "T=77" in result.output
+    assert "It ran at: deepseek-v3 T=1,64,512,2048,8192,16384,32768; journey T=1,64," in words(result.output)
 
 
 def test_show_lists_every_level():
