@@ -8,7 +8,7 @@
 SYSTEM_PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
-LAB_MODULES := torch, triton, typer, rich, pandas, matplotlib, tabulate
+LAB_MODULES := tomllib, torch, triton, typer, rich, pandas, matplotlib, tabulate  # tomllib: Python 3.11 or newer
 TEST_MODULES := $(LAB_MODULES), pytest
 # yes if SYSTEM_PYTHON imports every module of the comma-separated list $(1)
 has = $(shell $(SYSTEM_PYTHON) -c "import $(1)" >/dev/null 2>&1 && echo yes)
@@ -32,6 +32,9 @@ endif
 .PHONY: test bench report level
 
 $(VENV)/.installed: pyproject.toml
+	@$(SYSTEM_PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 11))" || { echo "error: $(SYSTEM_PYTHON) is \
+	Python $$($(SYSTEM_PYTHON) -V 2>&1 | cut -d' ' -f2); the lab needs 3.11 or newer: make ... SYSTEM_PYTHON=python3.12" >&2; \
+	exit 2; }
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(VENV)/bin/python -m pip install -q -e ".[test]"

@@ -92,8 +92,8 @@ class MoEConfig:
             raise ConfigError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
         if self.router == "switch" and self.top_k != 1:
             raise ConfigError(f"the switch router sends each token to one expert: top_k must be 1, got {self.top_k}")
-        if not self.capacity_factor > 0:
-            raise ConfigError(f"capacity_factor must be positive, got {self.capacity_factor}")
+        if not 0 < self.capacity_factor < math.inf:
+            raise ConfigError(f"capacity_factor must be positive and finite, got {self.capacity_factor}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -446,8 +446,8 @@ class Traffic:
     def __post_init__(self) -> None:
         if self.shape not in TRAFFIC_SHAPES:
             raise ConfigError(f"unknown traffic {self.shape!r}; choose one of {', '.join(TRAFFIC_SHAPES)}")
-        if not self.zipf_s > 0:
-            raise ConfigError(f"the zipf exponent s must be positive, got {self.zipf_s}")
+        if not 0 < self.zipf_s < math.inf:
+            raise ConfigError(f"the zipf exponent s must be positive and finite, got {self.zipf_s}")
         if not 0 < self.hot_share <= 1:
             raise ConfigError(f"the hot expert's share must be in (0, 1], got {self.hot_share}")
 

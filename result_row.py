@@ -167,6 +167,8 @@ class ResultRow:
         for name, value in values.items():
             if not isinstance(value, JSON_TYPES[name]):
                 raise ValueError(f"field {name!r} holds {value!r}, not {ANNOTATIONS[name]}")
+        if values.get("status", "ok") == "ok" and values.get("ms") is None:  # what every table of a timed row reads
+            raise ValueError("a timed row (status 'ok') without its time, 'ms'")
         return cls(**values)
 
 

@@ -34,7 +34,7 @@ from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 try:  # typer ≥ 0.16 carries its own copy of click; older ones use click itself
     from typer._click.exceptions import ClickException
@@ -303,7 +303,8 @@ def run_command(
                                              "GPU, NCCL; gloo processes on the CPU); tokens and experts are per rank"),
     ep_chunks: str = typer.Option("auto", help="level ep: chunk counts of the pipelined forward (all-to-all "
                                                "under expert compute) to time and choose from, comma-separated, or "
-                                               "auto: 1, 2, 4 and 8"),
+                                               "auto: 1, 2, 4 and 8; one chunk, the unpipelined baseline, is "
+                                               "always timed too, and kept where it is faster"),
     out: Path = typer.Option(Path("results"), help="results folder; each run makes a new sub-folder"),
 ) -> None:
     """Check and time levels across token scales; write rows, tables and plots to a new run folder."""
@@ -355,15 +356,19 @@ def run_command(
                                     if world_sizes else []))
     env = environment(torch_device, ceilings, configs, args)
     (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
-    console.print(f"run folder: {run_dir}")
+    console.print(f"run folder: {escape(str(run_dir))}")
     if ceilings:
         console.print(f"ceilings on {env['device']}: bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s, "
                       f"copy {ceilings.copy_gbps:.0f} GB/s")
 
     rows = []
     interrupted = False
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console)
+    # The description is plain text (a preset's name may hold brackets) and gives way at the screen's edge, cut
+    # with an ellipsis, so that the bar, the count and the time always show.
+    progress = Progress(TextColumn("{task.description}", markup=False,
+                                   table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+                        BarColumn(bar_width=12), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                        expand=True)
     in_process = [key for key in level_keys if key != "ep"]
     cases = len(configs) * len(traffics) * len(token_counts)
     with progress, open(run_dir / "rows.jsonl", "a") as rows_file:
@@ -423,9 +428,10 @@ def run_command(
 
     report.write_report(run_dir)  # LATEST.md is left alone: only `aisp bench publish` changes what it shows
     console.print(bench_mod.rows_table(rows, title=f"{target} on {env['device']}"))
-    console.print(f"rows, summary.md, report.html and plots: {run_dir}")
+    console.print(f"rows, summary.md, report.html and plots: {escape(str(run_dir))}")
     if interrupted:
-        console.print(f"[yellow]interrupted:[/yellow] {len(rows)} finished rows kept in {run_dir / 'rows.jsonl'}")
+        console.print(f"[yellow]interrupted:[/yellow] {len(rows)} finished rows kept in "
+                      f"{escape(str(run_dir / 'rows.jsonl'))}")
         raise typer.Exit(130)
 
 
@@ -487,8 +493,7 @@ def run_expert_parallel(world_sizes: list[int], configs: list, traffics: list, t
         finally:
             rows_path.unlink(missing_ok=True)
             log_path.unlink(missing_ok=True)
-    errors = [line for line in output.splitlines() if "Error" in line or "error:" in line]
-    reason = errors[-1].strip()[:300] if errors else f"torchrun exited with code {launch.returncode}"
+    reason = launch_failure(output, launch.returncode)
     for config in configs:
         for shape in traffics:
             for num_tokens in token_counts:
@@ -501,6 +506,16 @@ def run_expert_parallel(world_sizes: list[int], configs: list, traffics: list, t
                     row.update(world_size=world_size, tokens_per_rank=num_tokens, status="error",
                                note=f"ep launch failed: {reason}")
                     record(row.to_json())
+
+
+def launch_failure(output: str, returncode: int) -> str:
+    """Why an EP launch left rows unwritten, in one line: the first exception a worker raised ("[rank0]: XError:
+    ..." in the launch's output), not torchrun's own ChildFailedError after it, which names no cause; else a
+    refusal's "error:" line; else the exit code."""
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", line).strip() for line in output.splitlines()]
+    raised = [line for line in lines if re.match(r"[\w.]*(Error|Exception): ", line) and "ChildFailedError" not in line]
+    refused = [line for line in lines if "error:" in line]
+    return ((raised or refused)[0][:300] if raised or refused else f"torchrun exited with code {returncode}")
 
 
 def existing_run_dir(path: Path) -> Path:
@@ -532,7 +547,7 @@ def report_command(run_dir: Path = typer.Argument(None, help="a run folder (defa
         refuse(error)
     except OSError as error:
         fail(f"cannot write the report into {str(run_dir)!r}: {error.strerror}")
-    console.print(f"wrote {summary}, {summary.parent / 'report.html'} and the plots")
+    console.print(f"wrote {escape(str(summary))}, {escape(str(summary.parent / 'report.html'))} and the plots")
 
 
 GEOMEAN_TITLE = "B's speedup over A, per level (over the cases timed in both runs, host-bound ones left out)"
@@ -549,7 +564,7 @@ def compare_command(run_a: Path = typer.Argument(..., help="the baseline run fol
     if markdown and markdown.exists():  # a run's summary.md, README.md: never overwritten silently
         fail(f"{str(markdown)!r} exists; --markdown writes a new file: name another or remove it first")
     try:
-        rows_a, rows_b = report.load_rows(existing_run_dir(run_a)), report.load_rows(existing_run_dir(run_b))
+        rows_a, rows_b = (report.load_rows(existing_run_dir(run), skip_damaged_last=warn) for run in (run_a, run_b))
         env_a, env_b = report.load_environment(run_a), report.load_environment(run_b)
     except report.DamagedFile as error:
         refuse(error)
@@ -579,7 +594,7 @@ def compare_command(run_a: Path = typer.Argument(..., help="the baseline run fol
                                 f"{GEOMEAN_TITLE}:\n\n{report.markdown_table(geomean, 'level')}\n")
         except OSError as error:
             fail(f"cannot write {str(markdown)!r}: {error.strerror}")
-        console.print(f"wrote {markdown}")
+        console.print(f"wrote {escape(str(markdown))}")
 
 
 def markdown_cases(table):

@@ -228,7 +228,7 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
     """The level's row in the published GPU run that has it at (preset, T), else in the newest that has it, beside
     the level before it and the peer from the same run (an FP8 level's beside the FP8 peer too, level 9's beside
     the matmul_ogs peer): the published sweep has them all, a newer run of two levels would not."""
-    from cli.report import STATUS_CELL, dense_gemm_pct, fmt
+    from cli.report import HOST_BOUND_MARK, STATUS_CELL, dense_gemm_pct, fmt
 
     case = f"{preset}, T={num_tokens} ({SHOWN_CASE['traffic']} traffic, {SHOWN_CASE['router']} router)"
     for run_dir, env, rows in published_first(gpu_runs(results), results):
@@ -241,7 +241,8 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
             console.print(f"  {STATUS_CELL.get(row['status'], row['status'])}: {row['note']}", highlight=False)
             return
         table = Table.grid(padding=(0, 2))
-        table.add_row("  time", f"{fmt(row['ms'])} ms")
+        host_bound = f" {HOST_BOUND_MARK}: host-bound, the time is the host CPU's" if row.get("host_bound") else ""
+        table.add_row("  time", f"{fmt(row['ms'])} ms{host_bound}")
         table.add_row("  rate", f"{fmt(row['tflops'])} TF/s")
         table.add_row("  roofline", f"{fmt(row['pct_roofline'])}%")
         if row.get("dense_gemm_ms"):  # cuBLAS's dense GEMMs on the same FLOPs, timed beside the levels
@@ -339,6 +340,8 @@ def show_command(
     from moe_model import ConfigError, get_preset
 
     results = results or REPO_ROOT / "results"
+    if not (results / "moe_journey").is_dir():
+        fail(f"--results {str(results)!r} holds no moe_journey folder of runs")
     if tokens <= 0:
         fail(f"--tokens must be positive, got {tokens}")
     try:

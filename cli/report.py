@@ -36,7 +36,8 @@ def cpu_intro(env: dict) -> str:
     on = f" on {threads} thread{'s' if threads != 1 else ''}" if threads else ""
     return ("This run was on a CPU: it times PyTorch's CPU kernels and Python's overhead" + on + ", so it ranks "
             "levels 0-6 and the peer on this machine. It cannot show GPU launch overhead, CUDA graphs, tensor cores "
-            "or HBM bandwidth, and levels 7-10 (Triton GEMMs) are checked in Triton's interpreter but not timed.")
+            "or HBM bandwidth, and levels 7-10 (Triton GEMMs) are checked in Triton's interpreter but not timed, at "
+            "the sizes where that takes seconds (larger ones are skipped).")
 
 
 # Levels whose GPU idea does not carry over to the CPU, and what of them a CPU run times instead.
@@ -76,7 +77,11 @@ def load_rows(run_dir: Path, skip_damaged_last: Callable[[str], None] | None = N
     """The rows of rows.jsonl. A damaged line raises DamagedFile, except that with `skip_damaged_last` a damaged
     last line (what an interrupted write leaves) is skipped and reported through it."""
     path = Path(run_dir) / "rows.jsonl"
-    numbered = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as error:
+        raise DamagedFile(f"{path}: not text, byte {error.start} is not UTF-8 (a rows.jsonl is JSON lines)") from None
+    numbered = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     rows = []
     for number, line in numbered:
         try:
@@ -100,7 +105,7 @@ def load_environment(run_dir: Path) -> dict:
         return {}
     try:
         env = json.loads(path.read_text())
-    except ValueError as error:
+    except ValueError as error:  # UnicodeDecodeError is one
         line = f", line {error.lineno}" if isinstance(error, json.JSONDecodeError) else ""
         raise DamagedFile(f"{path}{line}: not valid JSON ({error})") from None
     if not isinstance(env, dict):
@@ -190,11 +195,20 @@ def ms_of(df: pd.DataFrame, label: str, tokens: int) -> float | None:
 
 
 def previous_level_label(df: pd.DataFrame, row) -> str | None:
+    """The label of the numbered level this one is a diff of, in this run: the nearest earlier one it has (a run of
+    levels 4, 7 and 9 compares 7 with 4 and 9 with 7); None for the first and for the peers."""
     if not str(row["level"]).isdigit():
         return None
-    earlier = [lbl for lbl, lvl in zip(df["label"], df["level"])
-               if str(lvl).isdigit() and int(lvl) == int(row["level"]) - 1]
-    return earlier[0] if earlier else None
+    earlier = {int(lvl): lbl for lbl, lvl in zip(df["label"], df["level"])
+               if str(lvl).isdigit() and int(lvl) < int(row["level"])}
+    return earlier[max(earlier)] if earlier else None
+
+
+def previous_level_caption(df: pd.DataFrame) -> str:
+    """The speedup-over-the-previous-level table's title, naming each level compared with one further back."""
+    numbered = sorted({int(lvl) for lvl in df["level"] if str(lvl).isdigit()})
+    further = [f"{later} over {earlier}" for earlier, later in zip(numbered, numbered[1:]) if later - earlier > 1]
+    return ("Speedup over the previous level" + (f" this run has ({', '.join(further)})" if further else ""))
 
 
 DECODE_MAX_TOKENS = 512  # at or below this many tokens the layer is bound by reading the experts' weights
@@ -302,7 +316,7 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
         parts += ["Speedup over level 0:",
                   markdown_table(pivot(df, speedup_vs(df, lambda r: baseline)), "level \\ tokens")]
     parts += [
-        "Speedup over the previous level:",
+        f"{previous_level_caption(df)}:",
         markdown_table(pivot(df, speedup_vs(df, lambda r: previous_level_label(df, r))), "level \\ tokens"),
     ]
     if counterparts := cpu_counterpart_notes(df):
@@ -401,7 +415,7 @@ def quant_err_cell(row) -> str:
 
 FP8_INTRO = ("Level 10 and the FP8 peer multiply e4m3 operands (one byte, twice the bf16 tensor-core rate). Their "
              "check (*rel err*) is against the fp32 reference on their own quantized values, so it measures the "
-             "kernels; *quant err* is ‖out − ref‖ / ‖ref‖ against the bf16 layer's fp32 reference, the "
+             "kernels; *quant err* is ‖out − ref‖ / ‖ref‖ against the unquantized layer's fp32 reference, the "
              "quantization's own cost. Their % of the roofline is against the measured FP8 matmul rate.")
 
 
@@ -418,7 +432,7 @@ def fp8_section(df: pd.DataFrame) -> str:
             for reference in filter(None, (label_of(timed, "9"), label_of(timed, FP8_PEER))):
                 parts += [f"Speedup over {reference} (its ms over the level's):",
                           markdown_table(pivot(timed, speedup_vs(timed, lambda r: reference)), "level \\ tokens")]
-        parts += ["quant err (against the bf16 layer's fp32 reference):",
+        parts += ["quant err (against the unquantized layer's fp32 reference):",
                   markdown_table(pivot(part[part["quant_err"].notna()], quant_err_cell), "level \\ tokens")]
     return "\n\n".join(parts)
 

@@ -199,11 +199,6 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
     tokens = sorted(df["tokens"].unique())
     baselines = {t: report.speedup_baseline(df, t) for t in tokens}
 
-    def previous_level(row):
-        level = str(row["level"])
-        return next((lbl for lbl, lvl in zip(df["label"], df["level"])
-                     if level.isdigit() and str(lvl) == str(int(level) - 1)), None)
-
     others = {t: b for t, b in baselines.items() if b and not b.startswith("0 ")}
     over_zero = any(b and b.startswith("0 ") for b in baselines.values())
     over = "level 0" + (" (where level 0 was not timed, over the slowest level timed: "
@@ -230,8 +225,8 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
             table_html(report.pivot(df, speedups(df, lambda r: baselines[r["tokens"]])), links),
             figure(run_dir, f"speedup_{anchor}.png", "speedup per level")))
     parts += [
-        section("Speedup over the previous level", "What each level's one change bought at each size.",
-                table_html(report.pivot(df, speedups(df, previous_level)), links)),
+        section(report.previous_level_caption(df), "What each level's one change bought at each size.",
+                table_html(report.pivot(df, speedups(df, lambda r: report.previous_level_label(df, r))), links)),
     ]
     if counterparts := report.cpu_counterpart_notes(df):
         parts.append("<h3>Where the GPU idea does not carry over to the CPU</h3><ul>"

@@ -146,3 +146,43 @@ def test_one_case_compared_in_markdown_has_no_empty_column(finished_run, tmp_pat
     header = table.read_text().split("\n\n")[1].splitlines()[0]
     assert [cell.strip() for cell in header.strip("|").split("|")][:3] == ["level", "T", "A ms"]
     assert "| 2.00x |" in table.read_text()
+
+
+def damaged_copy_of(finished_run, tmp_path, rows_text: str | bytes):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir(parents=True)
+    (damaged / "environment.json").write_text((finished_run / "environment.json").read_text())
+    rows = damaged / "rows.jsonl"
+    if isinstance(rows_text, bytes):
+        rows.write_bytes(rows_text)
+    else:
+        rows.write_text(rows_text)
+    return damaged
+
+
+def test_rows_that_are_not_text_or_lack_their_time_are_refused(finished_run, tmp_path):  # noqa: F811
+    binary = damaged_copy_of(finished_run, tmp_path / "a", bytes(range(256)))
+    for command in (["report", str(binary)], ["compare", str(finished_run), str(binary)]):
+        result = bench(*command)
+        assert result.exit_code == 2 and "not text" in result.output, result.output
+    first, *rest = (finished_run / "rows.jsonl").read_text().splitlines()
+    timeless_row = {field: value for field, value in json.loads(first).items() if field != "ms"}
+    timeless = damaged_copy_of(finished_run, tmp_path / "b", "\n".join([json.dumps(timeless_row), *rest]))
+    for command in (["report", str(timeless)], ["compare", str(finished_run), str(timeless)]):
+        result = bench(*command)
+        assert result.exit_code == 2 and "line 1" in result.output and "without its time" in result.output
+
+
+def test_compare_reads_an_interrupted_runs_rows_as_report_does(finished_run, tmp_path):  # noqa: F811
+    text = (finished_run / "rows.jsonl").read_text()
+    cut = damaged_copy_of(finished_run, tmp_path, text[:-40])  # the last row cut mid-write
+    result = bench("compare", str(finished_run), str(cut))
+    assert result.exit_code == 0 and "skipped it" in result.output, result.output
+
+
+def test_a_failed_ep_launch_names_the_workers_error():
+    output = ("[rank0]: Traceback (most recent call last):\n"
+              "[rank0]: RuntimeError: DefaultCPUAllocator: can't allocate memory\n"
+              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n")
+    assert cli.aisp.launch_failure(output, 1) == "RuntimeError: DefaultCPUAllocator: can't allocate memory"
+    assert cli.aisp.launch_failure("", 3) == "torchrun exited with code 3"

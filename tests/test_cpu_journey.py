@@ -108,6 +108,19 @@ def test_a_level_script_takes_the_one_table(monkeypatch, capsys, levels, restore
     assert "tiny (H=64" in out and re.search(r"\n 4 grouped +7 ", out)
 
 
+def test_a_level_script_with_a_failed_row_says_so_on_stderr(monkeypatch, capsys, levels, restore_threads):
+    monkeypatch.setitem(options.DEFAULTS, "cpu", dataclasses.replace(options.DEFAULTS["cpu"], preset="tiny",
+                                                                    script_tokens="7", threads=1))
+    wrong = moe_benchmark.CheckResult(rel_err=0.5, passed=False, message="rel. error 0.5 over 0.02")
+    monkeypatch.setattr(moe_benchmark, "compare_to_reference", lambda *args, **kwargs: wrong)
+    monkeypatch.setattr(sys, "argv", ["level4_grouped.py", "--device", "cpu", "--repeats", "3"])
+    with pytest.raises(SystemExit) as exit_:
+        moe_benchmark.run_level_script(levels["4"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("level4_grouped.py: 1 of 1 rows failed; the first: wrong result")
+
+
 def test_the_cpu_defaults_parse():
     cpu = options.DEFAULTS["cpu"]
     assert options.parse_presets(cpu.preset)[0].dtype == "fp32"  # the CPU's own arithmetic, no bf16 emulation

@@ -247,3 +247,18 @@ def test_a_levels_row_comes_from_the_published_run(h100_results):
     assert result.exit_code == 0, result.output
     assert H100_RUN.name in result.output and newer.name not in result.output
     assert "× level 3" in result.output and "not in this run" not in result.output.split("× level 3")[1].split("\n")[0]
+
+
+def test_a_host_bound_row_is_marked(h100_results):
+    rows_path = next((h100_results / "moe_journey").glob("*/rows.jsonl"))
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    for row in rows:
+        row["host_bound"] = row["preset"] == "journey" and row["tokens"] == 8192 and str(row["level"]) == "4"
+    rows_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = show("4", "--results", str(h100_results))
+    assert result.exit_code == 0 and "(h): host-bound" in words(result.output), result.output
+
+
+def test_results_without_runs_are_refused(tmp_path):
+    result = show("--results", str(tmp_path / "nowhere"))
+    assert result.exit_code == 2 and "holds no moe_journey folder" in result.output

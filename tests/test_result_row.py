@@ -157,3 +157,21 @@ def test_an_ep_check_that_fails_is_an_error_row_and_nothing_is_timed(tiny, monke
     finally:
         dist.destroy_process_group()
     assert row["status"] == "error" and row["note"].startswith("wrong result: rank 0") and row["ms"] is None
+
+
+def test_an_ep_layer_out_of_host_memory_is_an_oom_row(tiny):
+    """The CPU allocator's failure (a plain RuntimeError) is an `oom` row, as a CUDA out-of-memory is."""
+    import torch.distributed as dist
+
+    class TooBig:
+        def __init__(self, config, device):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory")
+
+    TooBig.level, TooBig.name = "ep", "expert_parallel"
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        (row,) = ep_benchmark.benchmark_ep(TooBig, tiny, 8, torch.device("cpu"), Traffic(),
+                                           ep_benchmark.world_groups([1]), 1, 5, 0.5, "1")
+    finally:
+        dist.destroy_process_group()
+    assert row["status"] == "oom" and row["note"] == "out of host memory at 8 tokens per rank"

@@ -26,6 +26,7 @@ from moe_benchmark import (
     l2_flush_buffer,
     make_inputs,
     measure_ceilings,
+    out_of_host_memory,
     quantile,
     release_memory,
     resolve_device,
@@ -277,10 +278,13 @@ def benchmark_ep(layer_cls: type, preset: MoEConfig, tokens_per_rank: int, devic
             if rank == 0:
                 fill_row(rows[W], per_rank, chunk_ms[W], chosen[W], bandwidth, ceilings, configs[W], preset,
                          tokens_per_rank, device)
-    except torch.cuda.OutOfMemoryError:
+    except Exception as error:  # out of memory: a row that says so (every rank's layer is the same size)
+        if not (isinstance(error, torch.cuda.OutOfMemoryError) or out_of_host_memory(error)):
+            raise
+        memory = "CUDA" if device.type == "cuda" else "host"
         for W, row in rows.items():
             if row.status == "ok" and row.ms is None:
-                row.update(status="oom", note=f"CUDA out of memory at {tokens_per_rank} tokens per rank")
+                row.update(status="oom", note=f"out of {memory} memory at {tokens_per_rank} tokens per rank")
     finally:
         whole = layers = layer = inputs = None  # every reference to the layer, before the next case draws its own
         release_memory(device)  # with a collection: the layer sits in a reference cycle
@@ -369,7 +373,8 @@ def run_ep_script(layer_cls: type) -> None:
     parser.add_argument("--time-budget-s", type=float, default=None, help="seconds of timed calls per row "
                                                                           "(default: the device's)")
     parser.add_argument("--chunks", default="auto", help="chunk counts of the pipelined forward to choose from, "
-                                                         "comma-separated, or auto: 1, 2, 4 and 8")
+                                                         "comma-separated, or auto: 1, 2, 4 and 8 (one chunk, "
+                                                         "the baseline, is always timed too)")
     parser.add_argument("--world-sizes", default=None, help="the world sizes to time in turn, comma-separated, "
                                                              "the largest this launch's (default: it alone)")
     parser.add_argument("--rows-out", type=Path, default=None, help="append the rows here (JSON lines)")

@@ -1014,4 +1014,8 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
         del weights
         release_memory(device)
     Console().print(rows_table(rows, title=f"level {level_cls.level} {level_cls.name} on {device_label(device)}"))
-    sys.exit(0 if all(row["status"] in ("ok", "oom", "skipped", "checked") for row in rows) else 1)
+    failed = [row for row in rows if row["status"] not in ("ok", "oom", "skipped", "checked")]
+    if failed:  # the first failure's note, as one line where errors go
+        print(f"{parser.prog}: {len(failed)} of {len(rows)} rows failed; the first: {failed[0]['note']}",
+              file=sys.stderr)
+    sys.exit(1 if failed else 0)
