@@ -9,7 +9,7 @@
     aisp lab show [N]               (a level's lesson, code diff, claims and GPU row; no N: every level)
 
 Bad input is one line on stderr and exit code 2, never a traceback; an error no check foresaw is one line too,
-exit code 1. `aisp --debug ...` (or AISP_DEBUG=1) re-raises instead, with the full traceback (a level's own crash
+exit code 1, and so is a run whose rows include a failed level (the run is written in full first). `aisp --debug ...` (or AISP_DEBUG=1) re-raises instead, with the full traceback (a level's own crash
 included).
 """
 
@@ -433,6 +433,11 @@ def run_command(
         console.print(f"[yellow]interrupted:[/yellow] {len(rows)} finished rows kept in "
                       f"{escape(str(run_dir / 'rows.jsonl'))}")
         raise typer.Exit(130)
+    failed = [row for row in rows if row["status"] == "error"]
+    if failed:  # a level that crashed or computed the wrong function: the run is written, and it did not pass
+        stderr.print(f"[red]error:[/red] {len(failed)} of {len(rows)} rows failed (status error; the table's notes "
+                     "say why)")
+        raise typer.Exit(1)
 
 
 def run_expert_parallel(world_sizes: list[int], configs: list, traffics: list, token_counts: list[int], device,

@@ -103,6 +103,15 @@ def test_weights_too_big_for_memory_are_oom_rows(tmp_path, monkeypatch):
     assert len(rows) == 4 and all(row["status"] == "oom" and "tiny's weights" in row["note"] for row in rows)
 
 
+def test_a_run_with_a_failed_row_is_written_and_exits_1(tmp_path, monkeypatch):
+    wrong = moe_benchmark.CheckResult(rel_err=0.5, passed=False, message="rel. error 0.5 over 0.02")
+    monkeypatch.setattr(moe_benchmark, "compare_to_reference", lambda *args, **kwargs: wrong)
+    result = bench("run", "-t", "moe_journey", "--levels", "4", "--tokens", "3", "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 1 and "1 of 1 rows failed" in result.output, result.output
+    (run_dir,) = run_dirs(tmp_path)
+    assert (run_dir / "summary.md").exists() and "finished_utc" in (run_dir / "environment.json").read_text()
+
+
 def test_an_environment_that_is_not_an_object_is_refused(finished_run, tmp_path):  # noqa: F811
     damaged = tmp_path / "damaged"
     damaged.mkdir()
