@@ -143,35 +143,35 @@ def test_a_gpu_row_names_the_clock_its_median_was_taken_at(monkeypatch):
 
 
 def test_an_ep_check_that_fails_is_an_error_row_and_nothing_is_timed(tiny, monkeypatch):
-    import torch.distributed as dist
-
     from level_ep_expert_parallel import ExpertParallelMoE
 
     wrong = moe_benchmark.CheckResult(rel_err=0.5, passed=False, message="rel. error 0.5 over 0.02")
     monkeypatch.setattr(ep_benchmark, "compare_to_reference", lambda out_TH, ref_TH, tolerance: wrong)
     monkeypatch.setattr(ep_benchmark, "time_forwards", lambda *args: pytest.fail("a wrong layer was timed"))
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        (row,) = ep_benchmark.benchmark_ep(ExpertParallelMoE, tiny, 8, torch.device("cpu"), Traffic(),
-                                           ep_benchmark.world_groups([1]), 1, 5, 0.5, "1")
-    finally:
-        dist.destroy_process_group()
+    row = ep_row_in_one_process(ExpertParallelMoE, tiny)
     assert row["status"] == "error" and row["note"].startswith("wrong result: rank 0") and row["ms"] is None
 
 
 def test_an_ep_layer_out_of_host_memory_is_an_oom_row(tiny):
     """The CPU allocator's failure (a plain RuntimeError) is an `oom` row, as a CUDA out-of-memory is."""
-    import torch.distributed as dist
 
     class TooBig:
         def __init__(self, config, device):
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory")
 
     TooBig.level, TooBig.name = "ep", "expert_parallel"
+    row = ep_row_in_one_process(TooBig, tiny)
+    assert row["status"] == "oom" and row["note"] == "out of host memory at 8 tokens per rank"
+
+
+def ep_row_in_one_process(layer_cls: type, config) -> dict:
+    """benchmark_ep's one row at W = 1 and 8 tokens, in a gloo group of this process alone."""
+    import torch.distributed as dist
+
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        (row,) = ep_benchmark.benchmark_ep(TooBig, tiny, 8, torch.device("cpu"), Traffic(),
+        (row,) = ep_benchmark.benchmark_ep(layer_cls, config, 8, torch.device("cpu"), Traffic(),
                                            ep_benchmark.world_groups([1]), 1, 5, 0.5, "1")
     finally:
         dist.destroy_process_group()
-    assert row["status"] == "oom" and row["note"] == "out of host memory at 8 tokens per rank"
+    return row
