@@ -305,7 +305,7 @@ def run_command(
                                                "under expert compute) to time and choose from, comma-separated, or "
                                                "auto: 1, 2, 4 and 8; one chunk, the unpipelined baseline, is "
                                                "always timed too, and kept where it is faster"),
-    out: Path = typer.Option(Path("results"), help="results folder; each run makes a new sub-folder"),
+    out: str = typer.Option("results", help="results folder; each run makes a new sub-folder"),
 ) -> None:
     """Check and time levels across token scales; write rows, tables and plots to a new run folder."""
     import torch
@@ -334,7 +334,9 @@ def run_command(
         preset = preset if preset is not None else defaults.preset
         configs = configs_for(preset, router, capacity_factor)
         traffics = parse_traffics(traffic, zipf_s, hot_share)
-        out_dir = prepare_out_dir(out, target)
+        if not out.strip():  # Path("") would be the current folder
+            raise UsageError("--out is empty: name the results folder (the default is results)")
+        out_dir = prepare_out_dir(Path(out), target)
     except (UsageError, ConfigError) as error:
         refuse(error)
 

@@ -76,6 +76,7 @@ def test_publish_takes_each_run_once(finished_run, tmp_path):  # noqa: F811
     (["--levels", "4", "--world-size", "abc"], "level ep's options"),
     (["--preset", ""], "unknown preset ''"),
     (["--tokens", ""], "whole numbers"),
+    (["--out", " "], "--out is empty"),
 ])
 def test_empty_or_misplaced_options_are_refused(args, message, tmp_path):
     result = bench("run", "-t", "moe_journey", "--out", str(tmp_path), *FAST, *args)
