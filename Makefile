@@ -32,9 +32,9 @@ endif
 .PHONY: test bench report level
 
 $(VENV)/.installed: pyproject.toml
-	@$(SYSTEM_PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 11))" || { echo "error: $(SYSTEM_PYTHON) is \
-	Python $$($(SYSTEM_PYTHON) -V 2>&1 | cut -d' ' -f2); the lab needs 3.11 or newer: make ... SYSTEM_PYTHON=python3.12" >&2; \
-	exit 2; }
+	@$(SYSTEM_PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 11))" || { \
+	echo "error: $(SYSTEM_PYTHON) is Python $$($(SYSTEM_PYTHON) -V 2>&1 | cut -d' ' -f2); the lab needs 3.11 or" \
+	"newer: make ... SYSTEM_PYTHON=python3.12" >&2; exit 2; }
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
@@ -61,5 +61,6 @@ LEVEL_SCRIPT = $(if $(N),$(firstword $(wildcard labs/moe_optimization_journey/le
                                                 labs/moe_optimization_journey/$(LEVEL_FILE_$(N)).py)))
 
 level: $(BENCH_SETUP)
-	@test -n "$(LEVEL_SCRIPT)" || { echo "make level: no level N=$(N); use N=0 … 10, peer, peer-fp8, peer-ogs or ep" >&2; exit 2; }
+	@test -n "$(LEVEL_SCRIPT)" || { \
+	echo "make level: no level N=$(N); use N=0 … 10, peer, peer-fp8, peer-ogs or ep" >&2; exit 2; }
 	$(BENCH_PY) $(LEVEL_SCRIPT) $(ARGS)

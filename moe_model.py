@@ -437,7 +437,8 @@ TRAFFIC_SHAPES = ("uniform", "zipf", "hot")
 class Traffic:
     """uniform: the router on random tokens. zipf: expert e (0-based) is chosen with probability ∝ (e + 1)^-s.
     hot: `hot_share` of the tokens pick expert 0 (so it gets hot_share/K of the (token, slot) pairs, hot_share·E/K
-    times the mean load), the rest spread uniformly. A traffic shape makes the router's logits (router_logits); the router still decides."""
+    times the mean load), the rest spread uniformly. A traffic shape makes the router's logits (router_logits); the
+    router still decides."""
 
     shape: str = "uniform"
     zipf_s: float = 1.2

@@ -9,8 +9,8 @@
     aisp lab show [N]               (a level's lesson, code diff, claims and GPU row; no N: every level)
 
 Bad input is one line on stderr and exit code 2, never a traceback; an error no check foresaw is one line too,
-exit code 1, and so is a run whose rows include a failed level (the run is written in full first). `aisp --debug ...` (or AISP_DEBUG=1) re-raises instead, with the full traceback (a level's own crash
-included).
+exit code 1, and so is a run whose rows include a failed level (the run is written in full first). `aisp --debug
+...` (or AISP_DEBUG=1) re-raises instead, with the full traceback (a level's own crash included).
 """
 
 from __future__ import annotations
@@ -521,8 +521,8 @@ def launch_failure(output: str, returncode: int) -> str:
     refusal's "error:" line; else the exit code."""
     lines = [re.sub(r"^\[rank\d+\]:\s*", "", line).strip() for line in output.splitlines()]
     raised = [line for line in lines if re.match(r"[\w.]*(Error|Exception): ", line) and "ChildFailedError" not in line]
-    refused = [line for line in lines if "error:" in line]
-    return ((raised or refused)[0][:300] if raised or refused else f"torchrun exited with code {returncode}")
+    found = raised or [line for line in lines if "error:" in line]
+    return found[0][:300] if found else f"torchrun exited with code {returncode}"
 
 
 def existing_run_dir(path: Path) -> Path:

@@ -208,7 +208,7 @@ def previous_level_caption(df: pd.DataFrame) -> str:
     """The speedup-over-the-previous-level table's title, naming each level compared with one further back."""
     numbered = sorted({int(lvl) for lvl in df["level"] if str(lvl).isdigit()})
     further = [f"{later} over {earlier}" for earlier, later in zip(numbered, numbered[1:]) if later - earlier > 1]
-    return ("Speedup over the previous level" + (f" this run has ({', '.join(further)})" if further else ""))
+    return "Speedup over the previous level" + (f" this run has ({', '.join(further)})" if further else "")
 
 
 DECODE_MAX_TOKENS = 512  # at or below this many tokens the layer is bound by reading the experts' weights

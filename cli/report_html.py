@@ -130,7 +130,9 @@ def environment(env: dict) -> str:
         "no ceilings measured (CPU run): no % of roofline, and no GPU memory",
     ]
     banner = report.unfinished_banner(env)
-    return ('<h2 id="environment">Environment</h2>' + (f'<p class="unfinished"><strong>{esc(banner[0])}</strong> {esc(banner[1])}</p>' if banner else "")
+    unfinished = (f'<p class="unfinished"><strong>{esc(banner[0])}</strong> {esc(banner[1])}</p>' if banner
+                  else "")
+    return ('<h2 id="environment">Environment</h2>' + unfinished
             + '<ul class="env">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>")
 
 
@@ -300,7 +302,8 @@ def counts_html(df: pd.DataFrame, links: dict) -> str:
     table_rows = []
     for _, row in rows.iterrows():
         table_rows.append([links.get(row["label"], esc(row["label"])), report.token_label(int(row["tokens"])),
-                           report.fmt_span(row["launches_claimed"]), measured(row, row["launches_measured"], "launches"),
+                           report.fmt_span(row["launches_claimed"]),
+                           measured(row, row["launches_measured"], "launches"),
                            report.fmt_span(row["syncs_claimed"]), measured(row, row["syncs_measured"], "syncs"),
                            report.fmt_span(row["extra_mb_claimed"]), measured(row, row["extra_mb"], "extra memory"),
                            report.fmt(row["gpu_busy_pct"]), host_cell(row), "yes" if row["host_bound"] else "no",

@@ -86,7 +86,15 @@ def test_counts():
 
 
 # --- traffic shapes and load metrics -----------------------------------------------------------------------------
-from moe_model import ExpertChoice, SigmoidBias, Switch, Traffic, load_metrics, make_router, router_logits  # noqa: E402,E501
+from moe_model import (  # noqa: E402
+    ExpertChoice,
+    SigmoidBias,
+    Switch,
+    Traffic,
+    load_metrics,
+    make_router,
+    router_logits,
+)
 
 
 def test_load_metrics_on_known_distributions():

@@ -92,8 +92,8 @@ def time_forwards(variants: dict, device: torch.device, warmup: int, repeats: in
     routed chunks' compute: `dispatch_ms` (from the start to the first chunk's compute, the first half of the shared
     experts included), `compute_ms` (the chunks' compute spans, summed) and `combine_ms` (from the last chunk's
     compute to the end, the second half included); with one chunk and no shared experts they are the plain
-    dispatch, compute and combine. All ranks start each forward together (a barrier), after warm-up, with the L2 cache flushed on a GPU;
-    every rank runs the same number of rounds. `budget_s` is per variant."""
+    dispatch, compute and combine. All ranks start each forward together (a barrier), after warm-up, with the L2
+    cache flushed on a GPU; every rank runs the same number of rounds. `budget_s` is per variant."""
     mine = {key: (layer, inputs.as_args(), chunks) for key, (layer, inputs, chunks) in variants.items()}
     # A count of calls, not a time: the ranks of a group must make the same number of forwards (each one is a
     # collective), so every rank takes the fewest any rank can fit.

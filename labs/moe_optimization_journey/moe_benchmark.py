@@ -926,7 +926,8 @@ def row_case(row: dict) -> str:
               f"{row['router']} router" if row.get("router", "softmax-topk") != "softmax-topk" else ""]
     shared = f" S={row['shared_experts']}" if row.get("shared_experts") else ""
     return (", ".join([row["preset"], *filter(None, extras)])
-            + f" (H={row['hidden']} I={row['intermediate']} E={row['experts']} K={row['top_k']}{shared} {row['dtype']})")
+            + f" (H={row['hidden']} I={row['intermediate']} E={row['experts']} K={row['top_k']}{shared} "
+              f"{row['dtype']})")
 
 
 def rows_table(rows: list[dict], title: str = "", width: int | None = None):

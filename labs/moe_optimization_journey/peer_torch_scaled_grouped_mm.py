@@ -26,7 +26,8 @@ Why it is here
     level 10 quantizes in one kernel and in its gate/up epilogue; and the gate and up projections reach memory
     in bf16 before SiLU·up reads them back.
 
-Run: python labs/moe_optimization_journey/peer_torch_scaled_grouped_mm.py [--preset mixtral] [--tokens 16384] [--device cuda]
+Run: python labs/moe_optimization_journey/peer_torch_scaled_grouped_mm.py [--preset mixtral] [--tokens 16384]
+         [--device cuda]
 """
 
 import torch

@@ -31,7 +31,8 @@ Where it runs
     a K that is not a power of two, the row is `skipped` with the reason. The lab's own kernels are in
     moe_kernels.py, a name that does not shadow this package.
 
-Run: python labs/moe_optimization_journey/peer_triton_kernels_matmul_ogs.py [--preset mixtral] [--tokens 16384] [--device cuda]
+Run: python labs/moe_optimization_journey/peer_triton_kernels_matmul_ogs.py [--preset mixtral] [--tokens 16384]
+         [--device cuda]
 """
 
 import importlib.util
