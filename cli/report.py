@@ -972,6 +972,8 @@ def write_report(run_dir: Path, warn: Callable[[str], None] | None = None) -> Pa
     run_dir = Path(run_dir)
     rows = load_rows(run_dir, skip_damaged_last=warn)
     env = load_environment(run_dir)
+    for plot in run_dir.glob("*.png"):  # an earlier report's: this one draws its own, and none of those may linger
+        plot.unlink()
     on_cpu = bool(rows) and all(row.get("device_type") == "cpu" for row in rows)
     sections = [f"# moe_journey run `{run_dir.name}`", cpu_intro(env) if on_cpu else "",
                 environment_section(env, rows)]

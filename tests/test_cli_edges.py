@@ -196,3 +196,11 @@ def test_a_failed_ep_launch_names_the_workers_error():
               "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n")
     assert cli.aisp.launch_failure(output, 1) == "RuntimeError: DefaultCPUAllocator: can't allocate memory"
     assert cli.aisp.launch_failure("", 3) == "torchrun exited with code 3"
+
+
+def test_a_report_leaves_no_plot_of_an_earlier_one(finished_run, tmp_path):  # noqa: F811
+    emptied = damaged_copy_of(finished_run, tmp_path, "")
+    (emptied / "time_tiny.png").write_bytes((finished_run / "time_tiny.png").read_bytes())
+    result = bench("report", str(emptied))
+    assert result.exit_code == 0 and not list(emptied.glob("*.png"))
+    assert "No rows were recorded." in (emptied / "summary.md").read_text()
