@@ -149,6 +149,8 @@ def test_list():
         (["-t", "moe_journey", "--traffic", "bursty"], "unknown traffic 'bursty'"),
         (["-t", "moe_journey", "--router", "hash"], "unknown router 'hash'"),
         (["-t", "moe_journey", "--traffic", "hot", "--hot-share", "2"], "share"),
+        (["-t", "moe_journey", "--traffic", "zipf", "--zipf-s", "inf"], "positive and finite"),
+        (["-t", "moe_journey", "--router", "switch", "--capacity-factor", "inf"], "positive and finite"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):

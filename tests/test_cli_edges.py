@@ -204,3 +204,23 @@ def test_a_report_leaves_no_plot_of_an_earlier_one(finished_run, tmp_path):  # n
     result = bench("report", str(emptied))
     assert result.exit_code == 0 and not list(emptied.glob("*.png"))
     assert "No rows were recorded." in (emptied / "summary.md").read_text()
+
+
+def test_brackets_in_a_name_or_path_are_plain_text(tmp_path):
+    """rich reads [...] as markup: a preset named "[/x]" once crashed the progress line and left half a run."""
+    out = tmp_path / "[o]ut"
+    result = bench("run", "-t", "moe_journey", "--levels", "4", "--tokens", "2", "--out", str(out), *FAST,
+                   "--preset", "hidden=8,intermediate=8,experts=2,top_k=1,name=[/x]")
+    assert result.exit_code == 0, result.output
+    (run_dir,) = run_dirs(out)
+    assert (run_dir / "summary.md").exists() and "[/x] (H=8" in result.output
+
+
+def test_the_speedup_over_the_previous_level_skips_levels_the_run_lacks():
+    import pandas as pd
+
+    from cli import report
+
+    df = pd.DataFrame({"level": [4, 7, 9, "peer"], "label": ["4 grouped", "7 triton", "9 tma", "peer: torch"]})
+    assert [report.previous_level_label(df, row) for _, row in df.iterrows()] == [None, "4 grouped", "7 triton", None]
+    assert report.previous_level_caption(df) == "Speedup over the previous level this run has (7 over 4, 9 over 7)"
