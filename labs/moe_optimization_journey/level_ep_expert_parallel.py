@@ -94,7 +94,9 @@ When overlap pays
     the peer's memory through torch's symmetric memory moved 375. As such puts, the dispatch and the combine each
     ran 0.1-0.3 ms faster at 32768 tokens per rank (mixtral on two H200s; mixtral and deepseek-v3 on two H100s), and
     the forward no faster than its spread from one round to the next (NOTES.md): not worth a second, GPU-only
-    transport beside the one the CPU tests run.
+    transport beside the one the CPU tests run. Nor does NCCL give its SMs back cheaply: capped at 8 CTAs per
+    communicator (`ProcessGroupNCCL.Options().config.max_ctas`), deepseek-v3's dispatch phase at W = 2 grew from
+    5.2-5.9 to 7.9-8.7 ms on two H200s and the compute beside it gained nothing beyond its spread.
 
 When EP pays
     When the experts do not fit one GPU: deepseek-v3's 256 routed experts are 22.5 GB in bf16, per layer. And
