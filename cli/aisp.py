@@ -449,7 +449,7 @@ def run_expert_parallel(world_sizes: list[int], configs: list, traffics: list, t
     in turn (ep_benchmark.benchmark_ep), choosing among `chunks` (auto, or chunk counts comma-separated). Each row
     goes to `record` as soon as the launch has written it, so the progress bar moves case by case and an
     interrupted run keeps every finished row; then an `error` row for every (world size, case) it did not finish,
-    with the launch's last error line."""
+    with why the launch failed (launch_failure)."""
     lab = journey()
     ep = lab.expert_parallel()
     rows_path, log_path = run_dir / ".ep-rows.jsonl", run_dir / ".ep-launch.log"

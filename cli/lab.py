@@ -288,6 +288,8 @@ def published_first(runs: list[tuple[Path, dict, list[dict]]], results: Path) ->
 def print_overview(levels: dict[str, type], preset: str, results: Path) -> None:
     """One line per level with its speedup over the level before, from the published GPU run of this preset (else
     the newest), at the largest T at which that run ran every level (so every level it ran has a number)."""
+    from cli import report
+
     rows = []
     for run_dir, env, run_rows in published_first(gpu_runs(results), results):
         rows = [row for row in shown_rows(run_rows, preset) if str(row["level"]) != "ep"]  # ep runs on its own
@@ -305,11 +307,9 @@ def print_overview(levels: dict[str, type], preset: str, results: Path) -> None:
     table = Table(box=None)
     for column, justify in (("level", "right"), ("name", "left"), ("× previous", "right"), ("idea", "left")):
         table.add_column(column, justify=justify)
-    numbered = [k for k in levels if k.isdigit()]
     for key, cls in levels.items():
         # A numbered level against the nearest numbered level before it that this run has; a peer against its base.
-        before = (next((k for k in reversed(numbered[:numbered.index(key)]) if k in keys), None) if key.isdigit()
-                  else COMPARED_WITH[key])
+        before = report.nearest_earlier_level(key, keys) if key.isdigit() else COMPARED_WITH[key]
         if key not in keys:
             ratio = "-"
         elif before is None:

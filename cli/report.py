@@ -194,14 +194,19 @@ def ms_of(df: pd.DataFrame, label: str, tokens: int) -> float | None:
     return float(match["ms"].iloc[0]) if len(match) else None
 
 
-def previous_level_label(df: pd.DataFrame, row) -> str | None:
-    """The label of the numbered level this one is a diff of, in this run: the nearest earlier one it has (a run of
-    levels 4, 7 and 9 compares 7 with 4 and 9 with 7); None for the first and for the peers."""
-    if not str(row["level"]).isdigit():
+def nearest_earlier_level(level, present) -> str | None:
+    """The numbered level a numbered `level` is compared with in a run: the nearest earlier one among `present`
+    (a run of levels 4, 7 and 9 compares 7 with 4 and 9 with 7); None for the run's first and for the peers."""
+    if not str(level).isdigit():
         return None
-    earlier = {int(lvl): lbl for lbl, lvl in zip(df["label"], df["level"])
-               if str(lvl).isdigit() and int(lvl) < int(row["level"])}
-    return earlier[max(earlier)] if earlier else None
+    earlier = [int(key) for key in map(str, present) if key.isdigit() and int(key) < int(level)]
+    return str(max(earlier)) if earlier else None
+
+
+def previous_level_label(df: pd.DataFrame, row) -> str | None:
+    """The label of the level this row's level is compared with in these rows (nearest_earlier_level)."""
+    before = nearest_earlier_level(row["level"], df["level"])
+    return label_of(df, before) if before else None
 
 
 def previous_level_caption(df: pd.DataFrame) -> str:
