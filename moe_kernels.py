@@ -1038,7 +1038,7 @@ def moe_down_persistent(hidden_PI: torch.Tensor, w_down_EIH: torch.Tensor, routi
     return sum_TH.view(T, 1, H) if arrivals is not None else y_NH.view(T, K * split_k, H)
 
 
-NARROWEST_TILE = 16  # the smallest BLOCK_N of every down kernel's configs
+NARROWEST_TILE = 16  # the narrowest BLOCK_N of a down kernel that sums its own rows (level 9's; level 10's is 32)
 
 
 def arrival_counts(max_tokens: int, cols: int, device: torch.device) -> torch.Tensor:

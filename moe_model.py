@@ -3,7 +3,8 @@
 Shape legend, used in every file of the lab (a tensor's name ends in its shape: tokens_TH is [T, H]):
     T  tokens            H  hidden size         I  intermediate size (per expert)
     E  routed experts    K  experts per token (top-k)
-    S  shared experts (every token goes through each)
+    S  shared experts (every token goes through each); where levels 7-10 fuse them into their grouped GEMMs, E and
+       K inside a forward count them too (E + S experts, K + S slots: tensors such as expert_ids_TK widen)
     N  (token, slot) pairs, T·K: the rows a permutation sorts by expert
     P  padded rows: N plus each expert's run rounded up to whole GEMM tiles (levels 7-10); P_max, the most
        that any routing of T tokens can need: the rows of the buffers that hold them
@@ -102,10 +103,6 @@ class MoEConfig:
     @property
     def tolerance(self) -> float:
         return TOLERANCES[self.dtype]
-
-    def shape_str(self) -> str:
-        shared = f" S={self.num_shared_experts}" if self.num_shared_experts else ""
-        return f"H={self.hidden} I={self.intermediate} E={self.num_experts} K={self.top_k}{shared} {self.dtype}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -297,13 +294,6 @@ def make_router(config: MoEConfig) -> SoftmaxTopK | SigmoidBias | Switch | Exper
     return SoftmaxTopK()
 
 
-def route(tokens_TH: torch.Tensor, router_HE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The default router (softmax top-k) on a batch of tokens: (routing_weights_TK in the tokens' dtype,
-    expert_ids_TK)."""
-    routing = SoftmaxTopK()(tokens_TH @ router_HE, top_k)
-    return routing.routing_weights_TK.to(tokens_TH.dtype), routing.expert_ids_TK
-
-
 def reference_forward(
     tokens_TH: torch.Tensor,
     weights: MoEWeights,
@@ -404,6 +394,22 @@ class Fp8Experts:
 
     def __getitem__(self, expert: int) -> torch.Tensor:
         return dequantize_fp8(self.values_ECD[expert], self.scales_EC[expert, :, None]).T
+
+    def select(self, experts: slice = slice(None), cols: slice = slice(None)) -> Fp8Experts:
+        """Some of the experts and some of their output columns, as experts of their own (views)."""
+        return Fp8Experts(self.values_ECD[experts, cols], self.scales_EC[experts, cols])
+
+
+def fp8_layer_weights(router_HE: torch.Tensor, gate: Fp8Experts, up: Fp8Experts, down: Fp8Experts,
+                      num_experts: int) -> MoEWeights:
+    """The layer's weights from FP8 experts that hold the routed experts first and the shared ones after them
+    (experts E … E+S−1, as level 10 and the FP8 peer keep them for one grouped GEMM): what `reference_forward`
+    reads for the reference on the quantized values."""
+    routed, shared = slice(0, num_experts), slice(num_experts, None)
+    return MoEWeights(router_HE=router_HE,
+                      w_gate_EHI=gate.select(routed), w_up_EHI=up.select(routed), w_down_EIH=down.select(routed),
+                      w_shared_gate_SHI=gate.select(shared), w_shared_up_SHI=up.select(shared),
+                      w_shared_down_SIH=down.select(shared))
 
 
 def flop_count(config: MoEConfig, num_tokens: int) -> int:

@@ -27,6 +27,15 @@ def ep_field():
     return field(default=None, metadata=EP_ONLY)
 
 
+def shape_label(row) -> str:
+    """A row's layer shape as the console, the tables and the report title it: "H=1024 I=2048 E=8 K=2 bf16", with
+    S=n after K for a layer with shared experts. `row`: a rows.jsonl row, as a dict or a pandas row (whose
+    shared_experts is NaN for runs from before shared experts)."""
+    shared = row.get("shared_experts")
+    shared = f" S={int(shared)}" if shared and shared == shared else ""  # NaN ≠ NaN
+    return f"H={row['hidden']} I={row['intermediate']} E={row['experts']} K={row['top_k']}{shared} {row['dtype']}"
+
+
 @dataclass(slots=True, kw_only=True)
 class ResultRow:
     """One (level, case, token count) measurement. Fields in the order rows.jsonl lists them; a field older runs
@@ -34,7 +43,7 @@ class ResultRow:
 
     # The case: what was measured, where.
     target: str  # the lab, "moe_journey"
-    level: int | str  # the level's key: 0 to 10, "peer", "peer-fp8" or "ep"
+    level: int | str  # the level's key: 0 to 10, "peer", "peer-fp8", "peer-ogs" or "ep"
     level_name: str  # the level's short name, "grouped"
     preset: str  # the preset's name (an inline shape's is made of its numbers)
     hidden: int  # H, the model width
@@ -43,7 +52,7 @@ class ResultRow:
     top_k: int  # K, experts per token
     shared_experts: int = 0  # S, dense experts every token also goes through
     tokens: int  # T, tokens in the forward (all ranks' together on an EP row)
-    traffic: str = "uniform"  # the traffic shape's label: uniform, zipf-1.2, hot-0.5, ...
+    traffic: str = "uniform"  # the traffic shape's label: uniform, zipf(s=1.2), hot(50% of tokens)
     router: str = "softmax-topk"  # softmax-topk, sigmoid-bias, switch or expert-choice
     device: str  # the GPU's name, or "cpu"
     device_type: str | None = None  # "cuda" or "cpu"
@@ -76,7 +85,7 @@ class ResultRow:
     extra_mb_claimed: tuple[float, float] | None = None  # memory beyond inputs, weights and output, (low, high) MiB
     extra_mb: float | None = None  # the same, measured, MiB
     # The SM clock right after the timed calls (nvidia-smi), MHz, and whether the software power cap held it down
-    # then: sustained GEMMs at an H100's 700 W cap run at 1400-1600 MHz, not 1980 (GPU only).
+    # then (GPU only; what the cap does to an H100's clock: `sm_clock_after_load`).
     sm_clock_mhz: int | None = None
     power_capped: bool | None = None
     gpu_busy_pct: float | None = None  # kernel time / forward time, %

@@ -43,10 +43,13 @@ except ImportError:
 
 from cli.lab import lab
 from cli.options import (
+    CAPACITY_FACTOR,
     DEBUG_ENV,
     DEFAULTS,
+    HOT_SHARE,
+    ROUTER,
+    ZIPF_S,
     UsageError,
-    check_timing,
     configs_for,
     debugging,
     error_line,
@@ -54,6 +57,7 @@ from cli.options import (
     parse_levels,
     parse_traffics,
     parse_world_sizes,
+    timing,
     use_threads,
 )
 
@@ -280,13 +284,13 @@ def run_command(
                                           f"(default: {DEFAULTS['cuda'].preset} on a GPU, {DEFAULTS['cpu'].preset} on "
                                           "the CPU)"),
     device: str = typer.Option("auto", help="auto, cuda or cpu"),
-    router: str = typer.Option("softmax-topk", help="softmax-topk, sigmoid-bias, switch (top-1: presets then run "
+    router: str = typer.Option(ROUTER, help="softmax-topk, sigmoid-bias, switch (top-1: presets then run "
                                                     "with top_k=1) or expert-choice"),
-    capacity_factor: float = typer.Option(1.25, help="switch and expert-choice: each expert's capacity, in mean "
+    capacity_factor: float = typer.Option(CAPACITY_FACTOR, help="switch and expert-choice: each expert's capacity, in mean "
                                                      "loads"),
     traffic: str = typer.Option("uniform", help="traffic shape(s), comma-separated: uniform, zipf, hot"),
-    zipf_s: float = typer.Option(1.2, help="zipf traffic: expert popularity ∝ rank^-s"),
-    hot_share: float = typer.Option(0.5, help="hot traffic: the share of tokens that pick expert 0"),
+    zipf_s: float = typer.Option(ZIPF_S, help="zipf traffic: expert popularity ∝ rank^-s"),
+    hot_share: float = typer.Option(HOT_SHARE, help="hot traffic: the share of tokens that pick expert 0"),
     warmup: int = typer.Option(None, help=f"untimed calls before each of a row's turns of timed calls (default: "
                                           f"{DEFAULTS['cuda'].warmup} on a GPU, {DEFAULTS['cpu'].warmup} on the "
                                           "CPU; on a GPU at least 0.25 s of them)"),
@@ -320,9 +324,7 @@ def run_command(
         bench_mod = lab.moe_benchmark
         torch_device = bench_mod.resolve_device(device)
         defaults = DEFAULTS[torch_device.type]
-        warmup = warmup if warmup is not None else defaults.warmup
-        repeats = repeats if repeats is not None else defaults.repeats
-        check_timing(warmup, repeats)
+        warmup, repeats = timing(warmup, repeats, defaults)
         available = lab.load_levels()
         level_keys = parse_levels(levels, list(available))
         token_counts = parse_counts(tokens if tokens is not None else defaults.tokens, "--tokens")
@@ -457,12 +459,12 @@ def run_expert_parallel(world_sizes: list[int], configs: list, traffics: list, t
     traffic = traffics[0]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={max(world_sizes)}", ep.__file__,
-               "--world-sizes", ",".join(map(str, world_sizes)),
+               "--world-size", ",".join(map(str, world_sizes)),
                "--config-json", json.dumps([config.to_dict() for config in configs]),
                "--tokens", ",".join(map(str, token_counts)), "--device", device.type,
                "--traffic", ",".join(t.shape for t in traffics), "--zipf-s", str(traffic.zipf_s),
                "--hot-share", str(traffic.hot_share), "--warmup", str(warmup), "--repeats", str(repeats),
-               "--time-budget-s", str(time_budget_s), "--chunks", chunks, "--rows-out", str(rows_path)]
+               "--time-budget-s", str(time_budget_s), "--ep-chunks", chunks, "--rows-out", str(rows_path)]
     done = set()
     read = 0  # how much of the rows file has been recorded: whole lines only, a row being written waits
 

@@ -36,6 +36,11 @@ class UsageError(ValueError):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+# The layer's own defaults, where the CLI's options name them: moe_model's MoEConfig and Traffic hold the same (a test
+# keeps them equal; this module does not import moe_model, which imports torch).
+ROUTER, CAPACITY_FACTOR, ZIPF_S, HOT_SHARE = "softmax-topk", 1.25, 1.2, 0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class Defaults:
     preset: str
@@ -51,11 +56,11 @@ class Defaults:
 DEFAULTS = {
     "cuda": Defaults(preset="journey", tokens="2048,8192,16384,32768", script_tokens="8192", repeats=50,
                      time_budget_s=3.0, warmup=3),
-    # The CPU run must finish in about 2 minutes on 2 cores and rank levels 0-6 the same run after run: 16 tokens
-    # (per-op overhead decides), 128 and 1024 (the GEMMs do; level 1's weight copies take seconds here). Two runs
-    # agreed within 9% per cell at 128 and 1024 tokens, within 22% at 16 (about 1 ms a call, mostly Python). One
-    # thread: with two, OpenMP's barriers wait on any thread the OS lends to other work, and a busy machine timed
-    # level 4 at 128 tokens 100x slower (456 ms against 4 ms on one thread). NOTES.md, "CPU journey", has more.
+    # The CPU run must finish in about 2 minutes on 2 cores and rank levels 0-6 the same run after run: 128, 512
+    # and 1024 tokens, where the GEMMs decide (16 tokens, where per-op overhead does, moved by up to 22% from one
+    # run to the next; two runs of these sizes agreed within 6% at 512 and 1024 but for one slow row, and within
+    # 11-19% at 128). One thread: with two, OpenMP's barriers wait on any thread the OS lends to other work, and a
+    # busy machine timed level 4 at 128 tokens 100x slower (456 ms against 4 ms on one thread). NOTES.md, "CPU journey", has more.
     "cpu": Defaults(preset="small", tokens="128,512,1024", script_tokens="256", repeats=300, time_budget_s=1.5,
                     warmup=2, threads=1),
 }
@@ -103,9 +108,13 @@ def parse_world_sizes(spec: str, option: str) -> list[int]:
     return sizes
 
 
-def check_timing(warmup: int, repeats: int) -> None:
+def timing(warmup: int | None, repeats: int | None, defaults: Defaults) -> tuple[int, int]:
+    """--warmup and --repeats as asked, the device's defaults where not, checked."""
+    warmup = warmup if warmup is not None else defaults.warmup
+    repeats = repeats if repeats is not None else defaults.repeats
     if warmup < 0 or repeats < 1:
         raise UsageError(f"--warmup must be ≥ 0 and --repeats ≥ 1, got --warmup {warmup} --repeats {repeats}")
+    return warmup, repeats
 
 
 # A preset's keys as the user writes them (inline or in TOML) → MoEConfig's fields.
@@ -205,8 +214,8 @@ def script_parser(prog: str, lesson: str, tokens_help: str = "token counts") -> 
                                          f"{cpu.script_tokens} on the CPU)")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument("--traffic", default="uniform", help="traffic shape(s), comma-separated: uniform, zipf, hot")
-    parser.add_argument("--zipf-s", type=float, default=1.2)
-    parser.add_argument("--hot-share", type=float, default=0.5)
+    parser.add_argument("--zipf-s", type=float, default=ZIPF_S)
+    parser.add_argument("--hot-share", type=float, default=HOT_SHARE)
     parser.add_argument("--warmup", type=int, default=None,
                         help=f"untimed calls before each of a row's two turns of timed calls (default: "
                              f"{gpu.warmup} on a GPU, {cpu.warmup} on the CPU)")
@@ -243,9 +252,7 @@ def script_cases(args, device_type: str) -> ScriptCases:
     if args.debug:
         os.environ[DEBUG_ENV] = "1"
     defaults = DEFAULTS[device_type]
-    warmup = args.warmup if args.warmup is not None else defaults.warmup
-    repeats = args.repeats if args.repeats is not None else defaults.repeats
-    check_timing(warmup, repeats)
+    warmup, repeats = timing(args.warmup, args.repeats, defaults)
     return ScriptCases(defaults, warmup, repeats, parse_counts(args.tokens or defaults.script_tokens, "--tokens"),
                        parse_traffics(args.traffic, args.zipf_s, args.hot_share))
 

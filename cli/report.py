@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cli.numbers import fmt  # noqa: E402
-from result_row import OUTSIDE_STAGES, ResultRow  # noqa: E402
+from result_row import OUTSIDE_STAGES, ResultRow, shape_label  # noqa: E402
 
 STATUS_CELL = {"oom": "OOM", "skipped": "skipped", "error": "error", "checked": "checked"}
 
@@ -157,12 +157,6 @@ def split_ep(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return df[is_ep].reset_index(drop=True), df[~is_ep].reset_index(drop=True)
 
 
-def shared_of(row) -> str:
-    """ S=n for rows of a layer with shared experts; nothing for those without (or from before they existed)."""
-    shared = row.get("shared_experts")
-    return f" S={int(shared)}" if shared and not pd.isna(shared) else ""
-
-
 def slug(case: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", case).strip("_")
 
@@ -256,11 +250,6 @@ def status_or(render):
     return lambda row: render(row) if row["status"] == "ok" else STATUS_CELL.get(row["status"], row["status"])
 
 
-def shape_of(row) -> str:
-    return (f"H={row['hidden']} I={row['intermediate']} E={row['experts']} K={row['top_k']}{shared_of(row)} "
-            f"{row['dtype']}")
-
-
 def profiled(df: pd.DataFrame) -> pd.DataFrame:
     return df[(df["status"] == "ok") & df["stage_ms"].map(lambda v: isinstance(v, dict))]
 
@@ -304,7 +293,7 @@ def speedup_vs(df: pd.DataFrame, reference_label_of):
 
 def preset_section(df: pd.DataFrame, env: dict) -> str:
     first = df.iloc[0]
-    shape = shape_of(first)
+    shape = shape_label(first)
     baseline = next((lbl for lbl in df["label"] if lbl.startswith("0 ")), None)
     all_rows, df = df, timed_levels(df)
 
@@ -430,7 +419,7 @@ def fp8_section(df: pd.DataFrame) -> str:
     parts = ["## FP8 (e4m3)", FP8_INTRO]
     for case, part in fp8_cases(df):
         timed = timed_levels(part)
-        parts.append(f"### {case} ({shape_of(part.iloc[0])})")
+        parts.append(f"### {case} ({shape_label(part.iloc[0])})")
         if times_fp8(timed):
             parts += ["TFLOP/s:",
                       markdown_table(pivot(timed, status_or(lambda r: fmt(r["tflops"]))), "level \\ tokens")]
@@ -1020,7 +1009,7 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
         part = df[df["case"] == case].reset_index(drop=True)
         images = [f"{kind}_{slug(case)}.png" for kind in ("time", "speedup", "roofline")]
         sections += [
-            f"#### {case} ({shape_of(part.iloc[0])})",
+            f"#### {case} ({shape_label(part.iloc[0])})",
             f"ms per forward ({HOST_BOUND_MARK}: host-bound):",
             markdown_table(pivot(part, status_or(time_cell)), "level \\ tokens"),
             "% of the roofline:",

@@ -18,6 +18,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from cli import report
+from result_row import shape_label
 
 REPO = Path(__file__).resolve().parent.parent
 LESSONS = REPO / "labs" / "moe_optimization_journey"
@@ -208,7 +209,7 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
                         + ")" if others else "")
     parts = [
         f'<h2 id="{anchor}">{esc(report.case_title(first["case"]))} '
-        f'<small>({esc(report.shape_of(first))})</small></h2>',
+        f'<small>({esc(shape_label(first))})</small></h2>',
         section("Time per forward, ms", "The median of the timed repeats. <em>OOM</em>: ran out of GPU memory; "
                 "<em>skipped</em>: not run at this size or on this device; <em>checked</em>: checked in Triton's "
                 "interpreter, not timed (the notes below say why).",
@@ -275,7 +276,7 @@ def fp8_html(df: pd.DataFrame, links: dict) -> str:
     parts = ['<h2 id="fp8">FP8 (e4m3)</h2>', f'<p class="caption">{esc(report.FP8_INTRO)}</p>']
     for case, part in report.fp8_cases(df):
         timed = report.timed_levels(part)
-        parts.append(f"<h3>{esc(report.case_title(case))} <small>({esc(report.shape_of(part.iloc[0]))})</small></h3>")
+        parts.append(f"<h3>{esc(report.case_title(case))} <small>({esc(shape_label(part.iloc[0]))})</small></h3>")
         if report.times_fp8(timed):
             parts.append(table_html(report.pivot(timed, report.status_or(lambda r: report.fmt(r["tflops"]))), links,
                                     "TFLOP/s: level \\ tokens"))

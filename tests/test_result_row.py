@@ -118,7 +118,7 @@ def test_stages_are_named_once():
                                            (["--tokens", "0"], "must be positive"),
                                            (["--preset", "hidden=8,intermediate=8,experts=2,top_k=3"],
                                             "cannot exceed experts (2)"),
-                                           (["--chunks", "1,many"], "whole numbers")])
+                                           (["--ep-chunks", "1,many"], "whole numbers")])
 def test_ep_script_refuses_like_the_cli(args, message):
     script = REPO / "labs" / "moe_optimization_journey" / "level_ep_expert_parallel.py"
     result = subprocess.run([sys.executable, str(script), "--device", "cpu", *args], capture_output=True, text=True)
@@ -175,3 +175,10 @@ def ep_row_in_one_process(layer_cls: type, config) -> dict:
     finally:
         dist.destroy_process_group()
     return row
+
+
+def test_shape_label_names_the_shared_experts_only_where_the_layer_has_them():
+    row = dict(hidden=1024, intermediate=2048, experts=8, top_k=2, shared_experts=0, dtype="bf16")
+    assert result_row.shape_label(row) == "H=1024 I=2048 E=8 K=2 bf16"
+    assert result_row.shape_label(row | dict(shared_experts=1)) == "H=1024 I=2048 E=8 K=2 S=1 bf16"
+    assert result_row.shape_label(row | dict(shared_experts=float("nan"))) == "H=1024 I=2048 E=8 K=2 bf16"

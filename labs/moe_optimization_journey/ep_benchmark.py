@@ -50,7 +50,7 @@ from moe_model import (
 
 # ---------------------------------------------------------------------------------------------------------------
 REFERENCE_CHUNK = 32  # experts drawn at a time for the check: 2.8 GB of deepseek-v3 weights, beside the layer's own
-AUTO_CHUNKS = (1, 2, 4, 8)  # the chunk counts `--chunks auto` chooses from
+AUTO_CHUNKS = (1, 2, 4, 8)  # the chunk counts `--ep-chunks auto` chooses from
 CHOICE_REPEATS = 5  # timed forwards per chunk count while choosing (warm_up's minimum)
 
 
@@ -372,10 +372,10 @@ def run_ep_script(layer_cls: type) -> None:
                                                             "(how `aisp bench run` passes them)")
     parser.add_argument("--time-budget-s", type=float, default=None, help="seconds of timed calls per row "
                                                                           "(default: the device's)")
-    parser.add_argument("--chunks", default="auto", help="chunk counts of the pipelined forward to choose from, "
+    parser.add_argument("--ep-chunks", default="auto", help="chunk counts of the pipelined forward to choose from, "
                                                          "comma-separated, or auto: 1, 2, 4 and 8 (one chunk, "
                                                          "the baseline, is always timed too)")
-    parser.add_argument("--world-sizes", default=None, help="the world sizes to time in turn, comma-separated, "
+    parser.add_argument("--world-size", default=None, help="the world sizes to time in turn, comma-separated, "
                                                              "the largest this launch's (default: it alone)")
     parser.add_argument("--rows-out", type=Path, default=None, help="append the rows here (JSON lines)")
     args = parser.parse_args()
@@ -391,12 +391,12 @@ def run_ep_script(layer_cls: type) -> None:
             presets = [MoEConfig(**fields) for fields in json.loads(args.config_json)]
         else:
             presets = parse_presets(args.preset or cases.defaults.preset)
-        if args.chunks != "auto":
-            parse_counts(args.chunks, "--chunks")
+        if args.ep_chunks != "auto":
+            parse_counts(args.ep_chunks, "--ep-chunks")
         world = int(os.environ.get("WORLD_SIZE", 1))
-        world_sizes = parse_world_sizes(args.world_sizes, "--world-sizes") if args.world_sizes else [world]
+        world_sizes = parse_world_sizes(args.world_size, "--world-size") if args.world_size else [world]
         if max(world_sizes) != world:
-            raise ConfigError(f"--world-sizes {args.world_sizes}: the largest must be this launch's world size, "
+            raise ConfigError(f"--world-size {args.world_size}: the largest must be this launch's world size, "
                               f"{world}")
     except ValueError as error:  # UsageError, ConfigError, and a --config-json that is not JSON
         refuse(parser.prog, error, quiet=rank != 0)
@@ -419,7 +419,7 @@ def run_ep_script(layer_cls: type) -> None:
             for traffic in cases.traffics:
                 for tokens in cases.token_counts:
                     case_rows = benchmark_ep(layer_cls, preset, tokens, device, traffic, groups, cases.warmup,
-                                             cases.repeats, budget_s, args.chunks)
+                                             cases.repeats, budget_s, args.ep_chunks)
                     rows += case_rows
                     if args.rows_out and case_rows:
                         with open(args.rows_out, "a") as rows_file:

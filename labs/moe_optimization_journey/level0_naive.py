@@ -10,9 +10,9 @@ What it costs
     because each boolean index (`tokens_TH[mask_T]`, the routing weights, the read and the write of `out_TH`)
     must count its rows before it can allocate them. Measured on an H100: E·K + 4·(busy iterations) syncs, and
     about 24 kernels per busy iteration (compare, nonzeros, gathers, three matmuls, activation, scatter), so 1056
-    syncs and 1209 kernels for one token on `qwen3-moe` (E=128, K=8). An expert's tokens are also split across K
-    separate matmuls instead of one. The arithmetic is right, and the counted FLOPs are the minimum; everything
-    around them is overhead, which the later levels remove one by one.
+    syncs for one token on `qwen3-moe` (E=128, K=8), and by the same count about 1,220 kernels. An expert's tokens
+    are also split across K separate matmuls instead of one. The arithmetic is right, and the counted FLOPs are
+    the minimum; everything around them is overhead, which the later levels remove one by one.
 
 Shared experts (if the config has any) run after the loops as a separate dense MLP: not fused.
 
@@ -31,7 +31,8 @@ class NaiveLevel(MoELevel):
     # E·K (expert, slot) iterations: a compare (1 kernel) and `any` (1 sync) each; the busy ones (uniform routing:
     # E·K·(1 − (1 − 1/E)^T)) 24 kernels more (28 once a nonzero is large enough to take more passes) and 4 syncs,
     # at the lines below. Alive at the peak: one iteration's tokens, gate, up, activation temporaries and result.
-    claims = Claims(launches="(E*K + 24*E*K*(1 - (1 - 1/E)**T) + 26*S, E*K + 28*E*K*(1 - (1 - 1/E)**T) + 26*S)",
+    claims = Claims(launches="(E*K + 24*E*K*(1 - (1 - 1/E)**T) + shared_kernels_min, "
+                             "E*K + 28*E*K*(1 - (1 - 1/E)**T) + shared_kernels_max)",
                     syncs="E*K + 4*E*K*(1 - (1 - 1/E)**T)",
                     extra_bytes="(max(T/E*(H + 6*I)*bytes, S*T*(3*I + 2*H)*bytes), "
                                 "max(2*max(1, T/E)*(2*H + 5*I)*bytes, S*T*(3*I + 2*H)*bytes))")
@@ -40,8 +41,8 @@ class NaiveLevel(MoELevel):
     def skip_reason(cls, config, num_tokens):
         iterations = config.num_experts * config.top_k
         if iterations >= 2048 and num_tokens >= 16384:
-            return (f"{iterations} (expert, slot) iterations with two host syncs each at {num_tokens} tokens: "
-                    "skipped to keep the sweep inside its time limit")
+            return (f"{iterations} (expert, slot) iterations with up to five host syncs each at {num_tokens} "
+                    "tokens: skipped to keep the sweep inside its time limit")
         return None
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):

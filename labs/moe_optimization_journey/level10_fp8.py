@@ -77,7 +77,7 @@ from moe_benchmark import Claims, run_level_script
 import moe_kernels
 from moe_kernels import (ONE_PROGRAM_MAX_PAIRS, align_and_quantize_tokens, choose_block_m, moe_down_fp8,
                          moe_gate_up_fp8, quantize_rows, tma_storage)
-from moe_model import Fp8Experts, MoEWeights, fp8_round_trip, reference_forward
+from moe_model import Fp8Experts, fp8_layer_weights, fp8_round_trip, reference_forward
 
 # hidden [P, I] bf16, its e4m3 values [P, I] and row scales [P] fp32, y [N, H], the tokens [T, H] in e4m3 and their
 # scales [T] fp32.
@@ -133,19 +133,8 @@ class Fp8Level(PersistentTmaLevel):
         """The layer in fp32 on the values the kernels multiply: the tokens' e4m3 round trip, the dequantized
         weights, and SiLU·up stored in bf16, then rounded through e4m3 (activations: a power-of-two scale per
         row)."""
-        E = self.config.num_experts  # experts E … E+S−1 of the kernels' tensors are the shared ones
-        gate_rows, up_rows = slice(0, None, 2), slice(1, None, 2)  # gate and up rows are interleaved
-
-        def experts(w: Fp8Experts, which: slice, rows: slice = slice(None)) -> Fp8Experts:
-            return Fp8Experts(w.values_ECD[which, rows], w.scales_EC[which, rows])
-
-        routed, shared = slice(0, E), slice(E, None)
-        weights = MoEWeights(
-            router_HE=self.weights.router_HE,
-            w_gate_EHI=experts(self.w13, routed, gate_rows), w_up_EHI=experts(self.w13, routed, up_rows),
-            w_down_EIH=experts(self.w_down, routed),
-            w_shared_gate_SHI=experts(self.w13, shared, gate_rows), w_shared_up_SHI=experts(self.w13, shared, up_rows),
-            w_shared_down_SIH=experts(self.w_down, shared))
+        gate, up = self.w13.select(cols=slice(0, None, 2)), self.w13.select(cols=slice(1, None, 2))  # interleaved
+        weights = fp8_layer_weights(self.weights.router_HE, gate, up, self.w_down, self.config.num_experts)
         return reference_forward(fp8_round_trip(tokens_TH, power_of_two=True), weights, routing_weights_TK,
                                  expert_ids_TK,
                                  round_hidden=lambda hidden: fp8_round_trip(hidden.bfloat16(), power_of_two=True))

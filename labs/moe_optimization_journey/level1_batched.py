@@ -6,8 +6,9 @@ The idea
     fixed shapes: no loop, no sync, a handful of launches whatever E is.
 
 Why it should be faster than level 0
-    Launches drop from about 10·E·K to about 10, and the host never waits for the device. When a forward is
-    dominated by launch gaps and syncs (few tokens, many experts), that is most of the time.
+    Launches drop from about 25·E·K once every expert has tokens (E·K, plus about 24 per busy iteration) to
+    about 10, and the host never waits for the device. When a forward is dominated by launch gaps and syncs (few
+    tokens, many experts), that is most of the time.
 
 What it costs
     Memory and bytes, O(T·K·H·I): every token gets a private copy of two experts' weights. At the `journey` size
@@ -34,7 +35,8 @@ class BatchedLevel(MoELevel):
     summary = "gather each token's expert weights (w[expert_ids]) and einsum: no loop, O(T·K·H·I) memory"
     # Three weight gathers, four einsums, the activation: about 9 kernels. Past 2^31 elements per gathered copy
     # the gathers and einsums run in pieces (32-bit indexing): about 30.
-    claims = Claims(launches="(9 + 9*S, 11 + 10*S) if T*K*H*I < 2**31 else (30, 33)", syncs="0",
+    claims = Claims(launches="(9 + shared_kernels_min, 11 + shared_kernels_max) if T*K*H*I < 2**31 "
+                             "else (30 + shared_kernels_min, 33 + shared_kernels_max)", syncs="0",
                     extra_bytes="T*K*(H*I + 3*I + H)*bytes")
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):

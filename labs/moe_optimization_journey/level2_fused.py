@@ -31,7 +31,8 @@ class FusedLevel(BatchedLevel):
     level = 2
     name = "fused"
     summary = "level 1 with the Triton fused SiLU·up kernel"
-    claims = Claims(launches="(8 + 9*S, 10 + 10*S) if T*K*H*I < 2**31 else (29, 32)", syncs="0",  # level 1's − 1
+    claims = Claims(launches="(8 + shared_kernels_min, 10 + shared_kernels_max) if T*K*H*I < 2**31 "  # level 1's − 1
+                             "else (29 + shared_kernels_min, 32 + shared_kernels_max)", syncs="0",
                     extra_bytes="T*K*(H*I + 2*I + H)*bytes")
 
     def activation(self, gate_TKI, up_TKI):

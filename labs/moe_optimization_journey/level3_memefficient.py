@@ -40,7 +40,8 @@ class MemEfficientLevel(MoELevel):
     # matmuls, the activation, the weight lookup, the multiply, the scatter-add), 15 where cuBLAS splits the
     # matmuls. Python frees an expert's tensors only when the next expert's rebind their names: two experts'
     # worth are alive at the peak.
-    claims = Claims(launches="(4*E + 9*U + 1 + 8*S, 4*E + 15*U + 1 + 26*S)", syncs="E",
+    claims = Claims(launches="(4*E + 9*E_used + 1 + shared_kernels_min, 4*E + 15*E_used + 1 + shared_kernels_max)",
+                    syncs="E",
                     extra_bytes="max(2*T*K/E*(2*H + 2*I)*bytes, S*T*(3*I + 2*H)*bytes)")
 
     def forward(self, tokens_TH, routing_weights_TK, expert_ids_TK):

@@ -8,7 +8,7 @@ The idea
     weights the sorted results by their routing weights and adds them back into the tokens' rows with one
     `index_add_`. This "permute → grouped GEMM → un-permute" shape is how production MoE layers are built
     (torchtitan, vLLM, Megatron); the later levels change how the grouped GEMM and the permutation run, and
-    levels 5 and 6 and the peer call these two functions as they are (the expert-parallel level, `permute`).
+    levels 5 and 6 and the two torch peers call these two functions as they are.
 
 Why it should be faster than level 3
     One host sync per forward (`counts_E.tolist()`, needed to cut the slices) instead of E; one gather and one
@@ -61,7 +61,8 @@ class GroupedLevel(MoELevel):
     summary = "sort pairs by expert (argsort), one GEMM per expert slice, index_add_ combine"
     # permute: a sort and 8 small kernels; per expert that got pairs 4 (gate, up, activation, down), 6 where cuBLAS
     # splits the gate and up GEMMs; combine: 3.
-    claims = Claims(launches="(4*U + 11 + 8*S, 6*U + 11 + 26*S)", syncs="1", extra_bytes="2*T*K*H*bytes + 24*T*K")
+    claims = Claims(launches="(4*E_used + 11 + shared_kernels_min, 6*E_used + 11 + shared_kernels_max)", syncs="1",
+                    extra_bytes="2*T*K*H*bytes + 24*T*K")
 
     permute = staticmethod(permute)  # level 6 swaps these two for their compiled versions
     combine = staticmethod(combine)

@@ -20,7 +20,7 @@ Where the inputs live
     A graph replays from fixed addresses: it reads its inputs from the buffers it was recorded reading. Inside a
     graph of the whole model this layer's inputs are the previous layer's static output and the router's, already
     in place, and nothing moves. A caller outside a graph hands over tensors of its own, and each call first copies
-    them in, all three in one launch: T·H + 2·T·K elements read and written, on an H100 9 µs of level 9's forward
+    them in, all three in one launch: T·H + 2·T·K elements read and written, on an H100 10 µs of level 9's forward
     at journey's 8192 tokens (2.7%) and 5 µs at one token, the launch's host time included (NOTES.md). The benchmark
     times the layer as a model runs it (`Graphed` below, which level 8 uses too): the timing inputs are copied in
     once, and each timed call is the replay alone. The check still hands the graph fresh inputs, and pays the copy.
@@ -32,7 +32,7 @@ Why it should be faster than level 4
 
 What it costs
     Padding. Buffers sized for the worst case make every expert compute T rows, so the GEMMs do E/K times the useful
-    FLOPs (4× on `journey`, 16× on `qwen3-moe`, 32× on `deepseek-v3`) and hold E·T·(2H + I) activations. At large T
+    FLOPs (4× on `journey`, 16× on `qwen3-moe`, 32× on `deepseek-v3`) and hold E·T·(2H + 2I) activations. At large T
     that loses to level 4 (by up to E/K, once level 4's own GEMMs run near peak); the table keeps it. The lesson is
     the pair: syncs and launches dominate small batches, padding dominates large ones; level 7's token alignment
     pads each expert only to a GEMM block instead of to T. The output is a static buffer the next replay overwrites;
@@ -129,10 +129,10 @@ class CudaGraphLevel(Graphed, MoELevel):
     level = 5
     name = "cudagraphs"
     summary = "sync-free fixed-capacity formulation, the whole layer captured in one CUDA graph"
-    # 25 kernels in the graph on an H100 (28 at journey's one token; 9 more per shared expert; up to 38 where the
-    # sort of T·K pairs takes more passes), replayed by one launch. Its private pool keeps every intermediate, each
-    # expert padded to T rows.
-    claims = Claims(launches="(25 + 9*S, 38 + 9*S)", syncs="0",
+    # 25 kernels in the graph on an H100 (28 at journey's one token; up to 38 where the sort of T·K pairs takes more
+    # passes), replayed by one launch, and the shared experts' as every level adds them. Its private pool keeps
+    # every intermediate, each expert padded to T rows.
+    claims = Claims(launches="(25 + shared_kernels_min, 38 + shared_kernels_max)", syncs="0",
                     extra_bytes="(E*T*(2*H + 2*I)*bytes, E*T*(2*H + 2*I)*bytes + 80*2**20)")
 
     def prepare(self):

@@ -47,7 +47,8 @@ class CompiledLevel(GroupedLevel):
     name = "compiled"
     summary = "level 4 with its permute and combine functions compiled by torch.compile (default mode, dynamic shapes)"
     # Level 4's count less one: Inductor fused two of the combine's kernels, and the sort stays a library call.
-    claims = Claims(launches="(4*U + 10 + 8*S, 6*U + 10 + 26*S)", syncs="1", extra_bytes="2*T*K*H*bytes + 24*T*K")
+    claims = Claims(launches="(4*E_used + 10 + shared_kernels_min, 6*E_used + 10 + shared_kernels_max)", syncs="1",
+                    extra_bytes="2*T*K*H*bytes + 24*T*K")
 
     def prepare(self):
         self.permute = torch.compile(permute, dynamic=True)

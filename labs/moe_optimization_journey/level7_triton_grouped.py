@@ -49,9 +49,8 @@ from moe_kernels import align_tokens, choose_block_m, moe_down, moe_gate_up, sum
 from moe_model import MoEConfig
 
 
-# P = N + (E + S)·(BLOCK_M − 1) padded rows, N = T·(K + S) pairs, BLOCK_M = choose_block_m's;
-# hidden [P, I], y [N, H].
-PADDED_ROWS = "(T*(K + S) + (E + S)*(min(128, max(16, 2**ceil(log2(max(1, T*(K + S)/(E + S)))))) - 1))"
+# P = N + (E + S)·(BLOCK_M − 1) padded rows at most, N = T·(K + S) pairs; hidden [P, I], y [N, H].
+PADDED_ROWS = "padded_rows(T*(K + S), E + S)"
 PADDED_HIDDEN_AND_Y_BYTES = f"{PADDED_ROWS}*I*bytes + T*(K + S)*H*bytes"
 
 

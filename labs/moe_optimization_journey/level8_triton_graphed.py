@@ -21,7 +21,7 @@ Why it should be faster than level 7
     written (measured on an H100: 48 µs of journey's 32768-token forward, 3%).
 
 What it costs
-    A graph per distinct T, captured on first use (outside the timing, its time in the row's note), holding its
+    A graph per distinct T, captured on first use (outside the timing, its time in the row's first_call_ms), holding its
     own memory pool for the intermediates (it reserves whole segments: up to twice what level 7 allocates); the
     output is a static buffer that the next replay overwrites. On the CPU there are no graphs: the level runs level
     7's eager path, checked in Triton's interpreter like level 7 and not timed.

@@ -122,7 +122,7 @@ Scaling, as the benchmark runs it (weak scaling)
     from one process to the next on two H200s, and the efficiency across 0.933-0.995 with it (NOTES.md).
 
 Run: torchrun --standalone --nproc-per-node 2 labs/moe_optimization_journey/level_ep_expert_parallel.py
-         [--world-sizes 1,2] [--preset journey] [--tokens 8192] [--chunks auto] [--device cuda]
+         [--world-size 1,2] [--preset journey] [--tokens 8192] [--ep-chunks auto] [--device cuda]
      (plain `python`: world size 1)
 """
 

@@ -61,7 +61,7 @@ from moe_model import (  # noqa: E402
     router_logits,
     shared_experts_forward,
 )
-from result_row import OUTSIDE_STAGES, STAGES, ResultRow  # noqa: E402
+from result_row import OUTSIDE_STAGES, STAGES, ResultRow, shape_label  # noqa: E402
 
 TARGET = "moe_journey"
 
@@ -124,15 +124,24 @@ class LevelUnavailable(RuntimeError):
     """Raised by a level that cannot run here (no GPU, no Triton); its row becomes `skipped` with the reason."""
 
 
+# The kernels `MoELevel.add_shared_experts` launches per shared expert, (fewest, most): three GEMMs (cuBLAS may
+# split one where few rows meet a deep reduction), SiLU, the multiply and the adds. With deepseek-v3's shared expert
+# the torch peer ran 9-10 more kernels than its claim without it (NOTES.md, "Claims against the committed run").
+SHARED_EXPERT_KERNELS = (8, 26)
+
+
 @dataclass(frozen=True)
 class Claims:
     """What a level's lesson says one forward costs, as data the harness measures on a GPU: kernels the GPU runs
     (a CUDA graph's replay counts every kernel in it), host syncs (the CPU waits for the GPU), and device memory
     beyond the inputs, the weights (prepare()'s re-layouts included) and the output. Each is a Python expression
-    of the shape legend's T, H, I, E, K and S, `bytes` (per element) and U (experts that get at least one pair under
-    uniform routing: E·(1 − (1 − K/E)^T)). A launch count may be a range (low, high) where a library chooses
-    (cuBLAS splits a GEMM with few rows and a deep reduction into two kernels), and so may the memory where an
-    allocator rounds (a CUDA graph's pool reserves whole segments)."""
+    of the shape legend's T, H, I, E, K and S, `bytes` (per element), E_used (experts that get at least one pair
+    under uniform routing: E·(1 − (1 − K/E)^T)), padded_rows(pairs, experts) (P_max: the rows levels 7-10's
+    alignment may pad that many pairs to, moe_kernels.padded_length at choose_block_m's block), and
+    shared_kernels_min and shared_kernels_max (what `add_shared_experts` launches: SHARED_EXPERT_KERNELS times S).
+    A launch count may be a range (low, high) where a library chooses (cuBLAS splits a GEMM with few rows and a deep
+    reduction into two kernels), and so may the memory where an allocator rounds (a CUDA graph's pool reserves whole
+    segments)."""
 
     launches: str
     syncs: str
@@ -142,7 +151,9 @@ class Claims:
         T, K, E = num_tokens, config.top_k, config.num_experts
         shape = {"T": T, "H": config.hidden, "I": config.intermediate, "E": E, "K": K,
                  "S": config.num_shared_experts, "bytes": torch.finfo(config.torch_dtype).bits // 8,
-                 "U": E * (1 - (1 - K / E) ** T), "min": min, "max": max, "ceil": math.ceil, "log2": math.log2}
+                 "E_used": E * (1 - (1 - K / E) ** T), "padded_rows": padded_rows, "min": min, "max": max,
+                 "shared_kernels_min": SHARED_EXPERT_KERNELS[0] * config.num_shared_experts,
+                 "shared_kernels_max": SHARED_EXPERT_KERNELS[1] * config.num_shared_experts}
 
         def span(formula: str) -> tuple:
             """(low, high) of a formula that gives one number or a range: the lab's own formulas, evaluated."""
@@ -151,6 +162,10 @@ class Claims:
 
         return {"launches": tuple(round(n) for n in span(self.launches)), "syncs": round(span(self.syncs)[0]),
                 "extra_mb": tuple(n / 2**20 for n in span(self.extra_bytes))}
+
+
+def padded_rows(pairs: int, experts: int) -> int:
+    return moe_kernels.padded_length(pairs, experts, moe_kernels.choose_block_m(pairs, experts))
 
 
 def contradicted_claims(row: dict) -> list[str]:
@@ -412,7 +427,7 @@ def host_issue_ms(fn: Callable[[], object], device: torch.device, gpu_ms: float)
 
 def sm_clock_after_load(device: torch.device) -> tuple[int, bool] | None:
     """(SM clock in MHz, whether the driver's software power cap holds it down) read by nvidia-smi right after
-    the timed calls. An H100 at its 700 W cap runs back-to-back GEMMs at 1400-1600 MHz instead of 1980, 10-16%
+    the timed calls. An H100 at its 700 W cap runs back-to-back GEMMs at 1425-1500 MHz instead of 1980, 10-16%
     slower (NOTES.md), so a row says which clock its median was taken at. None off a GPU, without nvidia-smi, or
     where it cannot answer for this GPU."""
     if device.type != "cuda" or shutil.which("nvidia-smi") is None:
@@ -650,7 +665,7 @@ def time_round(call: Callable[[], object], device: torch.device, settings: Setti
 @dataclass
 class DenseGemms:
     """The yardstick of a case under the matmul roof: cuBLAS on the layer's FLOPs with none of MoE's work. All
-    P = T·(K + S) rows go as one matrix through two dense GEMMs, [P, H] @ [H, 2I] and [P, I] @ [I, H] (no routing,
+    N = T·(K + S) rows go as one matrix through two dense GEMMs, [N, H] @ [H, 2I] and [N, I] @ [I, H] (no routing,
     gather, padding, SiLU or sum over K), timed in turn with the case's levels, so that the card's heat weighs on
     it as on them: an H100 under that load ran mixtral's two at 684 TF/s where an 8192³ matmul on the cool card
     had read 791 (NOTES.md). Its operands are drawn for each turn and freed after it (at deepseek-v3's 32768 tokens
@@ -678,15 +693,15 @@ class DenseGemms:
         H, I, dtype = self.config.hidden, self.config.intermediate, self.config.torch_dtype
         rows = self.num_tokens * (self.config.top_k + self.config.num_shared_experts)
         generator = torch.Generator(device=device).manual_seed(0)
-        tokens_PH, w13_H2I, hidden_PI, w_down_IH = (
+        tokens_NH, w13_H2I, hidden_NI, w_down_IH = (
             torch.randn(shape, generator=generator, device=device, dtype=dtype)
             for shape in ((rows, H), (H, 2 * I), (rows, I), (I, H)))
-        gate_up_P2I = torch.empty((rows, 2 * I), device=device, dtype=dtype)
-        y_PH = torch.empty((rows, H), device=device, dtype=dtype)
+        gate_up_N2I = torch.empty((rows, 2 * I), device=device, dtype=dtype)
+        y_NH = torch.empty((rows, H), device=device, dtype=dtype)
 
         def call() -> None:
-            torch.matmul(tokens_PH, w13_H2I, out=gate_up_P2I)  # 2·P·H·2I FLOPs
-            torch.matmul(hidden_PI, w_down_IH, out=y_PH)  # 2·P·I·H FLOPs
+            torch.matmul(tokens_NH, w13_H2I, out=gate_up_N2I)  # 2·N·H·2I FLOPs
+            torch.matmul(hidden_NI, w_down_IH, out=y_NH)  # 2·N·I·H FLOPs
 
         return time_round(call, device, settings)
 
@@ -710,7 +725,7 @@ def benchmark_case(level_classes: list[type[MoELevel]], config: MoEConfig, num_t
 
     Why in turn: a GPU under its power cap runs slower as it heats, and timed one after the other each level would
     meet the card the levels before it had heated. On an H100, sweeps that timed one level after the other read
-    level 8 (level 7's kernels, graphed) 5-7% slower than level 7 at mixtral's 16384 tokens; timed in turn, 2.5%: the
+    level 8 (level 7's kernels, graphed) 5-9% slower than level 7 at mixtral's 16384 tokens; timed in turn, 2.5%: the
     copy of its inputs into the graph, and the card's spread (NOTES.md).
     So the levels are set up and checked first, then timed in TIMING_ROUNDS rounds, in level order and then in
     reverse: a card that heats steadily through the case weighs on each level alike. On a GPU a level joins those
@@ -924,10 +939,7 @@ def row_case(row: dict) -> str:
     router where they are not the default."""
     extras = [row["traffic"] if row.get("traffic", "uniform") != "uniform" else "",
               f"{row['router']} router" if row.get("router", "softmax-topk") != "softmax-topk" else ""]
-    shared = f" S={row['shared_experts']}" if row.get("shared_experts") else ""
-    return (", ".join([row["preset"], *filter(None, extras)])
-            + f" (H={row['hidden']} I={row['intermediate']} E={row['experts']} K={row['top_k']}{shared} "
-              f"{row['dtype']})")
+    return f"{', '.join([row['preset'], *filter(None, extras)])} ({shape_label(row)})"
 
 
 def rows_table(rows: list[dict], title: str = "", width: int | None = None):
@@ -990,11 +1002,12 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
     (the same parsers, in cli/options.py), less the sweep over levels; `--help` prints the level's lesson."""
     from rich.console import Console
 
-    from cli.options import UsageError, configs_for, refuse, script_cases, script_parser, use_threads
+    from cli.options import (CAPACITY_FACTOR, ROUTER, UsageError, configs_for, refuse, script_cases, script_parser,
+                             use_threads)
 
     parser = script_parser(Path(sys.argv[0]).name, sys.modules[level_cls.__module__].__doc__)
-    parser.add_argument("--router", default="softmax-topk", help="softmax-topk, sigmoid-bias, switch or expert-choice")
-    parser.add_argument("--capacity-factor", type=float, default=1.25, help="switch and expert-choice routers")
+    parser.add_argument("--router", default=ROUTER, help="softmax-topk, sigmoid-bias, switch or expert-choice")
+    parser.add_argument("--capacity-factor", type=float, default=CAPACITY_FACTOR, help="switch and expert-choice routers")
     parser.add_argument("--profile", action="store_true", help="also time the stages of the forward")
     args = parser.parse_args()
     try:

@@ -28,7 +28,7 @@ class TorchGroupedMMPeer(MoELevel):
     name = "torch_grouped_mm"
     summary = "peer, not a level: torch._grouped_mm (PyTorch's grouped GEMM) around level 4's permutation"
     # Level 4's permute and combine around three grouped GEMMs and the activation.
-    claims = Claims(launches="(21 + 9*S, 31 + 10*S)", syncs="0",
+    claims = Claims(launches="(21 + shared_kernels_min, 31 + shared_kernels_max)", syncs="0",
                     extra_bytes="max(T*K*(3*H + 2*I)*bytes, S*T*(3*I + 2*H)*bytes)")
 
     def prepare(self):

@@ -23,7 +23,7 @@ Why it is here
     output only, and runs on compute capability 9.0 and 10.0 alone (Hopper, Blackwell's B200); elsewhere, on the
     CPU, or for a preset in another dtype the row is `skipped`. What it costs next to level 10: the quantizations
     are torch ops, about nine passes each and fp32 temporaries of 12 bytes per element of the hidden, where
-    level 10 quantizes in one kernel and in its gate/up epilogue; and the gate and up projections reach memory
+    level 10 quantizes each in one kernel; and the gate and up projections reach memory
     in bf16 before SiLU·up reads them back.
 
 Run: python labs/moe_optimization_journey/peer_torch_scaled_grouped_mm.py [--preset mixtral] [--tokens 16384]
@@ -36,7 +36,8 @@ from level7_triton_grouped import route_to_shared_experts
 from moe_benchmark import Claims, LevelUnavailable, MoELevel, run_level_script, stage
 
 from moe_kernels import silu_mul
-from moe_model import FP8_DTYPE, Fp8Experts, MoEConfig, MoEWeights, fp8_round_trip, quantize_fp8, reference_forward
+from moe_model import (FP8_DTYPE, Fp8Experts, MoEConfig, fp8_layer_weights, fp8_round_trip, quantize_fp8,
+                       reference_forward)
 
 # torch's check (aten/src/ATen/native/cuda/Blas.cpp, _scaled_grouped_mm_cuda): sm_90 or sm_100, not "8.9 or newer".
 SUPPORTED_CAPABILITIES = ((9, 0), (10, 0))
@@ -71,7 +72,7 @@ class TorchScaledGroupedMMPeer(MoELevel):
     name = "torch_scaled_grouped_mm"
     summary = "FP8 peer, not a level: torch._scaled_grouped_mm (rowwise e4m3) around level 4's permutation"
     fp8 = True
-    # Unmeasured until a GPU run. Launches: the bf16 peer's (21, 31) without its dense shared-expert MLP, plus two
+    # Launches: the bf16 peer's (21, 31) without its dense shared-expert MLP, plus two
     # quantize_fp8 of about 9 torch ops each and the gather of the tokens' scales; shared experts: 4 (their ids and
     # weights joined to the routing). Memory, N = T·(K + S) rows: at the hidden's quantization the bf16 gate (SiLU·up
     # in place) and up, 4·N·I, the gathered e4m3 tokens N·H and quantize_fp8's fp32 temporaries, 12·N·I; or, if
@@ -115,17 +116,8 @@ class TorchScaledGroupedMMPeer(MoELevel):
     def reference(self, tokens_TH, routing_weights_TK, expert_ids_TK):
         """The layer in fp32 on the values the GEMMs multiply: the tokens' e4m3 round trip, the dequantized
         weights, and SiLU·up rounded through e4m3 row by row before the down projection."""
-        routed, shared = slice(0, self.config.num_experts), slice(self.config.num_experts, None)
-
-        def experts(w: Fp8Experts, which: slice) -> Fp8Experts:
-            return Fp8Experts(w.values_ECD[which], w.scales_EC[which])
-
-        weights = MoEWeights(
-            router_HE=self.weights.router_HE,
-            w_gate_EHI=experts(self.w_gate, routed), w_up_EHI=experts(self.w_up, routed),
-            w_down_EIH=experts(self.w_down, routed),
-            w_shared_gate_SHI=experts(self.w_gate, shared), w_shared_up_SHI=experts(self.w_up, shared),
-            w_shared_down_SIH=experts(self.w_down, shared))
+        weights = fp8_layer_weights(self.weights.router_HE, self.w_gate, self.w_up, self.w_down,
+                                    self.config.num_experts)
         return reference_forward(fp8_round_trip(tokens_TH), weights, routing_weights_TK, expert_ids_TK,
                                  round_hidden=fp8_round_trip)
 

@@ -90,7 +90,7 @@ class MatmulOgsPeer(Graphed, MoELevel):
     # Counted on an H100 (NOTES.md): 17-18 kernels in the graph (the routing metadata's, two GEMMs, the reduce), 8-10
     # more for the shared experts' dense MLP. Memory: hidden [N, I] and the down GEMM's rows [N, H] before the
     # reduce, in the graph's pool, which reserves whole segments.
-    claims = Claims(launches="(17 + 8*min(S, 1), 18 + 10*min(S, 1))", syncs="0",
+    claims = Claims(launches="(17 + shared_kernels_min, 18 + shared_kernels_max)", syncs="0",
                     extra_bytes="(T*K*(I + H)*bytes, 2*T*(K + S)*(I + H)*bytes + (24 + 16*min(S, 1))*2**20)")
 
     def prepare(self):
