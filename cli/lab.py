@@ -1,7 +1,7 @@
 """`aisp lab`: step through the journey, one level at a time (what an instructor projects).
 
-    aisp lab show                   every level, one line each, with its speedup over the level before, from
-                                    the published GPU run (results/moe_journey/LATEST.md names it)
+    aisp lab show                   every level, one line each, with its speedup over the level it builds on,
+                                    from the published GPU run (results/moe_journey/LATEST.md names it)
     aisp lab show 4 [--preset journey] [--tokens 8192]
                                     level 4's lesson, its code's diff from level 3's, its claimed counts and its
                                     measured row in the published GPU run (else the newest that has it)
@@ -29,10 +29,6 @@ console = Console()
 lab = typer.Typer(help="Step through the journey: each level's lesson, code diff, claims and measured row.",
                   no_args_is_help=True)
 
-# The levels outside the numbered sequence, and the level each is built from: the peer is level 4's permutation
-# around torch._grouped_mm, the FP8 peer the peer with torch._scaled_grouped_mm, the matmul_ogs peer the layer
-# level 9 builds with other kernels; EP runs level 9 (on a Hopper GPU) on each rank's share of the experts.
-COMPARED_WITH = {"peer": "4", "peer-fp8": "peer", "peer-ogs": "9", "ep": "9"}
 # The one case the lab shows: the committed runs also hold zipf/hot traffic and other routers.
 SHOWN_CASE = {"traffic": "uniform", "router": "softmax-topk"}
 
@@ -44,15 +40,6 @@ def level_classes() -> dict[str, type]:
     levels = journey().load_levels()
     levels["ep"] = journey().expert_parallel().ExpertParallelMoE
     return levels
-
-
-def previous_key(levels: dict[str, type], key: str) -> str | None:
-    """The level `key`'s code is a diff of: the numbered level before it, or the level the peer or ep builds on."""
-    if key in COMPARED_WITH:
-        return COMPARED_WITH[key]
-    numbered = [k for k in levels if k.isdigit()]
-    position = numbered.index(key)
-    return numbered[position - 1] if position else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,9 +134,11 @@ DIFF_STYLES = {"+": "green", "-": "red", "@": "cyan"}
 
 
 def print_diff(levels: dict[str, type], key: str) -> None:
-    cls, before = levels[key], previous_key(levels, key)
+    from cli import report
+
+    cls, before = levels[key], report.builds_on(key)
     if before is None:
-        console.print(f"Level {key} is the first: there is no previous level to diff against. Its code:\n",
+        console.print(f"Level {key} is the first: there is no level it builds on to diff against. Its code:\n",
                       highlight=False)
         for line in code_lines(cls):
             console.print(Text("\n".join(wrap_line(line, console.width))))
@@ -228,6 +217,7 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
     """The level's row in the published GPU run that has it at (preset, T), else in the newest that has it, beside
     the level before it and the peer from the same run (an FP8 level's beside the FP8 peer too, level 9's beside
     the matmul_ogs peer): the published sweep has them all, a newer run of two levels would not."""
+    from cli import report
     from cli.report import HOST_BOUND_MARK, STATUS_CELL, dense_gemm_pct, fmt
 
     case = f"{preset}, T={num_tokens} ({SHOWN_CASE['traffic']} traffic, {SHOWN_CASE['router']} router)"
@@ -247,7 +237,7 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
         table.add_row("  roofline", f"{fmt(row['pct_roofline'])}%")
         if row.get("dense_gemm_ms"):  # cuBLAS's dense GEMMs on the same FLOPs, timed beside the levels
             table.add_row("  cuBLAS, same FLOPs", f"{dense_gemm_pct(row)}%")
-        before = previous_key(levels, key)
+        before = report.compared_level(key, {str(r["level"]) for r in rows if r["tokens"] == num_tokens})
         if before is not None:
             table.add_row(f"  × {'level ' if before.isdigit() else ''}{before}",
                           speedup(row_of(rows, before, num_tokens), row))
@@ -285,9 +275,10 @@ def published_first(runs: list[tuple[Path, dict, list[dict]]], results: Path) ->
     return sorted(runs, key=lambda run: run[0].name not in published)  # a stable sort keeps newest first
 
 
-def print_overview(levels: dict[str, type], preset: str, results: Path) -> None:
-    """One line per level with its speedup over the level before, from the published GPU run of this preset (else
-    the newest), at the largest T at which that run ran every level (so every level it ran has a number)."""
+def print_overview(levels: dict[str, type], preset: str, num_tokens: int | None, results: Path) -> None:
+    """One line per level with its speedup over the level it builds on, from the published GPU run of this preset
+    (else the newest), at `num_tokens`, or by default the largest T at which that run ran every level (so every
+    level it ran has a number)."""
     from cli import report
 
     rows = []
@@ -297,19 +288,20 @@ def print_overview(levels: dict[str, type], preset: str, results: Path) -> None:
             break
     ms = {(str(row["level"]), row["tokens"]): row["ms"] for row in rows if row["status"] == "ok"}
     keys = {str(row["level"]) for row in rows}
-    num_tokens = max((t for t in {row["tokens"] for row in rows} if all((k, t) in ms for k in keys)), default=None)
+    chosen = "" if num_tokens else "\n(the largest T every level of this run has)"
+    num_tokens = num_tokens or max((t for t in {row["tokens"] for row in rows} if all((k, t) in ms for k in keys)),
+                                   default=None)
     if num_tokens is None:
         console.print(f"No GPU run under {results / 'moe_journey'} ran every level at {preset}: no speedups.",
                       highlight=False)
     else:
-        console.print(f"× previous at {preset}, T={num_tokens} (the largest T every level of this run has)\n"
+        console.print(f"× previous: over the level each builds on, at {preset}, T={num_tokens}{chosen}\n"
                       f"in {run_dir.name} on {env.get('device', '?')}", highlight=False)
     table = Table(box=None)
     for column, justify in (("level", "right"), ("name", "left"), ("× previous", "right"), ("idea", "left")):
         table.add_column(column, justify=justify)
     for key, cls in levels.items():
-        # A numbered level against the nearest numbered level before it that this run has; a peer against its base.
-        before = report.nearest_earlier_level(key, keys) if key.isdigit() else COMPARED_WITH[key]
+        before = report.compared_level(key, keys)
         if key not in keys:
             ratio = "-"
         elif before is None:
@@ -317,7 +309,7 @@ def print_overview(levels: dict[str, type], preset: str, results: Path) -> None:
         else:
             ratio = (f"{ms[before, num_tokens] / ms[key, num_tokens]:.2f}x"
                      if (before, num_tokens) in ms and (key, num_tokens) in ms else "-")
-            if before != previous_key(levels, key) or not key.isdigit():
+            if before != report.builds_on(key) or not key.isdigit():
                 ratio += f" (vs {before})"
         # One line a level: a summary too long for the screen ends in "…" (the lesson has the rest).
         table.add_row(key, cls.name, ratio, Text(cls.summary, no_wrap=True, overflow="ellipsis"))
@@ -330,7 +322,8 @@ def print_overview(levels: dict[str, type], preset: str, results: Path) -> None:
 def show_command(
     level: str = typer.Argument(None, help="a level: 0-10, peer, peer-fp8, peer-ogs or ep (default: list them all)"),
     preset: str = typer.Option("journey", help="the preset of the claims and the measured row"),
-    tokens: int = typer.Option(8192, help="the token count T of the claims and the measured row"),
+    tokens: int = typer.Option(None, help="the token count T of the claims and the measured row (default: 8192; "
+                                          "with no level, the largest T at which the run has every level)"),
     results: Path = typer.Option(None, help="where the runs are (default: the repository's results/)"),
 ) -> None:
     """A level's lesson, the diff of its code from the level before, its claimed counts and its measured GPU row;
@@ -342,7 +335,7 @@ def show_command(
     results = results or REPO_ROOT / "results"
     if not (results / "moe_journey").is_dir():
         fail(f"--results {str(results)!r} holds no moe_journey folder of runs")
-    if tokens <= 0:
+    if tokens is not None and tokens <= 0:
         fail(f"--tokens must be positive, got {tokens}")
     try:
         config = get_preset(preset)
@@ -350,8 +343,9 @@ def show_command(
         fail(str(error))
     levels = level_classes()
     if level is None:
-        print_overview(levels, preset, results)
+        print_overview(levels, preset, tokens, results)
         return
+    tokens = tokens or 8192
     if level not in levels:
         fail(f"unknown level {level!r}; available: {', '.join(levels)}")
     cls = levels[level]

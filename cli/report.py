@@ -188,26 +188,45 @@ def ms_of(df: pd.DataFrame, label: str, tokens: int) -> float | None:
     return float(match["ms"].iloc[0]) if len(match) else None
 
 
-def nearest_earlier_level(level, present) -> str | None:
-    """The numbered level a numbered `level` is compared with in a run: the nearest earlier one among `present`
-    (a run of levels 4, 7 and 9 compares 7 with 4 and 9 with 7); None for the run's first and for the peers."""
-    if not str(level).isdigit():
-        return None
-    earlier = [int(key) for key in map(str, present) if key.isdigit() and int(key) < int(level)]
-    return str(max(earlier)) if earlier else None
+# The level each level's lesson builds on, whose code it is a diff of and whose time it is compared with: the
+# numbered level before it, but for the two side roads off level 4 (5, its padded buffers in one CUDA graph; 6, its
+# permutation compiled) and level 7, which takes level 4's permute → grouped GEMM → combine into Triton; the peers
+# and ep against the level they rebuild.
+BUILDS_ON = {"5": "4", "6": "4", "7": "4", "peer": "4", "peer-fp8": "peer", "peer-ogs": "9", "ep": "9"}
+
+
+def builds_on(level) -> str | None:
+    """The level `level` builds on (BUILDS_ON); None for level 0."""
+    key = str(level)
+    if key in BUILDS_ON:
+        return BUILDS_ON[key]
+    return str(int(key) - 1) if key.isdigit() and int(key) > 0 else None
+
+
+def compared_level(level, present) -> str | None:
+    """The level `level` is compared with in a run that has the levels `present`: the one it builds on, or where
+    the run lacks that one, the one that builds on, and so back (a run of levels 4, 7 and 9 compares 9 with 7);
+    None where the run has none of them."""
+    present = set(map(str, present))
+    before = builds_on(level)
+    while before is not None and before not in present:
+        before = builds_on(before)
+    return before
 
 
 def previous_level_label(df: pd.DataFrame, row) -> str | None:
-    """The label of the level this row's level is compared with in these rows (nearest_earlier_level)."""
-    before = nearest_earlier_level(row["level"], df["level"])
+    """The label of the level a numbered row's level is compared with in these rows (compared_level)."""
+    before = compared_level(row["level"], df["level"]) if str(row["level"]).isdigit() else None
     return label_of(df, before) if before else None
 
 
 def previous_level_caption(df: pd.DataFrame) -> str:
-    """The speedup-over-the-previous-level table's title, naming each level compared with one further back."""
+    """The speedup-over-the-level-built-on table's title, naming each level compared with another than the one
+    numbered before it."""
     numbered = sorted({int(lvl) for lvl in df["level"] if str(lvl).isdigit()})
-    further = [f"{later} over {earlier}" for earlier, later in zip(numbered, numbered[1:]) if later - earlier > 1]
-    return "Speedup over the previous level" + (f" this run has ({', '.join(further)})" if further else "")
+    others = [f"{level} over {before}" for level in numbered
+              if (before := compared_level(level, df["level"])) is not None and int(before) != level - 1]
+    return "Speedup over the level each builds on" + (f" ({', '.join(others)})" if others else "")
 
 
 DECODE_MAX_TOKENS = 512  # at or below this many tokens the layer is bound by reading the experts' weights

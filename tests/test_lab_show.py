@@ -81,10 +81,10 @@ def test_a_level_without_claims_shows_none(h100_results, monkeypatch):
     assert result.exit_code == 0 and "Claimed" not in result.output
 
 
-def test_level_0_has_no_previous_level(h100_results):
+def test_level_0_builds_on_no_level(h100_results):
     result = show("0", "--results", str(h100_results))
     assert result.exit_code == 0, result.output
-    assert "no previous level" in result.output and "+++" not in result.output
+    assert "no level it builds on" in result.output and "+++" not in result.output
 
 
 def test_no_such_row_says_where_the_level_ran(h100_results):
@@ -217,19 +217,28 @@ def test_a_lesson_is_refilled_with_its_numbered_items_and_bullets_kept():
 
 
 def test_the_overview_compares_with_the_nearest_level_the_run_has(h100_results):
-    """A run of levels 4 and 7 only (as the published sweeps are): 7 against 4, said so; the levels it lacks "-";
-    4 is its first."""
+    """A run of levels 4 and 8 only: 8 builds on 7, which builds on 4, so 8 is compared with 4, said so; the levels
+    the run lacks "-"; 4 is its first."""
     run_dir = h100_results / "moe_journey" / H100_RUN.name
     rows = [line for line in (H100_RUN / "rows.jsonl").read_text().splitlines()
-            if json.loads(line)["level"] in (4, 7)]
+            if json.loads(line)["level"] in (4, 8)]
     (run_dir / "rows.jsonl").write_text("\n".join(rows) + "\n")
     result = show("--results", str(h100_results))
     assert result.exit_code == 0, result.output
     line = {ln.split()[0]: ln.split()[2:4] for ln in result.output.splitlines() if ln.split()[:1] in
-            (["3"], ["4"], ["7"])}
-    assert line["3"][0] == "-" and line["4"][0] == "first" and line["7"][1] == "(vs", line
+            (["3"], ["4"], ["8"])}
+    assert line["3"][0] == "-" and line["4"][0] == "first" and line["8"][1] == "(vs", line
     T = int(re.search(r"T=(\d+)", result.output).group(1))
-    assert line["7"][0] == f"{journey_row('4', T)['ms'] / journey_row('7', T)['ms']:.2f}x"
+    assert line["8"][0] == f"{journey_row('4', T)['ms'] / journey_row('8', T)['ms']:.2f}x"
+
+
+def test_levels_5_6_and_7_are_compared_with_level_4_the_level_they_build_on(h100_results):
+    """In the diff, the overview and a level's row alike: the side roads 5 and 6 and level 7 build on level 4."""
+    assert "level 4 (level4_grouped.py)" in show("6").output
+    overview = {ln.split()[0]: ln.split()[2:4] for ln in show("--results", str(h100_results)).output.splitlines()
+                if ln.split()[:1] in (["5"], ["6"], ["7"])}
+    assert all(len(cells) < 2 or cells[1] != "(vs" for cells in overview.values()), overview
+    assert "× level 4" in show("7", "--results", str(h100_results)).output
 
 
 def test_a_levels_row_comes_from_the_published_run(h100_results):
@@ -262,3 +271,9 @@ def test_a_host_bound_row_is_marked(h100_results):
 def test_results_without_runs_are_refused(tmp_path):
     result = show("--results", str(tmp_path / "nowhere"))
     assert result.exit_code == 2 and "holds no moe_journey folder" in result.output
+
+
+def test_the_overview_takes_the_token_count_asked_for(h100_results):
+    output = show("--tokens", "2048", "--results", str(h100_results)).output
+    assert "T=2048\n" in output and "largest T" not in output
+    assert "largest T every level of this run has" in show("--results", str(h100_results)).output

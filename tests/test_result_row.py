@@ -19,7 +19,19 @@ from moe_model import Traffic
 from result_row import COLUMNS, ResultRow
 
 REPO = Path(__file__).resolve().parents[1]
-COMMITTED = sorted((REPO / "results" / "moe_journey").glob("*/rows.jsonl"))
+
+
+def committed_rows() -> list[Path]:
+    """The rows.jsonl of the committed runs, oldest first: git's list where this is a checkout, so that a user's own
+    runs beside them (an interrupted one may have no row) are not taken for the lab's."""
+    listed = subprocess.run(["git", "ls-files", "results/moe_journey/*/rows.jsonl"], cwd=REPO, capture_output=True,
+                            text=True)
+    if listed.returncode == 0 and listed.stdout.strip():
+        return sorted(REPO / name for name in listed.stdout.split())
+    return sorted(path for path in (REPO / "results" / "moe_journey").glob("*/rows.jsonl") if path.stat().st_size)
+
+
+COMMITTED = committed_rows()
 EP_FIELDS = [f.name for f in dataclasses.fields(ResultRow) if f.metadata]
 
 
