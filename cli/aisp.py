@@ -129,13 +129,13 @@ def prepare_out_dir(out: Path, target: str) -> Path:
     if out.resolve().name == target:
         raise UsageError(f"--out {str(out)!r} is the {target} folder itself; --out is the results root above it, "
                          f"e.g. {str(out.parent)!r}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".aisp-write-test"
+    try:  # where the run's folder will be made: out/target, which may exist and be read-only
+        (out / target).mkdir(parents=True, exist_ok=True)
+        probe = out / target / ".aisp-write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise UsageError(f"cannot write to --out {str(out)!r}: {error.strerror}") from None
+        raise UsageError(f"cannot write to {str(out / target)!r}: {error.strerror}") from None
     return out
 
 
@@ -572,6 +572,8 @@ def compare_command(run_a: Path = typer.Argument(..., help="the baseline run fol
 
     if markdown and markdown.exists():  # a run's summary.md, README.md: never overwritten silently
         fail(f"{str(markdown)!r} exists; --markdown writes a new file: name another or remove it first")
+    if markdown and not (markdown.parent.is_dir() and os.access(markdown.parent, os.W_OK)):
+        fail(f"cannot write {str(markdown)!r}: {str(markdown.parent)!r} is not a folder this user can write")
     try:
         rows_a, rows_b = (report.load_rows(existing_run_dir(run), skip_damaged_last=warn) for run in (run_a, run_b))
         env_a, env_b = report.load_environment(run_a), report.load_environment(run_b)

@@ -88,6 +88,9 @@ def parse_levels(spec: str | None, available: list[str], on_request: tuple[str, 
     return list(dict.fromkeys(chosen))
 
 
+MAX_COUNT = 2**31 - 1  # past it no tensor the lab indexes with int32 could hold one row per count
+
+
 def parse_counts(spec: str, option: str) -> list[int]:
     """Positive whole numbers separated by commas (--tokens, --world-size), duplicates dropped."""
     try:
@@ -96,6 +99,8 @@ def parse_counts(spec: str, option: str) -> list[int]:
         raise UsageError(f"{option} takes whole numbers separated by commas, got {spec!r}") from None
     if any(count <= 0 for count in counts):
         raise UsageError(f"{option} values must be positive, got {spec!r}")
+    if any(count > MAX_COUNT for count in counts):
+        raise UsageError(f"{option} values must be at most {MAX_COUNT}, got {spec!r}")
     return list(dict.fromkeys(counts))
 
 

@@ -169,9 +169,28 @@ def test_unwritable_out(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     result = bench("run", "-t", "moe_journey", "--out", str(blocker / "results"), *FAST)
-    assert result.exit_code == 2 and "cannot write to --out" in result.output
+    assert result.exit_code == 2 and "cannot write to" in result.output
     result = bench("run", "-t", "moe_journey", "--out", str(blocker), *FAST)
     assert result.exit_code == 2 and "is a file, not a folder" in result.output
+
+
+def test_an_unusable_target_folder_under_a_writable_out(tmp_path):
+    """--out itself can be written, but not the lab's folder in it (here a file has its name; a read-only folder
+    is the same error, which root's tests could not make): one line, nothing written."""
+    (tmp_path / "moe_journey").write_text("")
+    result = bench("run", "-t", "moe_journey", "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 2 and "cannot write to" in result.output and "moe_journey" in result.output
+    assert [path.name for path in tmp_path.iterdir()] == ["moe_journey"]
+
+
+def test_compare_checks_the_markdown_folder_before_it_prints(finished_run, tmp_path):
+    result = bench("compare", str(finished_run), str(finished_run), "--markdown", str(tmp_path / "no" / "x.md"))
+    assert result.exit_code == 2 and "cannot write" in result.output and "×" not in result.output
+
+
+def test_token_counts_past_int32_are_refused(tmp_path):
+    result = bench("run", "-t", "moe_journey", "--tokens", "99999999999999999999", "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 2 and "at most 2147483647" in result.output and not list(tmp_path.iterdir())
 
 
 def test_report_of_a_non_run_folder(tmp_path):

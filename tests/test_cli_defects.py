@@ -134,7 +134,7 @@ def test_config_validates_seed_and_name():
 
 
 def test_more_tokens_than_memory_is_an_oom_row(tmp_path):
-    result = run(tmp_path, "--levels", "0", "--tokens", "99999999999", *FAST)
+    result = run(tmp_path, "--levels", "0", "--tokens", "2000000000", *FAST)
     assert result.exit_code == 0, result.output
     (row,) = [json.loads(line) for line in (only_run_dir(tmp_path) / "rows.jsonl").read_text().splitlines()]
     assert row["status"] == "oom" and "memory" in row["note"]

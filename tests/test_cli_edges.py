@@ -216,11 +216,14 @@ def test_brackets_in_a_name_or_path_are_plain_text(tmp_path):
     assert (run_dir / "summary.md").exists() and "[/x] (H=8" in result.output
 
 
-def test_the_speedup_over_the_previous_level_skips_levels_the_run_lacks():
+def test_the_speedup_over_the_level_built_on_skips_levels_the_run_lacks():
+    """7 builds on 4; 9 builds on 8, which the run lacks, and 8 on 7, which it has; 6 builds on 4 too."""
     import pandas as pd
 
     from cli import report
 
-    df = pd.DataFrame({"level": [4, 7, 9, "peer"], "label": ["4 grouped", "7 triton", "9 tma", "peer: torch"]})
-    assert [report.previous_level_label(df, row) for _, row in df.iterrows()] == [None, "4 grouped", "7 triton", None]
-    assert report.previous_level_caption(df) == "Speedup over the previous level this run has (7 over 4, 9 over 7)"
+    df = pd.DataFrame({"level": [4, 6, 7, 9, "peer"],
+                       "label": ["4 grouped", "6 compiled", "7 triton", "9 tma", "peer: torch"]})
+    assert [report.previous_level_label(df, row) for _, row in df.iterrows()] == [None, "4 grouped", "4 grouped",
+                                                                                   "7 triton", None]
+    assert report.previous_level_caption(df) == "Speedup over the level each builds on (6 over 4, 7 over 4, 9 over 7)"
