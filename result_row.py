@@ -12,6 +12,7 @@ No torch here: `aisp bench report` runs where only the results are.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 # The stages a forward is split into for `--profile`, in the order they run. "routing" is the router itself (the
@@ -176,8 +177,10 @@ class ResultRow:
         for name, value in values.items():
             if not isinstance(value, JSON_TYPES[name]):
                 raise ValueError(f"field {name!r} holds {value!r}, not {ANNOTATIONS[name]}")
-        if values.get("status", "ok") == "ok" and values.get("ms") is None:  # what every table of a timed row reads
-            raise ValueError("a timed row (status 'ok') without its time, 'ms'")
+        if values.get("status", "ok") == "ok" and not 0 < (values.get("ms") or 0) < math.inf:  # NaN fails too
+            # what every table of a timed row reads, and divides by
+            raise ValueError(f"a timed row (status 'ok') needs its time, 'ms', a positive number: got "
+                             f"{values.get('ms')!r}")
         return cls(**values)
 
 

@@ -69,6 +69,9 @@ def timed_levels(df: pd.DataFrame) -> pd.DataFrame:
     return df[~df["label"].isin(checked)].reset_index(drop=True)
 
 
+TARGET = "moe_journey"  # the lab whose runs these tables are made for
+
+
 class DamagedFile(ValueError):
     """A run folder's file that is not the JSON it should be; the message names the file and the line."""
 
@@ -89,6 +92,8 @@ def load_rows(run_dir: Path, skip_damaged_last: Callable[[str], None] | None = N
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
             ResultRow.from_json(row)  # its fields are the schema's (ValueError names any other)
+            if row["target"] != TARGET:
+                raise ValueError(f"a row of {row['target']!r}, not of {TARGET}")
         except ValueError as error:
             message = f"{path}, line {number}: not a JSON row ({error})"
             if skip_damaged_last is None or number != numbered[-1][0]:
@@ -110,6 +115,8 @@ def load_environment(run_dir: Path) -> dict:
         raise DamagedFile(f"{path}{line}: not valid JSON ({error})") from None
     if not isinstance(env, dict):
         raise DamagedFile(f"{path}: not a JSON object")
+    if env.get("target") != TARGET:
+        raise DamagedFile(f"{path}: not a {TARGET} run's (its target is {env.get('target')!r})")
     return env
 
 
@@ -988,7 +995,7 @@ def write_report(run_dir: Path, warn: Callable[[str], None] | None = None) -> Pa
     for plot in run_dir.glob("*.png"):  # an earlier report's: this one draws its own, and none of those may linger
         plot.unlink()
     on_cpu = bool(rows) and all(row.get("device_type") == "cpu" for row in rows)
-    sections = [f"# moe_journey run `{run_dir.name}`", cpu_intro(env) if on_cpu else "",
+    sections = [f"# {TARGET} run `{run_dir.name}`", cpu_intro(env) if on_cpu else "",
                 environment_section(env, rows)]
     if not rows:
         sections.append("No rows were recorded.")

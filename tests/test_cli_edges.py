@@ -180,7 +180,25 @@ def test_rows_that_are_not_text_or_lack_their_time_are_refused(finished_run, tmp
     timeless = damaged_copy_of(finished_run, tmp_path / "b", "\n".join([json.dumps(timeless_row), *rest]))
     for command in (["report", str(timeless)], ["compare", str(finished_run), str(timeless)]):
         result = bench(*command)
-        assert result.exit_code == 2 and "line 1" in result.output and "without its time" in result.output
+        assert result.exit_code == 2 and "line 1" in result.output and "needs its time" in result.output
+    for ms in (0.0, -1.0, float("nan")):  # a report would divide by it, or print a negative speedup
+        bad = damaged_copy_of(finished_run, tmp_path / f"ms{ms}",
+                              "\n".join([json.dumps({**timeless_row, "ms": ms}), *rest]))
+        result = bench("report", str(bad))
+        assert result.exit_code == 2 and "positive number" in result.output, result.output
+
+
+def test_a_folder_or_rows_of_another_lab_are_refused(finished_run, tmp_path):  # noqa: F811
+    env = json.loads((finished_run / "environment.json").read_text())
+    foreign = damaged_copy_of(finished_run, tmp_path / "env", (finished_run / "rows.jsonl").read_text())
+    (foreign / "environment.json").write_text(json.dumps({**env, "target": "other_lab"}))
+    result = bench("report", str(foreign))
+    assert result.exit_code == 2 and "not a moe_journey run" in result.output
+    first, *rest = (finished_run / "rows.jsonl").read_text().splitlines()
+    other_rows = damaged_copy_of(finished_run, tmp_path / "rows",
+                                 "\n".join([json.dumps({**json.loads(first), "target": "other_lab"}), *rest]))
+    result = bench("compare", str(finished_run), str(other_rows))
+    assert result.exit_code == 2 and "not of moe_journey" in result.output
 
 
 def test_compare_reads_an_interrupted_runs_rows_as_report_does(finished_run, tmp_path):  # noqa: F811

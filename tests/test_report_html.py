@@ -40,8 +40,9 @@ def journey_rows(device_type="cuda", **fields):
 def write_run(path, rows, device_type="cuda"):
     (path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ceilings = {"matmul_tflops": 700.0, "copy_gbps": 3000.0} if device_type == "cuda" else None
-    (path / "environment.json").write_text(json.dumps({"device": "Test GPU", "device_type": device_type,
-                                                       "ceilings": ceilings, "command": "aisp bench run"}))
+    (path / "environment.json").write_text(json.dumps({"target": "moe_journey", "device": "Test GPU",
+                                                       "device_type": device_type, "ceilings": ceilings,
+                                                       "command": "aisp bench run"}))
     report.write_report(path)
     return (path / "report.html").read_text()
 
@@ -167,8 +168,9 @@ def test_fp8_rows_get_their_section_and_ceiling(tmp_path):
     rows = fp8_rows()
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ceilings = {"matmul_tflops": 731.0, "copy_gbps": 3000.0, "fp8_matmul_tflops": 1325.0}
-    (tmp_path / "environment.json").write_text(json.dumps({"device": "Test GPU", "device_type": "cuda",
-                                                           "ceilings": ceilings, "command": "aisp bench run"}))
+    (tmp_path / "environment.json").write_text(json.dumps({"target": "moe_journey", "device": "Test GPU",
+                                                           "device_type": "cuda", "ceilings": ceilings,
+                                                           "command": "aisp bench run"}))
     summary = report.write_report(tmp_path).read_text()
     page = (tmp_path / "report.html").read_text()
     ceiling_line = "bf16 matmul 731 TFLOP/s, FP8 matmul 1325 TFLOP/s, device copy 3000 GB/s"
