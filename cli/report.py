@@ -242,6 +242,25 @@ DECODE_MAX_TOKENS = 512  # at or below this many tokens the layer is bound by re
 HOST_BOUND_MARK = "(h)"  # a host-bound row's time, in the time tables and compare's: it depends on the host CPU
 
 
+def time_marks(rows: pd.DataFrame) -> list[tuple[str, str]]:
+    """(mark, meaning) of each mark that these rows' time table shows, for its legend."""
+    statuses = set(rows["status"])
+    host_bound = rows["host_bound"] if "host_bound" in rows else pd.Series(dtype=object)
+    memory = "GPU" if (rows["device_type"] == "cuda").any() else "host"
+    marks = [(HOST_BOUND_MARK, "host-bound, the time depends on the host CPU (the row's note says why)",
+              host_bound.map(lambda value: pd.notna(value) and bool(value)).any()),
+             ("OOM", f"ran out of {memory} memory", "oom" in statuses),
+             ("skipped", "not run at this size or on this device", "skipped" in statuses),
+             ("checked", "checked in Triton's interpreter, not timed", "checked" in statuses),
+             ("error", "failed (the row's note says how)", "error" in statuses)]
+    return [(mark, meaning) for mark, meaning, shown in marks if shown]
+
+
+def time_legend(rows: pd.DataFrame) -> str:
+    """The marks of these rows' time table, as a clause: "; (h) = host-bound, …" (nothing where there are none)."""
+    return "".join(f"; `{mark}` = {meaning}" for mark, meaning in time_marks(rows))
+
+
 def time_cell(row) -> str:
     """A time table's cell: the row's ms, marked when the row is host-bound (None: not judged, a CPU row)."""
     host_bound = row["host_bound"]
@@ -323,13 +342,9 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
     baseline = next((lbl for lbl in df["label"] if lbl.startswith("0 ")), None)
     all_rows, df = df, timed_levels(df)
 
-    on_gpu = (df["device_type"] == "cuda").any()
     parts = [
         f"## {first['case']} ({shape})",
-        f"Time per forward, ms (median; {HOST_BOUND_MARK} = host-bound, the row's note says why; `OOM` = ran out "
-        "of GPU memory):" if on_gpu else
-        "Time per forward, ms (median; `checked` = checked in Triton's interpreter, not timed):"
-        if len(df) < len(all_rows) else "Time per forward, ms (median):",
+        f"Time per forward, ms (median{time_legend(all_rows)}):",
         markdown_table(pivot(all_rows, status_or(time_cell)), "level \\ tokens"),
     ]
     if baseline:
@@ -343,7 +358,7 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
         parts.append("Where the GPU idea does not carry over to the CPU:\n\n"
                      + "\n".join(f"- {note}" for note in counterparts))
     parts += [
-        "TFLOP/s (useful FLOPs: 2·T·K·3·H·I):",
+        "TFLOP/s (useful FLOPs: 2·T·(K + S)·3·H·I):",
         markdown_table(pivot(df, status_or(lambda r: fmt(r["tflops"]))), "level \\ tokens"),
     ]
     # A CPU run measures no ceilings and no device memory: no table of dashes for either.
@@ -1036,7 +1051,7 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
         images = [f"{kind}_{slug(case)}.png" for kind in ("time", "speedup", "roofline")]
         sections += [
             f"#### {case} ({shape_label(part.iloc[0])})",
-            f"ms per forward ({HOST_BOUND_MARK}: host-bound):",
+            f"ms per forward (median{time_legend(part)}):",
             markdown_table(pivot(part, status_or(time_cell)), "level \\ tokens"),
             "% of the roofline:",
             markdown_table(pivot(part, status_or(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens"),

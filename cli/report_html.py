@@ -210,10 +210,9 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
     parts = [
         f'<h2 id="{anchor}">{esc(report.case_title(first["case"]))} '
         f'<small>({esc(shape_label(first))})</small></h2>',
-        section("Time per forward, ms", "The median of the timed repeats. <em>OOM</em>: ran out of GPU memory; "
-                "<em>skipped</em>: not run at this size or on this device; <em>checked</em>: checked in Triton's "
-                "interpreter, not timed (the notes below say why).",
-                table_html(report.pivot(all_rows, report.status_or(lambda r: report.fmt(r["ms"]))), links),
+        section("Time per forward, ms", "The median of the timed repeats."
+                + "".join(f" <em>{esc(mark)}</em>: {esc(meaning)}." for mark, meaning in report.time_marks(all_rows)),
+                table_html(report.pivot(all_rows, report.status_or(report.time_cell)), links),
                 figure(run_dir, f"time_{anchor}.png", "time per forward, per level")),
     ]
     if peer:
@@ -235,7 +234,7 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
         parts.append("<h3>Where the GPU idea does not carry over to the CPU</h3><ul>"
                      + "".join(f"<li>{esc(note)}</li>" for note in counterparts) + "</ul>")
     parts += [
-        section("TFLOP/s", "Useful FLOPs (2·T·K·3·H·I) over the measured time.",
+        section("TFLOP/s", "Useful FLOPs (2·T·(K + S)·3·H·I) over the measured time.",
                 table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["tflops"]))), links)),
     ]
     if on_gpu:

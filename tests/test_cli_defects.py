@@ -352,3 +352,15 @@ def test_make_level_runs_each_levels_own_script():
         result = subprocess.run(["make", "-s", "level", f"N={key}", "BENCH_SETUP="], cwd=repo, capture_output=True,
                                 text=True)
         assert result.returncode == 2 and result.stderr.startswith(f"make level: no level N={key};"), result.stderr
+
+
+@pytest.mark.parametrize("run", ["20261125T103910Z-nvidia-h100-80gb-hbm3", "20261127T005427Z-nvidia-h100-80gb-hbm3"])
+def test_make_report_leaves_a_committed_run_as_committed(run, tmp_path):
+    """`make report RUN=...` on a committed run rewrites its summary.md byte for byte (it is generated from the
+    rows by the code committed with it), so that rebuilding a run's report.html leaves git's tree clean."""
+    import shutil
+
+    copy = tmp_path / run
+    shutil.copytree(RESULTS / run, copy, ignore=shutil.ignore_patterns("*.png"))
+    assert bench("report", str(copy)).exit_code == 0
+    assert (copy / "summary.md").read_text() == (RESULTS / run / "summary.md").read_text()

@@ -112,7 +112,7 @@ def test_rows_whose_host_issues_slower_than_the_gpu_runs_are_host_bound(tmp_path
     assert ("host's time to issue one forward, for the levels that never wait for the GPU: 39–39 µs (median 39); "
             "host-bound: 1 of 5 rows") in summary
     # The time table marks that cell, and only it.
-    assert summary.count("0.0298 (h)") == 1 and summary.count(" (h) |") == 1 and "(h) = host-bound" in summary
+    assert summary.count("0.0298 (h)") == 1 and summary.count(" (h) |") == 1 and "`(h)` = host-bound" in summary
 
 
 def test_no_counts_section_without_counts(tmp_path):
