@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -284,10 +285,10 @@ def run_command(
                                           f"(default: {DEFAULTS['cuda'].preset} on a GPU, {DEFAULTS['cpu'].preset} on "
                                           "the CPU)"),
     device: str = typer.Option("auto", help="auto, cuda or cpu"),
-    router: str = typer.Option(ROUTER, help="softmax-topk, sigmoid-bias, switch (top-1: presets then run "
-                                                    "with top_k=1) or expert-choice"),
-    capacity_factor: float = typer.Option(CAPACITY_FACTOR, help="switch and expert-choice: each expert's capacity, in mean "
-                                                     "loads"),
+    router: str = typer.Option(ROUTER, help="softmax-topk, sigmoid-bias, switch (top-1: presets then run with "
+                                            "top_k=1) or expert-choice"),
+    capacity_factor: float = typer.Option(CAPACITY_FACTOR, help="switch and expert-choice: each expert's capacity, "
+                                                                "in mean loads"),
     traffic: str = typer.Option("uniform", help="traffic shape(s), comma-separated: uniform, zipf, hot"),
     zipf_s: float = typer.Option(ZIPF_S, help="zipf traffic: expert popularity ∝ rank^-s"),
     hot_share: float = typer.Option(HOT_SHARE, help="hot traffic: the share of tokens that pick expert 0"),
@@ -330,6 +331,9 @@ def run_command(
         token_counts = parse_counts(tokens if tokens is not None else defaults.tokens, "--tokens")
         if "ep" not in level_keys and (world_size != "1" or ep_chunks != "auto"):
             raise UsageError("--world-size and --ep-chunks are level ep's options: add ep to --levels")
+        if profile and level_keys == ["ep"]:
+            raise UsageError("--profile times the stages of the one-process levels; level ep's rows split its "
+                             "forward into dispatch, compute and combine instead: drop --profile")
         world_sizes = world_sizes_for(world_size, torch_device) if "ep" in level_keys else []
         if ep_chunks != "auto":
             ep_chunks = ",".join(map(str, parse_counts(ep_chunks, "--ep-chunks")))
@@ -360,13 +364,18 @@ def run_command(
                                     if world_sizes else []))
     env = environment(torch_device, ceilings, configs, args)
     (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
-    console.print(f"run folder: {escape(str(run_dir))}")
+    console.print(f"run folder: {escape(str(run_dir))}", soft_wrap=True)
     if ceilings:
         console.print(f"ceilings on {env['device']}: bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s, "
                       f"copy {ceilings.copy_gbps:.0f} GB/s")
 
     rows = []
-    interrupted = False
+    interrupted = None  # the signal that stopped the run, if one did
+
+    def stop(signum, frame):  # a scheduler's kill or a closed terminal ends the run as Ctrl-C does: rows kept
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous_handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
     # The description is plain text (a preset's name may hold brackets) and gives way at the screen's edge, cut
     # with an ellipsis, so that the bar, the count and the time always show.
     progress = Progress(TextColumn("{task.description}", markup=False,
@@ -378,11 +387,12 @@ def run_command(
     with progress, open(run_dir / "rows.jsonl", "a") as rows_file:
         task = progress.add_task("starting", total=cases * (len(in_process) + len(world_sizes)))
 
-        def record(row: dict) -> None:
+        def record(row: dict, advance: bool = True) -> None:
             rows.append(row)
             rows_file.write(json.dumps(row) + "\n")
             rows_file.flush()  # an interrupted run keeps every finished row
-            progress.advance(task)
+            if advance:
+                progress.advance(task)
 
         try:
             for config in configs if in_process else []:
@@ -411,8 +421,9 @@ def run_command(
                                 [available[key] for key in in_process], config, num_tokens, torch_device,
                                 weights=weights, traffic=shape, settings=settings,
                                 status=lambda doing, case=case: progress.update(task,
-                                                                                description=f"{case} · {doing}")):
-                            record(row)
+                                                                                description=f"{case} · {doing}"),
+                                done=lambda share: progress.advance(task, share)):  # step by step
+                            record(row, advance=False)
                 del weights
                 bench_mod.release_memory(torch_device)
             if world_sizes:
@@ -420,11 +431,14 @@ def run_command(
                                                   f"{', '.join(map(str, world_sizes))} in turn, {cases} case(s)")
                 run_expert_parallel(world_sizes, configs, traffics, token_counts, torch_device, warmup, repeats,
                                     defaults.time_budget_s, ep_chunks, run_dir, record)
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as signal_name:
+            interrupted = str(signal_name) or "SIGINT"
+        finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
 
     env["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    env["interrupted"] = interrupted
+    env["interrupted"] = interrupted is not None
     timed = [row["repeats"] for row in rows if row.get("repeats")]
     env["timed_calls"] = [min(timed), max(timed)] if timed else None  # what ran, beside args.repeats (asked)
     (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
@@ -432,11 +446,12 @@ def run_command(
 
     report.write_report(run_dir)  # LATEST.md is left alone: only `aisp bench publish` changes what it shows
     console.print(bench_mod.rows_table(rows, title=f"{target} on {env['device']}"))
-    console.print(f"rows, summary.md, report.html and plots: {escape(str(run_dir))}")
+    console.print(f"rows, summary.md, report.html and plots: {escape(str(run_dir))}", soft_wrap=True)
     if interrupted:
-        console.print(f"[yellow]interrupted:[/yellow] {len(rows)} finished rows kept in "
-                      f"{escape(str(run_dir / 'rows.jsonl'))}")
-        raise typer.Exit(130)
+        console.print(f"[yellow]interrupted ({interrupted}):[/yellow] {len(rows)} finished rows kept in "
+                      f"{escape(str(run_dir / 'rows.jsonl'))} (a case's rows are written once all its levels "
+                      "are timed)", soft_wrap=True)
+        raise typer.Exit(128 + signal.Signals[interrupted])
     failed = [row for row in rows if row["status"] == "error"]
     if failed:  # a level that crashed or computed the wrong function: the run is written, and it did not pass
         stderr.print(f"[red]error:[/red] {len(failed)} of {len(rows)} rows failed (status error; the table's notes "
@@ -556,7 +571,8 @@ def report_command(run_dir: Path = typer.Argument(None, help="a run folder (defa
         refuse(error)
     except OSError as error:
         fail(f"cannot write the report into {str(run_dir)!r}: {error.strerror}")
-    console.print(f"wrote {escape(str(summary))}, {escape(str(summary.parent / 'report.html'))} and the plots")
+    console.print(f"wrote {escape(str(summary))}, {escape(str(summary.parent / 'report.html'))} and the plots",
+                  soft_wrap=True)
 
 
 GEOMEAN_TITLE = "B's speedup over A, per level (over the cases timed in both runs, host-bound ones left out)"
@@ -605,7 +621,7 @@ def compare_command(run_a: Path = typer.Argument(..., help="the baseline run fol
                                 f"{GEOMEAN_TITLE}:\n\n{report.markdown_table(geomean, 'level')}\n")
         except OSError as error:
             fail(f"cannot write {str(markdown)!r}: {error.strerror}")
-        console.print(f"wrote {escape(str(markdown))}")
+        console.print(f"wrote {escape(str(markdown))}", soft_wrap=True)
 
 
 def markdown_cases(table):
@@ -661,12 +677,13 @@ def fill_block(text: str, block: tuple[str, str], relatives: list[str], in_summa
 
 @bench.command("publish")
 def publish_command(run_dirs: list[Path] = typer.Argument(..., help="GPU run folder(s): one sweep may have run "
-                                                                     "as several processes, one per GPU; the EP "
-                                                                     "level's folders, one per preset, say"),
+                                                                     "as several processes, one per GPU, and the EP "
+                                                                     "level runs one folder per preset"),
                     readme: Path = typer.Option(REPO_ROOT / "README.md", help="the README to update")) -> None:
     """Make GPU runs the ones the README shows (tables and plots, copied): single-GPU runs in LATEST.md (beside the
-    run folders) and the results block, expert-parallel runs in the ep-results block; each run's report is rebuilt
-    in its folder. A block whose kind of run is not given stays."""
+    run folders; the repository's only with the repository's README) and the results block, expert-parallel runs in
+    the ep-results block; each run's report is rebuilt in its folder. A block whose kind of run is not given
+    stays."""
     from cli import report
 
     run_dirs = list({run_dir.resolve(): existing_run_dir(run_dir) for run_dir in run_dirs}.values())  # each once
@@ -706,14 +723,22 @@ def publish_command(run_dirs: list[Path] = typer.Argument(..., help="GPU run fol
         text = fill_block(text, EP_RESULTS_BLOCK, relatives, "the phases, chunk counts, bytes moved and each row's "
                           "notes are there", body)
         shown.append(f"the README's expert-parallel block shows {', '.join(relatives)}")
+    # The repository's LATEST.md (what `aisp lab show` reads as the published run) follows the repository's README
+    # only: a trial publish into another README leaves it alone.
+    runs_root = (REPO_ROOT / "results" / report.TARGET).resolve()
+    repository_runs = journey_dirs and journey_dirs[0].parent.resolve() == runs_root
+    writes_latest = not repository_runs or readme.resolve() == (REPO_ROOT / "README.md").resolve()
     if journey_dirs:
-        write_latest(journey_dirs)
+        if writes_latest:
+            write_latest(journey_dirs)
         relatives = [os.path.relpath(run_dir, readme.parent) for run_dir in journey_dirs]
         text = fill_block(text, RESULTS_BLOCK, relatives, "speedup, TFLOP/s, decode GB/s and memory tables, the "
                           "claimed and measured counts, and each row's notes, are there",
                           "\n\n".join(report.readme_summary(run_dir, relative)
                                        for run_dir, relative in zip(journey_dirs, relatives)))
-        shown.append(f"README and LATEST.md now show {', '.join(relatives)}")
+        shown.append(f"README and LATEST.md now show {', '.join(relatives)}" if writes_latest else
+                     f"{readme} now shows {', '.join(relatives)} (the repository's LATEST.md follows its own README "
+                     "only: left as it was)")
     readme.write_text(text)
     console.print("; ".join(shown))
 

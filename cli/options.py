@@ -60,7 +60,8 @@ DEFAULTS = {
     # and 1024 tokens, where the GEMMs decide (16 tokens, where per-op overhead does, moved by up to 22% from one
     # run to the next; two runs of these sizes agreed within 6% at 512 and 1024 but for one slow row, and within
     # 11-19% at 128). One thread: with two, OpenMP's barriers wait on any thread the OS lends to other work, and a
-    # busy machine timed level 4 at 128 tokens 100x slower (456 ms against 4 ms on one thread). NOTES.md, "CPU journey", has more.
+    # busy machine timed level 4 at 128 tokens 100x slower (456 ms against 4 ms on one thread). NOTES.md, "CPU
+    # journey", has more.
     "cpu": Defaults(preset="small", tokens="128,512,1024", script_tokens="256", repeats=300, time_budget_s=1.5,
                     warmup=2, threads=1),
 }

@@ -292,3 +292,47 @@ def test_publish_several_runs_of_one_sweep(finished_run, tmp_path):
     assert result.exit_code == 0, result.output
     text, latest = readme.read_text(), (tmp_path / "moe_journey" / "LATEST.md").read_text()
     assert all(f"moe_journey/{name}/summary.md" in text and f"copied from {name}/" in latest for name in names)
+
+
+def test_a_terminated_run_keeps_its_rows_as_an_interrupted_one_does(tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's kill, `timeout`) ends the run as Ctrl-C does: its rows, summary and report written,
+    exit 128 + 15; the handler is the process's own again afterwards."""
+    import os
+    import signal
+
+    real_benchmark_case = moe_benchmark.benchmark_case
+    calls = []
+
+    def terminate_in_second_case(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_benchmark_case(*args, **kwargs)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(moe_benchmark, "benchmark_case", terminate_in_second_case)
+    result = bench("run", "-t", "moe_journey", "--levels", "0,4", "--tokens", "3,9", "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 143 and "interrupted (SIGTERM)" in result.output
+    (run_dir,) = run_dirs(tmp_path)
+    assert len((run_dir / "rows.jsonl").read_text().splitlines()) == 2 and (run_dir / "summary.md").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_a_trial_publish_leaves_the_repositorys_latest_alone(finished_run, tmp_path, monkeypatch):
+    """Publishing the repository's runs into another README (a trial) does not change LATEST.md, which `aisp lab
+    show` reads as the published run; into the repository's README it does."""
+    import cli.aisp
+
+    monkeypatch.setattr(cli.aisp, "REPO_ROOT", tmp_path)
+    run_dir = tmp_path / "results" / "moe_journey" / "20260101T000000Z-nvidia-test"
+    gpu_copy(finished_run, run_dir)
+    block = "<!-- results:start -->\n<!-- results:end -->\n"
+    (tmp_path / "README.md").write_text(block)
+    trial = tmp_path / "elsewhere" / "README.md"
+    trial.parent.mkdir()
+    trial.write_text(block)
+    result = bench("publish", str(run_dir), "--readme", str(trial))
+    assert result.exit_code == 0 and "left as it was" in result.output, result.output
+    assert not (run_dir.parent / "LATEST.md").exists() and "summary.md" in trial.read_text()
+    assert bench("publish", str(run_dir), "--readme", str(tmp_path / "README.md")).exit_code == 0
+    assert (run_dir.parent / "LATEST.md").exists()

@@ -245,3 +245,8 @@ def test_the_speedup_over_the_level_built_on_skips_levels_the_run_lacks():
     assert [report.previous_level_label(df, row) for _, row in df.iterrows()] == [None, "4 grouped", "4 grouped",
                                                                                    "7 triton", None]
     assert report.previous_level_caption(df) == "Speedup over the level each builds on (6 over 4, 7 over 4, 9 over 7)"
+
+
+def test_profile_with_level_ep_alone_is_refused(tmp_path):
+    result = bench("run", "-t", "moe_journey", "--levels", "ep", "--profile", "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 2 and "drop --profile" in result.output and not list(tmp_path.iterdir())

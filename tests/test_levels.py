@@ -487,3 +487,13 @@ def test_a_graphed_level_times_the_replay_alone(tiny):
         for _ in range(3):
             call()
         assert level.graphed_forward.steps == ["copy in and replay", "replay", "replay", "replay"]
+
+
+def test_a_cases_steps_add_up_to_one_row_a_level(levels, tiny):
+    """What the progress bar hears: each level's check, turns and counts, or its whole row where it ends at its
+    check (level 7 is only checked on the CPU), add up to one row a level."""
+    shares = []
+    rows = moe_benchmark.benchmark_case([levels["4"], levels["7"], levels["0"]], tiny, 9, torch.device("cpu"),
+                                        settings=FAST_SETTINGS, done=shares.append)
+    assert [row["status"] for row in rows] == ["ok", "checked", "ok"]
+    assert sum(shares) == pytest.approx(len(rows)) and len(shares) > len(rows)

@@ -6,7 +6,8 @@ from cli import report
 
 
 def test_a_run_without_its_finish_says_it_did_not_finish(tmp_path):
-    env = {"device": "Test GPU", "device_type": "cuda", "command": "aisp bench run", "started_utc": "x"}
+    env = {"target": "moe_journey", "device": "Test GPU", "device_type": "cuda", "command": "aisp bench run",
+           "started_utc": "x"}
     (tmp_path / "environment.json").write_text(json.dumps(env))
     (tmp_path / "rows.jsonl").write_text("")
     report.write_report(tmp_path)

@@ -397,7 +397,8 @@ def run_ep_script(layer_cls: type) -> None:
         world_sizes = parse_world_sizes(args.world_size, "--world-size") if args.world_size else [world]
         if max(world_sizes) != world:
             raise ConfigError(f"--world-size {args.world_size}: the largest must be this launch's world size, "
-                              f"{world}")
+                              f"{world} (launch it with torchrun --standalone --nproc-per-node {max(world_sizes)}, or "
+                              f"run aisp bench run --levels ep --world-size {args.world_size})")
     except ValueError as error:  # UsageError, ConfigError, and a --config-json that is not JSON
         refuse(parser.prog, error, quiet=rank != 0)
     budget_s = args.time_budget_s if args.time_budget_s is not None else cases.defaults.time_budget_s

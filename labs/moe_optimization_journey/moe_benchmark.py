@@ -623,6 +623,7 @@ def release_memory(device: torch.device) -> None:
 
 
 TIMING_ROUNDS = 2  # a case's levels are timed in turn: in level order, then in reverse (see benchmark_case)
+LEVEL_STEPS = TIMING_ROUNDS + 2  # a level's steps in a case: its check, its turns of timed calls, its counts
 
 
 @dataclass(frozen=True)
@@ -718,10 +719,13 @@ def benchmark(level_cls: type[MoELevel], config: MoEConfig, num_tokens: int, dev
 
 def benchmark_case(level_classes: list[type[MoELevel]], config: MoEConfig, num_tokens: int, device: torch.device,
                    *, weights: MoEWeights | None = None, traffic: Traffic = Traffic(),
-                   settings: Settings = Settings(), status: Callable[[str], None] | None = None) -> list[dict]:
+                   settings: Settings = Settings(), status: Callable[[str], None] | None = None,
+                   done: Callable[[float], None] | None = None) -> list[dict]:
     """Check each level at one size, then time them in turn (and with `profile`, time their stages too). Always
     returns one row per level, in their order (ResultRow.to_json(), as rows.jsonl holds them); never raises for a
-    level's failure. `status` hears what is being done, for a progress line.
+    level's failure. `status` hears what is being done, for a progress line, and `done` each share of a row done
+    (1/LEVEL_STEPS a step: its check, each turn of timed calls, its counts; the whole row where it ends at its
+    check), for a progress bar: the rows themselves come only once every level of the case has been timed.
 
     Why in turn: a GPU under its power cap runs slower as it heats, and timed one after the other each level would
     meet the card the levels before it had heated. On an H100, sweeps that timed one level after the other read
@@ -737,11 +741,12 @@ def benchmark_case(level_classes: list[type[MoELevel]], config: MoEConfig, num_t
     exist only as Triton kernels (`interpreter_only`) is checked there and not timed: status `checked`."""
     weights = weights if weights is not None else init_weights(config, device)
     status = status or (lambda message: None)
+    done = done or (lambda share: None)
     rows: list[ResultRow] = []
     waiting: list[Waiting] = []
 
     def time_waiting() -> None:
-        time_in_turn(waiting, config, num_tokens, device, settings, status)
+        time_in_turn(waiting, config, num_tokens, device, settings, status, done)
         waiting.clear()  # the last reference to each: their memory goes (a level and its graph hold a cycle,
         release_memory(device)  # which only the collector here frees)
 
@@ -756,6 +761,7 @@ def benchmark_case(level_classes: list[type[MoELevel]], config: MoEConfig, num_t
             return set_up_beside_waiting(level_cls)
         if turn is not None:
             waiting.append(turn)
+        done(1 / LEVEL_STEPS if turn is not None else 1)
         return row
 
     for level_cls in level_classes:
@@ -767,7 +773,7 @@ def benchmark_case(level_classes: list[type[MoELevel]], config: MoEConfig, num_t
 
 
 def time_in_turn(waiting: list[Waiting], config: MoEConfig, num_tokens: int, device: torch.device,
-                 settings: Settings, status: Callable[[str], None]) -> None:
+                 settings: Settings, status: Callable[[str], None], done: Callable[[float], None]) -> None:
     """Time the waiting levels in TIMING_ROUNDS rounds, in order and then in reverse, and fill in their rows. On a
     GPU, where the case is under the matmul roof, cuBLAS's dense GEMMs on its FLOPs take a turn first in each round
     (`DenseGemms`), and each row records their time."""
@@ -780,6 +786,7 @@ def time_in_turn(waiting: list[Waiting], config: MoEConfig, num_tokens: int, dev
         for turn in waiting if round_ % 2 == 0 else waiting[::-1]:
             status(f"timing level {turn.row.level}, round {round_ + 1} of {TIMING_ROUNDS}")
             timed(turn.row, lambda turn=turn: turn.take_turn(device, settings))
+            done(1 / LEVEL_STEPS)
     for turn in waiting:
         if dense and turn.row.status == "ok":
             turn.row.dense_gemm_ms = dense.median_ms()
@@ -788,6 +795,7 @@ def time_in_turn(waiting: list[Waiting], config: MoEConfig, num_tokens: int, dev
         held_elsewhere = sum(other.held_bytes for other in waiting if other is not turn)
         timed(turn.row, lambda turn=turn: finish(turn, config, num_tokens, device, settings, held_elsewhere))
         add_level_notes(turn.row, turn.level)
+        done(1 / LEVEL_STEPS)
 
 
 def add_level_notes(row: ResultRow, level: MoELevel) -> None:
@@ -1007,7 +1015,8 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
 
     parser = script_parser(Path(sys.argv[0]).name, sys.modules[level_cls.__module__].__doc__)
     parser.add_argument("--router", default=ROUTER, help="softmax-topk, sigmoid-bias, switch or expert-choice")
-    parser.add_argument("--capacity-factor", type=float, default=CAPACITY_FACTOR, help="switch and expert-choice routers")
+    parser.add_argument("--capacity-factor", type=float, default=CAPACITY_FACTOR,
+                        help="switch and expert-choice routers")
     parser.add_argument("--profile", action="store_true", help="also time the stages of the forward")
     args = parser.parse_args()
     try:
