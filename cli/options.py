@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import os
 import re
+import shutil
 import sys
 import tomllib
 from pathlib import Path
@@ -210,8 +211,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 def script_parser(prog: str, lesson: str, tokens_help: str = "token counts") -> argparse.ArgumentParser:
     """The options every level script shares with `aisp bench run` (the expert-parallel one included), in its
-    words and with its defaults; `--help` prints the level's lesson first. `script_cases` reads them back."""
+    words and with its defaults; `--help` prints the level's lesson first, refilled to the screen's width as `aisp
+    lab show` prints it. `script_cases` reads them back."""
+    from cli.lab import reflowed
+
     gpu, cpu = DEFAULTS["cuda"], DEFAULTS["cpu"]
+    lesson = "\n".join(reflowed(lesson, shutil.get_terminal_size().columns))
     parser = OneLineParser(prog=prog, description=lesson, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", help="preset name(s) comma-separated, an inline shape "
                         f"hidden=768,intermediate=1536,experts=16,top_k=4, or a TOML file (default: {gpu.preset} "

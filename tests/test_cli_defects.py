@@ -365,3 +365,13 @@ def test_make_report_leaves_a_committed_run_as_committed(run, tmp_path):
     shutil.copytree(RESULTS / run, copy, ignore=shutil.ignore_patterns("*.png"))
     assert bench("report", str(copy)).exit_code == 0
     assert (copy / "summary.md").read_text() == (RESULTS / run / "summary.md").read_text()
+
+
+def test_a_level_scripts_help_fits_the_screen():
+    """--help prints the lesson refilled to the terminal's width, as `aisp lab show` does (the docstrings are 120
+    columns wide)."""
+    script = REPO / "labs" / "moe_optimization_journey" / "level9_persistent_tma.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "80"})
+    assert result.returncode == 0 and "Level 9" in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
