@@ -250,3 +250,9 @@ def test_the_speedup_over_the_level_built_on_skips_levels_the_run_lacks():
 def test_profile_with_level_ep_alone_is_refused(tmp_path):
     result = bench("run", "-t", "moe_journey", "--levels", "ep", "--profile", "--out", str(tmp_path), *FAST)
     assert result.exit_code == 2 and "drop --profile" in result.output and not list(tmp_path.iterdir())
+
+
+def test_more_cpu_processes_than_the_machine_can_start_are_refused(tmp_path):
+    result = bench("run", "-t", "moe_journey", "--levels", "ep", "--world-size", "1,512", "--out", str(tmp_path),
+                   *FAST)
+    assert result.exit_code == 2 and "CPU cores" in result.output and not list(tmp_path.iterdir())
