@@ -380,7 +380,6 @@ def run_command(
     def stop(signum, frame):  # a scheduler's kill or a closed terminal ends the run as Ctrl-C does: rows kept
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous_handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
     # The description is plain text (a preset's name may hold brackets) and gives way at the screen's edge, cut
     # with an ellipsis, so that the bar, the count and the time always show.
     progress = Progress(TextColumn("{task.description}", markup=False,
@@ -399,6 +398,7 @@ def run_command(
             if advance:
                 progress.advance(task)
 
+        previous_handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
         try:
             for config in configs if in_process else []:
                 progress.update(task, description=f"{config.name}: drawing weights")

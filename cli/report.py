@@ -257,7 +257,7 @@ def time_marks(rows: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def time_legend(rows: pd.DataFrame) -> str:
-    """The marks of these rows' time table, as a clause: "; (h) = host-bound, …" (nothing where there are none)."""
+    """The marks of these rows' time table, as a clause: "; `(h)` = host-bound, …" (nothing where there are none)."""
     return "".join(f"; `{mark}` = {meaning}" for mark, meaning in time_marks(rows))
 
 
