@@ -96,7 +96,7 @@ class ResultRow:
     host_bound: bool | None = None  # is_host_bound() of the row
     claims_contradicted: list[str] | None = None  # which of launches, syncs, extra memory the measurement contradicts
 
-    # How the run went: ok, checked (verified, not timed), oom, skipped or error, and why.
+    # How the run went: one of STATUSES (checked: verified, not timed), and why.
     status: str = "ok"
     note: str = ""  # fallbacks, autotune picks, the reason for a status other than ok
 
@@ -177,6 +177,10 @@ class ResultRow:
         for name, value in values.items():
             if not isinstance(value, JSON_TYPES[name]):
                 raise ValueError(f"field {name!r} holds {value!r}, not {ANNOTATIONS[name]}")
+        if values.get("status", "ok") not in STATUSES:
+            raise ValueError(f"status {values['status']!r} is none of {', '.join(STATUSES)}")
+        if values["tokens"] < 1:
+            raise ValueError(f"tokens {values['tokens']!r}: a forward has at least one token")
         if values.get("status", "ok") == "ok" and not 0 < (values.get("ms") or 0) < math.inf:  # NaN fails too
             # what every table of a timed row reads, and divides by
             raise ValueError(f"a timed row (status 'ok') needs its time, 'ms', a positive number: got "
@@ -185,6 +189,7 @@ class ResultRow:
 
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(ResultRow))  # every field, in the file's order
+STATUSES = ("ok", "checked", "oom", "skipped", "error")
 REQUIRED = tuple(f.name for f in dataclasses.fields(ResultRow)
                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
 ANNOTATIONS = {f.name: f.type for f in dataclasses.fields(ResultRow)}  # as written above: "float | None"

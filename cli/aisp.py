@@ -451,7 +451,8 @@ def run_command(
 
     report.write_report(run_dir)  # LATEST.md is left alone: only `aisp bench publish` changes what it shows
     console.print(bench_mod.rows_table(rows, title=f"{target} on {env['device']}"))
-    console.print(f"rows, summary.md, report.html and plots: {escape(str(run_dir))}", soft_wrap=True)
+    plots = " and plots" if any(run_dir.glob("*.png")) else ""  # a run stopped before its first row has none
+    console.print(f"rows, summary.md, report.html{plots}: {escape(str(run_dir))}", soft_wrap=True)
     if interrupted:
         console.print(f"[yellow]interrupted ({interrupted}):[/yellow] {len(rows)} finished rows kept in "
                       f"{escape(str(run_dir / 'rows.jsonl'))} (a case's rows are written once all its levels "
@@ -576,7 +577,8 @@ def report_command(run_dir: Path = typer.Argument(None, help="a run folder (defa
         refuse(error)
     except OSError as error:
         fail(f"cannot write the report into {str(run_dir)!r}: {error.strerror}")
-    console.print(f"wrote {escape(str(summary))}, {escape(str(summary.parent / 'report.html'))} and the plots",
+    plots = " and the plots" if any(summary.parent.glob("*.png")) else " (no rows: no plots)"
+    console.print(f"wrote {escape(str(summary))}, {escape(str(summary.parent / 'report.html'))}{plots}",
                   soft_wrap=True)
 
 

@@ -25,6 +25,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cli.options import MAX_COUNT
+
 console = Console()
 lab = typer.Typer(help="Step through the journey: each level's lesson, code diff, claims and measured row.",
                   no_args_is_help=True)
@@ -288,6 +290,11 @@ def print_overview(levels: dict[str, type], preset: str, num_tokens: int | None,
             break
     ms = {(str(row["level"]), row["tokens"]): row["ms"] for row in rows if row["status"] == "ok"}
     keys = {str(row["level"]) for row in rows}
+    ran_at = sorted({row["tokens"] for row in rows})
+    if num_tokens and num_tokens not in ran_at:
+        console.print(f"The published GPU run at {preset} did not run T={num_tokens}; it ran at "
+                      f"{', '.join(map(str, ran_at))} (--tokens).", highlight=False)
+        return
     chosen = "" if num_tokens else "\n(the largest T every level of this run has)"
     num_tokens = num_tokens or max((t for t in {row["tokens"] for row in rows} if all((k, t) in ms for k in keys)),
                                    default=None)
@@ -335,8 +342,8 @@ def show_command(
     results = results or REPO_ROOT / "results"
     if not (results / "moe_journey").is_dir():
         fail(f"--results {str(results)!r} holds no moe_journey folder of runs")
-    if tokens is not None and tokens <= 0:
-        fail(f"--tokens must be positive, got {tokens}")
+    if tokens is not None and not 0 < tokens <= MAX_COUNT:
+        fail(f"--tokens must be positive and at most {MAX_COUNT}, got {tokens}")
     try:
         config = get_preset(preset)
     except ConfigError as error:

@@ -95,7 +95,7 @@ def load_rows(run_dir: Path, skip_damaged_last: Callable[[str], None] | None = N
             if row["target"] != TARGET:
                 raise ValueError(f"a row of {row['target']!r}, not of {TARGET}")
         except ValueError as error:
-            message = f"{path}, line {number}: not a JSON row ({error})"
+            message = f"{path}, line {number}: not a row this lab writes ({error})"
             if skip_damaged_last is None or number != numbered[-1][0]:
                 raise DamagedFile(message) from None
             skip_damaged_last(f"{message}; skipped it (an interrupted write can cut the last line)")
@@ -222,17 +222,19 @@ def compared_level(level, present) -> str | None:
 
 
 def previous_level_label(df: pd.DataFrame, row) -> str | None:
-    """The label of the level a numbered row's level is compared with in these rows (compared_level)."""
-    before = compared_level(row["level"], df["level"]) if str(row["level"]).isdigit() else None
+    """The label of the level a row's level is compared with in these rows (compared_level): a peer's is the level
+    it rebuilds, as `aisp lab show` gives it."""
+    before = compared_level(row["level"], df["level"])
     return label_of(df, before) if before else None
 
 
 def previous_level_caption(df: pd.DataFrame) -> str:
     """The speedup-over-the-level-built-on table's title, naming each level compared with another than the one
-    numbered before it."""
-    numbered = sorted({int(lvl) for lvl in df["level"] if str(lvl).isdigit()})
-    others = [f"{level} over {before}" for level in numbered
-              if (before := compared_level(level, df["level"])) is not None and int(before) != level - 1]
+    numbered before it (a peer with the level it rebuilds)."""
+    levels = sorted({str(lvl) for lvl in df["level"]}, key=level_sort_key)
+    others = [f"{level} over {before}" for level in levels
+              if (before := compared_level(level, df["level"])) is not None
+              and not (level.isdigit() and int(before) == int(level) - 1)]
     return "Speedup over the level each builds on" + (f" ({', '.join(others)})" if others else "")
 
 

@@ -235,7 +235,8 @@ def test_brackets_in_a_name_or_path_are_plain_text(tmp_path):
 
 
 def test_the_speedup_over_the_level_built_on_skips_levels_the_run_lacks():
-    """7 builds on 4; 9 builds on 8, which the run lacks, and 8 on 7, which it has; 6 builds on 4 too."""
+    """7 builds on 4; 9 builds on 8, which the run lacks, and 8 on 7, which it has; 6 builds on 4 too, and the peer
+    on 4, as lab show compares it."""
     import pandas as pd
 
     from cli import report
@@ -243,8 +244,9 @@ def test_the_speedup_over_the_level_built_on_skips_levels_the_run_lacks():
     df = pd.DataFrame({"level": [4, 6, 7, 9, "peer"],
                        "label": ["4 grouped", "6 compiled", "7 triton", "9 tma", "peer: torch"]})
     assert [report.previous_level_label(df, row) for _, row in df.iterrows()] == [None, "4 grouped", "4 grouped",
-                                                                                   "7 triton", None]
-    assert report.previous_level_caption(df) == "Speedup over the level each builds on (6 over 4, 7 over 4, 9 over 7)"
+                                                                                   "7 triton", "4 grouped"]
+    assert report.previous_level_caption(df) == ("Speedup over the level each builds on (6 over 4, 7 over 4, 9 over 7, "
+                                                 "peer over 4)")
 
 
 def test_profile_with_level_ep_alone_is_refused(tmp_path):
