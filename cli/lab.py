@@ -291,8 +291,8 @@ def print_overview(levels: dict[str, type], preset: str, num_tokens: int | None,
     ms = {(str(row["level"]), row["tokens"]): row["ms"] for row in rows if row["status"] == "ok"}
     keys = {str(row["level"]) for row in rows}
     ran_at = sorted({row["tokens"] for row in rows})
-    if num_tokens and num_tokens not in ran_at:
-        console.print(f"The published GPU run at {preset} did not run T={num_tokens}; it ran at "
+    if num_tokens and rows and num_tokens not in ran_at:
+        console.print(f"The GPU run {run_dir.name} did not run {preset} at T={num_tokens}; it ran at "
                       f"{', '.join(map(str, ran_at))} (--tokens).", highlight=False)
         return
     chosen = "" if num_tokens else "\n(the largest T every level of this run has)"

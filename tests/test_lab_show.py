@@ -277,3 +277,10 @@ def test_the_overview_takes_the_token_count_asked_for(h100_results):
     output = show("--tokens", "2048", "--results", str(h100_results)).output
     assert "T=2048\n" in output and "largest T" not in output
     assert "largest T every level of this run has" in show("--results", str(h100_results)).output
+
+
+def test_the_overview_at_a_token_count_the_run_lacks_says_where_it_ran(h100_results):
+    result = show("--tokens", "3", "--results", str(h100_results))
+    said = " ".join(result.output.split())  # as one line, whatever the screen's width
+    assert result.exit_code == 0 and "did not run journey at T=3; it ran at 1, 64," in said, result.output
+    assert "first" not in result.output
