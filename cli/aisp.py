@@ -615,8 +615,7 @@ def compare_command(run_a: Path = typer.Argument(..., help="the baseline run fol
                f"in every case: {', '.join(f'{k}={v}' for k, v in shared.items()) or '-'}")
     if table["A ms"].str.endswith(report.HOST_BOUND_MARK).any() or table["B ms"].str.endswith(
             report.HOST_BOUND_MARK).any():
-        heading += (f"\n{report.HOST_BOUND_MARK}: host-bound, the time depends on the host CPU (the row's note says "
-                    "why); left out of the geometric means")
+        heading += f"\n{report.HOST_BOUND_MARK}: {report.HOST_BOUND_MEANING}; left out of the geometric means"
     console.print(heading, highlight=False)
     for case, part in table.groupby("case", sort=False):
         console.print(text_table(part.drop(columns="case"), title=case))

@@ -233,7 +233,7 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
             console.print(f"  {STATUS_CELL.get(row['status'], row['status'])}: {row['note']}", highlight=False)
             return
         table = Table.grid(padding=(0, 2))
-        host_bound = f" {HOST_BOUND_MARK}: host-bound, the time is the host CPU's" if row.get("host_bound") else ""
+        host_bound = f" {HOST_BOUND_MARK}: {report.HOST_BOUND_MEANING}" if row.get("host_bound") else ""
         table.add_row("  time", f"{fmt(row['ms'])} ms{host_bound}")
         table.add_row("  rate", f"{fmt(row['tflops'])} TF/s")
         table.add_row("  roofline", f"{fmt(row['pct_roofline'])}%")
@@ -296,8 +296,7 @@ def print_overview(levels: dict[str, type], preset: str, num_tokens: int | None,
                       f"{', '.join(map(str, ran_at))} (--tokens).", highlight=False)
         return
     chosen = "" if num_tokens else "\n(the largest T every level of this run has)"
-    num_tokens = num_tokens or max((t for t in {row["tokens"] for row in rows} if all((k, t) in ms for k in keys)),
-                                   default=None)
+    num_tokens = num_tokens or max((t for t in ran_at if all((k, t) in ms for k in keys)), default=None)
     if num_tokens is None:
         console.print(f"No GPU run under {results / 'moe_journey'} ran every level at {preset}: no speedups.",
                       highlight=False)

@@ -241,7 +241,8 @@ def previous_level_caption(df: pd.DataFrame) -> str:
 DECODE_MAX_TOKENS = 512  # at or below this many tokens the layer is bound by reading the experts' weights
 
 
-HOST_BOUND_MARK = "(h)"  # a host-bound row's time, in the time tables and compare's: it depends on the host CPU
+HOST_BOUND_MARK = "(h)"  # a host-bound row's time, in the time tables, compare's and lab show's
+HOST_BOUND_MEANING = "host-bound, the time depends on the host CPU (the row's note says why)"
 
 
 def time_marks(rows: pd.DataFrame) -> list[tuple[str, str]]:
@@ -249,7 +250,7 @@ def time_marks(rows: pd.DataFrame) -> list[tuple[str, str]]:
     statuses = set(rows["status"])
     host_bound = rows["host_bound"] if "host_bound" in rows else pd.Series(dtype=object)
     memory = "GPU" if (rows["device_type"] == "cuda").any() else "host"
-    marks = [(HOST_BOUND_MARK, "host-bound, the time depends on the host CPU (the row's note says why)",
+    marks = [(HOST_BOUND_MARK, HOST_BOUND_MEANING,
               host_bound.map(lambda value: pd.notna(value) and bool(value)).any()),
              ("OOM", f"ran out of {memory} memory", "oom" in statuses),
              ("skipped", "not run at this size or on this device", "skipped" in statuses),
