@@ -37,13 +37,16 @@ def shape_label(row) -> str:
     return f"H={row['hidden']} I={row['intermediate']} E={row['experts']} K={row['top_k']}{shared} {row['dtype']}"
 
 
+TARGET = "moe_journey"  # the lab every row and run folder here belongs to (`aisp bench run -t`)
+
+
 @dataclass(slots=True, kw_only=True)
 class ResultRow:
     """One (level, case, token count) measurement. Fields in the order rows.jsonl lists them; a field older runs
     lack has the default that says what they measured (no traffic shape: uniform), or None (not recorded)."""
 
     # The case: what was measured, where.
-    target: str  # the lab, "moe_journey"
+    target: str  # the lab, TARGET
     level: int | str  # the level's key: 0 to 10, "peer", "peer-fp8", "peer-ogs" or "ep"
     level_name: str  # the level's short name, "grouped"
     preset: str  # the preset's name (an inline shape's is made of its numbers)

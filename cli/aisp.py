@@ -30,12 +30,19 @@ from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
-import typer
-from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.markup import escape
-from rich.table import Column, Table
+# `python -m cli.aisp` from a Python that lacks the lab's packages: one line that says where they are, not a traceback
+if sys.version_info < (3, 11):
+    sys.exit(f"aisp needs Python 3.11 or newer; {sys.executable} is {platform.python_version()}")
+try:
+    import typer
+    from rich import box
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.markup import escape
+    from rich.table import Column, Table
+except ModuleNotFoundError as missing:
+    sys.exit(f"aisp: {sys.executable} has no {missing.name}; `make bench` or `make test` sets up .venv with the "
+             "lab's packages (then .venv/bin/aisp ...), or `pip install -e .` installs them here")
 
 try:  # typer ≥ 0.16 carries its own copy of click; older ones use click itself
     from typer._click.exceptions import ClickException
@@ -48,6 +55,7 @@ from cli.options import (
     DEBUG_ENV,
     DEFAULTS,
     HOT_SHARE,
+    PRESET_HELP,
     ROUTER,
     ZIPF_S,
     UsageError,
@@ -61,6 +69,7 @@ from cli.options import (
     timing,
     use_threads,
 )
+from result_row import TARGET
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 console = Console()
@@ -70,7 +79,7 @@ bench = typer.Typer(help="Run benchmarks and read their results.", no_args_is_he
 app.add_typer(bench, name="bench")
 app.add_typer(lab, name="lab")
 
-TARGETS = {"moe_journey": "one MoE feed-forward layer, from naive Python loops to a fast GPU implementation"}
+TARGETS = {TARGET: "one MoE feed-forward layer, from naive Python loops to a fast GPU implementation"}
 # The README's generated blocks: the single-GPU journey's results, and the expert-parallel level's.
 RESULTS_BLOCK = ("<!-- results:start -->", "<!-- results:end -->")
 EP_RESULTS_BLOCK = ("<!-- ep-results:start -->", "<!-- ep-results:end -->")
@@ -226,7 +235,7 @@ def environment(device, ceilings, configs, args: dict) -> dict:
         triton_version = None
     lab = journey()
     return {
-        "target": "moe_journey",
+        "target": TARGET,
         "device": lab.moe_benchmark.device_label(device),
         "device_type": device.type,
         "driver": nvidia_driver() if device.type == "cuda" else None,
@@ -261,7 +270,7 @@ def list_command() -> None:
 
     for target, description in TARGETS.items():
         console.print(f"[bold]{target}[/bold]: {description}")
-    table = Table(title="moe_journey levels")
+    table = Table(title=f"{TARGET} levels")
     table.add_column("level", justify="right")
     table.add_column("name")
     table.add_column("idea")
@@ -281,14 +290,11 @@ def list_command() -> None:
 
 @bench.command("run")
 def run_command(
-    target: str = typer.Option(..., "-t", "--target", help="what to run: moe_journey"),
+    target: str = typer.Option(..., "-t", "--target", help=f"what to run: {', '.join(TARGETS)}"),
     levels: str = typer.Option(None, help="e.g. 0-10, 0,4,9,peer,peer-ogs (default: every level and every peer)"),
     tokens: str = typer.Option(None, help=f"token counts, e.g. 2048,8192 (default: {DEFAULTS['cuda'].tokens} on a "
                                           f"GPU, {DEFAULTS['cpu'].tokens} on the CPU)"),
-    preset: str = typer.Option(None, help="preset name(s) comma-separated, an inline shape "
-                                          "hidden=768,intermediate=1536,experts=16,top_k=4, or a TOML file "
-                                          f"(default: {DEFAULTS['cuda'].preset} on a GPU, {DEFAULTS['cpu'].preset} on "
-                                          "the CPU)"),
+    preset: str = typer.Option(None, help=PRESET_HELP),
     device: str = typer.Option("auto", help="auto, cuda or cpu"),
     router: str = typer.Option(ROUTER, help="softmax-topk, sigmoid-bias, switch (top-1: presets then run with "
                                             "top_k=1) or expert-choice"),
@@ -567,9 +573,9 @@ def report_command(run_dir: Path = typer.Argument(None, help="a run folder (defa
     from cli import report
 
     if run_dir is None:
-        runs = sorted((results / "moe_journey").glob("*/rows.jsonl"), key=lambda p: p.parent.name)
+        runs = sorted((results / TARGET).glob("*/rows.jsonl"), key=lambda p: p.parent.name)
         if not runs:
-            fail(f"no run folders under {results / 'moe_journey'}")
+            fail(f"no run folders under {results / TARGET}")
         run_dir = runs[-1].parent
     try:
         summary = report.write_report(existing_run_dir(run_dir), warn=warn)
@@ -731,7 +737,7 @@ def publish_command(run_dirs: list[Path] = typer.Argument(..., help="GPU run fol
         shown.append(f"the README's expert-parallel block shows {', '.join(relatives)}")
     # The repository's LATEST.md (what `aisp lab show` reads as the published run) follows the repository's README
     # only: a trial publish into another README leaves it alone.
-    runs_root = (REPO_ROOT / "results" / report.TARGET).resolve()
+    runs_root = (REPO_ROOT / "results" / TARGET).resolve()
     repository_runs = journey_dirs and journey_dirs[0].parent.resolve() == runs_root
     writes_latest = not repository_runs or readme.resolve() == (REPO_ROOT / "README.md").resolve()
     if journey_dirs:

@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.options import MAX_COUNT
+from result_row import TARGET
 
 console = Console()
 lab = typer.Typer(help="Step through the journey: each level's lesson, code diff, claims and measured row.",
@@ -185,7 +186,7 @@ def gpu_runs(results: Path) -> list[tuple[Path, dict, list[dict]]]:
     from cli import report
 
     runs = []
-    for rows_path in sorted((results / "moe_journey").glob("*/rows.jsonl"), key=lambda p: p.parent.name,
+    for rows_path in sorted((results / TARGET).glob("*/rows.jsonl"), key=lambda p: p.parent.name,
                             reverse=True):
         env = report.load_environment(rows_path.parent)
         if env.get("device_type") == "cuda":
@@ -253,7 +254,7 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
             table.add_row("  world size", str(row["world_size"]))
         console.print(table, highlight=False)
         return
-    console.print(f"No GPU run under {results / 'moe_journey'} has level {key} at {case}.", highlight=False)
+    console.print(f"No GPU run under {results / TARGET} has level {key} at {case}.", highlight=False)
     ran = {}  # where it did run, in the shown case: ep's runs, for one, are at other presets
     for _, _, rows in gpu_runs(results):
         for row in rows:
@@ -272,7 +273,7 @@ def published_first(runs: list[tuple[Path, dict, list[dict]]], results: Path) ->
     the published sweep, not a newer run of three decode levels that would leave the others blank."""
     from cli import report
 
-    latest = results / "moe_journey" / "LATEST.md"
+    latest = results / TARGET / "LATEST.md"
     published = report.published_runs(latest.read_text()) if latest.is_file() else set()
     return sorted(runs, key=lambda run: run[0].name not in published)  # a stable sort keeps newest first
 
@@ -298,7 +299,7 @@ def print_overview(levels: dict[str, type], preset: str, num_tokens: int | None,
     chosen = "" if num_tokens else "\n(the largest T every level of this run has)"
     num_tokens = num_tokens or max((t for t in ran_at if all((k, t) in ms for k in keys)), default=None)
     if num_tokens is None:
-        console.print(f"No GPU run under {results / 'moe_journey'} ran every level at {preset}: no speedups.",
+        console.print(f"No GPU run under {results / TARGET} ran every level at {preset}: no speedups.",
                       highlight=False)
     else:
         console.print(f"× previous: over the level each builds on, at {preset}, T={num_tokens}{chosen}\n"
@@ -339,8 +340,8 @@ def show_command(
     from moe_model import ConfigError, get_preset
 
     results = results or REPO_ROOT / "results"
-    if not (results / "moe_journey").is_dir():
-        fail(f"--results {str(results)!r} holds no moe_journey folder of runs")
+    if not (results / TARGET).is_dir():
+        fail(f"--results {str(results)!r} holds no {TARGET} folder of runs")
     if tokens is not None and not 0 < tokens <= MAX_COUNT:
         fail(f"--tokens must be positive and at most {MAX_COUNT}, got {tokens}")
     try:

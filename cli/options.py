@@ -68,6 +68,14 @@ DEFAULTS = {
 }
 
 
+# --preset's help, for `aisp bench run` and every level script. The rule is in words before the example: at 80
+# columns the help's column cuts the example short.
+PRESET_HELP = ("preset name(s), comma-separated; an inline shape, key=value pairs joined by commas (hidden, "
+               "intermediate, experts and top_k; shared_experts, dtype and seed if wanted), e.g. "
+               "hidden=768,intermediate=1536,experts=16,top_k=4; or a TOML file with those keys (default: "
+               f"{DEFAULTS['cuda'].preset} on a GPU, {DEFAULTS['cpu'].preset} on the CPU)")
+
+
 def parse_levels(spec: str | None, available: list[str], on_request: tuple[str, ...] = ("ep",)) -> list[str]:
     """Level keys from `0-10`, `0,4,9,peer,peer-fp8`, ...; the default (or `all`) is every single-GPU level and
     every peer. Levels in `on_request` (ep: several processes) run only when named."""
@@ -218,9 +226,7 @@ def script_parser(prog: str, lesson: str, tokens_help: str = "token counts") -> 
     gpu, cpu = DEFAULTS["cuda"], DEFAULTS["cpu"]
     lesson = "\n".join(reflowed(lesson, shutil.get_terminal_size().columns))
     parser = OneLineParser(prog=prog, description=lesson, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", help="preset name(s) comma-separated, an inline shape "
-                        f"hidden=768,intermediate=1536,experts=16,top_k=4, or a TOML file (default: {gpu.preset} "
-                        f"on a GPU, {cpu.preset} on the CPU)")
+    parser.add_argument("--preset", help=PRESET_HELP)
     parser.add_argument("--tokens", help=f"{tokens_help}, comma-separated (default: {gpu.script_tokens} on a GPU, "
                                          f"{cpu.script_tokens} on the CPU)")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")

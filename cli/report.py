@@ -25,13 +25,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cli.numbers import fmt  # noqa: E402
-from result_row import OUTSIDE_STAGES, ResultRow, shape_label  # noqa: E402
+from result_row import OUTSIDE_STAGES, TARGET, ResultRow, shape_label  # noqa: E402
 
 STATUS_CELL = {"oom": "OOM", "skipped": "skipped", "error": "error", "checked": "checked"}
 
 
-def cpu_intro(env: dict) -> str:
-    """The two sentences a CPU run's summary.md and report.html open with: what such a run can and cannot show."""
+def cpu_intro(env: dict, rows: list[dict]) -> str:
+    """The sentences a CPU run's summary.md and report.html open with: what such a run can and cannot show (empty
+    for a run with any GPU row)."""
+    if not rows or any(row.get("device_type") != "cpu" for row in rows):
+        return ""
+    if all(str(row["level"]) == "ep" for row in rows):
+        return ("This run was on a CPU: gloo processes on one machine stand in for GPUs and NCCL, so it shows the "
+                "expert-parallel algorithm, its rows' bytes and its phases, not a link's or a GPU's speed.")
     threads = env.get("cpu_threads")
     on = f" on {threads} thread{'s' if threads != 1 else ''}" if threads else ""
     return ("This run was on a CPU: it times PyTorch's CPU kernels and Python's overhead" + on + ", so it ranks "
@@ -69,7 +75,6 @@ def timed_levels(df: pd.DataFrame) -> pd.DataFrame:
     return df[~df["label"].isin(checked)].reset_index(drop=True)
 
 
-TARGET = "moe_journey"  # the lab whose runs these tables are made for
 
 
 class DamagedFile(ValueError):
@@ -617,6 +622,20 @@ def token_axis(ax, tokens: list[int]) -> None:
         ax.tick_params(axis="x", labelrotation=45)
 
 
+def log_value_axis(axis, suffix: str = "") -> None:
+    """Plain labels on a log value axis ("0.29", "1.1×", not matplotlib's 2.9×10⁻¹), call once its data are drawn:
+    at the decades where it spans two or more, at 1-2-5 steps where it spans one or two, and at a few even steps
+    where it spans less (no decade, maybe no 1-2-5 value, inside it)."""
+    low, high = axis.get_view_interval()
+    if high / low < 10:
+        axis.set_major_locator(matplotlib.ticker.MaxNLocator(5, steps=[1, 2, 2.5, 5, 10]))
+        axis.set_minor_locator(matplotlib.ticker.NullLocator())
+    elif high / low < 100:
+        axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}{suffix}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def not_timed_strip(ax, df: pd.DataFrame, colors: dict) -> None:
     """A strip above a token plot: a row per level with cells not timed, named with why, a marker at each."""
     missing = df[df["status"].isin(STATUS_MARKER)]
@@ -667,7 +686,7 @@ def plot_by_tokens(df: pd.DataFrame, column: str, ylabel: str, yscale: str, titl
     if yscale == "linear":
         ax.set_ylim(bottom=0)
     else:
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        log_value_axis(ax.yaxis)
     token_axis(ax, tokens)
     ax.grid(True, alpha=0.3)
     if strip_rows:
@@ -717,8 +736,8 @@ def plot_speedup(df: pd.DataFrame, title: str, path: Path) -> str | None:
     ax.set(yscale="log", xlabel="tokens (T)",
            ylabel=f"speedup over {main}" + ("\n(where it was not timed: over the slowest level timed)"
                                             if any(b not in (main, None) for b in baselines.values()) else ""))
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
     ax.axhline(1.0, color="black", linewidth=0.8)
+    log_value_axis(ax.yaxis, "×")
     ax.grid(True, axis="y", alpha=0.3)
     legend_right(ax)
     fig.suptitle(title)
@@ -952,6 +971,7 @@ def plot_imbalance(df: pd.DataFrame, out_dir: Path, preset: str) -> str | None:
                   fontsize=8, rotation=30, ha="right")
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set(yscale="log", xlabel="busiest expert's load / mean load (traffic shape)", ylabel="ms per forward (log)")
+    log_value_axis(ax.yaxis)
     ax.grid(True, alpha=0.3)
     legend_right(ax)
     fig.suptitle(f"{preset}: time against load imbalance at {token_label(tokens)} tokens ({df['device'].iloc[0]})")
@@ -1012,8 +1032,7 @@ def write_report(run_dir: Path, warn: Callable[[str], None] | None = None) -> Pa
     env = load_environment(run_dir)
     for plot in run_dir.glob("*.png"):  # an earlier report's: this one draws its own, and none of those may linger
         plot.unlink()
-    on_cpu = bool(rows) and all(row.get("device_type") == "cpu" for row in rows)
-    sections = [f"# {TARGET} run `{run_dir.name}`", cpu_intro(env) if on_cpu else "",
+    sections = [f"# {TARGET} run `{run_dir.name}`", cpu_intro(env, rows),
                 environment_section(env, rows)]
     if not rows:
         sections.append("No rows were recorded.")

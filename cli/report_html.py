@@ -18,7 +18,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from cli import report
-from result_row import shape_label
+from result_row import TARGET, shape_label
 
 REPO = Path(__file__).resolve().parent.parent
 LESSONS = REPO / "labs" / "moe_optimization_journey"
@@ -66,8 +66,8 @@ def write_html(run_dir: Path, rows: list[dict], env: dict) -> Path:
     run_dir = Path(run_dir)
     clock = report.clock_text(rows)
     contents, body = [], [environment(env) + (f"<p>{esc(clock)}.</p>" if clock else "")]
-    if rows and all(row.get("device_type") == "cpu" for row in rows):
-        body.insert(0, f'<p class="intro">{esc(report.cpu_intro(env))}</p>')
+    if intro := report.cpu_intro(env, rows):
+        body.insert(0, f'<p class="intro">{esc(intro)}</p>')
     if not rows:
         body.append("<p>No rows were recorded.</p>")
     else:
@@ -99,9 +99,9 @@ def write_html(run_dir: Path, rows: list[dict], env: dict) -> Path:
     nav = "".join(f'<li><a href="#{a}">{esc(t)}</a></li>' for a, t in contents)
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>moe_journey run {esc(run_dir.name)}</title><style>{CSS}</style></head>\n<body>"
+            f"<title>{TARGET} run {esc(run_dir.name)}</title><style>{CSS}</style></head>\n<body>"
             f'<div class="page"><nav><strong>Contents</strong><ol><li><a href="#environment">Environment</a></li>'
-            f'{nav}</ol></nav>\n<main><h1>moe_journey run <code>{esc(run_dir.name)}</code></h1>\n'
+            f'{nav}</ol></nav>\n<main><h1>{TARGET} run <code>{esc(run_dir.name)}</code></h1>\n'
             + "\n".join(body) + "</main></div></body></html>\n")
     path = run_dir / "report.html"
     partial = path.with_suffix(".html.partial")

@@ -140,6 +140,15 @@ def test_more_tokens_than_memory_is_an_oom_row(tmp_path):
     assert row["status"] == "oom" and "memory" in row["note"]
 
 
+def test_a_python_without_the_labs_packages_gets_one_line():
+    """`python -m cli.aisp` from a Python that lacks typer (here: its import blocked) says where the packages are."""
+    blocked = "import runpy, sys; sys.modules['typer'] = None; runpy.run_module('cli.aisp', run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", blocked, "bench", "list"], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "has no typer" in result.stderr and "make bench" in result.stderr
+
+
 def test_debug_re_raises(tmp_path, monkeypatch):
     monkeypatch.setenv("AISP_DEBUG", "0")  # so that the "1" --debug sets goes at the end of the test
     shape = "hidden=32,intermediate=48,experts=2,top_k=3"

@@ -258,3 +258,21 @@ def test_more_cpu_processes_than_the_machine_can_start_are_refused(tmp_path):
     result = bench("run", "-t", "moe_journey", "--levels", "ep", "--world-size", "1,512", "--out", str(tmp_path),
                    *FAST)
     assert result.exit_code == 2 and "CPU cores" in result.output and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("low, high", [(0.255, 0.29), (0.99, 1.13), (0.04, 3.0), (0.03, 300.0)])
+def test_log_axes_label_plain_numbers_at_any_span(low, high):
+    """A log value axis spanning less than a decade gets labels too, and none reads like 2.9×10⁻¹."""
+    import matplotlib.pyplot as plt
+
+    from cli import report
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [low, high])
+    ax.set_yscale("log")
+    report.log_value_axis(ax.yaxis, "×")
+    fig.canvas.draw()
+    labels = [tick.get_text() for tick in ax.get_yticklabels(which="both") if tick.get_text()]
+    plt.close(fig)
+    assert len(labels) >= 2 and all(label.endswith("×") and "10^" not in label and "$" not in label
+                                    for label in labels), labels

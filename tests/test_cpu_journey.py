@@ -45,7 +45,7 @@ def between(text: str, start: str, end: str) -> str:
 
 def test_cpu_summary_opens_with_what_a_cpu_run_shows(cpu_run):
     env = json.loads((cpu_run / "environment.json").read_text())
-    intro = report.cpu_intro(env)
+    intro = report.cpu_intro(env, report.load_rows(cpu_run))
     assert intro.count(". ") == 1 and "levels 7-10" in intro and f"on {options.DEFAULTS['cpu'].threads} thread" in intro
     summary = (cpu_run / "summary.md").read_text()
     assert summary.split("\n\n")[1] == intro  # right under the title

@@ -181,3 +181,10 @@ def test_rows_from_before_phases_rank_say_their_phases_came_from_the_slowest_ran
     new = ep_copy(MIXTRAL, tmp_path / "new")
     report.write_report(new)
     assert "on the busiest rank (the one whose expert compute took longest)" in (new / "summary.md").read_text()
+
+
+def test_a_cpu_run_of_level_ep_alone_opens_with_what_its_processes_show():
+    ep_row, level_row = {"device_type": "cpu", "level": "ep"}, {"device_type": "cpu", "level": 4}
+    assert "gloo processes" in report.cpu_intro({}, [ep_row]) and "levels 7-10" not in report.cpu_intro({}, [ep_row])
+    assert "levels 7-10" in report.cpu_intro({}, [ep_row, level_row])
+    assert report.cpu_intro({}, [dict(ep_row, device_type="cuda")]) == report.cpu_intro({}, []) == ""

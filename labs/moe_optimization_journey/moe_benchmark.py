@@ -61,9 +61,8 @@ from moe_model import (  # noqa: E402
     router_logits,
     shared_experts_forward,
 )
-from result_row import OUTSIDE_STAGES, STAGES, ResultRow, shape_label  # noqa: E402
+from result_row import OUTSIDE_STAGES, STAGES, TARGET, ResultRow, shape_label  # noqa: E402
 
-TARGET = "moe_journey"
 
 
 def device_clock(device: torch.device) -> object:
