@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -448,6 +449,10 @@ def run_command(
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
 
+    if interrupted and not rows:  # stopped before a row finished: no folder to become the newest run, empty
+        shutil.rmtree(run_dir)
+        stderr.print(f"interrupted ({interrupted}) before any row finished: no run folder kept")
+        raise typer.Exit(128 + signal.Signals[interrupted])
     env["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     env["interrupted"] = interrupted is not None
     timed = [row["repeats"] for row in rows if row.get("repeats")]
@@ -457,10 +462,10 @@ def run_command(
 
     report.write_report(run_dir)  # LATEST.md is left alone: only `aisp bench publish` changes what it shows
     console.print(bench_mod.rows_table(rows, title=f"{target} on {env['device']}"))
-    plots = " and plots" if any(run_dir.glob("*.png")) else ""  # a run stopped before its first row has none
+    plots = " and plots" if any(run_dir.glob("*.png")) else ""  # a run of rows none of which was timed has none
     console.print(f"rows, summary.md, report.html{plots}: {escape(str(run_dir))}", soft_wrap=True)
     if interrupted:
-        console.print(f"[yellow]interrupted ({interrupted}):[/yellow] {len(rows)} finished rows kept in "
+        stderr.print(f"[yellow]interrupted ({interrupted}):[/yellow] {len(rows)} finished rows kept in "
                       f"{escape(str(run_dir / 'rows.jsonl'))} (a case's rows are written once all its levels "
                       "are timed)", soft_wrap=True)
         raise typer.Exit(128 + signal.Signals[interrupted])

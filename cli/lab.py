@@ -252,6 +252,8 @@ def print_measured(levels: dict[str, type], key: str, preset: str, num_tokens: i
             table.add_row("  × matmul_ogs peer", speedup(row_of(rows, "peer-ogs", num_tokens), row))
         if "world_size" in row:
             table.add_row("  world size", str(row["world_size"]))
+        if note := report.row_note(row):  # why a time is host-bound, among others
+            table.add_row("  note", note)
         console.print(table, highlight=False)
         return
     console.print(f"No GPU run under {results / TARGET} has level {key} at {case}.", highlight=False)
@@ -318,8 +320,7 @@ def print_overview(levels: dict[str, type], preset: str, num_tokens: int | None,
                      if (before, num_tokens) in ms and (key, num_tokens) in ms else "-")
             if before != report.builds_on(key) or not key.isdigit():
                 ratio += f" (vs {before})"
-        # One line a level: a summary too long for the screen ends in "…" (the lesson has the rest).
-        table.add_row(key, cls.name, ratio, Text(cls.summary, no_wrap=True, overflow="ellipsis"))
+        table.add_row(key, cls.name, ratio, Text(cls.summary))  # wrapped where the screen is narrow, never cut
     console.print(table)
     console.print("-: not in this run (ep runs on its own); first: the run's first level.\n"
                   "`aisp lab show LEVEL` prints a level's whole lesson.", highlight=False)

@@ -56,7 +56,8 @@ CPU_COUNTERPARTS = {
          "little about a GPU",
     "ep": "gloo processes on one machine stand in for GPUs and NCCL: the rows show the algorithm and its bytes, "
           "not a link; the local experts run level 4, and the reduce and the final sum (Triton kernels on a GPU) "
-          "run as torch ops",
+          "run as torch ops; where there are more processes than cores, they take turns on them, and the "
+          "efficiency shows that too",
 }
 
 
@@ -66,6 +67,9 @@ def cpu_counterpart_notes(df: pd.DataFrame) -> list[str]:
         return []
     present = dict.fromkeys(zip(df["level"].map(str), df["label"]))
     return [f"{label}: {CPU_COUNTERPARTS[level]}" for level, label in present if level in CPU_COUNTERPARTS]
+
+
+NOTHING_TIMED = "Nothing was timed in this case; the notes below say why."  # no speed tables follow
 
 
 def timed_levels(df: pd.DataFrame) -> pd.DataFrame:
@@ -355,20 +359,25 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
         f"Time per forward, ms (median{time_legend(all_rows)}):",
         markdown_table(pivot(all_rows, status_or(time_cell)), "level \\ tokens"),
     ]
-    if baseline:
+    if not (df["status"] == "ok").any():  # every level checked, skipped or failed: no speeds to tabulate
+        parts.append(NOTHING_TIMED)
+        df = df.iloc[:0]
+    if baseline and len(df):
         parts += ["Speedup over level 0:",
                   markdown_table(pivot(df, speedup_vs(df, lambda r: baseline)), "level \\ tokens")]
-    parts += [
-        f"{previous_level_caption(df)}:",
-        markdown_table(pivot(df, speedup_vs(df, lambda r: previous_level_label(df, r))), "level \\ tokens"),
-    ]
+    if len(df):
+        parts += [
+            f"{previous_level_caption(df)}:",
+            markdown_table(pivot(df, speedup_vs(df, lambda r: previous_level_label(df, r))), "level \\ tokens"),
+        ]
     if counterparts := cpu_counterpart_notes(df):
         parts.append("Where the GPU idea does not carry over to the CPU:\n\n"
                      + "\n".join(f"- {note}" for note in counterparts))
-    parts += [
-        "TFLOP/s (useful FLOPs: 2·T·(K + S)·3·H·I):",
-        markdown_table(pivot(df, status_or(lambda r: fmt(r["tflops"]))), "level \\ tokens"),
-    ]
+    if len(df):
+        parts += [
+            "TFLOP/s (useful FLOPs: 2·T·(K + S)·3·H·I):",
+            markdown_table(pivot(df, status_or(lambda r: fmt(r["tflops"]))), "level \\ tokens"),
+        ]
     # A CPU run measures no ceilings and no device memory: no table of dashes for either.
     if df["pct_roofline"].notna().any():
         parts += ["% of the roofline (the larger of FLOPs / measured matmul rate and minimum bytes / measured copy "
@@ -428,8 +437,9 @@ def row_note(row) -> str:
             lead = (f"host-bound (the host took {host_ms * 1e3:.1f} µs to issue each forward, the GPU "
                     f"{row['ms'] * 1e3:.1f} µs to run it: back to back, the host would set the pace)")
         else:
-            lead = (f"host-bound (the GPU was busy {row['gpu_busy_pct']:.0f}% of the forward: the time depends on the "
-                    "host CPU and the gaps between launches)")
+            busy = row.get("gpu_busy_pct")  # not recorded by runs before the busy share was measured
+            busy = f"the GPU was busy {busy:.0f}% of the forward: " if pd.notna(busy) else ""
+            lead = f"host-bound ({busy}the time depends on the host CPU and the gaps between launches)"
         note = f"{lead}; {note}" if note else lead
     return note
 
@@ -601,8 +611,12 @@ def line_style(label: str) -> str:
 
 
 def token_label(tokens: int) -> str:
-    """1, 64, 2K, 8K, 32K: short tick labels."""
-    return f"{tokens // 1024}K" if tokens >= 1024 and tokens % 1024 == 0 else f"{tokens:,}"
+    """1, 64, 2K, 8K, 32K, 1M: short tick labels, in K (1024) or M (1024²) where the count is a whole number of them
+    (else as it is: 2,000,000,000, not 1953125K)."""
+    for unit, size in (("M", 1024 ** 2), ("K", 1024)):
+        if tokens >= size and tokens % size == 0 and tokens // size < 1024:
+            return f"{tokens // size}{unit}"
+    return f"{tokens:,}"
 
 
 def case_title(case: str) -> str:
@@ -624,13 +638,13 @@ def token_axis(ax, tokens: list[int]) -> None:
 
 def log_value_axis(axis, suffix: str = "") -> None:
     """Plain labels on a log value axis ("0.29", "1.1×", not matplotlib's 2.9×10⁻¹), call once its data are drawn:
-    at the decades where it spans two or more, at 1-2-5 steps where it spans one or two, and at a few even steps
+    at the decades where it spans three or more, at 1-2-5 steps where it spans one to three, and at a few even steps
     where it spans less (no decade, maybe no 1-2-5 value, inside it)."""
     low, high = axis.get_view_interval()
     if high / low < 10:
         axis.set_major_locator(matplotlib.ticker.MaxNLocator(5, steps=[1, 2, 2.5, 5, 10]))
         axis.set_minor_locator(matplotlib.ticker.NullLocator())
-    elif high / low < 100:
+    elif high / low < 1000:
         axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
     axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}{suffix}"))
     axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -728,8 +742,10 @@ def plot_speedup(df: pd.DataFrame, title: str, path: Path) -> str | None:
             if len(status) and status.iloc[0] in STATUS_MARKER:
                 ax.text(x, 0.02, STATUS_CELL[status.iloc[0]], transform=at_bottom, rotation=90, ha="center",
                         va="bottom", fontsize=6, color=colors[label])
-        ax.bar(xs, speedups, width, label=label, color=colors[label], hatch="//" if label.startswith("peer") else None,
-               edgecolor="white", linewidth=0.3)
+        # Each bar from 1× to its speedup, up for faster and down for slower: from the axis' bottom, a 0.93× bar
+        # would stand a sliver high beside a 0.97× one three quarters up.
+        ax.bar(xs, [s - 1 for s in speedups], width, bottom=1, label=label, color=colors[label],
+               hatch="//" if label.startswith("peer") else None, edgecolor="white", linewidth=0.3)
     names = [token_label(t) if baselines[t] in (main, None)
              else f"{token_label(t)}\nover level {baselines[t].split()[0]}" for t in tokens]
     ax.set_xticks(range(len(tokens)), names, fontsize=8)
@@ -747,8 +763,10 @@ def plot_speedup(df: pd.DataFrame, title: str, path: Path) -> str | None:
 def plot_preset(df: pd.DataFrame, out_dir: Path, preset: str) -> list[str]:
     """The PNGs of one case (a preset, or a preset under one traffic shape); returns their file names."""
     case, device = case_title(df["case"].iloc[0]), df["device"].iloc[0]
-    names = [plot_by_tokens(df, "ms", "ms per forward (median, log)", "log",
-                            f"{case}: time per forward ({device})", out_dir / f"time_{preset}.png")]
+    names = []
+    if (df["status"] == "ok").any():  # else the time table and the notes say why nothing was timed
+        names.append(plot_by_tokens(df, "ms", "ms per forward (median, log)", "log",
+                                    f"{case}: time per forward ({device})", out_dir / f"time_{preset}.png"))
     if timed_levels(df)["label"].nunique() > 1:
         names += filter(None, [plot_speedup(timed_levels(df), f"{case}: speedup per level ({device})",
                                             out_dir / f"speedup_{preset}.png")])
@@ -765,6 +783,7 @@ def plot_preset(df: pd.DataFrame, out_dir: Path, preset: str) -> list[str]:
         ax.bar(range(len(counts)), counts, width=1.0 if len(counts) > 32 else 0.8, color="#8da0cb")  # no level's
         ax.axhline(sum(counts) / len(counts), color="black", linewidth=0.8, label="mean over the experts")
         ax.set(xlabel="expert", ylabel="(token, slot) pairs")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # experts are whole numbers
         legend_right(ax)
         fig.suptitle(f"{case}: load per expert at {token_label(largest['tokens'])} tokens")
         names.append(save(fig, out_dir / f"load_{preset}.png"))
@@ -901,13 +920,13 @@ def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
     return "\n\n".join(parts)
 
 
-def world_size_axis(ax, sizes: list[int]) -> None:
-    """A log2 world-size axis with a labelled tick at each measured W and no others."""
+def world_size_axis(ax, sizes: list[int], ranks: str) -> None:
+    """A log2 world-size axis with a labelled tick at each measured W and no others; `ranks` names what a rank is."""
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(w) for w in sizes])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlim(sizes[0] / 1.3, sizes[-1] * 1.3)
-    ax.set_xlabel("world size W (GPUs, one process each)")
+    ax.set_xlabel(f"world size W ({ranks})")
 
 
 def plot_weak_scaling(df: pd.DataFrame, out_dir: Path) -> str | None:
@@ -928,10 +947,13 @@ def plot_weak_scaling(df: pd.DataFrame, out_dir: Path) -> str | None:
         style = ["-", "--", ":", "-."][token_counts.index(tokens) % 4]
         scaling.plot(part["world_size"], part["efficiency"], marker="o", markersize=4, linestyle=style,
                      color=colors[case], label=f"{case_title(case)}, {token_label(int(tokens))} tokens/rank")
-    scaling.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="ideal: as fast as one GPU alone")
-    world_size_axis(scaling, sizes)
+    # A CPU run's ranks are gloo processes on one machine's cores, not GPUs.
+    rank, ranks = ("GPU", "GPUs, one process each") if (df["device_type"] == "cuda").all() else ("process",
+                                                                                               "gloo processes")
+    scaling.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label=f"ideal: as fast as one {rank} alone")
+    world_size_axis(scaling, sizes, ranks)
     scaling.set(ylim=(0, max(1.1, timed["efficiency"].max() * 1.05)), title="weak-scaling efficiency",
-                ylabel="time at W=1 / time at W\n(each GPU: the preset's experts, its own tokens)")
+                ylabel=f"time at W=1 / time at W\n(each {rank}: the preset's experts, its own tokens)")
     scaling.grid(True, alpha=0.3)
     legend_right(scaling)
     largest = timed[(timed["tokens_per_rank"] == token_counts[0]) & (timed["world_size"] >= 2)]
@@ -940,7 +962,7 @@ def plot_weak_scaling(df: pd.DataFrame, out_dir: Path) -> str | None:
                                                   ("allreduce_busbw_gbps", "all-reduce", "-.", "s")):
             bandwidth.plot(part["world_size"], part[column], marker=marker, markersize=4, linestyle=style,
                            color=colors[case], label=f"{case_title(case)}: {collective}")
-    world_size_axis(bandwidth, [w for w in sizes if w >= 2])
+    world_size_axis(bandwidth, [w for w in sizes if w >= 2], ranks)
     peak = largest[["a2a_busbw_gbps", "allreduce_busbw_gbps"]].max().max()
     bandwidth.set_ylim(0, 1.1 * peak if peak > 0 else 1)  # room above the top marker; no NaN limit when none
     bandwidth.set(ylabel="bus bandwidth, GB/s\n(a plain collective of the dispatch's size)",
@@ -1186,6 +1208,14 @@ def key_text(value) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
+def natural_key(value) -> tuple:
+    """A sort key that orders numbers, and text that is a number, by value (E=4 before E=16), before other text."""
+    text = str(value)
+    if re.fullmatch(r"-?\d+(\.\d+)?", text):
+        return (0, float(text), "")
+    return (1, 0.0, text)
+
+
 def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Run B against run A, case by case: (one line per (case, level, T) present in either run, the case named
     by the fields that vary between cases, with both times, a host-bound row's marked HOST_BOUND_MARK, and A/B; per
@@ -1207,7 +1237,8 @@ def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, 
     both["order"] = [level_sort_key(level) for level in both["level"]]
     both["token_count"] = both["tokens"].astype(int)
     case_keys = [field for field in keys if field not in ("level", "tokens")]
-    both = both.sort_values([*case_keys, "order", "token_count"]).reset_index(drop=True)
+    both = both.sort_values([*case_keys, "order", "token_count"], key=lambda column: column.map(natural_key)
+                            if column.name in case_keys else column).reset_index(drop=True)  # fields are text now
     timed = (both["status A"] == "ok") & (both["status B"] == "ok")
     both["ratio"] = (both["ms A"] / both["ms B"]).where(timed)
 

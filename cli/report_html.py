@@ -198,6 +198,8 @@ def speedups(df: pd.DataFrame, reference_of):
 def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_gpu: bool) -> str:
     first = df.iloc[0]
     all_rows, df = df, report.timed_levels(df)  # a level checked in the interpreter is in the time table only
+    if not (df["status"] == "ok").any():
+        df = df.iloc[:0]  # no speed tables
     peer = report.label_of(df, report.PEER)  # the bf16 peer: the FP8 section compares with the FP8 one
     tokens = sorted(df["tokens"].unique())
     baselines = {t: report.speedup_baseline(df, t) for t in tokens}
@@ -215,6 +217,8 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
                 table_html(report.pivot(all_rows, report.status_or(report.time_cell)), links),
                 figure(run_dir, f"time_{anchor}.png", "time per forward, per level")),
     ]
+    if not len(df):
+        parts.append(f"<p>{esc(report.NOTHING_TIMED)}</p>")
     if peer:
         parts.append(section(
             "× peer", f"The peer's ms over the level's at each token count ({esc(peer)}): above 1× "
@@ -226,18 +230,18 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
             f"ms of {over if over_zero else 'the slowest level timed at each token count'} over the level's ms.",
             table_html(report.pivot(df, speedups(df, lambda r: baselines[r["tokens"]])), links),
             figure(run_dir, f"speedup_{anchor}.png", "speedup per level")))
-    parts += [
-        section(report.previous_level_caption(df), "What each level's one change bought at each size.",
-                table_html(report.pivot(df, speedups(df, lambda r: report.previous_level_label(df, r))), links)),
-    ]
+    if len(df):
+        parts.append(section(report.previous_level_caption(df), "What each level's one change bought at each size.",
+                             table_html(report.pivot(df, speedups(df, lambda r: report.previous_level_label(df, r))),
+                                        links)))
     if counterparts := report.cpu_counterpart_notes(df):
         parts.append("<h3>Where the GPU idea does not carry over to the CPU</h3><ul>"
                      + "".join(f"<li>{esc(note)}</li>" for note in counterparts) + "</ul>")
-    parts += [
-        section("TFLOP/s", "Useful FLOPs (2·T·(K + S)·3·H·I) over the measured time.",
-                table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["tflops"]))), links)),
-    ]
-    if on_gpu:
+    if len(df):
+        parts.append(section("TFLOP/s", "Useful FLOPs (2·T·(K + S)·3·H·I) over the measured time.",
+                             table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["tflops"]))),
+                                        links)))
+    if on_gpu and len(df):
         parts += [
             section("% of the roofline", "The larger of FLOPs over the measured matmul rate and minimum bytes over "
                     "the measured copy bandwidth, over the measured time.",

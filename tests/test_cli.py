@@ -294,6 +294,17 @@ def test_publish_several_runs_of_one_sweep(finished_run, tmp_path):
     assert all(f"moe_journey/{name}/summary.md" in text and f"copied from {name}/" in latest for name in names)
 
 
+def test_a_run_interrupted_before_its_first_row_leaves_no_folder(tmp_path, monkeypatch):
+    """Nothing finished, nothing kept: an empty folder would become the newest run that `aisp bench report` reads."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(moe_benchmark, "benchmark_case", interrupt)
+    result = bench("run", "-t", "moe_journey", "--levels", "4", "--tokens", "3", "--out", str(tmp_path), *FAST)
+    assert result.exit_code == 130 and "before any row finished: no run folder kept" in result.output
+    assert run_dirs(tmp_path) == []
+
+
 def test_a_terminated_run_keeps_its_rows_as_an_interrupted_one_does(tmp_path, monkeypatch):
     """SIGTERM (a scheduler's kill, `timeout`) ends the run as Ctrl-C does: its rows, summary and report written,
     exit 128 + 15; the handler is the process's own again afterwards."""

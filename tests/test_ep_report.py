@@ -188,3 +188,11 @@ def test_a_cpu_run_of_level_ep_alone_opens_with_what_its_processes_show():
     assert "gloo processes" in report.cpu_intro({}, [ep_row]) and "levels 7-10" not in report.cpu_intro({}, [ep_row])
     assert "levels 7-10" in report.cpu_intro({}, [ep_row, level_row])
     assert report.cpu_intro({}, [dict(ep_row, device_type="cuda")]) == report.cpu_intro({}, []) == ""
+
+
+def test_compare_orders_cases_by_number_not_text():
+    """W = 1, 2, 4 (E = 8, 16, 32 in all) in that order, where text would put E=16 and E=32 before E=8."""
+    rows = [json.loads(line) for line in (RESULTS / MIXTRAL / "rows.jsonl").read_text().splitlines()]
+    table, _, _ = report.compare_runs(rows, rows)
+    world_sizes = [int(re.search(r"W=(\d+)", case).group(1)) for case in dict.fromkeys(table["case"])]
+    assert world_sizes == sorted(world_sizes) and len(set(world_sizes)) == 3, list(dict.fromkeys(table["case"]))

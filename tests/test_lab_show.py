@@ -266,6 +266,13 @@ def test_a_host_bound_row_is_marked(h100_results):
     rows_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     result = show("4", "--results", str(h100_results))
     assert result.exit_code == 0 and "(h): host-bound" in words(result.output), result.output
+    assert "note host-bound (" in words(result.output)  # the note that says why
+
+
+def test_the_overview_gives_each_idea_whole_at_80_columns():
+    result = show()
+    said = words(result.output)
+    assert all(" ".join(cls.summary.split()) in said for cls in journey.load_levels().values()), said
 
 
 def test_results_without_runs_are_refused(tmp_path):

@@ -23,6 +23,7 @@ from moe_benchmark import (
     device_clock,
     elapsed_ms,
     input_seed,
+    interrupted_in_one_line,
     l2_flush_buffer,
     make_inputs,
     measure_ceilings,
@@ -414,19 +415,20 @@ def run_ep_script(layer_cls: type) -> None:
     else:  # plain python: a group of one
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rows = []
-    try:
-        groups = world_groups(world_sizes)
-        for preset in presets:
-            for traffic in cases.traffics:
-                for tokens in cases.token_counts:
-                    case_rows = benchmark_ep(layer_cls, preset, tokens, device, traffic, groups, cases.warmup,
-                                             cases.repeats, budget_s, args.ep_chunks)
-                    rows += case_rows
-                    if args.rows_out and case_rows:
-                        with open(args.rows_out, "a") as rows_file:
-                            rows_file.writelines(json.dumps(row) + "\n" for row in case_rows)
-    finally:
-        dist.destroy_process_group()
+    with interrupted_in_one_line(parser.prog, quiet=rank != 0):
+        try:
+            groups = world_groups(world_sizes)
+            for preset in presets:
+                for traffic in cases.traffics:
+                    for tokens in cases.token_counts:
+                        case_rows = benchmark_ep(layer_cls, preset, tokens, device, traffic, groups, cases.warmup,
+                                                 cases.repeats, budget_s, args.ep_chunks)
+                        rows += case_rows
+                        if args.rows_out and case_rows:
+                            with open(args.rows_out, "a") as rows_file:
+                                rows_file.writelines(json.dumps(row) + "\n" for row in case_rows)
+        finally:
+            dist.destroy_process_group()
     if rank == 0 and not args.rows_out:
         from rich.console import Console
 

@@ -1004,6 +1004,32 @@ def rows_table(rows: list[dict], title: str = "", width: int | None = None):
     return Group(*parts)
 
 
+@contextlib.contextmanager
+def interrupted_in_one_line(prog: str, quiet: bool = False):
+    """A level script stopped by Ctrl-C: one line on stderr (none where `quiet`: the expert-parallel script's ranks
+    other than 0) and exit code 130 (128 + SIGINT), as `aisp bench run` ends, not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not quiet:
+            print(f"{prog}: interrupted (SIGINT); no rows printed", file=sys.stderr)
+        sys.exit(130)
+
+
+def print_stages(rows: list[dict]) -> None:
+    """A level script's --profile: where each timed row's time went, stage by stage, as the run's summary.md shows
+    it (`report.stage_table`)."""
+    from cli import report
+
+    df = report.frame(rows)
+    for case in dict.fromkeys(df["case"]):
+        part = df[df["case"] == case]
+        for tokens in sorted(report.profiled(part)["tokens"].unique()):
+            print(f"\n{case} at {tokens} tokens: ms per call in each stage, and its share (the mean of the profiled "
+                  f"calls; \"forward\" leaves out routing, \"timed\" is the unprofiled median)\n"
+                  f"{report.stage_table(part, tokens)}")
+
+
 def run_level_script(level_cls: type[MoELevel]) -> None:
     """`python levelN_*.py [options]`: check, time and print this level's rows. The options are `aisp bench run`'s
     (the same parsers, in cli/options.py), less the sweep over levels; `--help` prints the level's lesson."""
@@ -1025,17 +1051,20 @@ def run_level_script(level_cls: type[MoELevel]) -> None:
     except (UsageError, ConfigError) as error:
         refuse(parser.prog, error)
     use_threads(cases.defaults)
-    ceilings = measure_ceilings(device)
     rows = []
-    for config in configs:
-        weights = init_weights(config, device)
-        rows += [benchmark(level_cls, config, num_tokens, device, weights=weights, traffic=traffic,
-                           ceilings=ceilings, warmup=cases.warmup, repeats=cases.repeats,
-                           time_budget_s=cases.defaults.time_budget_s, profile=args.profile)
-                 for traffic in cases.traffics for num_tokens in cases.token_counts]
-        del weights
-        release_memory(device)
+    with interrupted_in_one_line(parser.prog):
+        ceilings = measure_ceilings(device)
+        for config in configs:
+            weights = init_weights(config, device)
+            rows += [benchmark(level_cls, config, num_tokens, device, weights=weights, traffic=traffic,
+                               ceilings=ceilings, warmup=cases.warmup, repeats=cases.repeats,
+                               time_budget_s=cases.defaults.time_budget_s, profile=args.profile)
+                     for traffic in cases.traffics for num_tokens in cases.token_counts]
+            del weights
+            release_memory(device)
     Console().print(rows_table(rows, title=f"level {level_cls.level} {level_cls.name} on {device_label(device)}"))
+    if args.profile:
+        print_stages(rows)
     failed = [row for row in rows if row["status"] not in ("ok", "oom", "skipped", "checked")]
     if failed:  # the first failure's note, as one line where errors go
         print(f"{parser.prog}: {len(failed)} of {len(rows)} rows failed; the first: {failed[0]['note']}",
