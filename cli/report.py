@@ -79,8 +79,6 @@ def timed_levels(df: pd.DataFrame) -> pd.DataFrame:
     return df[~df["label"].isin(checked)].reset_index(drop=True)
 
 
-
-
 class DamagedFile(ValueError):
     """A run folder's file that is not the JSON it should be; the message names the file and the line."""
 
@@ -398,8 +396,8 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
             markdown_table(pivot(decode, status_or(lambda r: f"{r['gbps']:.0f} ({100 * r['gbps'] / copy_gbps:.1f}%)")),
                            "level \\ tokens"),
         ]
-    if "load_cv" in df and df["load_cv"].notna().any():
-        timed = df[df["load_cv"].notna()].drop_duplicates("tokens").set_index("tokens").sort_index()
+    if "load_cv" in all_rows and all_rows["load_cv"].notna().any():  # the routing's, whether or not a level was timed
+        timed = all_rows[all_rows["load_cv"].notna()].drop_duplicates("tokens").set_index("tokens").sort_index()
         metrics = pd.DataFrame({
             "CV": timed["load_cv"].map(lambda v: f"{v:.3f}"),
             "Gini": timed["load_gini"].map(lambda v: f"{v:.3f}"),

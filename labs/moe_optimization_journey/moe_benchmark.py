@@ -64,7 +64,6 @@ from moe_model import (  # noqa: E402
 from result_row import OUTSIDE_STAGES, STAGES, TARGET, ResultRow, shape_label  # noqa: E402
 
 
-
 def device_clock(device: torch.device) -> object:
     """A point on the device's own timeline: a recorded CUDA event on the GPU (so a span includes the device idling
     while the host prepares its launches), the host clock on the CPU. `elapsed_ms` reads two of them."""
