@@ -20,7 +20,7 @@ The idea
        scale, the column's and the routing weight all wait for the epilogue. The alternative, a scale per
        128-column tile quantized in the gate/up epilogue (DeepSeek-V3's activation blocks), saves the pass but
        makes the down kernel scale each 128-deep step's partial product before adding it, and the tensor cores
-       wait for every step: that down kernel ran at 780 TF/s on an H100 where the gate/up kernel ran at 1370.
+       wait for every step: that down kernel ran at 780 TF/s on an H100 where the gate/up kernel ran at 1370 (NOTES.md).
     Everything else is level 9's (persistent grid, TMA tiles, shared experts fused, one CUDA graph) but three
     things at decode. The alignment always has a launch of its own, since the tokens' quantization needs one and
     shares it (level 9 aligns up to IN_REGISTERS_MAX_PAIRS pairs in registers). The down GEMM has no split-K. And
@@ -42,29 +42,29 @@ Why it should beat level 9, counted
     168 → 161 µs on an H100 (NOTES.md). Syncs: none.
 
 Why store the weights in FP8 (the seed's "native FP8 weights: works, but no speedup observed at 8K")
-    Converting bf16 weights to e4m3 inside every forward reads 2 bytes and writes 1 per weight before the GEMM
-    reads the byte again: 4 bytes per weight against bf16's 2. On an H100, quantize_fp8 as torch ops took 10.3 ms
-    for mixtral's gate weights alone (0.47 G weights), about 31 ms for all three projections, against 10.4 ms for
-    this whole layer at 16384 tokens; even a fused conversion would move 4.2 GB, about 1.4 ms, 9x the one-token
-    forward. Stored once in FP8 the weights cost 1 byte per forward, and then FP8 pays twice: at prefill the
-    tensor-core rate (1.69x and 1.70x level 9 on mixtral and deepseek-v3 at 16384 tokens in the published sweep on
-    one H100, 1.45x on qwen3-moe, whose short reductions leave the bf16 bytes of y, its sum and the hidden's pass a
-    larger share), at decode the halved weight bytes (mixtral at one token 149.6 µs against level 9's 253.1). The
+    Converting bf16 weights to e4m3 inside every forward reads 2 bytes and writes 1 per weight before the GEMM reads the
+    byte again: 4 bytes per weight against bf16's 2. On an H100, quantize_fp8 as torch ops took 10.3 ms for mixtral's
+    gate weights alone (0.47 G weights; NOTES.md), about 31 ms for all three projections, against 10.4 ms for this whole
+    layer at 16384 tokens in the published sweep; even a fused conversion would move 4.2 GB, about 1.4 ms at 3 TB/s, 9x
+    that sweep's one-token forward. Stored once in FP8 the weights cost 1 byte per forward, and then FP8 pays twice: at
+    prefill the tensor-core rate (1.69x and 1.70x level 9 on mixtral and deepseek-v3 at 16384 tokens in the published
+    sweep on one H100, 1.45x on qwen3-moe, whose short reductions leave the bf16 bytes of y, its sum and the hidden's
+    pass a larger share), at decode the halved weight bytes (mixtral at one token 149.6 µs against level 9's 253.1). The
     numbers and what holds them below 2x: NOTES.md ("Level 10").
 
 What it costs
     Accuracy: each e4m3 value is off by up to half a step, 2^-4 of its magnitude, on the tokens, the weights and the
-    hidden; the row's `quant_err` is the output's error against the bf16 layer's fp32 reference (6.4-7.0% on these
-    random weights), while `rel_err` checks the kernels against a reference computed on the same quantized values
-    (0.8-1.5% at prefill: Hopper's FP8 instruction adds at reduced precision across the whole reduction; promoting to
-    fp32 after every 128-deep step cut that to 0.4% and cost a third of the speed, so it is not done). Finer scales
-    (one per 128 weights along the reduction, or per 32 as MX formats do) cut the error where magnitudes vary inside
-    a column, as in real checkpoints whose outlier channels stretch a per-column scale; they cost a scale multiply
-    per step. Hardware: level 9's, a Hopper GPU (FP8 alone would take sm_89). Memory: one byte per weight plus 4 per
-    column, beside the bf16 weights the harness keeps for the other levels; the hidden twice, in bf16 and in e4m3.
-    Decode: two more launches in the graph than level 9's two (the alignment with the tokens' quantization, and the
-    hidden's pass), so at one token on journey, whose weights are few, level 10 is no faster than level 9 (30.4
-    against 28.3 µs on one H100 in `20261126T162834Z`, both host-bound).
+    hidden; the row's `quant_err` is the output's error against the bf16 layer's fp32 reference (6.6-7.0% on these
+    random weights in the published sweep, 6.4-6.6% on the FP8 peer's rows), while `rel_err` checks the kernels against
+    a reference computed on the same quantized values (0.8-1.5% at prefill: Hopper's FP8 instruction adds at reduced
+    precision across the whole reduction; promoting to fp32 after every 128-deep step cut that to 0.4% and cost a third
+    of the speed, so it is not done). Finer scales (one per 128 weights along the reduction, or per 32 as MX formats do)
+    cut the error where magnitudes vary inside a column, as in real checkpoints whose outlier channels stretch a
+    per-column scale; they cost a scale multiply per step. Hardware: level 9's, a Hopper GPU (FP8 alone would take
+    sm_89). Memory: one byte per weight plus 4 per column, beside the bf16 weights the harness keeps for the other
+    levels; the hidden twice, in bf16 and in e4m3. Decode: two more launches in the graph than level 9's two (the
+    alignment with the tokens' quantization, and the hidden's pass), so at one token on journey, whose weights are few,
+    level 10 is no faster than level 9 (30.4 against 28.3 µs on one H100 in `20261126T162834Z`, both host-bound).
 
 Run: python labs/moe_optimization_journey/level10_fp8.py [--preset mixtral] [--tokens 16384] [--device cuda]
 """

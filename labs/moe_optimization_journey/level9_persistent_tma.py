@@ -18,7 +18,7 @@ The idea
        column, so that the programs running at once share each weight tile in L2 (`_persistent_tile`). Level 7's
        groups count from row 0 and cross from one expert's run into the next, whose weight tiles the next group
        then reads again from memory: at deepseek-v3's 16384 tokens (5 row blocks an expert) its down GEMM took 6.9
-       to 15 ms from one forward to the next, and 6.4 to 7.6 with groups kept within runs.
+       to 15 ms from one forward to the next on an H100, and 6.4 to 7.6 with groups kept within runs (NOTES.md).
     2. Address arithmetic and no asynchronous copy for the weights. Level 7 computes a pointer per weight element
        and loads through the threads. Here each [BLOCK_D, BLOCK_N] weight tile comes by TMA: a tensor descriptor
        `[E, depth, cols]`, made once on the host and recorded with the launch (`tma_descriptor`), and the copy
@@ -32,15 +32,16 @@ The idea
        each. Interleaving gate and up column by column in one [E, H, 2I] tensor (prepare(), once) makes it one
        accumulator 2·BLOCK_N wide: at BLOCK_N = 128, one wgmma per step on 256 columns (the widest one
        instruction takes), split into gate and up in the epilogue.
-    4. Launches at decode. With a few tokens the layer only has to read the touched experts' weights (journey at
-       T=1: 2 experts × 3·H·I × 2 bytes = 25 MB, about 8 µs at 3.35 TB/s), and level 8's graph spends longer than
-       that on launching: 5 launches align the pairs, and each of its 8 nodes leaves a gap. Level 9 takes them out
-       one at a time (journey at T=1 on an H100, before → after, each step its own A/B in NOTES.md):
+    4. Launches at decode. With a few tokens the layer only has to read the touched experts' weights (journey at T=1: 2
+       experts × 3·H·I × 2 bytes = 25 MB, about 8 µs at the spec sheet's 3.35 TB/s), and level 8's graph spends longer
+       than that on launching: 5 launches align the pairs, and each of its 8 nodes leaves a gap. Level 9 takes them out
+       one at a time (journey at T=1 on an H100, before → after, each step its own A/B in NOTES.md but the first, read
+       from the sweep that brought it):
        - The alignment in one program up to ONE_PROGRAM_MAX_PAIRS pairs (`align_tokens(..., one_program=True)`):
          the same count, offsets and placement, a barrier among its threads where a kernel boundary stood. With
          it, narrow column tiles (16-32 wide) that keep every SM reading weights, and split-K in the down GEMM
          where even those would leave half the SMs idle (`choose_split_k`; journey: 2 experts × 1024/32 = 64
-         tiles for 132 SMs): level 8's 47 → 44 µs.
+         tiles for 132 SMs): level 8's 47.2 → 44.0 µs (sweep `20261125T234035Z`).
        - Not kept: Hopper's programmatic dependent launch (each GEMM launched while the kernel before it still
          ran). It saved 2.5 µs at one token while an alignment kernel remained there, but launched early the
          gate/up GEMM's deeper tiles ran 4-10% slower at 64 tokens (mixtral: 1085 µs a forward against 1016); why
@@ -59,7 +60,8 @@ The idea
          plus its rank in the run (`_align_in_registers`). The graph holds 2 kernels: 30.0 → 27.5 (deepseek-v3
          307 → 305).
        Now the host is as slow as the GPU: issuing a forward from outside a graph (the inputs' copy through
-       Triton's launcher, then the replay) takes it 24-31 µs, so back to back the host sets the pace (level 5's
+       Triton's launcher, then the replay) took it 24-27 µs in an A/B (NOTES.md) and 30-69 µs in the sweeps that
+       timed it so (their `host_ms`), so back to back the host sets the pace (level 5's
        copy checks its tensors once per capture, not per call, or it would be 40). The benchmark times the layer
        as a graph of the whole model runs it, the replay alone (level 5's "Where the inputs live": 33 → 28.6 µs
        in the A/B); each row records the host's time to issue it, `host_ms`.

@@ -13,16 +13,16 @@ The idea
        a rank and chunk. The counts tell every rank how many rows it will receive and from whom, which the next
        all-to-alls need up front: they move the token rows themselves, [D, H] out, [U, H] in, then the ids
        [D, K] and the weights [D, K] beside them.
-    2. Expert compute. Expand: the U received rows into the R (row, slot) pairs whose expert is local, one gather
-       in GPU memory (about 15x the link's bandwidth). Then the R rows through the local experts, with the best
-       single-GPU formulation that runs here (level 9's persistent TMA GEMMs on a Hopper GPU, level 7's Triton
-       grouped GEMM on another, level 4's per-expert GEMMs on the CPU), each a one-slot "token" that carries its
-       routing weight, so the local level applies it in its down kernel's epilogue. Level 9 runs without its
-       graph, which replays one T, where R changes every forward: on two H200s it took 6% off the forward at
-       W = 1 against level 7 (mixtral 40.7 → 38.2 ms, deepseek-v3 52.2 → 49.0 at 32768 tokens per rank;
-       NOTES.md). Reduce: each received row's pair results summed into one row (`gather_sum`: each output
-       row reads its own few results and writes once, in fp32; `index_add_`'s bf16 atomic adds cost several ms
-       more on an H100, NOTES.md), so one row per (token, rank) goes back, not one per pair.
+    2. Expert compute. Expand: the U received rows into the R (row, slot) pairs whose expert is local, one gather in GPU
+       memory (about 3 TB/s on an H100, 10-15x the 200-300 GB/s the all-to-alls reached over NVLink in the committed
+       runs). Then the R rows through the local experts, with the best single-GPU formulation that runs here (level 9's
+       persistent TMA GEMMs on a Hopper GPU, level 7's Triton grouped GEMM on another, level 4's per-expert GEMMs on the
+       CPU), each a one-slot "token" that carries its routing weight, so the local level applies it in its down kernel's
+       epilogue. Level 9 runs without its graph, which replays one T, where R changes every forward: on two H200s it
+       took 6% off the forward at W = 1 against level 7 (mixtral 40.7 → 38.2 ms, deepseek-v3 52.2 → 49.0 at 32768 tokens
+       per rank; NOTES.md). Reduce: each received row's pair results summed into one row (`gather_sum`: each output row
+       reads its own few results and writes once, in fp32; `index_add_`'s bf16 atomic adds cost several ms more on an
+       H100, NOTES.md), so one row per (token, rank) goes back, not one per pair.
     3. Combine, the reverse all-to-all: the [U, H] partial sums go back to the ranks their tokens came from, in
        the order they left; there each token's partial rows (one from each rank that holds any of its experts)
        are added into its output row, with the shared experts, which run locally: every rank has them.
@@ -49,10 +49,10 @@ What it costs, in bytes per token
 
 Overlap: the forward in B chunks
     Run in that order, the steps take turns: the SMs idle while rows cross the link, and the link idles while the
-    experts compute (the trial on two H100s that issue 14 reports, with the per-pair dispatch, deepseek-v3 at 8192
-    tokens per rank: dispatch 3.1, compute 12.8, combine 4.8 ms). So split the rank's T tokens into B chunks
-    (micro-batches) of about T/B tokens and pipeline them: chunk i+1's dispatch is on the wire while chunk i's
-    experts compute, and chunk i's combine while chunk i+1's experts compute.
+    experts compute (the trial on two H100s that issue 14's text reports, of this level's first code, with the per-pair
+    dispatch and no run committed: deepseek-v3 at 8192 tokens per rank, dispatch 3.1, compute 12.8, combine 4.8 ms). So
+    split the rank's T tokens into B chunks (micro-batches) of about T/B tokens and pipeline them: chunk i+1's dispatch
+    is on the wire while chunk i's experts compute, and chunk i's combine while chunk i+1's experts compute.
     - One sort, by (chunk, destination rank), makes every chunk's rows for every rank one contiguous slice of one
       send buffer, gathered once; the receive buffers are allocated once and sliced per chunk, and each chunk's
       results go back over its own rows (the reduced ones over the received rows, the returned ones over the sent).
@@ -72,8 +72,8 @@ When overlap pays
     communication, as long as each chunk's communication (its rows across the link twice) takes no longer than its
     compute; where it takes longer, the link sets the pace and the compute is what hides. Against that gain,
     smaller GEMMs. Every chunk reads every local expert's weights again, for 1/B of its rows: an expert GEMM of M
-    rows does about M FLOPs per byte of weight it reads, and under the GPU's ridge point (H100, bf16: 990 TFLOP/s
-    over 3.35 TB/s, about 300 rows) it waits on memory instead of computing. deepseek-v3 at 8192 tokens per rank
+    rows does about M FLOPs per byte of weight it reads, and under the GPU's ridge point (an H100's spec sheet, bf16:
+    990 TFLOP/s over 3.35 TB/s, about 300 rows) it waits on memory instead of computing. deepseek-v3 at 8192 tokens per rank
     gives each of a rank's 256 experts about 256 rows; in 2 chunks they get 128 each and the rank's 22.5 GB of
     expert weights are read at least twice, about 7 ms each time, against 12.8 ms of compute in one chunk. At
     32768 tokens per rank 4 chunks still leave 256 rows per expert; mixtral (8 experts per rank) gets 2048 rows per
@@ -110,7 +110,7 @@ When EP pays
     (NVLink between every pair) 0.92 and 0.91 at W = 4. With level 9, on two H200s: 0.933 and 0.946, the forward
     7-9% and 6% shorter than level 7's on such pairs; with the world sizes timed in turn (below), 0.963-0.992 on
     both presets over four launches, and on four H200s 0.965-0.975 at W = 2 and 0.96 (mixtral) and 0.91
-    (deepseek-v3) at W = 4. Under zipf traffic 0.58-0.67 at W = 2 and 0.31-0.41 at W = 4, the busiest rank
+    (deepseek-v3) at W = 4. Under zipf traffic 0.58-0.67 at W = 2 and 0.32-0.41 at W = 4, the busiest rank
     holding 1.7-1.9x and 2.9-3.5x the mean load.
 
 Scaling, as the benchmark runs it (weak scaling)
