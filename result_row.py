@@ -75,6 +75,11 @@ class ResultRow:
     # case's levels (moe_benchmark.DenseGemms; GPU, cases under the matmul roof)
     dense_gemm_ms: float | None = None
     peak_mb: float | None = None  # device memory allocated at the forward's peak, weights included, MiB (GPU only)
+    # Whether peak_mb was counted with the garbage collected first (moe_benchmark.set_up; the one-process levels).
+    # Rows from before this field were not: a reference cycle left by one level's set-up could be counted against
+    # another level, which put make bench's level 9 at journey 32768 at -1.1 MiB on an H100 (NOTES.md); the report
+    # leaves their peaks out. (Level ep's rows measure their peak alone and the report does not show it.)
+    peak_garbage_free: bool = False
     rel_err: float | None = None  # ‖out − ref‖ / ‖ref‖ against the fp32 reference, on the check's inputs
     # FP8 levels: rel_err is against the reference computed on the same quantized values (the kernels' error);
     # quant_err is ‖out − ref‖ / ‖ref‖ against the layer's fp32 reference, the quantization's cost.

@@ -252,10 +252,9 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
             parts.append(section("% of cuBLAS on the same FLOPs",
                                  esc(f"{report.DENSE_GEMMS_TEXT}. {report.dense_gemm_rates(df)}."),
                                  table_html(report.pivot(df, report.status_or(report.dense_gemm_pct)), links)))
-        parts += [
-            section("Peak GPU memory, MiB", "During one forward, weights and inputs included.",
-                    table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["peak_mb"]))), links)),
-        ]
+        parts.append(section("Peak GPU memory, MiB", "During one forward, weights and inputs included.",
+                             table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["peak_mb"]))), links))
+                     if df["peak_garbage_free"].any() else f"<h3>Peak GPU memory</h3><p>{esc(report.PEAK_NOT_SHOWN)}</p>")
     counts = counts_html(df, links)
     if counts:
         parts.append(counts)

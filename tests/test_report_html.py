@@ -24,7 +24,7 @@ def row(level, name, tokens, device_type="cuda", status="ok", **fields):
             "traffic": "uniform", "router": "softmax-topk", "device": "Test GPU" if device_type == "cuda" else "cpu",
             "device_type": device_type, "dtype": "bf16", "ms": ms if ok else None, "tflops": 1.0 if ok else None,
             "gbps": 50.0 if ok else None, "pct_roofline": (5.0 if device_type == "cuda" else None) if ok else None,
-            "peak_mb": 12.0 if ok else None, "extra_mb": 3.0 if ok else None, "status": status,
+            "peak_mb": 12.0 if ok else None, "peak_garbage_free": ok, "extra_mb": 3.0 if ok else None, "status": status,
             "note": "" if ok else f"{status} at {tokens} tokens", "tokens_per_expert": [tokens // 2] * 4,
             "load_cv": 0.0, "load_gini": 0.0, "load_max_over_mean": 1.0, "dead_experts": 0, "dropped_tokens": 0,
             "stage_ms": None, "profile_calls": None, **fields}
@@ -191,3 +191,13 @@ def test_no_fp8_section_without_fp8_rows(tmp_path):
     page = write_run(tmp_path, journey_rows())
     summary = (tmp_path / "summary.md").read_text()
     assert "FP8" not in page and "FP8" not in summary and "FP8" not in report.readme_summary(tmp_path, "run")
+
+
+@pytest.mark.parametrize("garbage_free", [True, False])
+def test_peak_memory_is_shown_only_where_it_was_counted_without_garbage(tmp_path, garbage_free):
+    """Rows from before the harness collected garbage first say why their peak memory is left out."""
+    page = write_run(tmp_path, journey_rows(peak_garbage_free=garbage_free))
+    summary = (tmp_path / "summary.md").read_text()
+    assert ("Peak GPU memory during one forward" in summary) == garbage_free
+    assert (report.PEAK_NOT_SHOWN in summary) != garbage_free
+    assert (report_html.esc(report.PEAK_NOT_SHOWN) in page) != garbage_free
