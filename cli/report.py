@@ -69,11 +69,20 @@ def cpu_counterpart_notes(df: pd.DataFrame) -> list[str]:
     return [f"{label}: {CPU_COUNTERPARTS[level]}" for level, label in present if level in CPU_COUNTERPARTS]
 
 
+def roofline_caption(df: pd.DataFrame) -> str:
+    """What % of the roofline divides by; a run with FP8 rows (they carry a quant_err) has two matmul rates."""
+    rate = "bf16's or, for the FP8 levels, FP8's" if df["quant_err"].notna().any() else "bf16's"
+    return (f"the larger of FLOPs over the measured matmul rate, {rate}, and minimum bytes over the measured copy "
+            "bandwidth, over the measured time")
+
+
 NOTHING_TIMED = "Nothing was timed in this case; the notes below say why."  # no speed tables follow
-PEAK_NOT_SHOWN = ("Peak GPU memory is not shown: the harness that measured these rows could count a reference cycle "
-                  "left by one level's set-up against another level (make bench's level 9 at journey 32768 read "
-                  "-1.1 MiB on an H100). Since 2026-11-27, 11:30 UTC it collects them first (NOTES.md). The extra "
-                  "memory in the claims table is measured around the call and stands.")
+PEAK_NOT_SHOWN = ("Peak GPU memory is not shown: the harness that measured these rows counted each level's memory "
+                  "before collecting garbage, so one level's leftovers could be counted as another's (one peak read "
+                  "-1.1 MiB). The claims table's extra memory, measured around the call, stands.")
+PEAK_CAPTION = ("Peak GPU memory during one forward, MiB (weights and inputs included; a CUDA graph's private pool, "
+                "reserved when it was captured, is not an allocation during the forward: the claims table's extra "
+                "memory counts it)")
 
 
 def timed_levels(df: pd.DataFrame) -> pd.DataFrame:
@@ -382,8 +391,7 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
         ]
     # A CPU run measures no ceilings and no device memory: no table of dashes for either.
     if df["pct_roofline"].notna().any():
-        parts += ["% of the roofline (the larger of FLOPs / measured matmul rate and minimum bytes / measured copy "
-                  "bandwidth, over the measured time):",
+        parts += [f"% of the roofline ({roofline_caption(df)}):",
                   markdown_table(pivot(df, status_or(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens")]
     if df["dense_gemm_ms"].notna().any():
         parts += [f"% of cuBLAS on the same FLOPs: {DENSE_GEMMS_TEXT}. {dense_gemm_rates(df)}:",
@@ -391,7 +399,7 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
     if df["peak_mb"].notna().any() and not df["peak_garbage_free"].any():
         parts.append(PEAK_NOT_SHOWN)
     elif df["peak_mb"].notna().any():
-        parts += ["Peak GPU memory during one forward, MiB (weights and inputs included):",
+        parts += [f"{PEAK_CAPTION}:",
                   markdown_table(pivot(df, status_or(lambda r: fmt(r["peak_mb"]))), "level \\ tokens")]
     copy_gbps = (env.get("ceilings") or {}).get("copy_gbps")
     decode = df[df["tokens"] <= DECODE_MAX_TOKENS]
@@ -423,7 +431,7 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
                   "forward without routing; the markers cost time of their own, so it can exceed *timed*, the "
                   "median of the unprofiled timing:",
                   stage_table(df, tokens)]
-    notes = [f"- level {r['level']} ({r['level_name']}), {r['tokens']} tokens: {r['status']}: {row_note(r)}"
+    notes = [f"- level {r['level']} ({r['level_name']}), {tokens_text(r['tokens'])}: {r['status']}: {row_note(r)}"
              for _, r in all_rows.iterrows() if row_note(r)]
     if notes:
         parts += ["Notes from the rows:", "\n".join(notes)]
@@ -438,8 +446,8 @@ def row_note(row) -> str:
     if pd.notna(host_bound) and bool(host_bound):
         host_ms = row.get("host_ms")
         if pd.notna(host_ms) and host_ms > row["ms"]:
-            lead = (f"host-bound (the host took {host_ms * 1e3:.1f} µs to issue each forward, the GPU "
-                    f"{row['ms'] * 1e3:.1f} µs to run it: back to back, the host would set the pace)")
+            lead = (f"host-bound (the host took {host_ms * 1e3:.1f} µs to issue each forward, and a forward took "
+                    f"{row['ms'] * 1e3:.1f} µs on the GPU's clock: back to back, the host would set the pace)")
         else:
             busy = row.get("gpu_busy_pct")  # not recorded by runs before the busy share was measured
             busy = f"the GPU was busy {busy:.0f}% of the forward: " if pd.notna(busy) else ""
@@ -471,9 +479,10 @@ def quant_err_cell(row) -> str:
 
 
 FP8_INTRO = ("Level 10 and the FP8 peer multiply e4m3 operands (one byte, twice the bf16 tensor-core rate). Their "
-             "check (*rel err*) is against the fp32 reference on their own quantized values, so it measures the "
-             "kernels; *quant err* is ‖out − ref‖ / ‖ref‖ against the unquantized layer's fp32 reference, the "
-             "quantization's own cost. Their % of the roofline is against the measured FP8 matmul rate.")
+             "check, rel err in the rows, is against the fp32 reference on their own quantized values, so it "
+             "measures the kernels; quant err is ‖out − ref‖ / ‖ref‖ against the unquantized layer's fp32 "
+             "reference, the quantization's own cost. Their % of the roofline, in the tables above too, is against "
+             "the measured FP8 matmul rate, where the other levels' is against the bf16 one.")
 
 
 def fp8_section(df: pd.DataFrame) -> str:
@@ -612,6 +621,11 @@ def level_colors(df: pd.DataFrame) -> dict:
 
 def line_style(label: str) -> str:
     return "--" if label.startswith("peer") else "-"
+
+
+def tokens_text(tokens: int) -> str:
+    """"1 token", "64 tokens": a count in a sentence."""
+    return f"{tokens} token{'s' if tokens != 1 else ''}"
 
 
 def token_label(tokens: int) -> str:
@@ -856,8 +870,10 @@ def ep_table(df: pd.DataFrame) -> pd.DataFrame:
         mb = fmt(row["a2a_bytes"] / 2**20) if ok else "-"
         table_rows.append([row["case"], str(int(row["tokens_per_rank"])), str(int(row["world_size"])),
                            str(row["experts"]), *cells, chunks, *exposed, mb,
-                           *(fmt(row[c]) if ok else "-" for c in ("dispatch_gbps", "a2a_busbw_gbps",
-                                                                   "allreduce_busbw_gbps", "rank_load_max_over_mean")),
+                           # at W = 1 nothing crosses to another rank: no rate
+                           *(fmt(row[c]) if ok and (row["world_size"] > 1 or c == "rank_load_max_over_mean") else "-"
+                             for c in ("dispatch_gbps", "a2a_busbw_gbps", "allreduce_busbw_gbps",
+                                       "rank_load_max_over_mean")),
                            efficiency_text(row["efficiency"])])
     header = ["case", "tokens / rank", "W", "experts", "ms", "dispatch", "expert compute", "combine", "chunks",
               "exposed comm, 1 chunk", "exposed comm, chunked", "MiB across ranks", "dispatch GB/s",
@@ -875,18 +891,25 @@ def phases_rank_text(df: pd.DataFrame, why: bool = True) -> str:
     return " or ".join(f"the {rank} rank" + (f" ({PHASES_RANK_WHY[rank]})" if why else "") for rank in ranks)
 
 
-def ep_section(df: pd.DataFrame, out_dir: Path) -> str:
+def ep_machine(df: pd.DataFrame, env: dict) -> str:
+    """"On 2× NVIDIA H200, NVLink NV18 between the two. ": the cards a GPU run's EP rows ran on (empty on the CPU)."""
+    return f"On {machine_text(env)}. " if (df["device_type"] == "cuda").all() else ""
+
+
+def ep_section(df: pd.DataFrame, out_dir: Path, env: dict) -> str:
     """The expert-parallel section: ep_table with what its columns mean, the rows' notes, and the phases' figure."""
     local = ", ".join(sorted(set(df["local_level"].dropna())))
     parts = [
         "## Expert parallelism (level ep)",
-        f"Weak scaling: at world size W each rank holds the preset's E experts (W·E in all) and its own T tokens; "
+        f"{ep_machine(df, env)}Weak scaling: at world size W each rank holds the preset's E experts (W·E in all) "
+        "and its own T tokens; "
         f"the local experts run on {local or 'the best single-GPU level'}. ms is the slowest rank's median "
         "forward in the chunk count (*chunks*) that brief timings of the candidates found fastest; the phases "
         f"(ms) are those of the unpipelined forward (one chunk), one after another, on {phases_rank_text(df)}. "
         "*Exposed comm* is that rank's forward's "
         "time minus its expert compute (shared experts included): the communication, and the waits for other "
-        "ranks, that no compute hid, unpipelined and in the chosen chunks. *MiB across ranks* is what the dispatch "
+        "ranks, that no compute hid, unpipelined and in the chosen chunks (at W = 1 what every W pays beside the "
+        "experts: the plan, its host sync, the sort and the local copies). *MiB across ranks* is what the dispatch "
         "and the combine sent to other ranks per forward, all ranks together; *dispatch GB/s* is the busiest "
         "rank's dispatched bytes over its unpipelined dispatch time (sort and counts exchange included, and with "
         "shared experts the first half of them, which runs under the dispatch: a floor on the link's rate); the bus "
@@ -1080,7 +1103,7 @@ def write_report(run_dir: Path, warn: Callable[[str], None] | None = None) -> Pa
             if figure:
                 sections.append(f"## Across presets\n\n![{figure}]({figure})")
         if len(ep_rows):
-            sections.append(ep_section(ep_rows.reset_index(drop=True), run_dir))
+            sections.append(ep_section(ep_rows.reset_index(drop=True), run_dir, env))
     summary = run_dir / "summary.md"
     summary.write_text("\n\n".join(s for s in sections if s) + "\n")
     from cli import report_html  # it builds on this module, so it is imported here, not at the top

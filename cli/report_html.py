@@ -26,7 +26,7 @@ LESSONS = REPO / "labs" / "moe_optimization_journey"
 CSS = """
 body { margin: 0; color: #1d1d1f; background: #fff;
        font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans", "DejaVu Sans", sans-serif; }
-.page { display: grid; grid-template-columns: 15rem minmax(0, 1fr); gap: 2.5rem; max-width: 92rem;
+.page { display: grid; grid-template-columns: 15rem minmax(0, 1fr); gap: 2.5rem; max-width: 120rem;
         margin: 0 auto; padding: 0 1.5rem; }
 nav { position: sticky; top: 0; align-self: start; max-height: 100vh; overflow-y: auto; padding: 1.5rem 0;
       font-size: 0.9rem; }
@@ -95,7 +95,7 @@ def write_html(run_dir: Path, rows: list[dict], env: dict) -> Path:
                         + figure(run_dir, "across_presets.png", "the best level against the peer, per preset"))
         if len(ep_rows):
             contents.append(("expert-parallel", "Expert parallelism"))
-            body.append(ep_html(ep_rows.reset_index(drop=True), run_dir))
+            body.append(ep_html(ep_rows.reset_index(drop=True), run_dir, env))
     nav = "".join(f'<li><a href="#{a}">{esc(t)}</a></li>' for a, t in contents)
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -225,9 +225,16 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
             "(green), the level is faster than the peer.",
             table_html(report.pivot(df, speedups(df, lambda r: peer)), links)))
     if any(baselines.values()):
+        # Where level 0 was not timed, the slowest numbered level at each count (the peers are not levels), named
+        # where it is one level at every count
+        only = set(filter(None, baselines.values()))
+        slowest = (f"Speedup over {next(iter(only))}", f"the ms of {esc(next(iter(only)))}, the slowest level timed, "
+                   "over the level's ms") if len(only) == 1 else (
+            "Speedup over the slowest level", "ms of the slowest level timed at each token count (the peers are not "
+            "levels) over the level's ms")
         parts.append(section(
-            "Speedup over level 0" if over_zero else "Speedup over the slowest level",
-            f"ms of {over if over_zero else 'the slowest level timed at each token count'} over the level's ms.",
+            "Speedup over level 0" if over_zero else slowest[0],
+            f"ms of {over} over the level's ms." if over_zero else f"{slowest[1][0].upper()}{slowest[1][1:]}.",
             table_html(report.pivot(df, speedups(df, lambda r: baselines[r["tokens"]])), links),
             figure(run_dir, f"speedup_{anchor}.png", "speedup per level")))
     if len(df):
@@ -243,8 +250,7 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
                                         links)))
     if on_gpu and len(df):
         parts += [
-            section("% of the roofline", "The larger of FLOPs over the measured matmul rate and minimum bytes over "
-                    "the measured copy bandwidth, over the measured time.",
+            section("% of the roofline", esc(report.roofline_caption(df)).replace("the larger", "The larger", 1) + ".",
                     table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["pct_roofline"]))), links),
                     figure(run_dir, f"roofline_{anchor}.png", "% of the measured roofline, per level")),
         ]
@@ -252,8 +258,8 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
             parts.append(section("% of cuBLAS on the same FLOPs",
                                  esc(f"{report.DENSE_GEMMS_TEXT}. {report.dense_gemm_rates(df)}."),
                                  table_html(report.pivot(df, report.status_or(report.dense_gemm_pct)), links)))
-        parts.append(section("Peak GPU memory, MiB", "During one forward, weights and inputs included.",
-                             table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["peak_mb"]))), links))
+        peak_table = table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["peak_mb"]))), links)
+        parts.append(section("Peak GPU memory, MiB", esc(report.PEAK_CAPTION) + ".", peak_table)
                      if df["peak_garbage_free"].any() else f"<h3>Peak GPU memory</h3><p>{esc(report.PEAK_NOT_SHOWN)}</p>")
     counts = counts_html(df, links)
     if counts:
@@ -265,7 +271,7 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
         parts.append(section("Where the time goes", "From <code>--profile</code>: each stage's share of the "
                              "profiled forward, at the smallest and the largest profiled token count.",
                              figure(run_dir, f"stages_{anchor}.png", "stages per level")))
-    notes = [f"<li>{links.get(r['label'], esc(r['label']))}, {r['tokens']} tokens: {esc(r['status'])}: "
+    notes = [f"<li>{links.get(r['label'], esc(r['label']))}, {report.tokens_text(r['tokens'])}: {esc(r['status'])}: "
              f"{esc(report.row_note(r))}</li>" for _, r in all_rows.iterrows() if report.row_note(r)]
     if notes:
         parts.append("<h3>Notes from the rows</h3><ul>" + "".join(notes) + "</ul>")
@@ -342,15 +348,16 @@ def clock_cell(row) -> str:
     return f"{int(row['sm_clock_mhz'])}" + (" capped" if capped else "")
 
 
-def ep_html(df: pd.DataFrame, run_dir: Path) -> str:
+def ep_html(df: pd.DataFrame, run_dir: Path, env: dict) -> str:
     table = report.ep_table(df).map(cell)
     notes = [f"<li>W={int(r['world_size'])}, {esc(r['case'])}, {int(r['tokens_per_rank'])} tokens per rank: "
              f"{esc(r['status'])}: {esc(r['note'])}</li>" for _, r in df.iterrows() if r["note"]]
     return ('<h2 id="expert-parallel">Expert parallelism (level ep)</h2>'
-            '<p class="caption">Weak scaling: at world size W each rank holds the preset\'s E experts and its own T '
-            "tokens. ms is the slowest rank's median forward; its phases (dispatch, expert compute and combine) are "
-            f"read on {esc(report.phases_rank_text(df))}; "
-            "weak-scaling efficiency is the world-size-1 time over the row's. summary.md spells out every column.</p>"
+            f'<p class="caption">{esc(report.ep_machine(df, env))}Weak scaling: at world size W each rank holds the '
+            "preset's E experts and its own T tokens. ms is the slowest rank's median forward; its phases (dispatch, "
+            f"expert compute and combine) are read on {esc(report.phases_rank_text(df))}; "
+            "weak-scaling efficiency is the world-size-1 time over the row's. "
+            '<a href="summary.md">summary.md</a> spells out every column.</p>'
             '<div class="scroll">' + table.to_html(escape=False, border=0) + "</div>"
             + "".join(f"<p>{esc(note)}</p>" for note in report.cpu_counterpart_notes(df))
             + figure(run_dir, "expert_parallel.png", "each forward's phases, per case and world size")

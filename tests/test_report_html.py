@@ -106,8 +106,8 @@ def test_rows_whose_host_issues_slower_than_the_gpu_runs_are_host_bound(tmp_path
     rows[1].update(ms=1.0, host_ms=1.2, syncs_measured=1, host_bound=True)  # its sync's wait is in its host time
     page = write_run(tmp_path, rows)
     summary = (tmp_path / "summary.md").read_text()
-    said = "host-bound (the host took 39.4 µs to issue each forward, the GPU 29.8 µs to run it"
-    assert summary.count(said) == 1 and page.count(said) == 1
+    said = "host-bound (the host took 39.4 µs to issue each forward, and a forward took 29.8 µs on the GPU's clock"
+    assert summary.count(said) == 1 and page.count(report_html.esc(said)) == 1
     assert "<td>39.4 / 29.8</td>" in page and summary.count("host-bound (") == 1
     assert ("host's time to issue one forward, for the levels that never wait for the GPU: 39–39 µs (median 39); "
             "host-bound: 1 of 5 rows") in summary

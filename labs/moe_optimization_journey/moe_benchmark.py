@@ -856,8 +856,10 @@ def set_up(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_tok
     # What a level holds is what it adds to the allocated memory, counted without garbage: reference cycles of
     # earlier work (a level and its graph hold one) that only the collector frees, and that a graph capture's own
     # collection may free halfway through a set-up. Counted with it, make bench's level 9 at journey 32768 read
-    # -1.1 MiB at its peak on an H100 (its set-up freed 517 MiB that level 7's had held; NOTES.md).
-    gc.collect()
+    # -1.1 MiB at its peak on an H100 (its set-up freed 517 MiB that level 7's had held; NOTES.md). The CPU's
+    # rows count no memory.
+    if on_gpu:
+        gc.collect()
     allocated_before = torch.cuda.memory_allocated(device) if on_gpu else 0
     pools_before = graph_pool_bytes(device) if on_gpu and level_cls.keeps_buffers else 0
     with failure_ends_row(row):
@@ -889,7 +891,8 @@ def set_up(row: ResultRow, level_cls: type[MoELevel], config: MoEConfig, num_tok
                                                   "kernels, and the interpreter's speed says nothing about a CPU's")
             else:
                 call = level.timed_call(timing_inputs)
-                gc.collect()
+                if on_gpu:
+                    gc.collect()
                 held_bytes = torch.cuda.memory_allocated(device) - allocated_before if on_gpu else 0
                 pool_bytes = graph_pool_bytes(device) - pools_before if on_gpu and level_cls.keeps_buffers else 0
                 return Waiting(row, level, timing_inputs, call, held_bytes, pool_bytes)
