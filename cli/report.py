@@ -714,6 +714,12 @@ def plot_by_tokens(df: pd.DataFrame, column: str, ylabel: str, yscale: str, titl
         if len(part):
             ax.plot(part["tokens"], part[column], marker="o", markersize=4, label=label, color=colors[label],
                     linestyle=line_style(label))
+            host_bound = part[part["host_bound"].fillna(False).astype(bool)]  # the tables' (h), as a hollow point
+            ax.plot(host_bound["tokens"], host_bound[column], marker="o", markersize=6, linestyle="none",
+                    markerfacecolor="white", color=colors[label])
+    if ok["host_bound"].fillna(False).astype(bool).any():
+        ax.plot([], [], marker="o", markersize=6, linestyle="none", markerfacecolor="white", color="black",
+                label=f"hollow: host-bound {HOST_BOUND_MARK}")  # the tables' legend says what that means
     ax.set(yscale=yscale, xlabel="tokens (T)", ylabel=ylabel)
     if yscale == "linear":
         ax.set_ylim(bottom=0)
