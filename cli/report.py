@@ -145,8 +145,13 @@ PEER, FP8_PEER, OGS_PEER = "peer", "peer-fp8", "peer-ogs"
 FP8_COMPARED = ("7", "9", "10", PEER, FP8_PEER)  # the FP8 section's levels: Triton bf16, FP8 and both peers
 
 
-def level_sort_key(level) -> tuple:
-    return (0, int(level), "") if str(level).isdigit() else (1, 0, str(level))
+def natural_key(value) -> tuple:
+    """A sort key that orders numbers, and text that is a number, by value (level 4 before level 10, E=4 before
+    E=16), before other text (the peers after the levels)."""
+    text = str(value)
+    if re.fullmatch(r"-?\d+(\.\d+)?", text):
+        return (0, float(text), "")
+    return (1, 0.0, text)
 
 
 def level_label(row: dict) -> str:
@@ -169,7 +174,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     df["host_bound"] = [row.is_host_bound() for row in parsed]  # the current rule, for rows of an older one too
     df["host_ms"] = [row.issue_ms() for row in parsed]
     df["label"] = [level_label(r) for r in rows]
-    df["order"] = [level_sort_key(r["level"]) for r in rows]
+    df["order"] = [natural_key(r["level"]) for r in rows]
     df["case"] = df["preset"]
     if (df["traffic"] != "uniform").any():
         df["case"] += ", " + df["traffic"]
@@ -251,7 +256,7 @@ def previous_level_label(df: pd.DataFrame, row) -> str | None:
 def previous_level_caption(df: pd.DataFrame) -> str:
     """The speedup-over-the-level-built-on table's title, naming each level compared with another than the one
     numbered before it (a peer with the level it rebuilds)."""
-    levels = sorted({str(lvl) for lvl in df["level"]}, key=level_sort_key)
+    levels = sorted({str(lvl) for lvl in df["level"]}, key=natural_key)
     others = [f"{level} over {before}" for level in levels
               if (before := compared_level(level, df["level"])) is not None
               and not (level.isdigit() and int(before) == int(level) - 1)]
@@ -396,11 +401,10 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
     if df["dense_gemm_ms"].notna().any():
         parts += [f"% of cuBLAS on the same FLOPs: {DENSE_GEMMS_TEXT}. {dense_gemm_rates(df)}:",
                   markdown_table(pivot(df, status_or(dense_gemm_pct)), "level \\ tokens")]
-    if df["peak_mb"].notna().any() and not df["peak_garbage_free"].any():
-        parts.append(PEAK_NOT_SHOWN)
-    elif df["peak_mb"].notna().any():
-        parts += [f"{PEAK_CAPTION}:",
-                  markdown_table(pivot(df, status_or(lambda r: fmt(r["peak_mb"]))), "level \\ tokens")]
+    if df["peak_mb"].notna().any():
+        parts += [f"{PEAK_CAPTION}:", markdown_table(pivot(df, status_or(lambda r: fmt(r["peak_mb"]))),
+                                                      "level \\ tokens")] if df["peak_garbage_free"].any() \
+            else [PEAK_NOT_SHOWN]
     copy_gbps = (env.get("ceilings") or {}).get("copy_gbps")
     decode = df[df["tokens"] <= DECODE_MAX_TOKENS]
     if len(decode) and copy_gbps:
@@ -709,15 +713,16 @@ def plot_by_tokens(df: pd.DataFrame, column: str, ylabel: str, yscale: str, titl
     else:
         fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
     ok = df[(df["status"] == "ok") & df[column].notna()]
+    host_bound = ok[ok["host_bound"].fillna(False).astype(bool)]  # the tables' (h), as hollow points
     for label in dict.fromkeys(df["label"]):
         part = ok[ok["label"] == label]
         if len(part):
             ax.plot(part["tokens"], part[column], marker="o", markersize=4, label=label, color=colors[label],
                     linestyle=line_style(label))
-            host_bound = part[part["host_bound"].fillna(False).astype(bool)]  # the tables' (h), as a hollow point
-            ax.plot(host_bound["tokens"], host_bound[column], marker="o", markersize=6, linestyle="none",
+            hollow = host_bound[host_bound["label"] == label]
+            ax.plot(hollow["tokens"], hollow[column], marker="o", markersize=6, linestyle="none",
                     markerfacecolor="white", color=colors[label])
-    if ok["host_bound"].fillna(False).astype(bool).any():
+    if len(host_bound):
         ax.plot([], [], marker="o", markersize=6, linestyle="none", markerfacecolor="white", color="black",
                 label=f"hollow: host-bound {HOST_BOUND_MARK}")  # the tables' legend says what that means
     ax.set(yscale=yscale, xlabel="tokens (T)", ylabel=ylabel)
@@ -1241,14 +1246,6 @@ def key_text(value) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def natural_key(value) -> tuple:
-    """A sort key that orders numbers, and text that is a number, by value (E=4 before E=16), before other text."""
-    text = str(value)
-    if re.fullmatch(r"-?\d+(\.\d+)?", text):
-        return (0, float(text), "")
-    return (1, 0.0, text)
-
-
 def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Run B against run A, case by case: (one line per (case, level, T) present in either run, the case named
     by the fields that vary between cases, with both times, a host-bound row's marked HOST_BOUND_MARK, and A/B; per
@@ -1267,7 +1264,7 @@ def compare_runs(rows_a: list[dict], rows_b: list[dict]) -> tuple[pd.DataFrame, 
     for run in ("A", "B"):  # a case only one run has: not host-bound in the other
         both[f"host_bound {run}"] = both[f"host_bound {run}"].fillna(False).astype(bool)
     both["label"] = both["label A"].fillna(both["label B"])
-    both["order"] = [level_sort_key(level) for level in both["level"]]
+    both["order"] = [natural_key(level) for level in both["level"]]
     both["token_count"] = both["tokens"].astype(int)
     case_keys = [field for field in keys if field not in ("level", "tokens")]
     both = both.sort_values([*case_keys, "order", "token_count"], key=lambda column: column.map(natural_key)

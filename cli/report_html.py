@@ -177,6 +177,11 @@ def figure(run_dir: Path, name: str, caption: str) -> str:
             f"<figcaption>{esc(caption)} ({esc(name)})</figcaption></figure>")
 
 
+def sentence(text: str) -> str:
+    """A caption's clause as a sentence: its first letter upper case, a full stop at the end."""
+    return f"{text[:1].upper()}{text[1:]}."
+
+
 def section(title: str, caption: str, *blocks: str) -> str:
     return f"<h3>{esc(title)}</h3><p class=\"caption\">{caption}</p>" + "".join(blocks)
 
@@ -227,14 +232,18 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
     if any(baselines.values()):
         # Where level 0 was not timed, the slowest numbered level at each count (the peers are not levels), named
         # where it is one level at every count
-        only = set(filter(None, baselines.values()))
-        slowest = (f"Speedup over {next(iter(only))}", f"the ms of {esc(next(iter(only)))}, the slowest level timed, "
-                   "over the level's ms") if len(only) == 1 else (
-            "Speedup over the slowest level", "ms of the slowest level timed at each token count (the peers are not "
-            "levels) over the level's ms")
+        slowest = set(filter(None, baselines.values()))
+        if over_zero:
+            title, caption = "Speedup over level 0", f"ms of {over} over the level's ms."
+        elif len(slowest) == 1:
+            title = f"Speedup over {next(iter(slowest))}"
+            caption = f"The ms of {esc(next(iter(slowest)))}, the slowest level timed, over the level's ms."
+        else:
+            title = "Speedup over the slowest level"
+            caption = ("The ms of the slowest level timed at each token count (the peers are not levels) over the "
+                       "level's ms.")
         parts.append(section(
-            "Speedup over level 0" if over_zero else slowest[0],
-            f"ms of {over} over the level's ms." if over_zero else f"{slowest[1][0].upper()}{slowest[1][1:]}.",
+            title, caption,
             table_html(report.pivot(df, speedups(df, lambda r: baselines[r["tokens"]])), links),
             figure(run_dir, f"speedup_{anchor}.png", "speedup per level")))
     if len(df):
@@ -250,7 +259,7 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
                                         links)))
     if on_gpu and len(df):
         parts += [
-            section("% of the roofline", esc(report.roofline_caption(df)).replace("the larger", "The larger", 1) + ".",
+            section("% of the roofline", esc(sentence(report.roofline_caption(df))),
                     table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["pct_roofline"]))), links),
                     figure(run_dir, f"roofline_{anchor}.png", "% of the measured roofline, per level")),
         ]
@@ -258,9 +267,12 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
             parts.append(section("% of cuBLAS on the same FLOPs",
                                  esc(f"{report.DENSE_GEMMS_TEXT}. {report.dense_gemm_rates(df)}."),
                                  table_html(report.pivot(df, report.status_or(report.dense_gemm_pct)), links)))
-        peak_table = table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["peak_mb"]))), links)
-        parts.append(section("Peak GPU memory, MiB", esc(report.PEAK_CAPTION) + ".", peak_table)
-                     if df["peak_garbage_free"].any() else f"<h3>Peak GPU memory</h3><p>{esc(report.PEAK_NOT_SHOWN)}</p>")
+        if df["peak_garbage_free"].any():
+            parts.append(section("Peak GPU memory, MiB", esc(report.PEAK_CAPTION) + ".",
+                                 table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["peak_mb"]))),
+                                            links)))
+        else:
+            parts.append(f"<h3>Peak GPU memory</h3><p>{esc(report.PEAK_NOT_SHOWN)}</p>")
     counts = counts_html(df, links)
     if counts:
         parts.append(counts)

@@ -73,8 +73,8 @@ When overlap pays
     compute; where it takes longer, the link sets the pace and the compute is what hides. Against that gain,
     smaller GEMMs. Every chunk reads every local expert's weights again, for 1/B of its rows: an expert GEMM of M
     rows does about M FLOPs per byte of weight it reads, and under the GPU's ridge point (an H100's spec sheet, bf16:
-    990 TFLOP/s over 3.35 TB/s, about 300 rows) it waits on memory instead of computing. deepseek-v3 at 8192 tokens per rank
-    gives each of a rank's 256 experts about 256 rows; in 2 chunks they get 128 each and the rank's 22.5 GB of
+    990 TFLOP/s over 3.35 TB/s, about 300 rows) it waits on memory instead of computing. deepseek-v3 at 8192 tokens per
+    rank gives each of a rank's 256 experts about 256 rows; in 2 chunks they get 128 each and the rank's 22.5 GB of
     expert weights are read at least twice, about 7 ms each time, against 12.8 ms of compute in one chunk. At
     32768 tokens per rank 4 chunks still leave 256 rows per expert; mixtral (8 experts per rank) gets 2048 rows per
     expert at 8192 tokens, and chunks cost it little but launches. With one row per (token, rank) there is less
