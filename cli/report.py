@@ -215,6 +215,11 @@ def pivot(df: pd.DataFrame, render) -> pd.DataFrame:
     return table.reindex(index=list(dict.fromkeys(df["label"])), columns=sorted(df["tokens"].unique())).fillna("-")
 
 
+def metric_table(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Levels down, token counts across: each timed row's `column` (TFLOP/s, % of the roofline, peak MiB)."""
+    return pivot(df, status_or(lambda r: fmt(r[column])))
+
+
 def ms_of(df: pd.DataFrame, label: str, tokens: int) -> float | None:
     match = df[(df["label"] == label) & (df["tokens"] == tokens) & (df["status"] == "ok")]
     return float(match["ms"].iloc[0]) if len(match) else None
@@ -264,6 +269,40 @@ def previous_level_caption(df: pd.DataFrame) -> str:
 
 
 DECODE_MAX_TOKENS = 512  # at or below this many tokens the layer is bound by reading the experts' weights
+DECODE_TITLE = f"Decode regime (T ≤ {DECODE_MAX_TOKENS})"
+
+
+def decode_caption(copy_gbps: float) -> str:
+    return ("GB/s of minimum bytes (the touched experts' weights, tokens in and out) and, in brackets, % of the "
+            f"measured copy bandwidth ({copy_gbps:.0f} GB/s)")
+
+
+def decode_table(df: pd.DataFrame, copy_gbps: float | None) -> pd.DataFrame | None:
+    """At the token counts of the decode regime, each level's GB/s of minimum bytes and its share of the measured copy
+    bandwidth; None where the rows have no such count or no copy bandwidth was measured (a CPU run)."""
+    decode = df[df["tokens"] <= DECODE_MAX_TOKENS]
+    if not len(decode) or not copy_gbps:
+        return None
+    return pivot(decode, status_or(lambda r: f"{r['gbps']:.0f} ({100 * r['gbps'] / copy_gbps:.1f}%)"))
+
+
+LOAD_TITLE = "Load over the experts in the timed forward"
+LOAD_CAPTION = "the same routing for every level at a given T"
+
+
+def load_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """The routing's balance over the experts at each token count, from any row that measured it (timed or not: the
+    routing is the same for every level); None where no row did."""
+    if "load_cv" not in df or df["load_cv"].isna().all():
+        return None
+    measured = df[df["load_cv"].notna()].drop_duplicates("tokens").set_index("tokens").sort_index()
+    return pd.DataFrame({
+        "CV": measured["load_cv"].map(lambda v: f"{v:.3f}"),
+        "Gini": measured["load_gini"].map(lambda v: f"{v:.3f}"),
+        "max / mean": measured["load_max_over_mean"].map(lambda v: f"{v:.2f}"),
+        "dead experts": measured["dead_experts"].map(lambda v: str(int(v))),
+        "dropped tokens": measured["dropped_tokens"].map(lambda v: "-" if pd.isna(v) else str(int(v))),
+    })
 
 
 HOST_BOUND_MARK = "(h)"  # a host-bound row's time, in the time tables, compare's and lab show's
@@ -294,6 +333,8 @@ def time_cell(row) -> str:
     host_bound = row["host_bound"]
     return f"{fmt(row['ms'])} {HOST_BOUND_MARK}" if pd.notna(host_bound) and bool(host_bound) else fmt(row["ms"])
 
+
+USEFUL_FLOPS = "2·T·(K + S)·3·H·I"  # what TFLOP/s counts: per (token, expert) pair, 3 GEMMs of H·I multiply-adds
 
 DENSE_GEMMS_TEXT = ("cuBLAS's time for the layer's FLOPs as two dense GEMMs of all T·(K + S) rows (none of MoE's "
                     "routing, gather, padding or sum; in the layer's dtype, so an FP8 level can pass 100%), timed in "
@@ -339,7 +380,24 @@ def profile_token_counts(df: pd.DataFrame) -> list[int]:
     return list(dict.fromkeys([tokens[0], tokens[-1]])) if tokens else []
 
 
-def stage_table(df: pd.DataFrame, tokens: int) -> str:
+def stage_title(tokens: int) -> str:
+    return f"Where the time goes at {tokens_text(tokens)}"
+
+
+def stage_caption(df: pd.DataFrame) -> str:
+    """What the stage tables' cells are (the number of calls is the most any profiled row made)."""
+    calls = int(profiled(df)["profile_calls"].max())
+    return (f"ms per call in each stage, the mean of up to {calls} calls timed on the device's clock, and its share of "
+            "routing plus forward. *routing* is the router (the same for every level, run before the forward); "
+            f"*{OUTSIDE_STAGES}* is forward time no stage covers (Python between stages, allocation; for the "
+            "CUDA-graph levels the whole replay, which has no stage boundaries). *forward* is the profiled "
+            "forward without routing; the markers cost time of their own, so it can exceed *timed*, the "
+            "median of the unprofiled timing")
+
+
+def stage_times(df: pd.DataFrame, tokens: int) -> pd.DataFrame:
+    """The profiled levels at `tokens`, a line each: each stage's ms and its share of routing plus forward, the
+    forward without routing, and the unprofiled median."""
     at = profiled(df)
     at = at[at["tokens"] == tokens]
     names = stage_names(at)
@@ -351,7 +409,12 @@ def stage_table(df: pd.DataFrame, tokens: int) -> str:
             table.loc[row["label"], name] = "-" if ms is None else f"{fmt(ms)} ({100 * ms / total:.0f}%)"
         table.loc[row["label"], "forward"] = fmt(total - row["stage_ms"].get("routing", 0.0))
         table.loc[row["label"], "timed"] = fmt(row["ms"])
-    return markdown_table(table, "level \\ stage")
+    return table
+
+
+def stage_table(df: pd.DataFrame, tokens: int) -> str:
+    """stage_times as markdown: summary.md's, and a level script's --profile."""
+    return markdown_table(stage_times(df, tokens), "level \\ stage")
 
 
 def speedup_vs(df: pd.DataFrame, reference_label_of):
@@ -391,50 +454,26 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
                      + "\n".join(f"- {note}" for note in counterparts))
     if len(df):
         parts += [
-            "TFLOP/s (useful FLOPs: 2·T·(K + S)·3·H·I):",
-            markdown_table(pivot(df, status_or(lambda r: fmt(r["tflops"]))), "level \\ tokens"),
+            f"TFLOP/s (useful FLOPs: {USEFUL_FLOPS}):",
+            markdown_table(metric_table(df, "tflops"), "level \\ tokens"),
         ]
     # A CPU run measures no ceilings and no device memory: no table of dashes for either.
     if df["pct_roofline"].notna().any():
         parts += [f"% of the roofline ({roofline_caption(df)}):",
-                  markdown_table(pivot(df, status_or(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens")]
+                  markdown_table(metric_table(df, "pct_roofline"), "level \\ tokens")]
     if df["dense_gemm_ms"].notna().any():
         parts += [f"% of cuBLAS on the same FLOPs: {DENSE_GEMMS_TEXT}. {dense_gemm_rates(df)}:",
                   markdown_table(pivot(df, status_or(dense_gemm_pct)), "level \\ tokens")]
     if df["peak_mb"].notna().any():
-        parts += [f"{PEAK_CAPTION}:", markdown_table(pivot(df, status_or(lambda r: fmt(r["peak_mb"]))),
-                                                      "level \\ tokens")] if df["peak_garbage_free"].any() \
-            else [PEAK_NOT_SHOWN]
+        parts += [f"{PEAK_CAPTION}:", markdown_table(metric_table(df, "peak_mb"), "level \\ tokens")] \
+            if df["peak_garbage_free"].any() else [PEAK_NOT_SHOWN]
     copy_gbps = (env.get("ceilings") or {}).get("copy_gbps")
-    decode = df[df["tokens"] <= DECODE_MAX_TOKENS]
-    if len(decode) and copy_gbps:
-        parts += [
-            f"Decode regime (T ≤ {DECODE_MAX_TOKENS}): GB/s of minimum bytes (the touched experts' weights, tokens "
-            f"in and out) and, in brackets, % of the measured copy bandwidth ({copy_gbps:.0f} GB/s):",
-            markdown_table(pivot(decode, status_or(lambda r: f"{r['gbps']:.0f} ({100 * r['gbps'] / copy_gbps:.1f}%)")),
-                           "level \\ tokens"),
-        ]
-    if "load_cv" in all_rows and all_rows["load_cv"].notna().any():  # the routing's, whether or not a level was timed
-        timed = all_rows[all_rows["load_cv"].notna()].drop_duplicates("tokens").set_index("tokens").sort_index()
-        metrics = pd.DataFrame({
-            "CV": timed["load_cv"].map(lambda v: f"{v:.3f}"),
-            "Gini": timed["load_gini"].map(lambda v: f"{v:.3f}"),
-            "max / mean": timed["load_max_over_mean"].map(lambda v: f"{v:.2f}"),
-            "dead experts": timed["dead_experts"].map(lambda v: str(int(v))),
-            "dropped tokens": timed["dropped_tokens"].map(lambda v: "-" if pd.isna(v) else str(int(v))),
-        })
-        parts += ["Load over the experts in the timed forward (the same routing for every level at a given T):",
-                  markdown_table(metrics, "tokens")]
+    if (decode := decode_table(df, copy_gbps)) is not None:
+        parts += [f"{DECODE_TITLE}: {decode_caption(copy_gbps)}:", markdown_table(decode, "level \\ tokens")]
+    if (load := load_table(all_rows)) is not None:
+        parts += [f"{LOAD_TITLE} ({LOAD_CAPTION}):", markdown_table(load, "tokens")]
     for tokens in profile_token_counts(df):
-        calls = int(profiled(df)["profile_calls"].max())
-        parts += [f"Where the time goes at {tokens} tokens (`--profile`): ms per call in each stage, the mean of "
-                  f"up to {calls} calls timed on the device's clock, and its share of routing plus forward. "
-                  "*routing* is the router (the same for every level, run before the forward); "
-                  f"*{OUTSIDE_STAGES}* is forward time no stage covers (Python between stages, allocation; for the "
-                  "CUDA-graph levels the whole replay, which has no stage boundaries). *forward* is the profiled "
-                  "forward without routing; the markers cost time of their own, so it can exceed *timed*, the "
-                  "median of the unprofiled timing:",
-                  stage_table(df, tokens)]
+        parts += [f"{stage_title(tokens)} (`--profile`): {stage_caption(df)}:", stage_table(df, tokens)]
     notes = [f"- level {r['level']} ({r['level_name']}), {tokens_text(r['tokens'])}: {r['status']}: {row_note(r)}"
              for _, r in all_rows.iterrows() if row_note(r)]
     if notes:
@@ -489,6 +528,13 @@ FP8_INTRO = ("Level 10 and the FP8 peer multiply e4m3 operands (one byte, twice 
              "the measured FP8 matmul rate, where the other levels' is against the bf16 one.")
 
 
+QUANT_ERR_CAPTION = "quant err (against the unquantized layer's fp32 reference)"
+
+
+def fp8_speedup_caption(reference: str) -> str:
+    return f"Speedup over {reference} (its ms over the level's)"
+
+
 def fp8_section(df: pd.DataFrame) -> str:
     """Per case with FP8 rows: levels 7, 9, 10 and both peers side by side, in TFLOP/s, over level 9 and over the
     FP8 peer, and each FP8 row's quant err."""
@@ -498,11 +544,11 @@ def fp8_section(df: pd.DataFrame) -> str:
         parts.append(f"### {case} ({shape_label(part.iloc[0])})")
         if times_fp8(timed):
             parts += ["TFLOP/s:",
-                      markdown_table(pivot(timed, status_or(lambda r: fmt(r["tflops"]))), "level \\ tokens")]
+                      markdown_table(metric_table(timed, "tflops"), "level \\ tokens")]
             for reference in filter(None, (label_of(timed, "9"), label_of(timed, FP8_PEER))):
-                parts += [f"Speedup over {reference} (its ms over the level's):",
+                parts += [f"{fp8_speedup_caption(reference)}:",
                           markdown_table(pivot(timed, speedup_vs(timed, lambda r: reference)), "level \\ tokens")]
-        parts += ["quant err (against the unquantized layer's fp32 reference):",
+        parts += [f"{QUANT_ERR_CAPTION}:",
                   markdown_table(pivot(part[part["quant_err"].notna()], quant_err_cell), "level \\ tokens")]
     return "\n\n".join(parts)
 
@@ -532,40 +578,41 @@ def device_name(env: dict) -> str:
     return f"{name} ({env['cpu_model']})" if env.get("device_type") == "cpu" and env.get("cpu_model") else name
 
 
-def environment_section(env: dict, rows: list[dict]) -> str:
-    if not env:
-        return ""
+def environment_items(env: dict, rows: list[dict]) -> list[str]:
+    """What the run ran on and how, a markdown line each: summary.md's list and report.html's."""
     ceilings = env.get("ceilings") or {}
-    lines = [f"**{banner[0]}** {banner[1]}\n"] if (banner := unfinished_banner(env)) else []
-    lines += [
-        f"- device: **{device_name(env)}**, driver {env.get('driver') or '-'}, CUDA {env.get('cuda') or '-'}",
-        f"- torch {env.get('torch')}, triton {env.get('triton') or '-'}, python {env.get('python')}",
-        *([f"- OpenAI's triton_kernels (the matmul_ogs peer's) from {env['triton_kernels']}"]
+    items = [
+        f"device: **{device_name(env)}**, driver {env.get('driver') or '-'}, CUDA {env.get('cuda') or '-'}",
+        f"torch {env.get('torch')}, triton {env.get('triton') or '-'}, python {env.get('python')}",
+        *([f"OpenAI's triton_kernels (the matmul_ogs peer's) from {env['triton_kernels']}"]
           if env.get("triton_kernels") else []),
-        f"- started {env.get('started_utc')} (UTC), host {env.get('host')}",
-        f"- command: `{env.get('command')}`",
+        f"started {env.get('started_utc')} (UTC), host {env.get('host')}",
+        f"command: `{env.get('command')}`",
     ]
     if env.get("code"):
-        lines.append(f"- code: commit {env['code']}")
+        items.append(f"code: commit {env['code']}")
     if env.get("timed_calls"):
         low, high = env["timed_calls"]
         asked = (env.get("args") or {}).get("repeats", "?")
         counted = low if low == high else f"{low}–{high}"
-        lines.append(f"- timed calls per row: {counted} (asked for {asked}: at least 5 on the CPU; on a GPU do_bench "
+        items.append(f"timed calls per row: {counted} (asked for {asked}: at least 5 on the CPU; on a GPU do_bench "
                      "sizes its timed loop by its own estimate of a call and its L2 clear, and counts its calls "
                      "itself)")
     if rounds := (env.get("args") or {}).get("timing_rounds"):  # runs from 9bd73d8 on; before, one level at a time
-        lines.append(f"- each case's levels checked first, then timed in turn: {rounds} rounds, alternately in level "
+        items.append(f"each case's levels checked first, then timed in turn: {rounds} rounds, alternately in level "
                      "order and in reverse (a GPU under its power cap slows as it heats)")
     if ceilings:
-        lines.append(f"- measured ceilings: {ceilings_text(ceilings)}")
+        items.append(f"measured ceilings: {ceilings_text(ceilings)}")
     else:
-        lines.append("- no ceilings measured (CPU run): `pct_roofline` is empty")
-    if clock := clock_text(rows):
-        lines.append(f"- {clock}")
-    if host := host_text(rows):
-        lines.append(f"- {host}")
-    return "\n".join(lines)
+        items.append("no ceilings measured (CPU run): `pct_roofline` is empty")
+    return items + [text for text in (clock_text(rows), host_text(rows)) if text]
+
+
+def environment_section(env: dict, rows: list[dict]) -> str:
+    if not env:
+        return ""
+    lines = [f"**{banner[0]}** {banner[1]}\n"] if (banner := unfinished_banner(env)) else []
+    return "\n".join(lines + [f"- {item}" for item in environment_items(env, rows)])
 
 
 PUBLISHED_MARK = ("<!-- copied from ", "/summary.md by aisp; do not edit -->")  # around a run folder's name
@@ -609,7 +656,10 @@ def clock_text(rows: list[dict]) -> str:
 
 # The plots. Every figure gives a level the same colour, names what it shows in words, keeps its legend off the
 # data, and marks what was not timed (out of memory, skipped, checked) where a reader would look for it.
-LEVEL_COLORS = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + list(plt.get_cmap("Dark2").colors)
+# Level n's colour is LEVEL_COLORS[n]: tab10's nine colours but its grey (the peers') for levels 0-8, then navy and
+# wine for 9 and 10, dark hues tab10 lacks, so no two levels are closer (CIEDE2000) than tab10's own red and brown
+# (a second palette's teal and orange there read as 8's cyan and 1's orange).
+LEVEL_COLORS = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + ["#000080", "#8e0152"]
 PEER_COLOR = "0.45"  # tab10's grey, kept out of LEVEL_COLORS for the peers alone
 PEER_COLORS = {PEER: PEER_COLOR, FP8_PEER: "0.15", OGS_PEER: "0.7"}  # greys, every peer hatched and dashed
 STATUS_MARKER = {"oom": "x", "skipped": "o", "error": "D", "checked": "s"}
@@ -907,11 +957,10 @@ def ep_machine(df: pd.DataFrame, env: dict) -> str:
     return f"On {machine_text(env)}. " if (df["device_type"] == "cuda").all() else ""
 
 
-def ep_section(df: pd.DataFrame, out_dir: Path, env: dict) -> str:
-    """The expert-parallel section: ep_table with what its columns mean, the rows' notes, and the phases' figure."""
+def ep_caption(df: pd.DataFrame, env: dict) -> str:
+    """What ep_table's columns mean, on which cards."""
     local = ", ".join(sorted(set(df["local_level"].dropna())))
-    parts = [
-        "## Expert parallelism (level ep)",
+    return (
         f"{ep_machine(df, env)}Weak scaling: at world size W each rank holds the preset's E experts (W·E in all) "
         "and its own T tokens; "
         f"the local experts run on {local or 'the best single-GPU level'}. ms is the slowest rank's median "
@@ -926,14 +975,21 @@ def ep_section(df: pd.DataFrame, out_dir: Path, env: dict) -> str:
         "shared experts the first half of them, which runs under the dispatch: a floor on the link's rate); the bus "
         "bandwidths are NCCL-tests' measure of a "
         "plain all-to-all and all-reduce of the dispatch's size on the same processes; weak-scaling efficiency "
-        "is the world-size-1 time over this row's.",
-        markdown_table(ep_table(df), "case"),
-        *cpu_counterpart_notes(df),
-    ]
-    notes = [f"- W={int(r['world_size'])}, {r['case']}, {int(r['tokens_per_rank'])} tokens per rank: {r['status']}: "
-             f"{r['note']}" for _, r in df.iterrows() if r["note"]]
-    if notes:
-        parts += ["Notes from the rows:", "\n".join(notes)]
+        "is the world-size-1 time over this row's.")
+
+
+def ep_notes(df: pd.DataFrame) -> list[str]:
+    """The EP rows' notes, a line each, named by world size, case and tokens per rank."""
+    return [f"W={int(r['world_size'])}, {r['case']}, {int(r['tokens_per_rank'])} tokens per rank: {r['status']}: "
+            f"{r['note']}" for _, r in df.iterrows() if r["note"]]
+
+
+def ep_section(df: pd.DataFrame, out_dir: Path, env: dict) -> str:
+    """The expert-parallel section: ep_table with what its columns mean, the rows' notes, and the phases' figure."""
+    parts = ["## Expert parallelism (level ep)", ep_caption(df, env), markdown_table(ep_table(df), "case"),
+             *cpu_counterpart_notes(df)]
+    if notes := ep_notes(df):
+        parts += ["Notes from the rows:", "\n".join(f"- {note}" for note in notes)]
     ok = df[df["status"] == "ok"]
     if len(ok):
         fig, ax = plt.subplots(figsize=(9, 1.5 + 0.45 * len(ok)), layout="constrained")
@@ -1136,7 +1192,7 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
             f"ms per forward (median{time_legend(part)}):",
             markdown_table(pivot(part, status_or(time_cell)), "level \\ tokens"),
             "% of the roofline:",
-            markdown_table(pivot(part, status_or(lambda r: fmt(r["pct_roofline"]))), "level \\ tokens"),
+            markdown_table(metric_table(part, "pct_roofline"), "level \\ tokens"),
             " ".join(f"![{name}]({link_prefix}/{name})" for name in images if (Path(run_dir) / name).exists()),
         ]
     if (Path(run_dir) / "across_presets.png").exists():
@@ -1144,7 +1200,7 @@ def readme_summary(run_dir: Path, link_prefix: str) -> str:
     for case, part in fp8_cases(df):
         if not len(timed_levels(part)):
             continue
-        table = pivot(timed_levels(part), status_or(lambda r: fmt(r["tflops"])))
+        table = metric_table(timed_levels(part), "tflops")
         worst = part.groupby("label")["quant_err"].max()
         table["quant err"] = [f"{worst[label]:.3f}" if pd.notna(worst.get(label)) else "-" for label in table.index]
         sections += [f"#### {case}, FP8 (e4m3): TFLOP/s, and the largest quant err of each FP8 level",

@@ -1,9 +1,10 @@
 """report.html: a run folder's report as one page a room can read.
 
-The same rows and tables as summary.md (report.frame, report.pivot, report.status_or, report.fmt), rendered with
-DataFrame.to_html; the PNGs write_report has just drawn, inlined as base64; the CSS inline and no script, so the
-page opens from a file, offline, in any browser. Each level's name links to its lesson file, with the lesson's
-first line as the link's title.
+The same rows, tables and captions as summary.md (report.py builds each once: report.frame, report.pivot,
+report.status_or, report.load_table, report.ep_caption, ...), rendered with DataFrame.to_html; the PNGs
+write_report has just drawn, inlined as base64; the CSS inline and no script, so the page opens from a file,
+offline, in any browser. The contents list every section and subsection. Each level's name links to its lesson
+file, with the lesson's first line as the link's title.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import ast
 import base64
 import html
 import os
+import re
 from pathlib import Path
 from urllib.parse import quote
 
@@ -30,7 +32,8 @@ body { margin: 0; color: #1d1d1f; background: #fff;
         margin: 0 auto; padding: 0 1.5rem; }
 nav { position: sticky; top: 0; align-self: start; max-height: 100vh; overflow-y: auto; padding: 1.5rem 0;
       font-size: 0.9rem; }
-nav ol { padding-left: 1.2rem; margin: 0.3rem 0; }
+nav ol { padding-left: 1.6rem; margin: 0.3rem 0; }  /* room for "10." */
+nav ol ol { font-size: 0.85rem; margin: 0.1rem 0 0.4rem; }
 nav a { color: #1d1d1f; text-decoration: none; }
 nav a:hover { text-decoration: underline; }
 main { min-width: 0; padding: 1rem 0 5rem; }
@@ -64,44 +67,44 @@ def write_html(run_dir: Path, rows: list[dict], env: dict) -> Path:
     """report.html beside summary.md, from the same rows and environment; the figures are those write_report
     drew."""
     run_dir = Path(run_dir)
-    clock = report.clock_text(rows)
-    contents, body = [], [environment(env) + (f"<p>{esc(clock)}.</p>" if clock else "")]
+    contents, body = [("environment", "Environment", [])], [environment(env, rows)]
     if intro := report.cpu_intro(env, rows):
-        body.insert(0, f'<p class="intro">{esc(intro)}</p>')
+        body.insert(0, f'<p class="intro">{inline_html(intro)}</p>')
     if not rows:
         body.append("<p>No rows were recorded.</p>")
     else:
         ep_rows, df = report.split_ep(report.frame(rows))
         links = level_links(df, run_dir)
-        on_gpu = (df["device_type"] != "cpu").any() if "device_type" in df else True
         for case in dict.fromkeys(df["case"]):
             anchor = report.slug(case)
-            contents.append((anchor, report.case_title(case)))
             part = df[df["case"] == case].reset_index(drop=True)
-            body.append(case_section(part, run_dir, anchor, links, on_gpu))
+            section_html, subsections = case_section(part, run_dir, anchor, links, env)
+            contents.append((anchor, report.case_title(case), subsections))
+            body.append(section_html)
         if report.has_fp8(df):
-            contents.append(("fp8", "FP8 (e4m3)"))
-            body.append(fp8_html(df, links))
+            section_html, subsections = fp8_html(df, links)
+            contents.append(("fp8", "FP8 (e4m3)", subsections))
+            body.append(section_html)
         for preset in dict.fromkeys(df["preset"]):
             name = f"imbalance_{report.slug(preset)}.png"
             if (run_dir / name).exists():
                 anchor = f"imbalance-{report.slug(preset)}"
-                contents.append((anchor, f"{preset}: time against imbalance"))
+                contents.append((anchor, f"{preset}: time against imbalance", []))
                 body.append(f'<h2 id="{anchor}">{esc(preset)}: time against load imbalance</h2>'
                             + figure(run_dir, name, "each level's time as the traffic shape skews the load"))
         if (run_dir / "across_presets.png").exists() and df["preset"].nunique() > 1:
-            contents.append(("across-presets", "Across presets"))
+            contents.append(("across-presets", "Across presets", []))
             body.append('<h2 id="across-presets">Across presets</h2>'
                         + figure(run_dir, "across_presets.png", "the best level against the peer, per preset"))
         if len(ep_rows):
-            contents.append(("expert-parallel", "Expert parallelism"))
-            body.append(ep_html(ep_rows.reset_index(drop=True), run_dir, env))
-    nav = "".join(f'<li><a href="#{a}">{esc(t)}</a></li>' for a, t in contents)
+            section_html, subsections = ep_html(ep_rows.reset_index(drop=True), run_dir, env)
+            contents.append(("expert-parallel", "Expert parallelism", subsections))
+            body.append(section_html)
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{TARGET} run {esc(run_dir.name)}</title><style>{CSS}</style></head>\n<body>"
-            f'<div class="page"><nav><strong>Contents</strong><ol><li><a href="#environment">Environment</a></li>'
-            f'{nav}</ol></nav>\n<main><h1>{TARGET} run <code>{esc(run_dir.name)}</code></h1>\n'
+            f'<div class="page"><nav><strong>Contents</strong>{contents_html(contents)}</nav>\n'
+            f'<main><h1>{TARGET} run <code>{esc(run_dir.name)}</code></h1>\n'
             + "\n".join(body) + "</main></div></body></html>\n")
     path = run_dir / "report.html"
     partial = path.with_suffix(".html.partial")
@@ -110,31 +113,34 @@ def write_html(run_dir: Path, rows: list[dict], env: dict) -> Path:
     return path
 
 
+def contents_html(contents: list[tuple]) -> str:
+    """The contents from (anchor, title, subsections) entries, each subsection's an entry of the same kind: a link
+    each, a section's subsections in a list under it."""
+    return "<ol>" + "".join(f'<li><a href="#{anchor}">{esc(title)}</a>'
+                            + (contents_html(subsections) if subsections else "") + "</li>"
+                            for anchor, title, subsections in contents) + "</ol>"
+
+
 def esc(text) -> str:
     return html.escape(str(text))
 
 
-def environment(env: dict) -> str:
+def inline_html(text: str) -> str:
+    """report.py's prose as HTML: the markdown it uses (`code`, **strong**, *emphasis*) marked up, the rest escaped."""
+    pieces = re.split(r"`([^`]*)`", text)  # code at the odd places: no emphasis inside it
+    return "".join(f"<code>{esc(piece)}</code>" if i % 2 else
+                   re.sub(r"\*(.+?)\*", r"<em>\1</em>", re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", esc(piece)))
+                   for i, piece in enumerate(pieces))
+
+
+def environment(env: dict, rows: list[dict]) -> str:
     if not env:
         return '<h2 id="environment">Environment</h2><p>No environment.json in this folder.</p>'
-    ceilings = env.get("ceilings") or {}
-    items = [
-        f"device: <strong>{esc(report.device_name(env))}</strong>, driver {esc(env.get('driver') or '-')}, "
-        f"CUDA {esc(env.get('cuda') or '-')}",
-        f"torch {esc(env.get('torch'))}, triton {esc(env.get('triton') or '-')}, python {esc(env.get('python'))}",
-        *([f"OpenAI's triton_kernels (the matmul_ogs peer's) from {esc(env['triton_kernels'])}"]
-          if env.get("triton_kernels") else []),
-        f"started {esc(env.get('started_utc'))} (UTC), host {esc(env.get('host'))}",
-        f"command: <code>{esc(env.get('command'))}</code>",
-        *([f"code: commit {esc(env['code'])}"] if env.get("code") else []),
-        f"measured ceilings: {esc(report.ceilings_text(ceilings))}" if ceilings else
-        "no ceilings measured (CPU run): no % of roofline, and no GPU memory",
-    ]
     banner = report.unfinished_banner(env)
     unfinished = (f'<p class="unfinished"><strong>{esc(banner[0])}</strong> {esc(banner[1])}</p>' if banner
                   else "")
-    return ('<h2 id="environment">Environment</h2>' + unfinished
-            + '<ul class="env">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>")
+    return ('<h2 id="environment">Environment</h2>' + unfinished + '<ul class="env">'
+            + "".join(f"<li>{inline_html(item)}</li>" for item in report.environment_items(env, rows)) + "</ul>")
 
 
 def level_links(df: pd.DataFrame, run_dir: Path) -> dict:
@@ -159,12 +165,27 @@ def cell(text: str) -> str:
     return f'<span class="status">{esc(text)}</span>' if text in report.STATUS_CELL.values() else esc(text)
 
 
-def table_html(table: pd.DataFrame, links: dict, corner: str = "level \\ tokens") -> str:
+def table_html(table: pd.DataFrame, links: dict) -> str:
     """A pivot (levels down, token counts across) as HTML: level names linked, token counts short. Its cells are
     the renderers' HTML (numbers, statuses, a span), never text from outside."""
     shown = table.map(lambda v: cell(v) if v in report.STATUS_CELL.values() else v)
     shown.index = [links.get(label, esc(label)) for label in table.index]
     shown.columns = [report.token_label(int(t)) for t in table.columns]
+    return scroll_table(shown, "level \\ tokens")
+
+
+def text_table_html(table: pd.DataFrame, corner: str, row_name=esc) -> str:
+    """One of report.py's tables of text as HTML: its cells escaped (a status greyed), its rows named by
+    `row_name` (a function of the row's index value that returns HTML)."""
+    shown = table.map(cell)
+    shown.index = [row_name(name) for name in table.index]
+    shown.columns = [esc(column) for column in table.columns]
+    return scroll_table(shown, corner)
+
+
+def scroll_table(shown: pd.DataFrame, corner: str | None) -> str:
+    """A table of HTML cells and headers in a box that scrolls sideways when the page is narrower; `corner` heads
+    the rows' names."""
     return '<div class="scroll">' + shown.rename_axis(columns=corner).to_html(escape=False, border=0) + "</div>"
 
 
@@ -182,8 +203,25 @@ def sentence(text: str) -> str:
     return f"{text[:1].upper()}{text[1:]}."
 
 
-def section(title: str, caption: str, *blocks: str) -> str:
-    return f"<h3>{esc(title)}</h3><p class=\"caption\">{caption}</p>" + "".join(blocks)
+def caption_html(text: str) -> str:
+    """A caption paragraph from HTML."""
+    return f'<p class="caption">{text}</p>'
+
+
+class Subsections:
+    """The subsections of one of the page's sections, as they are added: their HTML in order, and the contents'
+    entry for each (see contents_html)."""
+
+    def __init__(self, anchor: str):
+        self.anchor, self.parts, self.entries = anchor, [], []
+
+    def add(self, name: str, caption: str, *blocks: str, heading: str | None = None) -> None:
+        """A subsection named `name` (text) in the contents and in its heading, unless `heading` (HTML) says more;
+        `caption` (HTML) over its blocks, or none where it is empty."""
+        anchor = f"{self.anchor}-{report.slug(name).lower()}"
+        self.entries.append((anchor, name, []))
+        self.parts.append(f'<section id="{anchor}"><h3>{heading or esc(name)}</h3>'
+                          + (caption_html(caption) if caption else "") + "".join(blocks) + "</section>")
 
 
 def speedups(df: pd.DataFrame, reference_of):
@@ -200,7 +238,8 @@ def speedups(df: pd.DataFrame, reference_of):
     return report.status_or(render)
 
 
-def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_gpu: bool) -> str:
+def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, env: dict) -> tuple[str, list]:
+    """A case's section of the page, and its subsections' contents entries."""
     first = df.iloc[0]
     all_rows, df = df, report.timed_levels(df)  # a level checked in the interpreter is in the time table only
     if not (df["status"] == "ok").any():
@@ -214,21 +253,16 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
     over = "level 0" + (" (where level 0 was not timed, over the slowest level timed: "
                         + ", ".join(f"at {report.token_label(int(t))} tokens {esc(b)}" for t, b in others.items())
                         + ")" if others else "")
-    parts = [
-        f'<h2 id="{anchor}">{esc(report.case_title(first["case"]))} '
-        f'<small>({esc(shape_label(first))})</small></h2>',
-        section("Time per forward, ms", "The median of the timed repeats."
-                + "".join(f" <em>{esc(mark)}</em>: {esc(meaning)}." for mark, meaning in report.time_marks(all_rows)),
-                table_html(report.pivot(all_rows, report.status_or(report.time_cell)), links),
-                figure(run_dir, f"time_{anchor}.png", "time per forward, per level")),
-    ]
-    if not len(df):
-        parts.append(f"<p>{esc(report.NOTHING_TIMED)}</p>")
+    sections = Subsections(anchor)
+    sections.add("Time per forward", "The median of the timed repeats." + "".join(
+                     f" <em>{esc(mark)}</em>: {esc(meaning)}." for mark, meaning in report.time_marks(all_rows)),
+                 table_html(report.pivot(all_rows, report.status_or(report.time_cell)), links),
+                 figure(run_dir, f"time_{anchor}.png", "time per forward, per level"),
+                 "" if len(df) else f"<p>{inline_html(report.NOTHING_TIMED)}</p>", heading="Time per forward, ms")
     if peer:
-        parts.append(section(
-            "× peer", f"The peer's ms over the level's at each token count ({esc(peer)}): above 1× "
-            "(green), the level is faster than the peer.",
-            table_html(report.pivot(df, speedups(df, lambda r: peer)), links)))
+        sections.add("× peer", f"The peer's ms over the level's at each token count ({esc(peer)}): above "
+                     "1× (green), the level is faster than the peer.",
+                     table_html(report.pivot(df, speedups(df, lambda r: peer)), links))
     if any(baselines.values()):
         # Where level 0 was not timed, the slowest numbered level at each count (the peers are not levels), named
         # where it is one level at every count
@@ -242,70 +276,90 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, on_g
             title = "Speedup over the slowest level"
             caption = ("The ms of the slowest level timed at each token count (the peers are not levels) over the "
                        "level's ms.")
-        parts.append(section(
-            title, caption,
-            table_html(report.pivot(df, speedups(df, lambda r: baselines[r["tokens"]])), links),
-            figure(run_dir, f"speedup_{anchor}.png", "speedup per level")))
+        sections.add(title, caption,
+                     table_html(report.pivot(df, speedups(df, lambda r: baselines[r["tokens"]])), links),
+                     figure(run_dir, f"speedup_{anchor}.png", "speedup per level"))
     if len(df):
-        parts.append(section(report.previous_level_caption(df), "What each level's one change bought at each size.",
-                             table_html(report.pivot(df, speedups(df, lambda r: report.previous_level_label(df, r))),
-                                        links)))
+        sections.add("Speedup over the level each builds on", "What each level's one change bought at each size.",
+                     table_html(report.pivot(df, speedups(df, lambda r: report.previous_level_label(df, r))), links),
+                     heading=esc(report.previous_level_caption(df)))
     if counterparts := report.cpu_counterpart_notes(df):
-        parts.append("<h3>Where the GPU idea does not carry over to the CPU</h3><ul>"
-                     + "".join(f"<li>{esc(note)}</li>" for note in counterparts) + "</ul>")
+        sections.add("Where the GPU idea does not carry over to the CPU", "",
+                     "<ul>" + "".join(f"<li>{inline_html(note)}</li>" for note in counterparts) + "</ul>")
     if len(df):
-        parts.append(section("TFLOP/s", "Useful FLOPs (2·T·(K + S)·3·H·I) over the measured time.",
-                             table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["tflops"]))),
-                                        links)))
-    if on_gpu and len(df):
-        parts += [
-            section("% of the roofline", esc(sentence(report.roofline_caption(df))),
-                    table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["pct_roofline"]))), links),
-                    figure(run_dir, f"roofline_{anchor}.png", "% of the measured roofline, per level")),
-        ]
-        if df["dense_gemm_ms"].notna().any():
-            parts.append(section("% of cuBLAS on the same FLOPs",
-                                 esc(f"{report.DENSE_GEMMS_TEXT}. {report.dense_gemm_rates(df)}."),
-                                 table_html(report.pivot(df, report.status_or(report.dense_gemm_pct)), links)))
+        sections.add("TFLOP/s", f"Useful FLOPs ({esc(report.USEFUL_FLOPS)}) over the measured time.",
+                     table_html(report.metric_table(df, "tflops"), links))
+    # summary.md's rule: a CPU run measures no ceilings and no device memory, so no table of dashes for either
+    if df["pct_roofline"].notna().any():
+        sections.add("% of the roofline", inline_html(sentence(report.roofline_caption(df))),
+                     table_html(report.metric_table(df, "pct_roofline"), links),
+                     figure(run_dir, f"roofline_{anchor}.png", "% of the measured roofline, per level"))
+    if df["dense_gemm_ms"].notna().any():
+        sections.add("% of cuBLAS on the same FLOPs",
+                     inline_html(f"{report.DENSE_GEMMS_TEXT}. {report.dense_gemm_rates(df)}."),
+                     table_html(report.pivot(df, report.status_or(report.dense_gemm_pct)), links))
+    if df["peak_mb"].notna().any():
         if df["peak_garbage_free"].any():
-            parts.append(section("Peak GPU memory, MiB", esc(report.PEAK_CAPTION) + ".",
-                                 table_html(report.pivot(df, report.status_or(lambda r: report.fmt(r["peak_mb"]))),
-                                            links)))
+            sections.add("Peak GPU memory", inline_html(report.PEAK_CAPTION) + ".",
+                         table_html(report.metric_table(df, "peak_mb"), links), heading="Peak GPU memory, MiB")
         else:
-            parts.append(f"<h3>Peak GPU memory</h3><p>{esc(report.PEAK_NOT_SHOWN)}</p>")
-    counts = counts_html(df, links)
-    if counts:
-        parts.append(counts)
-    if (run_dir / f"load_{anchor}.png").exists():
-        parts.append(section("Load over the experts", "The same routing for every level at a given T.",
-                             figure(run_dir, f"load_{anchor}.png", "(token, slot) pairs per expert")))
-    if (run_dir / f"stages_{anchor}.png").exists():
-        parts.append(section("Where the time goes", "From <code>--profile</code>: each stage's share of the "
-                             "profiled forward, at the smallest and the largest profiled token count.",
-                             figure(run_dir, f"stages_{anchor}.png", "stages per level")))
+            sections.add("Peak GPU memory", "", f"<p>{inline_html(report.PEAK_NOT_SHOWN)}</p>")
+    copy_gbps = (env.get("ceilings") or {}).get("copy_gbps")
+    if (decode := report.decode_table(df, copy_gbps)) is not None:
+        sections.add(report.DECODE_TITLE, inline_html(sentence(report.decode_caption(copy_gbps))),
+                     table_html(decode, links))
+    if (load := report.load_table(all_rows)) is not None:
+        sections.add(report.LOAD_TITLE, inline_html(sentence(report.LOAD_CAPTION)),
+                     text_table_html(load, "tokens", lambda t: esc(report.token_label(int(t)))),
+                     figure(run_dir, f"load_{anchor}.png", "(token, slot) pairs per expert"))
+    profiled_counts = report.profile_token_counts(df)
+    for tokens in profiled_counts:
+        sections.add(report.stage_title(tokens),
+                     f"From <code>--profile</code>: {inline_html(report.stage_caption(df))}.",
+                     text_table_html(report.stage_times(df, tokens), "level \\ stage",
+                                     lambda label: links.get(label, esc(label))),
+                     # one figure of both counts, under the last table
+                     figure(run_dir, f"stages_{anchor}.png", "stages per level") if tokens == profiled_counts[-1]
+                     else "")
+    if counts := counts_html(df, links):
+        sections.add("Claimed against measured", COUNTS_CAPTION, counts)
     notes = [f"<li>{links.get(r['label'], esc(r['label']))}, {report.tokens_text(r['tokens'])}: {esc(r['status'])}: "
              f"{esc(report.row_note(r))}</li>" for _, r in all_rows.iterrows() if report.row_note(r)]
     if notes:
-        parts.append("<h3>Notes from the rows</h3><ul>" + "".join(notes) + "</ul>")
-    return "\n".join(parts)
+        sections.add("Notes from the rows", "", "<ul>" + "".join(notes) + "</ul>")
+    heading = (f'<h2 id="{anchor}">{esc(report.case_title(first["case"]))} '
+               f'<small>({esc(shape_label(first))})</small></h2>')
+    return "\n".join([heading, *sections.parts]), sections.entries
 
 
-def fp8_html(df: pd.DataFrame, links: dict) -> str:
+def fp8_html(df: pd.DataFrame, links: dict) -> tuple[str, list]:
     """summary.md's FP8 section: per case with FP8 rows, levels 7, 9, 10 and both peers in TFLOP/s, over level 9
-    and over the FP8 peer, and each FP8 row's quant err."""
-    parts = ['<h2 id="fp8">FP8 (e4m3)</h2>', f'<p class="caption">{esc(report.FP8_INTRO)}</p>']
+    and over the FP8 peer, and each FP8 row's quant err; and its subsections' contents entries."""
+    sections = Subsections("fp8")
     for case, part in report.fp8_cases(df):
         timed = report.timed_levels(part)
-        parts.append(f"<h3>{esc(report.case_title(case))} <small>({esc(shape_label(part.iloc[0]))})</small></h3>")
+        tables = []
         if report.times_fp8(timed):
-            parts.append(table_html(report.pivot(timed, report.status_or(lambda r: report.fmt(r["tflops"]))), links,
-                                    "TFLOP/s: level \\ tokens"))
+            tables += [caption_html("TFLOP/s:"), table_html(report.metric_table(timed, "tflops"), links)]
             for reference in filter(None, (report.label_of(timed, "9"), report.label_of(timed, report.FP8_PEER))):
-                parts.append(table_html(report.pivot(timed, speedups(timed, lambda r: reference)), links,
-                                        f"× {reference}: level \\ tokens"))
-        parts.append(table_html(report.pivot(part[part["quant_err"].notna()], report.quant_err_cell), links,
-                                "quant err: level \\ tokens"))
-    return "\n".join(parts)
+                tables += [caption_html(f"{esc(report.fp8_speedup_caption(reference))}:"),
+                           table_html(report.pivot(timed, speedups(timed, lambda r: reference)), links)]
+        tables += [caption_html(f"{esc(report.QUANT_ERR_CAPTION)}:"),
+                   table_html(report.pivot(part[part["quant_err"].notna()], report.quant_err_cell), links)]
+        sections.add(report.case_title(case), "", *tables, heading=f"{esc(report.case_title(case))} "
+                     f"<small>({esc(shape_label(part.iloc[0]))})</small>")
+    return ('<h2 id="fp8">FP8 (e4m3)</h2>' + caption_html(inline_html(report.FP8_INTRO)) + "\n".join(sections.parts),
+            sections.entries)
+
+
+COUNTS_CAPTION = (
+    "Per forward, what the lesson's docstring claims and what the harness measured: kernels the GPU ran, host syncs, "
+    "and device memory beyond inputs, weights and output. Red: a claim the measurement contradicts (syncs within 1%, "
+    "launches within 10% of the claimed range, memory within 30% or 8 MiB). <em>host µs / GPU µs</em>: the host's "
+    "time to issue one forward against the GPU's median. <em>host-bound</em>: the host took longer to issue a forward "
+    "than the GPU to run it (back to back, the host would set the pace), or the GPU was busy under half of the "
+    "forward; either way the time depends on the host CPU. <em>SM MHz after</em>: the clock right after the timed "
+    "calls, <em>capped</em> where the software power cap held it down.")
 
 
 def counts_html(df: pd.DataFrame, links: dict) -> str:
@@ -332,17 +386,7 @@ def counts_html(df: pd.DataFrame, links: dict) -> str:
     columns = ["level", "tokens", "launches claimed", "launches measured", "syncs claimed", "syncs measured",
                "extra MiB claimed", "extra MiB measured", "GPU busy %", "host µs / GPU µs", "host-bound",
                "SM MHz after"]
-    table = pd.DataFrame(table_rows, columns=columns).set_index(["level", "tokens"])
-    return section(
-        "Claimed against measured", "Per forward, what the lesson's docstring claims and what the harness "
-        "measured: kernels the GPU ran, host syncs, and device memory beyond inputs, weights and output. Red: a claim "
-        "the measurement contradicts (syncs within 1%, launches within 10% of the claimed range, memory within 30% "
-        "or 8 MiB). <em>host µs / GPU µs</em>: the host's time to issue one forward against the GPU's median. "
-        "<em>host-bound</em>: the host took longer to issue a forward than the GPU to run it (back to back, the "
-        "host would set the pace), or the GPU was busy under half of the forward; either way the time depends on the "
-        "host CPU. <em>SM MHz after</em>: the clock right after the timed calls, <em>capped</em> where the "
-        "software power cap held it down.",
-        '<div class="scroll">' + table.to_html(escape=False, border=0) + "</div>")
+    return scroll_table(pd.DataFrame(table_rows, columns=columns).set_index(["level", "tokens"]), None)
 
 
 def host_cell(row) -> str:
@@ -360,19 +404,17 @@ def clock_cell(row) -> str:
     return f"{int(row['sm_clock_mhz'])}" + (" capped" if capped else "")
 
 
-def ep_html(df: pd.DataFrame, run_dir: Path, env: dict) -> str:
-    table = report.ep_table(df).map(cell)
-    notes = [f"<li>W={int(r['world_size'])}, {esc(r['case'])}, {int(r['tokens_per_rank'])} tokens per rank: "
-             f"{esc(r['status'])}: {esc(r['note'])}</li>" for _, r in df.iterrows() if r["note"]]
+def ep_html(df: pd.DataFrame, run_dir: Path, env: dict) -> tuple[str, list]:
+    """summary.md's expert-parallel section, and its subsections' contents entries."""
+    sections = Subsections("expert-parallel")
+    if notes := report.ep_notes(df):
+        sections.add("Notes from the rows", "",
+                     "<ul>" + "".join(f"<li>{esc(note)}</li>" for note in notes) + "</ul>")
     return ('<h2 id="expert-parallel">Expert parallelism (level ep)</h2>'
-            f'<p class="caption">{esc(report.ep_machine(df, env))}Weak scaling: at world size W each rank holds the '
-            "preset's E experts and its own T tokens. ms is the slowest rank's median forward; its phases (dispatch, "
-            f"expert compute and combine) are read on {esc(report.phases_rank_text(df))}; "
-            "weak-scaling efficiency is the world-size-1 time over the row's. "
-            '<a href="summary.md">summary.md</a> spells out every column.</p>'
-            '<div class="scroll">' + table.to_html(escape=False, border=0) + "</div>"
-            + "".join(f"<p>{esc(note)}</p>" for note in report.cpu_counterpart_notes(df))
+            + caption_html(inline_html(report.ep_caption(df, env)))
+            + text_table_html(report.ep_table(df), "case")
+            + "".join(f"<p>{inline_html(note)}</p>" for note in report.cpu_counterpart_notes(df))
             + figure(run_dir, "expert_parallel.png", "each forward's phases, per case and world size")
             + figure(run_dir, "weak_scaling.png", "weak-scaling efficiency and the collectives' bus bandwidth, "
                      "against the world size")
-            + ("<h3>Notes from the rows</h3><ul>" + "".join(notes) + "</ul>" if notes else ""))
+            + "".join(sections.parts), sections.entries)

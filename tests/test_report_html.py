@@ -1,4 +1,5 @@
-"""report.html from synthetic rows: its sections follow the rows, and it renders in headless Chromium."""
+"""report.html from synthetic rows: its sections follow the rows, it carries every table and environment line of
+summary.md, its contents reach every section, and it renders in headless Chromium."""
 
 import base64
 import io
@@ -6,13 +7,17 @@ import json
 import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
 from cli import report, report_html
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "moe_journey"
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
@@ -24,7 +29,8 @@ def row(level, name, tokens, device_type="cuda", status="ok", **fields):
             "traffic": "uniform", "router": "softmax-topk", "device": "Test GPU" if device_type == "cuda" else "cpu",
             "device_type": device_type, "dtype": "bf16", "ms": ms if ok else None, "tflops": 1.0 if ok else None,
             "gbps": 50.0 if ok else None, "pct_roofline": (5.0 if device_type == "cuda" else None) if ok else None,
-            "peak_mb": 12.0 if ok else None, "peak_garbage_free": ok, "extra_mb": 3.0 if ok else None, "status": status,
+            "peak_mb": 12.0 if ok and device_type == "cuda" else None, "peak_garbage_free": ok,
+            "extra_mb": 3.0 if ok else None, "status": status,
             "note": "" if ok else f"{status} at {tokens} tokens", "tokens_per_expert": [tokens // 2] * 4,
             "load_cv": 0.0, "load_gini": 0.0, "load_max_over_mean": 1.0, "dead_experts": 0, "dropped_tokens": 0,
             "stage_ms": None, "profile_calls": None, **fields}
@@ -37,12 +43,13 @@ def journey_rows(device_type="cuda", **fields):
               for t in (8, 64))]
 
 
-def write_run(path, rows, device_type="cuda"):
+def write_run(path, rows, device_type="cuda", **env):
+    """summary.md and report.html of these rows; `env` adds to, or replaces, environment.json's fields."""
     (path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ceilings = {"matmul_tflops": 700.0, "copy_gbps": 3000.0} if device_type == "cuda" else None
     (path / "environment.json").write_text(json.dumps({"target": "moe_journey", "device": "Test GPU",
                                                        "device_type": device_type, "ceilings": ceilings,
-                                                       "command": "aisp bench run"}))
+                                                       "command": "aisp bench run", **env}))
     report.write_report(path)
     return (path / "report.html").read_text()
 
@@ -80,7 +87,7 @@ def test_the_dense_gemms_yardstick_is_a_table_where_it_was_timed(tmp_path):
     page = write_run(tmp_path, rows)
     summary = (tmp_path / "summary.md").read_text()
     title = "% of cuBLAS on the same FLOPs"
-    assert summary.count(title) == 1 and page.count(title) == 1
+    assert summary.count(title) == 1 and page.count(f"<h3>{title}</h3>") == 1
     table = summary.split(title)[1].split("\n\n", 2)[1]
     assert re.search(r"\| 4 grouped +\| +- \| +50\.0 \|", table)  # level 4: ms 2·(1 + 64/64) = 4.0, cuBLAS 2.0
     # the row's TFLOP/s times its ms over cuBLAS's ms: 1.0 · 4.0 / 2.0 beside level 4, 1.0 · 2.0 / 0.8 beside the peer
@@ -136,10 +143,11 @@ def rendered(path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install chromium)")
 @pytest.mark.parametrize("device_type, tables, images", [
-    # time, × peer, speedup, previous level, TF/s, % roofline, GPU memory, counts | time, speedup, roofline, load
-    ("cuda", 8, 4),
-    # the CPU has no roofline and no GPU memory: neither table, nor the roofline figure
-    ("cpu", 6, 3),
+    # time, × peer, speedup, previous level, TF/s, % roofline, GPU memory, decode, load, counts | time, speedup,
+    # roofline, load
+    ("cuda", 10, 4),
+    # the CPU has no roofline, no GPU memory and no copy bandwidth: none of their tables, nor the roofline figure
+    ("cpu", 7, 3),
 ])
 def test_page_renders_in_chromium_with_every_table_and_image(tmp_path, device_type, tables, images):
     write_run(tmp_path, journey_rows(device_type, **COUNTS), device_type)
@@ -179,7 +187,7 @@ def test_fp8_rows_get_their_section_and_ceiling(tmp_path):
     assert "Speedup over 9 persistent_tma" in fp8 and "Speedup over peer-fp8: torch_scaled_grouped_mm" in fp8
     assert re.search(r"\| 10 fp8 +\| +0\.064 \| +0\.064 \|", fp8)  # quant err, FP8 rows only
     assert "| 9 persistent_tma" not in fp8[fp8.index("quant err (against"):]
-    assert '<h2 id="fp8">' in page and "× peer-fp8: torch_scaled_grouped_mm" in page
+    assert '<h2 id="fp8">' in page and "Speedup over peer-fp8: torch_scaled_grouped_mm (its ms over the level" in page
     assert "peer_torch_scaled_grouped_mm.py" in page  # the FP8 peer links to its lesson
     # "× peer" stays against the bf16 peer
     assert "The peer's ms over the level's at each token count (peer: torch_grouped_mm)" in page
@@ -201,3 +209,145 @@ def test_peak_memory_is_shown_only_where_it_was_counted_without_garbage(tmp_path
     assert ("Peak GPU memory during one forward" in summary) == garbage_free
     assert (report.PEAK_NOT_SHOWN in summary) != garbage_free
     assert (report_html.esc(report.PEAK_NOT_SHOWN) in page) != garbage_free
+
+
+class PageText(HTMLParser):
+    """What a reader of a page sees: its table cells, and all its text with the white space squeezed."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.cells, self.pieces, self.cell = set(), [], None
+        self.feed(page)
+        self.text = " ".join("".join(self.pieces).split())
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("td", "th"):
+            self.cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.cells.add("".join(self.cell).strip())
+            self.cell = None
+
+    def handle_data(self, data):
+        self.pieces.append(data)
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def summary_cells(summary: str) -> list[str]:
+    """The cells of every table's body in summary.md but its rows' names (the page links them, or shortens a token
+    count), a speedup's x written as the page writes it, ×."""
+    blocks = [block.splitlines() for block in summary.split("\n\n") if block.startswith("|")]
+    cells = [cell.strip() for lines in blocks for line in lines[2:] for cell in line.strip("|").split("|")[1:]]
+    return [re.sub(r"(?<=\d)x$", "×", cell) for cell in cells]
+
+
+def assert_page_carries_the_summary(run_dir):
+    """Every cell of summary.md's tables is in report.html's, and every line of its environment is in its text."""
+    summary = (run_dir / "summary.md").read_text()
+    page = PageText((run_dir / "report.html").read_text())
+    assert [cell for cell in summary_cells(summary) if cell not in page.cells] == []
+    env, rows = report.load_environment(run_dir), report.load_rows(run_dir)
+    assert all(f"- {item}" in summary for item in report.environment_items(env, rows))
+    assert [item for item in report.environment_items(env, rows)
+            if " ".join(re.sub(r"[`*]", "", item).split()) not in page.text] == []
+
+
+STAGE_MS = {"routing": 0.1, "permute": 0.3, "expert GEMMs": 1.0, report.OUTSIDE_STAGES: 0.2}
+TIMING = dict(timed_calls=[37, 58], args={"repeats": 50, "timing_rounds": 2})  # environment.json's, of a GPU run
+
+
+@pytest.mark.parametrize("device_type", ["cuda", "cpu"])
+def test_page_carries_every_table_and_environment_line_of_the_summary(tmp_path, device_type):
+    rows = journey_rows(device_type, **COUNTS, stage_ms=STAGE_MS, profile_calls=20)
+    for r in rows:
+        if r["tokens"] == 64 and r["status"] == "ok":
+            r["dense_gemm_ms"] = r["ms"] / 2
+    write_run(tmp_path, rows, device_type, **TIMING)
+    assert_page_carries_the_summary(tmp_path)
+
+
+def test_environment_says_how_many_calls_each_timing_used(tmp_path):
+    rows = journey_rows(**{**COUNTS, "syncs_measured": 0}, host_ms=0.05, sm_clock_mhz=1980, power_capped=False)
+    page = write_run(tmp_path, rows, **TIMING)
+    assert "timed calls per row: 37–58 (asked for 50: " in page
+    assert "checked first, then timed in turn: 2 rounds" in page
+    assert "host&#x27;s time to issue one forward" in page and "SM clock right after each row&#x27;s timed" in page
+    bare = write_run(tmp_path, journey_rows())  # a run from before the harness recorded any of them
+    assert "timed calls per row" not in bare and "rounds" not in bare and "issue one forward" not in bare
+
+
+def test_decode_table_is_shown_at_decode_token_counts_on_a_gpu(tmp_path):
+    title = f"<h3>{report_html.esc(report.DECODE_TITLE)}</h3>"
+    page = write_run(tmp_path, journey_rows())  # 8 and 64 tokens
+    assert page.count(title) == 1 and "% of the measured copy bandwidth (3000 GB/s)." in page
+    assert "<td>50 (1.7%)</td>" in page  # 50 GB/s of the 3000 measured
+    large = [row(level, name, tokens) for level, name in ((0, "naive"), (4, "grouped")) for tokens in (1024, 2048)]
+    assert title not in write_run(tmp_path, large)
+    assert title not in write_run(tmp_path, journey_rows("cpu"), "cpu")  # no copy bandwidth measured
+
+
+def test_load_table_is_shown_where_the_rows_measured_the_load(tmp_path):
+    page = write_run(tmp_path, journey_rows(load_cv=0.25, load_gini=0.125, load_max_over_mean=1.5, dead_experts=1))
+    load = page[page.index(f"<h3>{report.LOAD_TITLE}</h3>"):]
+    assert "The same routing for every level at a given T." in load
+    assert re.search(r"<th>8</th>\s*<td>0.250</td>\s*<td>0.125</td>\s*<td>1.50</td>\s*<td>1</td>\s*<td>0</td>", load)
+    rows = journey_rows()
+    for r in rows:  # rows from before the harness measured the load
+        r.update(tokens_per_expert=None, load_cv=None, load_gini=None, load_max_over_mean=None, dead_experts=None,
+                 dropped_tokens=None)
+    page = write_run(tmp_path, rows)
+    assert report.LOAD_TITLE not in page and report.LOAD_TITLE not in (tmp_path / "summary.md").read_text()
+
+
+def test_stage_tables_are_shown_where_the_rows_were_profiled(tmp_path):
+    page = write_run(tmp_path, journey_rows(stage_ms=STAGE_MS, profile_calls=20))
+    for tokens in (8, 64):
+        stages = page[page.index(f"<h3>{report.stage_title(tokens)}</h3>"):]
+        assert "From <code>--profile</code>: ms per call in each stage, the mean of up to 20 calls" in stages
+        assert "<em>routing</em> is the router" in stages  # summary.md's *routing*, emphasised
+        assert re.search(r"4 grouped</a></th>\s*<td>0.1 \(6%\)</td>\s*<td>0.3 \(19%\)</td>", stages)
+    assert page.count('stages per level (stages_tiny.png)') == 1  # one figure of both counts, under the last
+    assert "Where the time goes" not in write_run(tmp_path, journey_rows())
+
+
+def test_every_section_is_in_the_contents(tmp_path):
+    fp8 = fp8_rows()[4:]  # level 10 and the FP8 peer
+    page = write_run(tmp_path, [*journey_rows(**COUNTS, stage_ms=STAGE_MS, profile_calls=20), *fp8])
+    nav = page[page.index("<nav>"):page.index("</nav>")]
+    ids = re.findall(r'<(?:section|h2) id="([^"]+)"', page)  # the sections, and the subsections in them
+    assert re.findall(r'href="#([^"]+)"', nav) == ids and len(set(ids)) == len(ids)
+    for subsection in ("Time per forward", "Decode regime (T ≤ 512)", "Load over the experts in the timed forward",
+                       "Where the time goes at 8 tokens", "Claimed against measured", "Notes from the rows"):
+        assert f">{report_html.esc(subsection)}</a>" in nav
+    assert re.search(r'<li><a href="#tiny">tiny</a><ol><li><a href="#tiny-time_per_forward">', nav)  # nested
+
+
+def test_ep_section_carries_the_summarys_caption_and_notes(tmp_path):
+    rows = [json.loads(line) for line in (RESULTS / "20261127T052239Z-nvidia-h200" / "rows.jsonl").read_text()
+            .splitlines()]
+    rows[-1]["note"] = "chunks: 1 of 1, 2, 4 timed fastest"
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copy(RESULTS / "20261127T052239Z-nvidia-h200" / "environment.json", tmp_path)
+    report.write_report(tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    ep_rows = report.split_ep(report.frame(rows))[0]
+    caption = report_html.inline_html(report.ep_caption(ep_rows, report.load_environment(tmp_path)))
+    assert caption in page and "<em>Exposed comm</em> is that rank" in caption
+    assert "W=2, deepseek-v3, zipf(s=1.2), 32768 tokens per rank: ok: chunks: 1 of 1, 2, 4 timed fastest" in page
+    assert 'href="#expert-parallel-notes_from_the_rows"' in page
+    assert_page_carries_the_summary(tmp_path)
+
+
+def test_inline_html_marks_up_the_summarys_markdown_and_escapes_the_rest():
+    assert (report_html.inline_html("`a *b* <c>` **d** *e* <f>")
+            == "<code>a *b* &lt;c&gt;</code> <strong>d</strong> <em>e</em> &lt;f&gt;")
+
+
+def test_each_level_has_its_own_colour_in_every_plot():
+    levels = [(level, f"{level} level{level}") for level in range(11)]
+    colors = report.level_colors(pd.DataFrame(levels, columns=["level", "label"]))
+    assert len(set(colors.values())) == 11 and not set(colors.values()) & set(report.PEER_COLORS.values())
+    alone = report.level_colors(pd.DataFrame(levels[8:10], columns=["level", "label"]))
+    assert alone == {label: colors[label] for label in alone}  # a level's colour whatever else a run has
