@@ -302,11 +302,51 @@ def _pad_offsets_kernel(
 
 
 @triton.jit
-def _place_pairs_kernel(expert_ids_ptr, padded_starts_ptr, cursors_ptr, sorted_pair_ids_ptr, num_pairs, num_experts,
-                        BLOCK: tl.constexpr, EXPERTS: tl.constexpr):
+def _count_and_pad_kernel(expert_ids_ptr, counters_ptr, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr,
+                          num_pairs, num_experts, num_blocks, block_m, BLOCK: tl.constexpr, EXPERTS: tl.constexpr,
+                          FILL: tl.constexpr):
+    """Level 9's count and offsets in one launch: each program counts its BLOCK pairs as _count_pairs_kernel does,
+    then arrives; the last to arrive, every count in, runs _pad_offsets_kernel's program. counters = [counts |
+    cursors | arrivals | the counts kept for the place kernel]: the counts and arrivals are zero when the kernel
+    starts, and the last program sets them back to zero for the next call and zeroes the cursors for the place
+    kernel after it, so nothing else has to zero them."""
+    counts_ptr, cursors_ptr = counters_ptr, counters_ptr + num_experts
+    arrivals_ptr, kept_counts_ptr = counters_ptr + 2 * num_experts, counters_ptr + 2 * num_experts + 1
+    _, bins, block_counts, has_pairs = _block_histogram(expert_ids_ptr, tl.program_id(axis=0) * BLOCK, num_pairs,
+                                                        num_experts, BLOCK, EXPERTS)
+    tl.atomic_add(counts_ptr + bins, block_counts, mask=has_pairs, sem="relaxed")
+    # The barrier puts every thread's adds before the program's arrival, whose release (and the last program's
+    # acquire) makes them visible to the last program.
+    tl.debug_barrier()
+    if tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(axis=0) - 1:
+        expert = tl.arange(0, EXPERTS)
+        is_expert = expert < num_experts
+        counts = tl.load(counts_ptr + expert, mask=is_expert, other=0, volatile=True)
+        _store_padded_runs(counts, is_expert, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_blocks,
+                           block_m, EXPERTS, FILL)
+        tl.store(kept_counts_ptr + expert, counts, mask=is_expert)
+        tl.debug_barrier()  # every thread has read the counts before they are zeroed
+        tl.store(counts_ptr + expert, 0, mask=is_expert)
+        tl.store(cursors_ptr + expert, 0, mask=is_expert)
+        tl.store(arrivals_ptr, 0)
+
+
+@triton.jit
+def _place_pairs_kernel(expert_ids_ptr, padded_starts_ptr, cursors_ptr, sorted_pair_ids_ptr, counts_ptr, num_pairs,
+                        num_experts, block_m, BLOCK: tl.constexpr, EXPERTS: tl.constexpr, MARK_PADDING: tl.constexpr,
+                        MAX_PADDING: tl.constexpr):
     """Each program takes rows for its BLOCK pairs with one add per expert (its histogram, as in the count), sorts
     its pairs by expert, and puts each pair at its expert's rows plus its place among them. One add per pair
-    instead: 28.3 µs at qwen3-moe's 16384 tokens on an H100, where this takes 5.4 (NOTES.md)."""
+    instead: 28.3 µs at qwen3-moe's 16384 tokens on an H100, where this takes 5.4 (NOTES.md). With MARK_PADDING
+    (level 9's alignment, whose rows were not filled first) program p also marks the padding rows of experts p,
+    p + programs, ...: from each run's last pair to its padded end, num_pairs."""
+    if MARK_PADDING:
+        padding = tl.arange(0, MAX_PADDING)
+        for expert in range(tl.program_id(axis=0), num_experts, tl.num_programs(axis=0)):
+            count = tl.load(counts_ptr + expert)
+            padding_rows = (count + block_m - 1) // block_m * block_m - count
+            rows = tl.load(padded_starts_ptr + expert) + count + padding
+            tl.store(sorted_pair_ids_ptr + rows, num_pairs, mask=padding < padding_rows)
     first_pair = tl.program_id(axis=0) * BLOCK
     index = tl.arange(0, BLOCK)
     expert, bins, block_counts, takes_rows = _block_histogram(expert_ids_ptr, first_pair, num_pairs, num_experts,
@@ -411,15 +451,17 @@ class PairsToAlign(NamedTuple):
         return PairsToAlign(expert_of_pair, padded_length(expert_of_pair.numel(), num_experts, block_m), block_m)
 
 
-def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int,
-                 one_program: bool = False) -> TokenAlignment:
+def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int, one_program: bool = False,
+                 counters: torch.Tensor | None = None) -> TokenAlignment:
     """Group (token, slot) pairs by expert and pad each expert's run to a multiple of block_m, on the device.
 
     P_max = T·K + E·(block_m − 1), rounded up to block_m: the most the padding can need, so shapes depend on T only.
     Three small kernels (count, offsets, place) and two fills: a torch-ops version of the same steps took about
     20 launches and ~0.45 ms of host time per call on an H100 box (NOTES.md). `one_program` (at most
-    ONE_PROGRAM_MAX_PAIRS pairs) runs the same steps as one launch. Within an expert the pairs land in the order the
-    atomics grant; each row's result does not depend on it.
+    ONE_PROGRAM_MAX_PAIRS pairs) runs the same steps as one launch. Given `counters` (alignment_counters: kept by
+    the caller, its counts left zero by every call), two launches and no fill: the count's last program runs the
+    offsets, the place kernel marks only the padding rows, and rows past the padded length keep what they held.
+    Within an expert the pairs land in the order the atomics grant; each row's result does not depend on it.
     """
     if one_program:
         alignment, args = _one_program_alignment(expert_ids_TK, num_experts, block_m)
@@ -431,23 +473,42 @@ def align_tokens(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     max_padded = padded_length(num_pairs, num_experts, block_m)
     num_blocks = max_padded // block_m
     alignment = TokenAlignment(  # the kernels fill them
-        sorted_pair_ids=torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device),
+        sorted_pair_ids=torch.empty(max_padded, dtype=torch.int32, device=device),
         block_expert_ids=torch.empty(num_blocks, dtype=torch.int32, device=device),
         padded_starts=torch.empty(num_experts + 1, dtype=torch.int32, device=device), block_m=block_m)
-    counters = torch.zeros((2, num_experts), dtype=torch.int32, device=device)  # counts, then cursors
     EXPERTS = triton.next_power_of_2(num_experts)
     COUNT_BLOCK = 1024
-    _count_pairs_kernel[(triton.cdiv(num_pairs, COUNT_BLOCK),)](expert_of_pair, counters[0], num_pairs, num_experts,
-                                                                BLOCK=COUNT_BLOCK, EXPERTS=EXPERTS)
-    _pad_offsets_kernel[(1,)](counters[0], alignment.padded_starts, alignment.block_expert_ids, alignment.num_padded,
-                              num_experts, num_blocks, block_m, EXPERTS=EXPERTS, FILL=1024)
+    count_grid = (triton.cdiv(num_pairs, COUNT_BLOCK),)
+    marks_padding = counters is not None
+    if counters is None:
+        alignment.sorted_pair_ids.fill_(num_pairs)  # every row padding until the place kernel puts a pair there
+        counters = alignment_counters(num_experts, device)
+        _count_pairs_kernel[count_grid](expert_of_pair, counters, num_pairs, num_experts, BLOCK=COUNT_BLOCK,
+                                        EXPERTS=EXPERTS)
+        _pad_offsets_kernel[(1,)](counters, alignment.padded_starts, alignment.block_expert_ids,
+                                  alignment.num_padded, num_experts, num_blocks, block_m, EXPERTS=EXPERTS, FILL=1024)
+    else:
+        if counters.numel() != 3 * num_experts + 1:
+            raise ValueError(f"alignment counters hold {counters.numel()} entries, not 3·{num_experts} + 1")
+        _count_and_pad_kernel[count_grid](expert_of_pair, counters, alignment.padded_starts,
+                                          alignment.block_expert_ids, alignment.num_padded, num_pairs, num_experts,
+                                          num_blocks, block_m, BLOCK=COUNT_BLOCK, EXPERTS=EXPERTS, FILL=1024)
     # The place kernel's sort grows with its block: 512 pairs and 8 warps were within 1 µs of the best of 128-1024
     # pairs and 2-8 warps at every preset measured (NOTES.md).
     PLACE_BLOCK = 512
-    _place_pairs_kernel[(triton.cdiv(num_pairs, PLACE_BLOCK),)](expert_of_pair, alignment.padded_starts, counters[1],
-                                                                alignment.sorted_pair_ids, num_pairs, num_experts,
-                                                                BLOCK=PLACE_BLOCK, EXPERTS=EXPERTS, num_warps=8)
+    _place_pairs_kernel[(triton.cdiv(num_pairs, PLACE_BLOCK),)](
+        expert_of_pair, alignment.padded_starts, counters[num_experts:], alignment.sorted_pair_ids,
+        counters[2 * num_experts + 1:], num_pairs, num_experts, block_m, BLOCK=PLACE_BLOCK, EXPERTS=EXPERTS,
+        MARK_PADDING=marks_padding, MAX_PADDING=triton.next_power_of_2(block_m), num_warps=8)
     return alignment
+
+
+def alignment_counters(num_experts: int, device: torch.device) -> torch.Tensor:
+    """Zeros [3E + 1] int32: the alignment's counts, its place kernel's cursors, and (align_tokens given them) the
+    count's arrivals and the counts kept for the place kernel. Given them, align_tokens leaves the counts and
+    arrivals zero (the rest it writes before use), so one tensor, zeroed once, serves every forward (and a CUDA
+    graph's replays) as long as they run one after another, on one stream."""
+    return torch.zeros(3 * num_experts + 1, dtype=torch.int32, device=device)
 
 
 def padded_length(num_pairs: int, num_experts: int, block_m: int) -> int:

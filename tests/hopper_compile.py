@@ -108,7 +108,8 @@ for consecutive in (True, False):
                             cols=H, slots=2, stride_r=H, stride_i=2, stride_o=H),
                        dict(ACCUMULATE=False, CONSECUTIVE=consecutive, BLOCK=1024), 4, 1)
 
-# The alignment: level 9's one program (decode), and level 7's three (count, offsets, place);
+# The alignment: level 9's one program (decode), level 7's three (count, offsets, place) and level 9's two (the
+# count with the offsets, place);
 # deepseek-v3's 257 experts and journey's 8.
 for experts in (8, 512):
     alignment = dict(expert_ids_ptr=routing_ids, cursors_ptr=ids, padded_starts_ptr=ids, sorted_pair_ids_ptr=ids,
@@ -119,11 +120,18 @@ for experts in (8, 512):
     compile_for_hopper(kernels._count_pairs_kernel,
                        dict(expert_ids_ptr=routing_ids, counts_ptr=ids, num_pairs=2 * T, num_experts=experts - 1),
                        dict(BLOCK=1024, EXPERTS=experts), 4, 1)
-    compile_for_hopper(kernels._place_pairs_kernel,
-                       dict(expert_ids_ptr=routing_ids, padded_starts_ptr=ids, cursors_ptr=ids, sorted_pair_ids_ptr=ids,
-                            num_pairs=2 * T, num_experts=experts - 1),
-                       dict(BLOCK=512, EXPERTS=experts), 8, 1)
+    for mark_padding in (False, True):
+        compile_for_hopper(kernels._place_pairs_kernel,
+                           dict(expert_ids_ptr=routing_ids, padded_starts_ptr=ids, cursors_ptr=ids,
+                                sorted_pair_ids_ptr=ids, counts_ptr=ids, num_pairs=2 * T, num_experts=experts - 1,
+                                block_m=16),
+                           dict(BLOCK=512, EXPERTS=experts, MARK_PADDING=mark_padding, MAX_PADDING=16), 8, 1)
     compile_for_hopper(kernels._pad_offsets_kernel,
                        dict(counts_ptr=ids, padded_starts_ptr=ids, block_expert_ids_ptr=ids, num_padded_ptr=ids,
                             num_experts=experts - 1, num_blocks=P // 16, block_m=16),
                        dict(EXPERTS=experts, FILL=1024), 4, 1)
+    compile_for_hopper(kernels._count_and_pad_kernel,
+                       dict(expert_ids_ptr=routing_ids, counters_ptr=ids, padded_starts_ptr=ids,
+                            block_expert_ids_ptr=ids, num_padded_ptr=ids, num_pairs=2 * T, num_experts=experts - 1,
+                            num_blocks=P // 16, block_m=16),
+                       dict(BLOCK=1024, EXPERTS=experts, FILL=1024), 4, 1)

@@ -48,23 +48,42 @@ from moe_benchmark import compare_to_reference  # noqa: E402
 from moe_kernels import align_tokens, moe_down, moe_gate_up  # noqa: E402
 
 
-@pytest.mark.parametrize("one_program", [False, True])  # level 7's three kernels and two fills, or level 9's one
+# Level 7's three kernels and two fills, level 9's one program (decode), and level 9's two launches (prefill: the
+# counters kept between calls, each call leaving them zero for the next, whose routing differs)
+@pytest.mark.parametrize("variant", ["kernels", "one_program", "two_launches"])
 # 700·2 pairs: several programs of each kernel; 257 experts: deepseek-v3's routed ones and its shared one
 @pytest.mark.parametrize("block_m, T, E", [(16, 45, 6), (32, 45, 6), (16, 700, 6), (16, 1, 6), (16, 45, 257),
                                             (16, 700, 257)])
-def test_alignment_pads_each_expert_to_whole_blocks(block_m, T, E, one_program):
+def test_alignment_pads_each_expert_to_whole_blocks(block_m, T, E, variant):
     generator = torch.Generator().manual_seed(block_m)
     K = 2
-    expert_ids = torch.stack([torch.randperm(E - 1, generator=generator)[:K] for _ in range(T)])  # the last idle
-    expert_ids[:20, 0] = 2  # and expert 2 crowded: several blocks
-    sorted_pair_ids, block_expert_ids, padded_starts, _ = align_tokens(expert_ids, E, block_m, one_program)
+    counters = moe_kernels.alignment_counters(E, torch.device("cpu"))
+    for call in range(2 if variant == "two_launches" else 1):
+        expert_ids = torch.stack([torch.randperm(E - 1, generator=generator)[:K] for _ in range(T)])  # last idle
+        expert_ids[:20 + 30 * call, 0] = 2  # and expert 2 crowded: several blocks
+        if variant == "two_launches":
+            alignment = align_tokens(expert_ids, E, block_m, counters=counters)
+            assert not counters[:E].any() and counters[2 * E] == 0  # counts and arrivals: zero for the next call
+        else:
+            alignment = align_tokens(expert_ids, E, block_m, one_program=variant == "one_program")
+        check_alignment(alignment, expert_ids, block_m, E, padding_past_the_end=variant != "two_launches")
+
+
+def check_alignment(alignment, expert_ids, block_m, E, padding_past_the_end):
+    """Every pair once, in its expert's run of whole blocks; padding rows marked T·K (past the padded length too
+    where the variant writes them)."""
+    sorted_pair_ids, block_expert_ids, padded_starts, _ = alignment
+    T, K = expert_ids.shape
     num_pairs = T * K
     assert sorted_pair_ids.numel() % block_m == 0
     assert sorted_pair_ids.numel() >= num_pairs + E * (block_m - 1)
-    real = sorted_pair_ids[sorted_pair_ids < num_pairs]
-    assert sorted(real.tolist()) == list(range(num_pairs))  # every pair exactly once
     used = int(padded_starts[-1])  # the padded length
-    assert used % block_m == 0 and (sorted_pair_ids[used:] == num_pairs).all()
+    assert used % block_m == 0
+    assert ((sorted_pair_ids[:used] < num_pairs) | (sorted_pair_ids[:used] == num_pairs)).all()
+    real = sorted_pair_ids[:used][sorted_pair_ids[:used] < num_pairs]
+    assert sorted(real.tolist()) == list(range(num_pairs))  # every pair exactly once
+    if padding_past_the_end:
+        assert (sorted_pair_ids[used:] == num_pairs).all()
     flat = expert_ids.flatten()
     for block, expert in enumerate(block_expert_ids.tolist()):
         rows = sorted_pair_ids[block * block_m:(block + 1) * block_m]
@@ -311,3 +330,34 @@ def test_sum_slots_is_the_fp32_sum_of_each_tokens_rows(T, slots, H):
     assert out.shape == (T, H) and out.dtype == torch.bfloat16
     # fp32 accumulation and one rounding to bf16 (the interpreter truncates where the GPU rounds: one bf16 step)
     torch.testing.assert_close(out.float(), y.float().sum(dim=1), atol=1e-2, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("level_key", ["9", "10"])
+def test_prefill_alignment_in_two_launches_leaves_its_counters_for_the_next_forward(levels, monkeypatch, level_key):
+    """Past ONE_PROGRAM_MAX_PAIRS pairs levels 9 and 10 align in two launches whose counters are kept between
+    forwards (the count's last program sets them back to zero): forced here at a few pairs, two forwards in a row
+    with different routing (an idle expert, a crowded one, a shared expert) must each match the reference."""
+    import level9_persistent_tma
+    import level10_fp8
+
+    for module in (level9_persistent_tma, level10_fp8):
+        monkeypatch.setattr(module, "ONE_PROGRAM_MAX_PAIRS", 0, raising=False)
+    monkeypatch.setattr(level9_persistent_tma, "IN_REGISTERS_MAX_PAIRS", 0)
+    config = MoEConfig(hidden=100, intermediate=72, num_experts=5, top_k=2, name="two launches",
+                       num_shared_experts=1)
+    weights = init_weights(config, "cpu")
+    level = levels[level_key](config, weights)
+    level.prepare()
+    for seed, idle, crowded in ((1, 4, 0), (2, 0, 3)):
+        generator = torch.Generator().manual_seed(seed)
+        tokens = torch.randn((37, 100), generator=generator).bfloat16()
+        allowed = torch.tensor([e for e in range(5) if e != idle])
+        expert_ids = torch.stack([allowed[torch.randperm(4, generator=generator)[:2]] for _ in range(37)])
+        expert_ids[:12, 0] = crowded
+        expert_ids[:12, 1] = (crowded + 1) % 5 if (crowded + 1) % 5 != idle else (crowded + 2) % 5
+        routing_weights = torch.softmax(torch.randn((37, 2), generator=generator), -1).bfloat16()
+        out = level.forward(tokens, routing_weights, expert_ids)
+        check = compare_to_reference(out, level.reference(tokens, routing_weights, expert_ids), 2e-2)
+        assert check.passed, check.message
+        experts = config.num_experts + config.num_shared_experts
+        assert not level.alignment_counters[:experts].any() and level.alignment_counters[2 * experts] == 0

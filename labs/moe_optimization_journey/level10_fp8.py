@@ -35,7 +35,7 @@ Why it should beat level 9, counted
     element against level 9's 4. Decode: the layer reads the touched experts' weights and little else, and those
     bytes halve: mixtral at one token reads 2 experts × 3·H·I = 352 M weights, 705 MB in bf16 and 352 MB in e4m3,
     about 0.23 against 0.12 ms at 3 TB/s.
-    Launches: level 9's graph plus two quantizations (tokens, hidden): 10 kernels (14 with a shared expert) at
+    Launches: level 9's graph plus two quantizations (tokens, hidden): 7 kernels (11 with a shared expert) at
     prefill, replayed by one launch (and the inputs' copy before it, called from outside a graph). At decode the
     tokens' quantization shares the one-program alignment's launch (program 0 aligns, the others quantize: neither
     reads what the other writes) and the down GEMM sums over K as level 9's does, 4 (8): mixtral at one token
@@ -91,7 +91,7 @@ class Fp8Level(PersistentTmaLevel):
     fp8 = True
     # Level 9's kernels, and two quantizations (the tokens, the hidden); at decode the tokens' rides in the
     # alignment's launch.
-    claims = Claims(launches=f"4 + 6*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS}) + 4*min(S, 1)", syncs="0",
+    claims = Claims(launches=f"4 + 3*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS}) + 4*min(S, 1)", syncs="0",
                     extra_bytes=f"({FP8_INTERMEDIATES_BYTES}, 2*({FP8_INTERMEDIATES_BYTES}) + 24*2**20)")
 
     def prepare(self):

@@ -59,6 +59,11 @@ The idea
          no barrier): a pair's row is its expert's run start (the padded runs of the smaller expert ids present)
          plus its rank in the run (`_align_in_registers`). The graph holds 2 kernels: 30.0 → 27.5 (deepseek-v3
          307 → 305).
+       The same trick cuts three of the alignment's five launches at prefill: the count's last program to arrive
+       runs the offsets (as the down GEMM's last arrival runs the sum), the place kernel marks the padding rows,
+       and the counters, kept between calls, are left zero, so neither fill is left (`align_tokens(...,
+       counters=...)`): the alignment graphed 14.5 → 11.6 µs at journey's 8192 tokens, 39.2 → 36.5 at
+       deepseek-v3's 16384, and journey's forward at 2048 tokens 1.7% faster (an H100, NOTES.md).
        Now the host is as slow as the GPU: issuing a forward from outside a graph (the inputs' copy through
        Triton's launcher, then the replay) took it 24-27 µs in an A/B (NOTES.md) and 30-69 µs in the sweeps that
        timed it so (their `host_ms`), so back to back the host sets the pace (level 5's
@@ -80,9 +85,9 @@ Why it should be faster than level 8, counted
     at 64 and 512 tokens, deepseek-v3 at 1 to 512) one program per SM keeps too few weight bytes in flight, so the
     down GEMM launches four per SM, and as many run at once as fit (`choose_programs_per_sm`: qwen3-moe at 64
     tokens 3.7% faster on an H100, deepseek-v3 0.6-0.8%; level 8's grid of small programs had led both). Launches:
-    level 8's 8 kernels in the graph (12 with a shared expert) at prefill; 3 (7) up to ONE_PROGRAM_MAX_PAIRS pairs,
-    2 (6) up to IN_REGISTERS_MAX_PAIRS; one graph launch, no sync (and one for the inputs' copy, called from
-    outside a graph).
+    5 kernels in the graph (9 with a shared expert) at prefill, where level 8 has 8 (12); 3 (7) up to
+    ONE_PROGRAM_MAX_PAIRS pairs, 2 (6) up to IN_REGISTERS_MAX_PAIRS; one graph launch, no sync (and one for the
+    inputs' copy, called from outside a graph).
 
 What it costs
     Hopper's instructions (TMA and wgmma: compute capability 9.0, the only GPUs it was run on; on an older GPU its
@@ -92,8 +97,8 @@ What it costs
     instead, `tl.make_tensor_descriptor`, every program wrote and fenced its own descriptors at the kernel's start:
     3-4 µs of a one-token forward on an H100, NOTES.md). The
     decode sum's counts: 4 bytes per token and 16 columns, for up to ONE_PROGRAM_MAX_PAIRS tokens (3.7 MB at
-    H = 7168), kept between calls. On the CPU it runs in Triton's interpreter, which executes tensor descriptors
-    too: checked there, not timed.
+    H = 7168), kept between calls, and the alignment's counters (3E + 1 ints). On the CPU it runs in Triton's
+    interpreter, which executes tensor descriptors too: checked there, not timed.
 
 Where it stops
     Its yardstick, OpenAI's triton_kernels (`matmul_ogs`, persistent TMA kernels of the same design), runs beside it
@@ -122,18 +127,18 @@ from level8_triton_graphed import TritonGraphedLevel
 from moe_benchmark import Claims, LevelUnavailable, run_level_script
 
 import moe_kernels
-from moe_kernels import (IN_REGISTERS_MAX_PAIRS, ONE_PROGRAM_MAX_PAIRS, PairsToAlign, align_tokens, arrival_counts,
-                         choose_block_m, interleave_gate_up, moe_down_persistent, moe_gate_up_persistent,
-                         tma_storage)
+from moe_kernels import (IN_REGISTERS_MAX_PAIRS, ONE_PROGRAM_MAX_PAIRS, PairsToAlign, alignment_counters,
+                         align_tokens, arrival_counts, choose_block_m, interleave_gate_up, moe_down_persistent,
+                         moe_gate_up_persistent, tma_storage)
 
 
 class PersistentTmaLevel(TritonGraphedLevel):
     level = 9
     name = "persistent_tma"
     summary = "level 8 with persistent Hopper GEMMs: TMA weight tiles, gate|up interleaved into one wide accumulator"
-    # Level 8's kernels; up to ONE_PROGRAM_MAX_PAIRS pairs the alignment is 1 of them, not 5, up to
-    # IN_REGISTERS_MAX_PAIRS none (the GEMMs align), and the down GEMM sums over K itself.
-    claims = Claims(launches=f"2 + (T*(K + S) > {IN_REGISTERS_MAX_PAIRS}) + 5*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS})"
+    # Level 8's kernels, but the alignment: 2 of them, not 5; up to ONE_PROGRAM_MAX_PAIRS pairs 1, and the down
+    # GEMM sums over K itself; up to IN_REGISTERS_MAX_PAIRS none (the GEMMs align).
+    claims = Claims(launches=f"2 + (T*(K + S) > {IN_REGISTERS_MAX_PAIRS}) + 2*(T*(K + S) > {ONE_PROGRAM_MAX_PAIRS})"
                              " + 4*min(S, 1)", syncs="0",
                     extra_bytes=f"({PADDED_HIDDEN_AND_Y_BYTES}, 2*({PADDED_HIDDEN_AND_Y_BYTES}) + 24*2**20)")
 
@@ -148,14 +153,18 @@ class PersistentTmaLevel(TritonGraphedLevel):
         del self.w13_EH2I  # level 7's layout: not read here
         # Decode: the down GEMM sums each token's rows itself, counting their arrivals here (zeroed once).
         self.arrivals = arrival_counts(ONE_PROGRAM_MAX_PAIRS, H, self.device)
+        # Prefill: the alignment's counts, cursors and arrivals, zeroed once and left zero by each call.
+        self.alignment_counters = alignment_counters(self.config.num_experts + self.config.num_shared_experts,
+                                                     self.device)
 
     def align(self, tokens_TH, expert_ids_TK, num_experts):
         num_pairs = expert_ids_TK.numel()
         block_m = choose_block_m(num_pairs, num_experts)
         if num_pairs <= IN_REGISTERS_MAX_PAIRS:  # no launch: each GEMM program aligns the pairs itself
             return PairsToAlign.of(expert_ids_TK, num_experts, block_m), tokens_TH
-        return align_tokens(expert_ids_TK, num_experts, block_m,
-                            one_program=num_pairs <= ONE_PROGRAM_MAX_PAIRS), tokens_TH  # 1 launch at decode, not 5
+        if num_pairs <= ONE_PROGRAM_MAX_PAIRS:  # 1 launch, not 5
+            return align_tokens(expert_ids_TK, num_experts, block_m, one_program=True), tokens_TH
+        return align_tokens(expert_ids_TK, num_experts, block_m, counters=self.alignment_counters), tokens_TH  # 2
 
     def gate_up(self, tokens_TH, alignment, K):
         return moe_gate_up_persistent(tokens_TH, self.w13_interleaved_EH2I, alignment, K)

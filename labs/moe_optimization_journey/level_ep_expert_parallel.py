@@ -64,7 +64,7 @@ Overlap: the forward in B chunks
     - The shared experts need nothing from other ranks, so they hide communication too: the first half of the
       rank's tokens go through them while the first chunk's dispatch is on the wire (where nothing else could run),
       the second half while the last chunk's combine is.
-    Per forward: 1 + 4·B collectives, B times the local level's launches (level 9: about 8 kernels) and the
+    Per forward: 1 + 4·B collectives, B times the local level's launches (level 9: about 5 kernels) and the
     expand and reduce (about 8 small kernels), 1 host sync. B = 1 is the plain dispatch, compute, combine.
 
 When overlap pays
