@@ -108,8 +108,8 @@ When EP pays
     tokens per rank under uniform routing, with level 7 as the local level (NOTES.md): on two H100s (NVLink)
     0.92-0.96 (mixtral) and 0.95-0.96 (deepseek-v3) weak-scaling efficiency at W = 2, two runs each; on four H200s
     (NVLink between every pair) 0.92 and 0.91 at W = 4. With level 9, on two H200s: 0.933 and 0.946, the forward
-    7-9% and 6% shorter than level 7's on such pairs; with the world sizes timed in turn (below), 0.963-0.992 on
-    both presets over four launches, and on four H200s 0.965-0.975 at W = 2 and 0.96 (mixtral) and 0.91
+    7-9% and 6% shorter than level 7's on such pairs; with the world sizes timed in turn (below), 0.953-0.992 on
+    both presets over five launches, and on four H200s 0.965-0.975 at W = 2 and 0.96 (mixtral) and 0.91
     (deepseek-v3) at W = 4. Under zipf traffic 0.58-0.67 at W = 2 and 0.32-0.41 at W = 4, the busiest rank
     holding 1.7-1.9x and 2.9-3.5x the mean load.
 
