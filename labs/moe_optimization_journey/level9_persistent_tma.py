@@ -59,17 +59,18 @@ The idea
          no barrier): a pair's row is its expert's run start (the padded runs of the smaller expert ids present)
          plus its rank in the run (`_align_in_registers`). The graph holds 2 kernels: 30.0 → 27.5 (deepseek-v3
          307 → 305).
-       The same trick cuts three of the alignment's five launches at prefill: the count's last program to arrive
-       runs the offsets (as the down GEMM's last arrival runs the sum), the place kernel marks the padding rows,
-       and the counters, kept between calls, are left zero, so neither fill is left (`align_tokens(...,
-       counters=...)`): the alignment graphed 14.5 → 11.6 µs at journey's 8192 tokens, 39.2 → 36.5 at
-       deepseek-v3's 16384, and journey's forward at 2048 tokens 1.7% faster (an H100, NOTES.md).
        Now the host is as slow as the GPU: issuing a forward from outside a graph (the inputs' copy through
        Triton's launcher, then the replay) took it 24-27 µs in an A/B (NOTES.md) and 30-69 µs in the sweeps that
        timed it so (their `host_ms`), so back to back the host sets the pace (level 5's
        copy checks its tensors once per capture, not per call, or it would be 40). The benchmark times the layer
        as a graph of the whole model runs it, the replay alone (level 5's "Where the inputs live": 33 → 28.6 µs
        in the A/B); each row records the host's time to issue it, `host_ms`.
+       Past ONE_PROGRAM_MAX_PAIRS the decode sum's trick (count the arrivals; the last program does the serial
+       step and leaves the counts as it found them) cuts three of the alignment's five launches: the count's last
+       program runs the offsets, the place kernel marks the padding rows, and the counters, kept between calls,
+       are left zero, so neither fill is left (`align_tokens(..., counters=...)`): the alignment graphed 14.5 →
+       11.6 µs at journey's 8192 tokens, 39.2 → 36.5 at deepseek-v3's 16384, and journey's forward at 2048 tokens
+       1.7% faster (an H100, NOTES.md).
     Everything else is level 8's: device-side alignment, SiLU·up and the routing weight in the epilogues, shared
     experts as extra experts, no host sync, the whole layer in one CUDA graph.
 
