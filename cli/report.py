@@ -417,20 +417,20 @@ def stage_table(df: pd.DataFrame, tokens: int) -> str:
     return markdown_table(stage_times(df, tokens), "level \\ stage")
 
 
-def speedup_vs(df: pd.DataFrame, reference_label_of):
+def speedup_vs(df: pd.DataFrame, reference_label_of, cell=lambda ratio: f"{ratio:.2f}x"):
     """A table cell renderer: the reference level's ms over the row's at the row's token count (the reference's
-    label a function of the row), `-` where the reference was not timed."""
+    label a function of the row), written by `cell` (report.html's marks a win), `-` where the reference was not
+    timed."""
     def render(row):
         reference = reference_label_of(row)
         reference_ms = ms_of(df, reference, row["tokens"]) if reference else None
-        return f"{reference_ms / row['ms']:.2f}x" if reference_ms else "-"
+        return cell(reference_ms / row["ms"]) if reference_ms else "-"
     return status_or(render)
 
 
 def preset_section(df: pd.DataFrame, env: dict) -> str:
     first = df.iloc[0]
     shape = shape_label(first)
-    baseline = next((lbl for lbl in df["label"] if lbl.startswith("0 ")), None)
     all_rows, df = df, timed_levels(df)
 
     parts = [
@@ -441,9 +441,11 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
     if not (df["status"] == "ok").any():  # every level checked, skipped or failed: no speeds to tabulate
         parts.append(NOTHING_TIMED)
         df = df.iloc[:0]
-    if baseline and len(df):
-        parts += ["Speedup over level 0:",
-                  markdown_table(pivot(df, speedup_vs(df, lambda r: baseline)), "level \\ tokens")]
+    baselines = speedup_baselines(df)
+    if any(baselines.values()):
+        title, caption = speedup_title_and_caption(baselines)
+        parts += [f"{title} ({caption}):",
+                  markdown_table(pivot(df, speedup_vs(df, lambda r: baselines[r["tokens"]])), "level \\ tokens")]
     if len(df):
         parts += [
             f"{previous_level_caption(df)}:",
@@ -798,13 +800,36 @@ def speedup_baseline(df: pd.DataFrame, tokens: int) -> str | None:
     return (zero if len(zero) else timed.sort_values("ms")).iloc[-1]["label"]
 
 
+def speedup_baselines(df: pd.DataFrame) -> dict:
+    """Each token count's speedup_baseline."""
+    return {t: speedup_baseline(df, t) for t in sorted(df["tokens"].unique())}
+
+
+def speedup_title_and_caption(baselines: dict) -> tuple[str, str]:
+    """The speedup table's title and what its cells are: over level 0 (naming, where level 0 was not timed, the
+    slowest level timed at that count), over the one level that was the slowest at every count, or over each
+    count's slowest level."""
+    named = set(filter(None, baselines.values()))
+    others = {t: b for t, b in baselines.items() if b and not b.startswith("0 ")}
+    if any(b.startswith("0 ") for b in named):
+        where = (" (where level 0 was not timed, over the slowest level timed: "
+                 + ", ".join(f"at {token_label(int(t))} tokens {b}" for t, b in others.items()) + ")" if others
+                 else "")
+        return "Speedup over level 0", f"the ms of level 0{where} over the level's ms"
+    if len(named) == 1:
+        only = next(iter(named))
+        return f"Speedup over {only}", f"the ms of {only}, the slowest level timed, over the level's ms"
+    return ("Speedup over the slowest level",
+            "the ms of the slowest level timed at each token count (the peers are not levels) over the level's ms")
+
+
 def plot_speedup(df: pd.DataFrame, title: str, path: Path) -> str | None:
     """Grouped bars: at each token count, every level's speedup over level 0 there (or, where level 0 was not
     timed, over the slowest level that was, named under the count); a cell not timed says why in its slot."""
     colors = level_colors(df)
     labels = list(dict.fromkeys(df["label"]))
     tokens = sorted(df["tokens"].unique())
-    baselines = {t: speedup_baseline(df, t) for t in tokens}
+    baselines = speedup_baselines(df)
     main = max(dict.fromkeys(b for b in baselines.values() if b), key=list(baselines.values()).count, default=None)
     if main is None:
         return None  # no numbered level was timed at any count

@@ -224,18 +224,14 @@ class Subsections:
                           + (caption_html(caption) if caption else "") + "".join(blocks) + "</section>")
 
 
-def speedups(df: pd.DataFrame, reference_of):
-    """A renderer: the reference level's ms over the row's (the reference's label a function of the row),
-    'faster than the reference' in green."""
-    ms = {(r["label"], r["tokens"]): r["ms"] for _, r in df[df["status"] == "ok"].iterrows()}
+def speedup_cell(ratio: float) -> str:
+    """A speedup as the page writes it: 'faster than the reference' in green."""
+    return f'<span class="win">{ratio:.2f}×</span>' if ratio > 1.005 else f"{ratio:.2f}×"
 
-    def render(row):
-        reference = ms.get((reference_of(row), row["tokens"]))
-        if not reference:
-            return "-"
-        ratio = reference / row["ms"]
-        return f'<span class="win">{ratio:.2f}×</span>' if ratio > 1.005 else f"{ratio:.2f}×"
-    return report.status_or(render)
+
+def speedups(df: pd.DataFrame, reference_of):
+    """report.speedup_vs written as the page writes a speedup."""
+    return report.speedup_vs(df, reference_of, speedup_cell)
 
 
 def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, env: dict) -> tuple[str, list]:
@@ -245,14 +241,7 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, env:
     if not (df["status"] == "ok").any():
         df = df.iloc[:0]  # no speed tables
     peer = report.label_of(df, report.PEER)  # the bf16 peer: the FP8 section compares with the FP8 one
-    tokens = sorted(df["tokens"].unique())
-    baselines = {t: report.speedup_baseline(df, t) for t in tokens}
-
-    others = {t: b for t, b in baselines.items() if b and not b.startswith("0 ")}
-    over_zero = any(b and b.startswith("0 ") for b in baselines.values())
-    over = "level 0" + (" (where level 0 was not timed, over the slowest level timed: "
-                        + ", ".join(f"at {report.token_label(int(t))} tokens {esc(b)}" for t, b in others.items())
-                        + ")" if others else "")
+    baselines = report.speedup_baselines(df)
     sections = Subsections(anchor)
     sections.add("Time per forward", "The median of the timed repeats." + "".join(
                      f" <em>{esc(mark)}</em>: {esc(meaning)}." for mark, meaning in report.time_marks(all_rows)),
@@ -264,19 +253,8 @@ def case_section(df: pd.DataFrame, run_dir: Path, anchor: str, links: dict, env:
                      "1× (green), the level is faster than the peer.",
                      table_html(report.pivot(df, speedups(df, lambda r: peer)), links))
     if any(baselines.values()):
-        # Where level 0 was not timed, the slowest numbered level at each count (the peers are not levels), named
-        # where it is one level at every count
-        slowest = set(filter(None, baselines.values()))
-        if over_zero:
-            title, caption = "Speedup over level 0", f"ms of {over} over the level's ms."
-        elif len(slowest) == 1:
-            title = f"Speedup over {next(iter(slowest))}"
-            caption = f"The ms of {esc(next(iter(slowest)))}, the slowest level timed, over the level's ms."
-        else:
-            title = "Speedup over the slowest level"
-            caption = ("The ms of the slowest level timed at each token count (the peers are not levels) over the "
-                       "level's ms.")
-        sections.add(title, caption,
+        title, caption = report.speedup_title_and_caption(baselines)
+        sections.add(title, esc(sentence(caption)),
                      table_html(report.pivot(df, speedups(df, lambda r: baselines[r["tokens"]])), links),
                      figure(run_dir, f"speedup_{anchor}.png", "speedup per level"))
     if len(df):
