@@ -476,7 +476,7 @@ def preset_section(df: pd.DataFrame, env: dict) -> str:
         parts += [f"{LOAD_TITLE} ({LOAD_CAPTION}):", markdown_table(load, "tokens")]
     for tokens in profile_token_counts(df):
         parts += [f"{stage_title(tokens)} (`--profile`): {stage_caption(df)}:", stage_table(df, tokens)]
-    notes = [f"- level {r['level']} ({r['level_name']}), {tokens_text(r['tokens'])}: {r['status']}: {row_note(r)}"
+    notes = [f"- {r['label']}, {tokens_text(r['tokens'])}: {r['status']}: {row_note(r)}"
              for _, r in all_rows.iterrows() if row_note(r)]
     if notes:
         parts += ["Notes from the rows:", "\n".join(notes)]

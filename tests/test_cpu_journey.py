@@ -65,7 +65,7 @@ def test_checked_level_is_in_the_time_table_only(cpu_run):
     speed = between(summary, "Speedup over level 0", "Notes from the rows")
     assert "triton_grouped" not in speed and "| 4 grouped |" in speed
     assert "- 5 cudagraphs: no CUDA graph on the CPU" in speed  # the GPU idea without a CPU counterpart, said
-    assert "(triton_grouped), 5 tokens: checked: checked in Triton's interpreter" in summary
+    assert "- 7 triton_grouped, 5 tokens: checked: checked in Triton's interpreter" in summary
     page = (cpu_run / "report.html").read_text()
     assert '<span class="status">checked</span>' in page
     assert "triton_grouped" not in between(page, "<h3>Speedup over level 0", "<h3>Notes from the rows")
