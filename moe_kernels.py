@@ -253,15 +253,22 @@ def _block_histogram(expert_ids_ptr, first_pair, num_pairs, num_experts, BLOCK: 
 
 
 @triton.jit
-def _count_pairs_kernel(expert_ids_ptr, counts_ptr, num_pairs, num_experts, BLOCK: tl.constexpr,
-                        EXPERTS: tl.constexpr):
-    """counts[e] = how many (token, slot) pairs chose expert e. Each program counts its BLOCK pairs in a histogram
-    of its own and adds one count per expert to memory. An add per pair queued on the few counters in L2: 25.9 µs
-    at qwen3-moe's 16384 tokens on an H100, where this takes 2.8 (NOTES.md). Relaxed: nothing in this kernel reads
-    the counts, so each add is a `red` that no thread waits on."""
+def _count_block_pairs(expert_ids_ptr, counts_ptr, num_pairs, num_experts, BLOCK: tl.constexpr,
+                       EXPERTS: tl.constexpr):
+    """This program's BLOCK pairs added to counts[e] (how many pairs chose expert e): counted in a histogram of its
+    own, one add per expert to memory. An add per pair queued on the few counters in L2: 25.9 µs at qwen3-moe's
+    16384 tokens on an H100, where this takes 2.8 (NOTES.md). Relaxed: nothing reads the counts until a barrier
+    or a kernel boundary, so each add is a `red` that no thread waits on."""
     _, bins, block_counts, has_pairs = _block_histogram(expert_ids_ptr, tl.program_id(axis=0) * BLOCK, num_pairs,
                                                         num_experts, BLOCK, EXPERTS)
     tl.atomic_add(counts_ptr + bins, block_counts, mask=has_pairs, sem="relaxed")
+
+
+@triton.jit
+def _count_pairs_kernel(expert_ids_ptr, counts_ptr, num_pairs, num_experts, BLOCK: tl.constexpr,
+                        EXPERTS: tl.constexpr):
+    """counts[e] = how many (token, slot) pairs chose expert e, BLOCK pairs a program."""
+    _count_block_pairs(expert_ids_ptr, counts_ptr, num_pairs, num_experts, BLOCK, EXPERTS)
 
 
 @triton.jit
@@ -289,16 +296,26 @@ def _store_padded_runs(counts, is_expert, padded_starts_ptr, block_expert_ids_pt
 
 
 @triton.jit
+def _pad_offsets(counts_ptr, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_experts, num_blocks,
+                 block_m, EXPERTS: tl.constexpr, FILL: tl.constexpr):
+    """The counts read (volatile: in the fused kernel other programs' adds just landed) and _store_padded_runs on
+    them; returns the experts, which are real, and their counts."""
+    expert = tl.arange(0, EXPERTS)
+    is_expert = expert < num_experts
+    counts = tl.load(counts_ptr + expert, mask=is_expert, other=0, volatile=True)
+    _store_padded_runs(counts, is_expert, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_blocks,
+                       block_m, EXPERTS, FILL)
+    return expert, is_expert, counts
+
+
+@triton.jit
 def _pad_offsets_kernel(
     counts_ptr, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_experts, num_blocks, block_m,
     EXPERTS: tl.constexpr, FILL: tl.constexpr,
 ):
     """One program: each expert's count rounded up to whole blocks, their running sum, and each block's expert."""
-    expert = tl.arange(0, EXPERTS)
-    is_expert = expert < num_experts
-    counts = tl.load(counts_ptr + expert, mask=is_expert, other=0)
-    _store_padded_runs(counts, is_expert, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_blocks,
-                       block_m, EXPERTS, FILL)
+    _pad_offsets(counts_ptr, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_experts, num_blocks,
+                 block_m, EXPERTS, FILL)
 
 
 @triton.jit
@@ -306,24 +323,19 @@ def _count_and_pad_kernel(expert_ids_ptr, counters_ptr, padded_starts_ptr, block
                           num_pairs, num_experts, num_blocks, block_m, BLOCK: tl.constexpr, EXPERTS: tl.constexpr,
                           FILL: tl.constexpr):
     """Level 9's count and offsets in one launch: each program counts its BLOCK pairs as _count_pairs_kernel does,
-    then arrives; the last to arrive, every count in, runs _pad_offsets_kernel's program. counters = [counts |
+    then arrives; the last to arrive, every count in, runs _pad_offsets_kernel's program on them. counters = [counts |
     cursors | arrivals | the counts kept for the place kernel]: the counts and arrivals are zero when the kernel
     starts, and the last program sets them back to zero for the next call and zeroes the cursors for the place
     kernel after it, so nothing else has to zero them."""
     counts_ptr, cursors_ptr = counters_ptr, counters_ptr + num_experts
     arrivals_ptr, kept_counts_ptr = counters_ptr + 2 * num_experts, counters_ptr + 2 * num_experts + 1
-    _, bins, block_counts, has_pairs = _block_histogram(expert_ids_ptr, tl.program_id(axis=0) * BLOCK, num_pairs,
-                                                        num_experts, BLOCK, EXPERTS)
-    tl.atomic_add(counts_ptr + bins, block_counts, mask=has_pairs, sem="relaxed")
+    _count_block_pairs(expert_ids_ptr, counts_ptr, num_pairs, num_experts, BLOCK, EXPERTS)
     # The barrier puts every thread's adds before the program's arrival, whose release (and the last program's
     # acquire) makes them visible to the last program.
     tl.debug_barrier()
     if tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(axis=0) - 1:
-        expert = tl.arange(0, EXPERTS)
-        is_expert = expert < num_experts
-        counts = tl.load(counts_ptr + expert, mask=is_expert, other=0, volatile=True)
-        _store_padded_runs(counts, is_expert, padded_starts_ptr, block_expert_ids_ptr, num_padded_ptr, num_blocks,
-                           block_m, EXPERTS, FILL)
+        expert, is_expert, counts = _pad_offsets(counts_ptr, padded_starts_ptr, block_expert_ids_ptr,
+                                                 num_padded_ptr, num_experts, num_blocks, block_m, EXPERTS, FILL)
         tl.store(kept_counts_ptr + expert, counts, mask=is_expert)
         tl.debug_barrier()  # every thread has read the counts before they are zeroed
         tl.store(counts_ptr + expert, 0, mask=is_expert)
