@@ -44,12 +44,12 @@ Why it should beat level 9, counted
 Why store the weights in FP8 (the seed's "native FP8 weights: works, but no speedup observed at 8K")
     Converting bf16 weights to e4m3 inside every forward reads 2 bytes and writes 1 per weight before the GEMM reads the
     byte again: 4 bytes per weight against bf16's 2. On an H100, quantize_fp8 as torch ops took 10.3 ms for mixtral's
-    gate weights alone (0.47 G weights; NOTES.md), about 31 ms for all three projections, against 10.4 ms for this whole
+    gate weights alone (0.47 G weights; NOTES.md), about 31 ms for all three projections, against 9.8 ms for this whole
     layer at 16384 tokens in the published sweep; even a fused conversion would move 4.2 GB, about 1.4 ms at 3 TB/s, 9x
     that sweep's one-token forward. Stored once in FP8 the weights cost 1 byte per forward, and then FP8 pays twice: at
-    prefill the tensor-core rate (1.69x and 1.70x level 9 on mixtral and deepseek-v3 at 16384 tokens in the published
-    sweep on one H100, 1.45x on qwen3-moe, whose short reductions leave the bf16 bytes of y, its sum and the hidden's
-    pass a larger share), at decode the halved weight bytes (mixtral at one token 149.6 µs against level 9's 253.1). The
+    prefill the tensor-core rate (1.74x and 1.70x level 9 on mixtral and deepseek-v3 at 16384 tokens in the published
+    sweep on one H100, 1.50x on qwen3-moe, whose short reductions leave the bf16 bytes of y, its sum and the hidden's
+    pass a larger share), at decode the halved weight bytes (mixtral at one token 150.4 µs against level 9's 253.4). The
     numbers and what holds them below 2x: NOTES.md ("Level 10").
 
 What it costs

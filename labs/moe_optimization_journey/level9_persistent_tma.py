@@ -1,7 +1,7 @@
 """Level 9: persistent TMA kernels. Level 8's layer, with its two GEMMs rebuilt for Hopper.
 
 The idea
-    Level 8 runs level 7's kernels from one CUDA graph, and at large T they sit at 54-81% of the H100's measured
+    Level 8 runs level 7's kernels from one CUDA graph, and at large T they sit at 56-88% of the H100's measured
     bf16 rate (the published sweep, from 8192 tokens). Three things hold them there, and Hopper has an answer to
     each; a fourth holds the decode sizes:
     1. Launch shape. Level 7 launches one program per output tile of the most padding T could need: at `journey` with
@@ -103,14 +103,14 @@ What it costs
 
 Where it stops
     Its yardstick, OpenAI's triton_kernels (`matmul_ogs`, persistent TMA kernels of the same design), runs beside it
-    where installed (peer-ogs): on one H100 level 9 led it in 25 of 28 cells, by 19-34% at journey's, qwen3-moe's
-    and deepseek-v3's prefill bar cells, and the two were level at mixtral (0.98-1.05x; NOTES.md). At mixtral's
+    where installed (peer-ogs): on one H100 level 9 led it in 26 of 28 cells, by 19-32% at journey's, qwen3-moe's
+    and deepseek-v3's prefill bar cells, and the two were level at mixtral (0.98-1.06x; README). At mixtral's
     16384 tokens each GEMM runs at the rate a bare kernel of its design reaches on an H100 (gate/up 685 TF/s against
     700, down 727 against 717-721), and that is cuBLAS's rate on these shapes: given all the rows as one dense
     matrix, with none of MoE's gather, padding or sum, cuBLAS ran mixtral's two GEMMs at 684 TF/s on a heated H100,
     the down one alone at 712-716 on a cooler one (NOTES.md; the harness's ceiling, an 8192³ matmul at a run's
     start, is a cool card's square GEMM). The harness now times those dense GEMMs in turn with the levels: in the
-    six H100 sweeps with it the whole of level 9 ran at 96-100% of them at mixtral's 16384 tokens. Warp
+    seven H100 sweeps with it the whole of level 9 ran at 94-100% of them at mixtral's 16384 tokens. Warp
     specialization did not add to it: written by hand in Gluon, a warp that issues every TMA load beat neither
     Triton's own pipeline nor the same kernel without it, and Triton 3.6's `warp_specialize=True` stops the compiler
     on level 9's loops. What is left is MoE's own work. At journey's 8192 tokens the gathered gate/up GEMM took 221
