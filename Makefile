@@ -8,7 +8,7 @@
 SYSTEM_PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
-LAB_MODULES := tomllib, torch, triton, typer, rich, pandas, matplotlib, tabulate  # tomllib: Python 3.11 or newer
+LAB_MODULES := tomllib, torch, triton, typer, rich, pandas, matplotlib, PIL, tabulate  # tomllib: Python 3.11 or newer
 TEST_MODULES := $(LAB_MODULES), pytest
 # yes if SYSTEM_PYTHON imports every module of the comma-separated list $(1)
 has = $(shell $(SYSTEM_PYTHON) -c "import $(1)" >/dev/null 2>&1 && echo yes)

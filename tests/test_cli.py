@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -233,6 +234,7 @@ def test_decode_table_and_cross_preset_figure(finished_run, tmp_path):
     assert "Decode regime" in summary and "300 (10.0%)" in summary
     assert "![across_presets.png](across_presets.png)" in summary
     assert (tmp_path / "across_presets.png").read_bytes()[:8] == PNG_MAGIC
+    assert PIL.Image.open(tmp_path / "across_presets.png").mode == "P"  # 256 colours: a third of RGBA's bytes
 
 
 def test_traffic_shapes_and_load_metrics_in_a_run(tmp_path):
